@@ -1,0 +1,13 @@
+"""One error type for everything a user can get wrong, so the CLI can print it in one line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CxrError(Exception):
+    """A problem with the user's input: names the file (when there is one) and what is wrong."""
+
+    def __init__(self, problem: str, path: str | Path | None = None):
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)

@@ -1,0 +1,63 @@
+"""What the Reader returns for one image: the contract between the cascade and its users
+(CLI `annotate`, archive index, REST service)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .records import Box
+
+
+@dataclass
+class DetectedFinding:
+    """A finding the model asserts on an image, keyed by a checkpoint target name."""
+
+    disease: str
+    score: float  # calibrated probability in [0, 1]
+    annotation: str = ""  # generated sequence, e.g. "opacity lung base left mild"
+    organ: str | None = None
+    location: tuple[str, ...] = ()
+    side: str | None = None
+    severity: str | None = None
+    boxes: list[Box] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "disease": self.disease, "score": float(self.score), "annotation": self.annotation,
+            "organ": self.organ, "location": list(self.location), "side": self.side,
+            "severity": self.severity,
+            "boxes": [dict(label=b.label, x=b.x, y=b.y, w=b.w, h=b.h) for b in self.boxes],
+        }
+
+
+@dataclass
+class Result:
+    """Everything the cascade says about one image.
+
+    `scores` covers every target (keyed by the checkpoint's names); `findings` only those above
+    their stored operating threshold. `heatmaps` are (H, W) float32 in [0, 1] at the input
+    image's size, one per detected finding; `embedding` is the CNN image embedding.
+    """
+
+    scores: dict[str, float]
+    findings: list[DetectedFinding] = field(default_factory=list)
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    embedding: np.ndarray | None = None
+    model_id: str = ""
+    image_size: tuple[int, int] = (0, 0)  # (H, W) of the input image
+
+    @property
+    def boxes(self) -> list[Box]:
+        return [b for f in self.findings for b in f.boxes]
+
+    def to_dict(self, embedding: bool = False) -> dict:
+        d = {
+            "model_id": self.model_id,
+            "image_size": list(self.image_size),
+            "scores": {k: float(v) for k, v in self.scores.items()},
+            "findings": [f.to_dict() for f in self.findings],
+        }
+        if embedding and self.embedding is not None:
+            d["embedding"] = [float(x) for x in self.embedding]
+        return d

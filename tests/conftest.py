@@ -1,0 +1,46 @@
+"""Shared test fixtures. Real data is read from the shared folder (`../shared/data` beside the
+checkout, or `$CXR_TEST_DATA`); tests never touch the network."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CXR_TEST_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED / "openi" / "NLMCXR_reports.tgz").exists():
+        pytest.skip(f"shared data not found at {SHARED} (set CXR_TEST_DATA)")
+    return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _offline_cache(monkeypatch, tmp_path_factory):
+    """Every test sees the shared folder as its data cache and cannot fetch from the network."""
+    monkeypatch.setenv("CXR_DATA_DIR", str(SHARED))
+    monkeypatch.setenv("CXR_OFFLINE", "1")
+
+
+def needs_in_ci(available: bool, what: str) -> None:
+    """Skip when a system component (browser, PostgreSQL) is missing locally, but fail in CI,
+    where `.ci/run` installs it: a green CI must mean the test ran."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but was not found")
+    pytest.skip(f"{what} not available")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real, tiny trained cascade (phantom images, a few steps), shared by the tests that need a
+    Reader: see `cxr.testing.make_tiny_run`."""
+    if not (SHARED / "phantom" / "chest_ct.nii.gz").exists():
+        pytest.skip(f"phantom CT not found under {SHARED}")
+    from cxr.testing import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("tiny_run"))
