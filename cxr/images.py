@@ -1,0 +1,309 @@
+"""Read chest radiographs from PNG, JPEG and DICOM into one form: float32 (H, W) in [0, 1],
+bright = dense (as a radiologist sees it, DICOM MONOCHROME2).
+
+Normalisation happens in one place, `_to_unit` callers below, by these rules:
+
+* PNG / JPEG / TIFF: value / (2**bit_depth - 1) of the file's own sample depth (8-bit -> /255,
+  16-bit -> /65535), as the PNG spec defines sample values; colour is converted to luma first.
+* DICOM: stored values -> modality LUT (Rescale Slope/Intercept or Modality LUT Sequence) ->
+  VOI: the first VOI LUT Sequence item if present, else the first Window Center/Width pair
+  (VOI LUT Function LINEAR, LINEAR_EXACT or SIGMOID), whose output range maps to [0, 1]; with no
+  VOI in the header, the image's own min..max (after the modality LUT) maps to [0, 1] (a constant
+  image becomes 0). MONOCHROME1 is then inverted (1 - y), so bright is always dense.
+
+Every failure (missing, empty, truncated, not an image, DICOM without pixel data, a transfer
+syntax with no installed decoder) raises `CxrError` naming the file and the problem.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CxrError
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+
+# Header values worth carrying along; none of them identifies the patient.
+DICOM_META_KEYWORDS = (
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality",
+    "PixelSpacing", "ImagerPixelSpacing", "PhotometricInterpretation", "BitsStored",
+    "BitsAllocated", "PixelRepresentation", "Rows", "Columns", "NumberOfFrames", "ViewPosition",
+    "BodyPartExamined", "PatientOrientation", "RescaleSlope", "RescaleIntercept",
+    "WindowCenter", "WindowWidth", "VOILUTFunction", "PresentationLUTShape",
+)
+
+
+@dataclass
+class LoadedImage:
+    """An image plus what its file says about it (`meta` never holds patient identifiers)."""
+
+    pixels: np.ndarray                      # float32 (H, W) in [0, 1], bright = dense
+    view: str | None = None                 # DICOM ViewPosition ("PA", "AP", "LL", ...) or None
+    meta: dict = field(default_factory=dict)
+    path: str | None = None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """The pixels of a PNG / JPEG / DICOM file: float32 (H, W) in [0, 1], bright = dense."""
+    return read_image(path).pixels
+
+
+def read_image(path: str | Path) -> LoadedImage:
+    """Pixels plus view position and non-identifying header values (see module docstring)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CxrError("file not found", path)
+    if path.is_dir():
+        raise CxrError("is a directory, not an image file", path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise CxrError(f"cannot read file ({exc.strerror or exc})", path) from None
+    if size == 0:
+        raise CxrError("file is empty", path)
+    if head[128:132] == b"DICM" or path.suffix.lower() in DICOM_SUFFIXES:
+        return _read_dicom(path, has_preamble=head[128:132] == b"DICM")
+    return _read_raster(path)
+
+
+# ---------------------------------------------------------------- PNG / JPEG / TIFF (Pillow)
+
+def _read_raster(path: Path) -> LoadedImage:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                fmt = im.format
+                im.load()
+                if fmt in ("JPEG", "MPO", "TIFF"):
+                    im = ImageOps.exif_transpose(im)
+                mode = im.mode
+                array, depth = _raster_to_array(im)
+    except UnidentifiedImageError:
+        raise CxrError("not an image Pillow or pydicom can read (PNG, JPEG, TIFF, DICOM)",
+                       path) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise CxrError(f"image too large to decode safely ({exc})", path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CxrError(f"cannot decode image: {_explain(exc)}", path) from None
+    if array.ndim != 2 or array.size == 0:
+        raise CxrError(f"unexpected image shape {array.shape}", path)
+    if depth is None:  # float TIFF and the like: no nominal range, use min..max
+        pixels = _minmax(array.astype(np.float32))
+    else:
+        pixels = (array.astype(np.float32) / np.float32(2**depth - 1)).clip(0.0, 1.0)
+    meta = {"format": fmt, "mode": mode, "BitDepth": depth,
+            "Rows": int(pixels.shape[0]), "Columns": int(pixels.shape[1])}
+    return LoadedImage(pixels=pixels, view=None, meta=meta, path=str(path))
+
+
+def _raster_to_array(im) -> tuple[np.ndarray, int | None]:
+    """Grey array and its nominal bit depth (None: floating point, no nominal range)."""
+    mode = im.mode
+    if mode.startswith("I;16"):            # 16-bit grey PNG/TIFF (any byte order)
+        return np.asarray(im).astype(np.uint16, copy=False), 16
+    if mode == "I":                          # 32-bit int container (older Pillow, TIFF)
+        array = np.asarray(im).astype(np.int64).clip(0, None)
+        return array, 16 if array.max(initial=0) < 65536 else 32
+    if mode == "F":
+        return np.asarray(im, dtype=np.float32), None
+    if mode == "L":
+        return np.asarray(im), 8
+    # 1, P, LA, RGB, RGBA, CMYK, YCbCr, I;16 colour ... : Pillow's ITU-R 601 luma (alpha ignored)
+    return np.asarray(im.convert("L")), 8
+
+
+# ---------------------------------------------------------------- DICOM (pydicom)
+
+def _read_dicom(path: Path, has_preamble: bool) -> LoadedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, force=not has_preamble)
+    except InvalidDicomError as exc:
+        raise CxrError(f"not a valid DICOM file ({exc})", path) from None
+    except Exception as exc:  # pydicom raises many types on truncated / corrupt headers
+        raise CxrError(f"cannot parse DICOM header (truncated or corrupt?): {_explain(exc)}",
+                       path) from None
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        sop = ds.get("SOPClassUID")
+        what = f" (SOP class {sop.name})" if sop is not None else ""
+        raise CxrError(f"DICOM file has no pixel data{what}", path)
+    for keyword in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
+        if keyword not in ds:
+            raise CxrError(f"DICOM pixel data without {keyword} in the header", path)
+
+    file_meta = getattr(ds, "file_meta", None)
+    tsyntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    try:
+        frame = _decode_first_frame(ds)
+    except Exception as exc:
+        name = getattr(tsyntax, "name", tsyntax) or "unknown transfer syntax"
+        raise CxrError(f"cannot decode DICOM pixel data ({name}): {_explain(exc)}", path) from None
+
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    try:
+        pixels = _dicom_to_unit(frame, ds, photometric)
+    except Exception as exc:
+        raise CxrError(f"cannot apply the DICOM modality / VOI LUT: {_explain(exc)}", path) from None
+
+    view = str(ds.get("ViewPosition", "") or "").strip().upper() or None
+    meta = {"format": "DICOM", "TransferSyntaxUID": str(tsyntax) if tsyntax else None}
+    for keyword in DICOM_META_KEYWORDS:
+        if keyword in ds and ds[keyword].value not in (None, ""):
+            meta[keyword] = _plain(ds[keyword].value)
+    return LoadedImage(pixels=pixels, view=view, meta=meta, path=str(path))
+
+
+def _decode_first_frame(ds) -> np.ndarray:
+    """Stored values of frame 0 (BitsStored and signedness respected by pydicom); colour
+    images come back as RGB and are reduced to luma."""
+    from pydicom.pixels import pixel_array
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        array = pixel_array(ds, index=0)
+    else:
+        array = ds.pixel_array
+    if array.ndim == 3:  # RGB (YBR already converted by pydicom)
+        array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return array
+
+
+def _dicom_to_unit(frame: np.ndarray, ds, photometric: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut
+
+    values = apply_modality_lut(frame, ds).astype(np.float32, copy=False)
+    if photometric in ("MONOCHROME1", "MONOCHROME2") and "VOILUTSequence" in ds:
+        pixels = _apply_voi_sequence(values, ds)
+    elif photometric in ("MONOCHROME1", "MONOCHROME2") and _window(ds) is not None:
+        pixels = _apply_window(values, ds, *_window(ds))
+    else:
+        pixels = _minmax(values)
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def _window(ds) -> tuple[float, float] | None:
+    """The first Window Center / Width pair (multi-valued headers list alternatives)."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    if center is None or width is None or float(width) <= 0:
+        return None
+    return float(center), float(width)
+
+
+def _apply_window(values: np.ndarray, ds, center: float, width: float) -> np.ndarray:
+    """pydicom's windowing (PS3.3 C.11.2.1.2) run against a fixed 16-bit output range, so the
+    output maps to [0, 1] by a known constant whatever the file's bit depth and rescale."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_windowing
+
+    spec = Dataset()
+    spec.PhotometricInterpretation = "MONOCHROME2"
+    spec.PixelRepresentation = 0
+    spec.BitsStored = 16
+    spec.WindowCenter = center
+    spec.WindowWidth = width
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    spec.VOILUTFunction = function if function in ("LINEAR", "LINEAR_EXACT", "SIGMOID") else "LINEAR"
+    out = apply_windowing(values.astype(np.float64), spec)
+    return (out / 65535.0).clip(0.0, 1.0).astype(np.float32)
+
+
+def _apply_voi_sequence(values: np.ndarray, ds) -> np.ndarray:
+    """A VOI LUT table: output / the table's nominal maximum (2**bits - 1, or its largest entry
+    when a header under-states the bit depth)."""
+    from pydicom.pixels import apply_voi
+
+    item = ds.VOILUTSequence[0]
+    out = apply_voi(values, ds, index=0).astype(np.float32)
+    bits = int(item.LUTDescriptor[2])
+    top = max(float(2**bits - 1), float(out.max(initial=0)))
+    return (out / top).clip(0.0, 1.0) if top > 0 else np.zeros_like(out)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def _first(value):
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, (MultiValue, list, tuple)):
+        return value[0] if len(value) else None
+    return value
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float32, copy=False)
+    low, high = float(values.min()), float(values.max())
+    if not np.isfinite(low) or not np.isfinite(high):
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, np.float32)
+    return ((values - low) / np.float32(high - low)).astype(np.float32)
+
+
+def _plain(value):
+    """A header value as plain JSON-able Python (MultiValue -> list, DSfloat -> float)."""
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, (MultiValue, list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, float, str)):
+        base = float if isinstance(value, float) else int if isinstance(value, int) else str
+        return base(value)
+    return str(value)
+
+
+def _explain(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+# ---------------------------------------------------------------- utilities for other modules
+
+def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a float image to `size` (an int: square side; a tuple: (height, width)).
+
+    Shrinking averages areas (box filter, like OpenCV's INTER_AREA: no aliasing, no overshoot);
+    enlarging is bilinear. Output is float32 in the input's range.
+    """
+    from PIL import Image
+
+    height, width = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    if height <= 0 or width <= 0:
+        raise ValueError(f"resize: size must be positive, got {size!r}")
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"resize: expected a 2-D grey image, got shape {image.shape}")
+    if image.shape == (height, width):
+        return image.copy()
+    shrinking = height <= image.shape[0] and width <= image.shape[1]
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    out = Image.fromarray(np.ascontiguousarray(image), mode="F").resize((width, height), resample)
+    return np.asarray(out, dtype=np.float32)
+
+
+def save_png16(path: str | Path, image: np.ndarray) -> Path:
+    """Write a float image in [0, 1] as a 16-bit greyscale PNG (values clipped, rounded)."""
+    from PIL import Image
+
+    path = Path(path)
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"save_png16: expected a 2-D grey image, got shape {image.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.rint(np.nan_to_num(image).clip(0.0, 1.0) * 65535.0).astype(np.uint16)
+    Image.fromarray(array).save(path, format="PNG")  # uint16 -> mode I;16
+    return path
