@@ -58,11 +58,12 @@ class Finding:
     raw: str = ""
     sentence: str | None = None
     source: str = "mesh"  # "mesh" | "text" | "label" | "phantom"
+    attributes: tuple[str, ...] = ()  # other descriptors: "patchy", "multiple", "chronic", ...
 
     @property
     def term(self) -> str:
         """The normalised MeSH-style term: disease/organ/location.../side/severity."""
-        parts = [self.disease, self.organ, *self.location, self.side, self.severity]
+        parts = [self.disease, self.organ, *self.location, self.side, *self.attributes, self.severity]
         return "/".join(p for p in parts if p)
 
     def tokens(self) -> list[str]:
@@ -74,12 +75,14 @@ class Finding:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["location"] = list(self.location)
+        d["attributes"] = list(self.attributes)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Finding":
         d = dict(d)
         d["location"] = tuple(d.get("location") or ())
+        d["attributes"] = tuple(d.get("attributes") or ())
         return cls(**d)
 
 
