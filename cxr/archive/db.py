@@ -1,0 +1,439 @@
+"""The archive: `Archive(url)` opens (and migrates) the database, stores Reader results, and
+answers structured and similar-image queries. This is the Python API the CLI and the REST service
+use; nothing else touches the tables.
+
+    with Archive("sqlite:///cxr-archive.db") as archive:
+        archive.add_results([Entry(path, sha256, model_id, result=result)])
+        hits = archive.search("opacity left base", severity="moderate")
+        like = archive.similar(image_id=hits[0].id, k=10)
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, selectinload
+
+from ..errors import CxrError
+from ..records import Box
+from ..results import DetectedFinding, Result
+from .models import FindingRow, ImageRow, Meta, decode_location, encode_location
+from .query import FindingClause, Query, Vocabulary, matching_ids, parse_text
+from .vectors import VectorIndex
+
+DEFAULT_URL = "sqlite:///cxr-archive.db"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+@dataclass
+class Entry:
+    """One image to store: who it is, and either the Reader's Result or why it failed."""
+
+    path: str
+    sha256: str
+    model_id: str
+    result: Result | None = None
+    error: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    view: str | None = None
+
+
+@dataclass
+class ImageRecord:
+    """An indexed image as the archive returns it (search hit, similar hit or `get`)."""
+
+    id: int
+    path: str
+    sha256: str
+    model_id: str
+    status: str
+    reason: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    view: str | None = None
+    image_size: tuple[int, int] | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    findings: list[DetectedFinding] = field(default_factory=list)
+    indexed_at: datetime | None = None
+    score: float | None = None  # search: score of the finding that matched the first clause
+    distance: float | None = None  # similar: cosine distance to the query (0 = same direction)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "path": self.path, "sha256": self.sha256, "model_id": self.model_id,
+            "status": self.status, "reason": self.reason, "study_uid": self.study_uid,
+            "series_uid": self.series_uid, "sop_uid": self.sop_uid, "view": self.view,
+            "image_size": list(self.image_size) if self.image_size else None,
+            "scores": self.scores, "findings": [f.to_dict() for f in self.findings],
+            "indexed_at": self.indexed_at.isoformat() if self.indexed_at else None,
+            "score": self.score, "distance": self.distance,
+        }
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA journal_mode=WAL")  # readers (search, service) never block the indexer
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: committed data survives a crash
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise CxrError(f"not a database URL ({exc}); e.g. sqlite:///cxr-archive.db or "
+                       "postgresql://user@host/db") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        parent = Path(parsed.database).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise CxrError("the folder for the database file does not exist", parent)
+    try:
+        engine = create_engine(parsed, future=True)
+    except Exception as exc:
+        raise CxrError(f"cannot use database URL: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (no-op when current)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Archive:
+    """An image archive indexed by a Reader: SQL for findings, usearch for embeddings.
+
+    `vector_dir` is where the similar-image indexes live: by default beside a SQLite file
+    (`<db>.vectors/`), in the cxr cache for a server database, in memory for `sqlite://`.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, vector_dir: str | Path | None = None,
+                 migrate_schema: bool = True):
+        self.url = url
+        self.engine = make_engine(url)
+        try:
+            if migrate_schema:
+                migrate(self.engine)
+            with Session(self.engine) as s, s.begin():
+                meta = s.get(Meta, "archive_uuid")
+                if meta is None:
+                    meta = Meta(key="archive_uuid", value=uuid.uuid4().hex)
+                    s.add(meta)
+                self.uuid = meta.value
+        except OperationalError as exc:
+            self.engine.dispose()
+            raise CxrError(f"cannot open the archive database: {exc.orig}", _redact(url)) from None
+        except Exception as exc:
+            if "IntegrityError" in type(exc).__name__:  # two processes created it at once
+                with Session(self.engine) as s:
+                    self.uuid = s.get(Meta, "archive_uuid").value
+            else:
+                self.engine.dispose()
+                raise
+        self.vector_dir = Path(vector_dir) if vector_dir else self._default_vector_dir()
+        self._vectors: dict[str, VectorIndex] = {}
+        self._vocab: Vocabulary | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _default_vector_dir(self) -> Path | None:
+        parsed = make_url(self.url)
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database in (None, "", ":memory:"):
+                return None
+            return Path(parsed.database).expanduser().resolve().with_name(
+                Path(parsed.database).name + ".vectors")
+        from ..data import data_dir
+
+        key = hashlib.sha256(_redact(self.url).encode()).hexdigest()[:16]
+        return data_dir() / "archive-vectors" / key
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # -- writing -----------------------------------------------------------------------------
+    def indexed(self, sha256s: Iterable[str], model_id: str) -> set[str]:
+        """Which of these content hashes this model has already indexed (ok or failed)."""
+        hashes = list(set(sha256s))
+        found: set[str] = set()
+        with self.session() as s:
+            for i in range(0, len(hashes), 500):
+                chunk = hashes[i:i + 500]
+                found.update(s.scalars(select(ImageRow.sha256).where(
+                    ImageRow.model_id == model_id, ImageRow.sha256.in_(chunk))))
+        return found
+
+    def add_results(self, entries: Iterable[Entry]) -> list[int | None]:
+        """Store a batch in one transaction: all of it or (after a crash) none of it. An entry
+        whose (content, model) is already stored is skipped (its id is None), so a resumed or
+        concurrent run never duplicates."""
+        entries = list(entries)
+        ids: list[int | None] = []
+        with self.session() as s, s.begin():
+            for e in entries:
+                ids.append(self._insert(s, e))
+        self._vocab = None
+        return ids
+
+    def _insert(self, s: Session, e: Entry) -> int | None:
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        r = e.result
+        values = dict(
+            sha256=e.sha256, model_id=e.model_id or (r.model_id if r else ""), path=str(e.path),
+            status="ok" if r is not None and e.error is None else "failed",
+            reason=e.error if e.error else (None if r is not None else "no result"),
+            study_uid=e.study_uid, series_uid=e.series_uid, sop_uid=e.sop_uid, view=e.view,
+            height=int(r.image_size[0]) if r and r.image_size[0] else None,
+            width=int(r.image_size[1]) if r and r.image_size[1] else None,
+            scores={k: float(v) for k, v in r.scores.items()} if r else None,
+            embedding=(np.asarray(r.embedding, dtype=np.float32).reshape(-1).tobytes()
+                       if r is not None and r.embedding is not None else None),
+            indexed_at=datetime.now().astimezone(),
+        )
+        stmt = insert(ImageRow).values(**values).on_conflict_do_nothing(
+            index_elements=["sha256", "model_id"]).returning(ImageRow.id)
+        image_id = s.execute(stmt).scalar()
+        if image_id is None:
+            return None
+        if r is not None:
+            s.add_all(finding_rows(image_id, r.findings))
+        return image_id
+
+    # -- reading -----------------------------------------------------------------------------
+    def get(self, image_id: int) -> ImageRecord:
+        records = self._records([int(image_id)])
+        if not records:
+            raise CxrError(f"no indexed image with id {image_id}", _redact(self.url))
+        return records[0]
+
+    def count(self, status: str | None = None, model_id: str | None = None) -> int:
+        stmt = select(func.count(ImageRow.id))
+        if status:
+            stmt = stmt.where(ImageRow.status == status)
+        if model_id:
+            stmt = stmt.where(ImageRow.model_id == model_id)
+        with self.session() as s:
+            return int(s.scalar(stmt) or 0)
+
+    def models(self) -> list[str]:
+        with self.session() as s:
+            return sorted(s.scalars(select(ImageRow.model_id).distinct()))
+
+    def vocabulary(self) -> Vocabulary:
+        """Diseases, locations, severities and sides present in the archive (cached)."""
+        if self._vocab is not None:
+            return self._vocab
+        v = Vocabulary()
+        with self.session() as s:
+            for key, name in s.execute(select(FindingRow.disease_key, func.min(FindingRow.disease))
+                                       .group_by(FindingRow.disease_key)):
+                v.diseases[key] = name
+            for (loc,) in s.execute(select(FindingRow.location).distinct()):
+                v.locations.update(decode_location(loc))
+            v.severities = {x for x in s.scalars(select(FindingRow.severity).distinct()) if x}
+            v.sides = {x for x in s.scalars(select(FindingRow.side).distinct()) if x}
+        self._vocab = v
+        return v
+
+    def search(self, text: str | Query | None = None, *, finding: str | None = None,
+               side: str | None = None, location: str | None = None,
+               severity: str | None = None, min_score: float | None = None,
+               also: Iterable[str | FindingClause] = (), scores: dict[str, float] | None = None,
+               model_id: str | None = None, status: str | None = "ok",
+               study_uid: str | None = None, limit: int = 50, offset: int = 0) -> list[ImageRecord]:
+        """Images whose findings match, best score first.
+
+        `text` ("opacity left base") and the keyword filters describe one finding; each item
+        of `also` another finding the same image must have; `scores` thresholds any target's
+        score, asserted or not. A ready `Query` may be passed instead.
+        """
+        if isinstance(text, Query):
+            query = text
+        else:
+            vocab = self.vocabulary()
+            first = parse_text(text, vocab) if text else FindingClause()
+            for name, value in (("finding", finding), ("side", side), ("location", location),
+                                ("severity", severity)):
+                if value:
+                    setattr(first, name, value)
+            if min_score is not None:
+                first.min_score = min_score
+            clauses = [first] + [parse_text(a, vocab) if isinstance(a, str) else a for a in also]
+            query = Query(clauses=clauses, scores=dict(scores or {}), model_id=model_id,
+                          status=status, study_uid=study_uid, limit=limit, offset=offset)
+        with self.session() as s:
+            pairs = matching_ids(s, query, self.vocabulary())
+        records = self._records([i for i, _ in pairs])
+        for rec, (_, score) in zip(records, pairs):
+            rec.score = score
+        return records
+
+    def similar(self, image_id: int | None = None, *, embedding: np.ndarray | None = None,
+                model_id: str | None = None, k: int = 10) -> list[ImageRecord]:
+        """The k indexed images nearest to an indexed image (itself left out) or to an
+        embedding computed by `model_id`'s Reader, nearest first."""
+        if image_id is not None:
+            with self.session() as s:
+                row = s.get(ImageRow, int(image_id))
+                if row is None:
+                    raise CxrError(f"no indexed image with id {image_id}", _redact(self.url))
+                if row.embedding is None:
+                    raise CxrError(f"image {image_id} has no embedding (status {row.status}: "
+                                   f"{row.reason or ''})", row.path)
+                embedding = np.frombuffer(row.embedding, dtype=np.float32)
+                model_id = row.model_id
+        if embedding is None:
+            raise CxrError("similar() needs an image id or an embedding")
+        if model_id is None:
+            models = self.models()
+            if len(models) != 1:
+                raise CxrError(f"the archive holds several models {models}: name one")
+            model_id = models[0]
+        index = self.sync_vectors(model_id, ndim=int(np.asarray(embedding).size))
+        keys, dists = index.search(np.asarray(embedding, np.float32), k + (image_id is not None))
+        pairs = [(int(i), float(d)) for i, d in zip(keys, dists) if i != image_id][:k]
+        records = self._records([i for i, _ in pairs])
+        for rec, (_, d) in zip(records, pairs):
+            rec.distance = d
+        return records
+
+    def embeddings(self, model_id: str, after_id: int = 0, chunk: int = 20000):
+        """Yield (ids, float32 matrix) of stored embeddings with id > after_id, in id order."""
+        last = after_id
+        while True:
+            with self.session() as s:
+                rows = s.execute(select(ImageRow.id, ImageRow.embedding).where(
+                    ImageRow.model_id == model_id, ImageRow.id > last,
+                    ImageRow.embedding.is_not(None)).order_by(ImageRow.id).limit(chunk)).all()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            mat = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+            yield ids, mat
+            last = int(ids[-1])
+
+    def sync_vectors(self, model_id: str, ndim: int | None = None, save: bool = True) -> VectorIndex:
+        """The similar-image index of `model_id`, brought up to date with the database: loads the
+        saved file, adds rows indexed since, rebuilds if the file disagrees with the DB."""
+        with self._lock:
+            index = self._vectors.get(model_id)
+            if index is None:
+                ndim = ndim or self._ndim(model_id)
+                if ndim is None:
+                    raise CxrError(f"no embeddings stored for model {model_id!r}")
+                path = VectorIndex.file_for(self.vector_dir, model_id) if self.vector_dir else None
+                if path is not None:
+                    index = VectorIndex.load(path, self.uuid, model_id, ndim)
+                else:
+                    from .vectors import VectorState
+                    index = VectorIndex(VectorState(self.uuid, model_id, ndim))
+                self._vectors[model_id] = index
+            elif ndim is not None and ndim != index.state.ndim:
+                raise CxrError(f"embedding has {ndim} values, model {model_id!r} stores "
+                               f"{index.state.ndim}")
+            with self.session() as s:
+                covered = s.scalar(select(func.count(ImageRow.id)).where(
+                    ImageRow.model_id == model_id, ImageRow.embedding.is_not(None),
+                    ImageRow.id <= index.state.watermark)) or 0
+            if covered != len(index):
+                index.reset()
+            changed = False
+            for ids, mat in self.embeddings(model_id, after_id=index.state.watermark):
+                index.add(ids, mat)
+                changed = True
+            if changed and save:
+                index.save()
+            return index
+
+    def _ndim(self, model_id: str) -> int | None:
+        with self.session() as s:
+            emb = s.scalar(select(ImageRow.embedding).where(
+                ImageRow.model_id == model_id, ImageRow.embedding.is_not(None)).limit(1))
+        return None if emb is None else len(emb) // 4
+
+    def list_images(self, *, status: str | None = None, model_id: str | None = None,
+                    limit: int = 50, offset: int = 0) -> list[ImageRecord]:
+        """Newest first: for browsing (the service's GET /studies)."""
+        return self.search(Query(model_id=model_id, status=status, limit=limit, offset=offset))
+
+    def _records(self, ids: list[int]) -> list[ImageRecord]:
+        if not ids:
+            return []
+        with self.session() as s:
+            rows = s.scalars(select(ImageRow).where(ImageRow.id.in_(ids))
+                             .options(selectinload(ImageRow.findings))).all()
+            by_id = {r.id: _record(r) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+
+def finding_rows(image_id: int, findings: Iterable[DetectedFinding]) -> list[FindingRow]:
+    return [FindingRow(
+        image_id=image_id, disease=f.disease, disease_key=" ".join(f.disease.lower().split()),
+        score=float(f.score), annotation=f.annotation or "", organ=f.organ,
+        location=encode_location(f.location), side=(f.side or None),
+        severity=(f.severity.lower() if f.severity else None),
+        boxes=[dict(label=b.label, x=float(b.x), y=float(b.y), w=float(b.w), h=float(b.h))
+               for b in f.boxes]) for f in findings]
+
+
+def _record(r: ImageRow) -> ImageRecord:
+    return ImageRecord(
+        id=r.id, path=r.path, sha256=r.sha256, model_id=r.model_id, status=r.status,
+        reason=r.reason, study_uid=r.study_uid, series_uid=r.series_uid, sop_uid=r.sop_uid,
+        view=r.view, image_size=(r.height, r.width) if r.height else None,
+        scores=dict(r.scores or {}), indexed_at=r.indexed_at,
+        findings=[DetectedFinding(
+            disease=f.disease, score=f.score, annotation=f.annotation, organ=f.organ,
+            location=decode_location(f.location), side=f.side, severity=f.severity,
+            boxes=[Box(**b) for b in (f.boxes or [])]) for f in r.findings])
+
+
+def _redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database>"

@@ -1,0 +1,1 @@
+"""Alembic migrations of the archive schema, shipped with the package and applied on open."""
