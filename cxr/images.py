@@ -134,9 +134,15 @@ def _read_dicom(path: Path, has_preamble: bool) -> LoadedImage:
         raise CxrError(f"cannot parse DICOM header (truncated or corrupt?): {_explain(exc)}",
                        path) from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        sop = ds.get("SOPClassUID")
-        what = f" (SOP class {sop.name})" if sop is not None else ""
-        raise CxrError(f"DICOM file has no pixel data{what}", path)
+        # pydicom stops silently at a cut; an image class or an empty body suggests truncation
+        sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+        name = getattr(sop, "name", None) or (str(sop) if sop else "")
+        if len(ds) == 0:
+            raise CxrError("DICOM file has no data set after its header (truncated?)", path)
+        if "Image" in name or "Rows" in ds:
+            raise CxrError(f"DICOM file has no pixel data although it is an image ({name}): "
+                           "the file may be truncated", path)
+        raise CxrError(f"DICOM file has no pixel data ({name or 'unknown SOP class'})", path)
     for keyword in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
         if keyword not in ds:
             raise CxrError(f"DICOM pixel data without {keyword} in the header", path)
@@ -181,13 +187,13 @@ def _decode_first_frame(ds) -> np.ndarray:
 def _dicom_to_unit(frame: np.ndarray, ds, photometric: str) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
-    values = apply_modality_lut(frame, ds).astype(np.float32, copy=False)
+    values = apply_modality_lut(frame, ds)
     if photometric in ("MONOCHROME1", "MONOCHROME2") and "VOILUTSequence" in ds:
         pixels = _apply_voi_sequence(values, ds)
     elif photometric in ("MONOCHROME1", "MONOCHROME2") and _window(ds) is not None:
         pixels = _apply_window(values, ds, *_window(ds))
     else:
-        pixels = _minmax(values)
+        pixels = _minmax(values.astype(np.float32, copy=False))
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels
     return np.ascontiguousarray(pixels, dtype=np.float32)
@@ -227,6 +233,8 @@ def _apply_voi_sequence(values: np.ndarray, ds) -> np.ndarray:
     from pydicom.pixels import apply_voi
 
     item = ds.VOILUTSequence[0]
+    if values.dtype.kind == "f":  # a LUT is indexed by integers: round the modality output
+        values = np.rint(values).astype(np.int64)
     out = apply_voi(values, ds, index=0).astype(np.float32)
     bits = int(item.LUTDescriptor[2])
     top = max(float(2**bits - 1), float(out.max(initial=0)))
