@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, selectinload
@@ -193,24 +193,35 @@ class Archive:
         return Session(self.engine, expire_on_commit=False)
 
     # -- writing -----------------------------------------------------------------------------
-    def indexed(self, sha256s: Iterable[str], model_id: str) -> set[str]:
-        """Which of these content hashes this model has already indexed (ok or failed)."""
+    def indexed(self, sha256s: Iterable[str], model_id: str, status: str | None = None) -> set[str]:
+        """Which of these content hashes this model has already indexed (with `status` only
+        those ok, or only those failed)."""
         hashes = list(set(sha256s))
         found: set[str] = set()
         with self.session() as s:
             for i in range(0, len(hashes), 500):
                 chunk = hashes[i:i + 500]
-                found.update(s.scalars(select(ImageRow.sha256).where(
-                    ImageRow.model_id == model_id, ImageRow.sha256.in_(chunk))))
+                stmt = select(ImageRow.sha256).where(ImageRow.model_id == model_id,
+                                                     ImageRow.sha256.in_(chunk))
+                if status:
+                    stmt = stmt.where(ImageRow.status == status)
+                found.update(s.scalars(stmt))
         return found
 
-    def add_results(self, entries: Iterable[Entry]) -> list[int | None]:
+    def add_results(self, entries: Iterable[Entry], replace_failed: bool = False) -> list[int | None]:
         """Store a batch in one transaction: all of it or (after a crash) none of it. An entry
         whose (content, model) is already stored is skipped (its id is None), so a resumed or
-        concurrent run never duplicates."""
+        concurrent run never duplicates. `replace_failed` first drops failed rows of the same
+        content and model (a retry)."""
         entries = list(entries)
         ids: list[int | None] = []
         with self.session() as s, s.begin():
+            if replace_failed and entries:
+                for model_id in {e.model_id for e in entries}:
+                    hashes = [e.sha256 for e in entries if e.model_id == model_id]
+                    s.execute(delete(ImageRow).where(
+                        ImageRow.model_id == model_id, ImageRow.status == "failed",
+                        ImageRow.sha256.in_(hashes)))
             for e in entries:
                 ids.append(self._insert(s, e))
         self._vocab = None

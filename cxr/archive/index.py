@@ -1,0 +1,271 @@
+"""The indexing run: walk a folder (or a source adapter) lazily, read each image, run the Reader
+in batches and store every image in the archive, ok or failed.
+
+Resumable and idempotent by construction: an image's identity is (content sha256, model id); a
+batch is committed in one transaction; before reading a batch the run asks the archive which of
+its hashes are stored and skips them. A crash loses at most the batch in flight, which the next
+run redoes; the unique constraint makes a duplicate impossible even with two runs at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..errors import CxrError
+from ..records import Box
+from ..results import DetectedFinding, Result
+from .db import Archive, Entry, file_sha256
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic"}
+
+
+@dataclass
+class IndexStats:
+    seen: int = 0
+    indexed: int = 0
+    failed: int = 0
+    skipped: int = 0  # already in the archive (this model, same content)
+    duplicates: int = 0  # same content met twice in this run
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # first few (path, reason)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.indexed + self.failed) / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"seen": self.seen, "indexed": self.indexed, "failed": self.failed,
+                "skipped": self.skipped, "duplicates": self.duplicates,
+                "seconds": round(self.seconds, 3),
+                "images_per_second": round(self.images_per_second, 2),
+                "failures": [list(f) for f in self.failures]}
+
+    def count(self, entries: list[Entry], ids: list[int | None]) -> None:
+        for e, i in zip(entries, ids):
+            if i is None:
+                self.duplicates += 1
+            elif e.error:
+                self.failed += 1
+                if len(self.failures) < 20:
+                    self.failures.append((e.path, e.error))
+            else:
+                self.indexed += 1
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def _is_dicom_without_suffix(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def walk_images(root: str | Path) -> Iterator[str]:
+    """Image files under `root`, depth first in name order, found lazily (a PACS export of a
+    million files starts indexing at once). Hidden files and folders are left out; a file with no
+    suffix is taken when it carries the DICOM preamble."""
+    root = Path(root)
+    if root.is_file():
+        yield str(root)
+        return
+    for dirpath, dirnames, filenames in os.walk(root, onerror=None):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES or (suffix == "" and _is_dicom_without_suffix(path)):
+                yield str(path)
+
+
+def iter_inputs(source: str | Path) -> Iterator[str]:
+    """Paths of the images to index: a folder or file on disk, else a source spec that
+    `cxr.sources.open_source` understands (e.g. "nih:/data/nih")."""
+    path = Path(str(source)).expanduser()
+    if path.exists():
+        yield from walk_images(path)
+        return
+    try:
+        from ..sources import open_source
+    except ImportError:
+        raise CxrError("no such file or folder", source) from None
+    for study in open_source(str(source)):
+        for image in study.images:
+            if image.path is not None:
+                yield str(image.path)
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# -- one batch --------------------------------------------------------------------------------
+def content_hash(path: str) -> tuple[str, str | None]:
+    """(sha256 of the bytes, None) or, for a file that cannot be read, a stable stand-in hash
+    of its path and the reason, so the failure is recorded once, not retried on every run."""
+    try:
+        return file_sha256(path), None
+    except OSError as exc:
+        stand_in = hashlib.sha256(f"unreadable:{os.path.abspath(path)}".encode()).hexdigest()
+        return stand_in, f"cannot read file ({exc.strerror or exc})"
+
+
+def reader_model_id(reader) -> str:
+    model_id = getattr(reader, "model_id", None)
+    if not model_id:
+        raise CxrError("the Reader does not name its model (model_id)")
+    return str(model_id)
+
+
+@dataclass
+class Batch:
+    """What one batch of paths became: entries to store (with their loaded images, None for
+    failures) and how many were skipped as stored already or as repeated content."""
+
+    entries: list[Entry]
+    images: list
+    skipped: int = 0
+    duplicates: int = 0
+
+
+def process_batch(reader, model_id: str, paths: list[str],
+                  known: Callable[[list[str]], set[str]]) -> Batch:
+    """Hash, skip what `known` says is stored, read and run the Reader on the rest. A file that
+    cannot be read, or on which the Reader fails, becomes a failed entry; the batch goes on."""
+    from ..images import read_image
+
+    hashed = [(p, *content_hash(p)) for p in paths]
+    stored = known([h for _, h, _ in hashed])
+    batch = Batch([], [])
+    seen: set[str] = set()
+    for path, sha, error in hashed:
+        if sha in stored:
+            batch.skipped += 1
+            continue
+        if sha in seen:
+            batch.duplicates += 1
+            continue
+        seen.add(sha)
+        loaded = None
+        if error is None:
+            try:
+                loaded = read_image(path)
+            except CxrError as exc:
+                error = exc.problem
+            except Exception as exc:  # a reader bug must not stop an archive run
+                error = f"cannot read image: {exc!r}"[:500]
+        if loaded is None:
+            batch.entries.append(Entry(path, sha, model_id, error=error))
+            batch.images.append(None)
+            continue
+        meta = loaded.meta or {}
+        batch.entries.append(Entry(
+            path, sha, model_id, study_uid=_uid(meta, "StudyInstanceUID"),
+            series_uid=_uid(meta, "SeriesInstanceUID"), sop_uid=_uid(meta, "SOPInstanceUID"),
+            view=loaded.view))
+        batch.images.append(loaded)
+    todo = [i for i, im in enumerate(batch.images) if im is not None]
+    for i, result in zip(todo, run_reader(reader, [batch.images[i].pixels for i in todo])):
+        if isinstance(result, Result):
+            if result.model_id and result.model_id != model_id:
+                raise CxrError(f"the Reader returned model {result.model_id!r}, "
+                               f"expected {model_id!r}")
+            batch.entries[i].result = result
+        else:
+            batch.entries[i].error = result
+    return batch
+
+
+def run_reader(reader, pixels: list[np.ndarray]) -> list[Result | str]:
+    """The Reader on a batch; if the batch fails, image by image, so one bad image costs only
+    itself (its entry gets the reason)."""
+    if not pixels:
+        return []
+    try:
+        results = reader(pixels)
+        if len(results) == len(pixels):
+            return list(results)
+    except Exception:
+        pass
+    out: list[Result | str] = []
+    for p in pixels:
+        try:
+            out.append(reader([p])[0])
+        except Exception as exc:
+            out.append(f"the model failed on this image: {exc!r}"[:500])
+    return out
+
+
+def _uid(meta: dict, key: str) -> str | None:
+    value = meta.get(key)
+    return str(value)[:64] if value else None
+
+
+# -- the run ----------------------------------------------------------------------------------
+def index_images(archive: Archive, reader, paths: Iterable[str], *, batch_size: int = 32,
+                 dicom_out: str | Path | None = None, progress: bool = True,
+                 retry_failed: bool = False) -> IndexStats:
+    """Index `paths` with `reader` into `archive`, one committed transaction per batch."""
+    from tqdm import tqdm
+
+    model_id = reader_model_id(reader)
+    stats = IndexStats()
+    start = time.perf_counter()
+    status = "ok" if retry_failed else None
+    known = lambda hashes: archive.indexed(hashes, model_id, status=status)  # noqa: E731
+    bar = tqdm(desc="indexing", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        for paths_batch in batched(paths, batch_size):
+            batch = process_batch(reader, model_id, paths_batch, known)
+            ids = archive.add_results(batch.entries, replace_failed=retry_failed)
+            stats.seen += len(paths_batch)
+            stats.skipped += batch.skipped
+            stats.duplicates += batch.duplicates
+            stats.count(batch.entries, ids)
+            if dicom_out:
+                _write_dicom_outputs(batch, ids, dicom_out)
+            bar.update(len(paths_batch))
+            bar.set_postfix(ok=stats.indexed, failed=stats.failed, skipped=stats.skipped)
+    finally:
+        bar.close()
+        stats.seconds = time.perf_counter() - start
+    if stats.indexed:
+        archive.sync_vectors(model_id)
+    return stats
+
+
+def _write_dicom_outputs(batch: Batch, ids: list[int | None], out_dir) -> None:
+    """An SR and an overlay Secondary Capture per newly indexed image (see dicom_out)."""
+    from .dicom_out import write_result_dicom
+
+    for e, image, i in zip(batch.entries, batch.images, ids):
+        if i is not None and e.result is not None and image is not None:
+            write_result_dicom(e.result, image, out_dir, name=f"{i:08d}")
+
+
+# -- Result <-> plain data (for Ray and JSON) --------------------------------------------------
+def result_from_dict(d: dict, embedding: np.ndarray | None = None) -> Result:
+    findings = [DetectedFinding(
+        disease=f["disease"], score=float(f["score"]), annotation=f.get("annotation") or "",
+        organ=f.get("organ"), location=tuple(f.get("location") or ()), side=f.get("side"),
+        severity=f.get("severity"), boxes=[Box(**b) for b in f.get("boxes") or []])
+        for f in d.get("findings", [])]
+    size = d.get("image_size") or (0, 0)
+    return Result(scores={k: float(v) for k, v in d.get("scores", {}).items()}, findings=findings,
+                  embedding=embedding, model_id=d.get("model_id", ""),
+                  image_size=(int(size[0]), int(size[1])))
