@@ -68,6 +68,9 @@ def write_dicom(
                          "(or use compression='jpeg2000' or 'rle', which are lossless)")
     stored = _stored_values(np.asarray(image), int(bits_stored), photometric)
     rows, cols = stored.shape
+    if compression == "jpeg2000" and min(rows, cols) < 32:
+        raise ValueError("JPEG 2000 (openjpeg, 6 resolution levels) needs at least 32x32 pixels; "
+                         f"got {rows}x{cols}: use compression='rle'")
     modality = modality.upper()
     sop_class = SOP_CLASSES.get(modality, SECONDARY_CAPTURE)
     sop_uid = sop_uid or generate_uid()
@@ -138,10 +141,12 @@ def write_dicom(
 
     if compression == "rle":
         from pydicom.uid import RLELossless
-        ds.compress(RLELossless, stored.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16))
+        ds.compress(RLELossless, stored.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16),
+                    generate_instance_uid=False)
     elif compression == "jpeg2000":
         from pydicom.uid import JPEG2000Lossless
-        ds.compress(JPEG2000Lossless, stored.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16))
+        ds.compress(JPEG2000Lossless, stored.astype(np.uint8 if ds.BitsAllocated == 8 else np.uint16),
+                    generate_instance_uid=False)
     elif compression == "jpeg":
         _compress_jpeg_baseline(ds, stored.astype(np.uint8))
 
