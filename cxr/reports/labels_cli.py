@@ -1,0 +1,71 @@
+"""`cxr labels [REPORTS]`: print Shin et al.'s label space mined from Open-i reports.
+
+REPORTS is NLMCXR_reports.tgz, a folder of report XML, or any `--data` spec (`phantom:OUT`);
+without it the cached Open-i reports are used (fetched once when missing).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import CxrError
+from .labels import MIN_COUNT, LabelSpace, Vocabulary, count_patterns
+
+
+def configure(parser) -> None:
+    parser.add_argument("reports", nargs="?", default=None,
+                        help="NLMCXR_reports.tgz, a folder of XML, or a data spec "
+                             "(default: the cached Open-i reports)")
+    parser.add_argument("--min-count", type=int, default=MIN_COUNT,
+                        help=f"images a pattern needs to become a label (default {MIN_COUNT})")
+    parser.add_argument("--case-sensitive", action="store_true",
+                        help="match headings as written, exactly like Shin et al.'s released file")
+    parser.add_argument("--all", action="store_true", help="also list patterns below --min-count")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT",
+                        help="write the label space, the pattern table and the vocabulary here")
+
+
+def _studies(spec: str | None):
+    from ..sources import open_source
+
+    if spec is None:
+        return open_source("openi")
+    if ":" in spec.split("/")[0] and not Path(spec).exists():
+        return open_source(spec)
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise CxrError("reports not found", p)
+    return open_source(("phantom:" if (p / "BBox_List_2017.csv").is_file() else "openi:") + str(p))
+
+
+def run(args) -> int:
+    if args.min_count < 1:
+        raise CxrError(f"--min-count must be >= 1, got {args.min_count}")
+    studies = _studies(args.reports)
+    table = count_patterns(studies, case_sensitive=args.case_sensitive)
+    space = LabelSpace.build(studies, args.min_count, case_sensitive=args.case_sensitive)
+    vocab = Vocabulary.build(studies)
+    n_images = sum(len(s.images) for s in studies)
+    labelled = sum(n for n, _ in table.values())
+    covered = sum(space.counts.values())
+    rows = [(p, n, r) for p, (n, r) in table.items() if args.all or n >= args.min_count]
+    width = max([len("pattern")] + [len(p) for p, _, _ in rows])
+    print(f"{'pattern':<{width}}  {'images':>6}  {'reports':>7}  {'share':>6}")
+    for p, n, r in rows:
+        mark = "" if n >= args.min_count else "  (below --min-count)"
+        print(f"{p:<{width}}  {n:>6}  {r:>7}  {n / max(labelled, 1):>6.1%}{mark}")
+    print(f"\n{len(studies)} reports, {n_images} images; {labelled} images with a pattern "
+          f"({n_images - labelled} dropped: no indexing or only a technical-quality remark); "
+          f"{len(space)} labels (>= {args.min_count} images) cover {covered} images; "
+          f"vocabulary {len(vocab)} tokens")
+    if args.json:
+        out = {
+            "label_space": space.to_dict(),
+            "patterns": [{"pattern": p, "images": n, "reports": r} for p, (n, r) in table.items()],
+            "vocabulary": vocab.to_dict(),
+            "reports": len(studies), "images": n_images, "labelled_images": labelled,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 0
