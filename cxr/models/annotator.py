@@ -1,0 +1,139 @@
+"""The RNN annotator: writes the annotation sequence of one finding (`opacity lung base left mild`).
+
+As in Shin et al. 2016 the recurrent state starts from the CNN image embedding (a linear
+projection). Unlike the paper, which trained only on images with a single disease pattern, every
+finding of every image is a training sequence, *conditioned on its disease*: the initial state is
+``tanh(W_img · embedding + E_label[disease])``, so the same image yields a different sequence for
+each detected disease (its own location, side and severity). At use time the Reader asks for one
+sequence per detected disease. Teacher forcing in training; greedy or beam search in use.
+
+Token ids: 0 = <pad>, 1 = <start>, 2 = <end>, 3 = <unk>, then the vocabulary's words.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD, START, END, UNK = 0, 1, 2, 3
+SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
+
+
+class Annotator(nn.Module):
+    def __init__(self, vocab_size: int, num_labels: int, image_dim: int, hidden: int = 256,
+                 embed_dim: int = 128, cell: str = "gru", dropout: float = 0.1):
+        super().__init__()
+        if cell not in ("gru", "lstm"):
+            from ..errors import CxrError
+            raise CxrError(f"unknown rnn {cell!r}; choose gru or lstm")
+        self.cell, self.hidden, self.vocab_size = cell, hidden, vocab_size
+        self.word = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
+        self.label = nn.Embedding(num_labels, hidden)
+        self.init_h = nn.Linear(image_dim, hidden)
+        self.init_c = nn.Linear(image_dim, hidden) if cell == "lstm" else None
+        rnn = nn.GRU if cell == "gru" else nn.LSTM
+        self.rnn = rnn(embed_dim, hidden, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, vocab_size)
+
+    def init_state(self, embedding: torch.Tensor, labels: torch.Tensor):
+        h = torch.tanh(self.init_h(embedding) + self.label(labels)).unsqueeze(0)
+        if self.cell == "lstm":
+            return h, torch.tanh(self.init_c(embedding)).unsqueeze(0)
+        return h
+
+    def forward(self, embedding: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor):
+        """Teacher forcing. `tokens` (B, T) = <start> w1 .. wn <end> <pad>...; returns logits for
+        positions 1..T-1 (B, T-1, V) and the hidden states (B, T-1, H)."""
+        states, _ = self.rnn(self.drop(self.word(tokens[:, :-1])), self.init_state(embedding, labels))
+        return self.out(self.drop(states)), states
+
+    def loss(self, embedding, labels, tokens) -> torch.Tensor:
+        logits, _ = self(embedding, labels, tokens)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                               ignore_index=PAD)
+
+    @torch.no_grad()
+    def context(self, embedding, labels, tokens) -> torch.Tensor:
+        """The joint image/text context of the cascade: the mean of the hidden states over the
+        annotation (the steps that read <start> and the words, i.e. up to the one emitting <end>)."""
+        _, states = self(embedding, labels, tokens)
+        mask = (tokens[:, 1:] != PAD).float().unsqueeze(-1)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def _step(self, words: torch.Tensor, state):
+        out, state = self.rnn(self.word(words).unsqueeze(1), state)
+        return F.log_softmax(self.out(out[:, 0]), -1), state
+
+    @torch.no_grad()
+    def greedy(self, embedding, labels, max_len: int = 6) -> list[list[int]]:
+        state = self.init_state(embedding, labels)
+        words = torch.full((embedding.shape[0],), START, dtype=torch.long, device=embedding.device)
+        seqs = [[] for _ in range(embedding.shape[0])]
+        done = torch.zeros(embedding.shape[0], dtype=torch.bool, device=embedding.device)
+        for _ in range(max_len):
+            logp, state = self._step(words, state)
+            logp[:, PAD] = logp[:, START] = -float("inf")
+            words = logp.argmax(-1)
+            for i, w in enumerate(words.tolist()):
+                if not done[i] and w != END:
+                    seqs[i].append(w)
+            done |= words == END
+            if done.all():
+                break
+        return seqs
+
+    @torch.no_grad()
+    def beam(self, embedding, labels, beams: int = 3, max_len: int = 6) -> list[list[int]]:
+        """Beam search, one image-finding at a time (sequences are short: <= 6 steps)."""
+        results = []
+        for i in range(embedding.shape[0]):
+            results.append(self._beam_one(embedding[i:i + 1], labels[i:i + 1], beams, max_len))
+        return results
+
+    def _beam_one(self, embedding, label, beams: int, max_len: int) -> list[int]:
+        state = self.init_state(embedding, label)
+        live = [(0.0, [], state)]  # (log prob, words, state)
+        finished: list[tuple[float, list[int]]] = []
+        for _ in range(max_len):
+            words = torch.tensor([b[1][-1] if b[1] else START for b in live], device=embedding.device)
+            if self.cell == "lstm":
+                st = (torch.cat([b[2][0] for b in live], 1), torch.cat([b[2][1] for b in live], 1))
+            else:
+                st = torch.cat([b[2] for b in live], 1)
+            logp, st = self._step(words, st)
+            logp[:, PAD] = logp[:, START] = -float("inf")
+            cands = []
+            top = logp.topk(min(beams, logp.shape[1]), -1)
+            for j, (score, seq, _) in enumerate(live):
+                for lp, w in zip(top.values[j].tolist(), top.indices[j].tolist()):
+                    s = st if self.cell == "gru" else st
+                    sj = (s[0][:, j:j + 1], s[1][:, j:j + 1]) if self.cell == "lstm" else s[:, j:j + 1]
+                    cands.append((score + lp, seq + [w], sj))
+            cands.sort(key=lambda c: c[0], reverse=True)
+            live = []
+            for c in cands:
+                if c[1][-1] == END:
+                    finished.append((c[0] / len(c[1]), c[1][:-1]))
+                elif len(live) < beams:
+                    live.append(c)
+                if len(live) >= beams and len(finished) >= beams:
+                    break
+            if not live:
+                break
+        finished += [(c[0] / max(len(c[1]), 1), c[1]) for c in live]
+        return max(finished, key=lambda f: f[0])[1]
+
+
+def encode(tokens: list[str], index: dict[str, int], max_len: int = 5) -> list[int]:
+    """<start> w1..wn <end> with unknown words mapped to <unk>."""
+    return [START] + [index.get(t, UNK) for t in tokens[:max_len]] + [END]
+
+
+def pad_batch(seqs: list[list[int]]) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [PAD] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def decode(ids: list[int], words: list[str]) -> list[str]:
+    return [words[i] for i in ids if i >= len(SPECIALS) and i < len(words)]

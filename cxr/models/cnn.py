@@ -1,0 +1,198 @@
+"""CNN backbones for 1-channel radiographs, all behind one interface (timm-like).
+
+Every network here ends in feature maps -> global average pooling -> one linear layer, because
+class activation maps (CAM, used for localisation) need exactly that head. Backbones by name:
+
+- ``nin``: Network-in-Network (Lin et al. 2014) with batch norm, as Shin et al. 2016 used.
+- ``googlenet``: GoogLeNet / Inception v1 with batch norm (Shin et al.'s stronger model).
+- ``densenet121``: MONAI's DenseNet-121 (CheXNet's network), 2-D, 1 input channel.
+- ``tiny``: four conv blocks, for tests and the CPU demo.
+
+All are trained from scratch by default; `load_pretrained` takes a user-given state dict.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CxrError
+
+BACKBONES = ("tiny", "nin", "googlenet", "densenet121")
+
+
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1, pad: int | None = None) -> nn.Sequential:
+    pad = k // 2 if pad is None else pad
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class TinyFeatures(nn.Sequential):
+    def __init__(self, in_chans: int = 1, width: int = 16):
+        w = width
+        super().__init__(conv_bn(in_chans, w, 5, 2), nn.MaxPool2d(2),
+                         conv_bn(w, 2 * w, 3), nn.MaxPool2d(2),
+                         conv_bn(2 * w, 4 * w, 3), conv_bn(4 * w, 4 * w, 3))
+        self.num_features = 4 * w
+
+
+def mlpconv(cin: int, cout: int, k: int, stride: int, pad: int) -> nn.Sequential:
+    """A NIN block: one spatial conv followed by two 1x1 convs (the 'micro network')."""
+    return nn.Sequential(conv_bn(cin, cout, k, stride, pad), conv_bn(cout, cout, 1), conv_bn(cout, cout, 1))
+
+
+class NINFeatures(nn.Sequential):
+    """Network-in-Network (ImageNet layout) with batch norm; the last mlpconv gives 1024 maps."""
+
+    def __init__(self, in_chans: int = 1):
+        super().__init__(
+            mlpconv(in_chans, 96, 11, 4, 5), nn.MaxPool2d(3, 2, ceil_mode=True),
+            mlpconv(96, 256, 5, 1, 2), nn.MaxPool2d(3, 2, ceil_mode=True),
+            mlpconv(256, 384, 3, 1, 1), nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Dropout(0.5), mlpconv(384, 1024, 3, 1, 1))
+        self.num_features = 1024
+
+
+class Inception(nn.Module):
+    """Inception v1 module with batch norm (Szegedy et al. 2015; BN as in Ioffe & Szegedy)."""
+
+    def __init__(self, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, pool: int):
+        super().__init__()
+        self.b1 = conv_bn(cin, c1, 1)
+        self.b2 = nn.Sequential(conv_bn(cin, c3r, 1), conv_bn(c3r, c3, 3))
+        self.b3 = nn.Sequential(conv_bn(cin, c5r, 1), conv_bn(c5r, c5, 3), conv_bn(c5, c5, 3))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn(cin, pool, 1))
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
+
+
+class GoogLeNetFeatures(nn.Sequential):
+    """GoogLeNet with batch norm, no auxiliary heads (BN makes them unnecessary); 1024 maps."""
+
+    def __init__(self, in_chans: int = 1):
+        super().__init__(
+            conv_bn(in_chans, 64, 7, 2, 3), nn.MaxPool2d(3, 2, ceil_mode=True),
+            conv_bn(64, 64, 1), conv_bn(64, 192, 3), nn.MaxPool2d(3, 2, ceil_mode=True),
+            Inception(192, 64, 96, 128, 16, 32, 32), Inception(256, 128, 128, 192, 32, 96, 64),
+            nn.MaxPool2d(3, 2, ceil_mode=True),
+            Inception(480, 192, 96, 208, 16, 48, 64), Inception(512, 160, 112, 224, 24, 64, 64),
+            Inception(512, 128, 128, 256, 24, 64, 64), Inception(512, 112, 144, 288, 32, 64, 64),
+            Inception(528, 256, 160, 320, 32, 128, 128), nn.MaxPool2d(3, 2, ceil_mode=True),
+            Inception(832, 256, 160, 320, 32, 128, 128), Inception(832, 384, 192, 384, 48, 128, 128))
+        self.num_features = 1024
+
+
+class DenseNet121Features(nn.Module):
+    """MONAI's DenseNet-121 trunk (2-D, 1 channel) plus the final ReLU of its class layers."""
+
+    def __init__(self, in_chans: int = 1):
+        super().__init__()
+        from monai.networks.nets import DenseNet121
+
+        self.trunk = DenseNet121(spatial_dims=2, in_channels=in_chans, out_channels=1).features
+        self.num_features = 1024
+
+    def forward(self, x):
+        return F.relu(self.trunk(x))
+
+
+_FEATURES = {"tiny": TinyFeatures, "nin": NINFeatures, "googlenet": GoogLeNetFeatures,
+             "densenet121": DenseNet121Features}
+
+
+class Classifier(nn.Module):
+    """features -> global average pooling -> dropout -> linear: multi-label logits.
+
+    `forward_features(x)` gives the last feature maps (B, C, h, w), `forward_head(maps)` the logits,
+    `embed(x)` the pooled image embedding (B, C) that the annotator and the archive use.
+    """
+
+    def __init__(self, backbone: str, num_classes: int, in_chans: int = 1, drop: float = 0.0):
+        super().__init__()
+        if backbone not in _FEATURES:
+            raise CxrError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        self.backbone = backbone
+        self.features = _FEATURES[backbone](in_chans)
+        self.num_features = self.features.num_features
+        self.drop = nn.Dropout(drop)
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    @staticmethod
+    def pool(maps: torch.Tensor) -> torch.Tensor:
+        return maps.mean(dim=(2, 3))
+
+    def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.pool(maps)))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_head(self, num_classes: int, parents: list[int] | None = None) -> None:
+        """A new head with `num_classes` outputs; with `parents`, output i starts as a copy of the
+        old output parents[i] (the cascade's refined labels start where their disease was)."""
+        old = self.head
+        self.head = nn.Linear(self.num_features, num_classes).to(old.weight.device)
+        if parents is not None:
+            with torch.no_grad():
+                self.head.weight.copy_(old.weight[parents])
+                self.head.bias.copy_(old.bias[parents])
+
+
+def create_cnn(backbone: str, num_classes: int, in_chans: int = 1, drop: float = 0.0) -> Classifier:
+    return Classifier(backbone, num_classes, in_chans, drop)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a weights-only torch file (never unpickles objects)."""
+    path = Path(path)
+    if not path.exists():
+        raise CxrError("pretrained weights not found", path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the user's file
+        raise CxrError(f"cannot read weights: {exc}", path) from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CxrError("not a state dict", path)
+    return state
+
+
+def load_pretrained(model: Classifier, path: str | Path, head: bool = False) -> dict[str, list[str]]:
+    """Load a user-given state dict into `model` (non-strict). The head is skipped unless `head`
+    (its classes rarely match); tensors whose shapes differ are skipped too. Returns a report:
+    {"loaded": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}."""
+    state = read_state_dict(path)
+    # accept plain backbone dicts and ones saved from a wrapper (module./model./cnn. prefixes)
+    for prefix in ("module.", "model.", "cnn."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    own = model.state_dict()
+    usable, mismatched = {}, []
+    for k, v in state.items():
+        if not head and k.startswith("head."):
+            continue
+        if k in own and own[k].shape != v.shape:
+            mismatched.append(k)
+        elif k in own:
+            usable[k] = v
+    result = model.load_state_dict(usable, strict=False)
+    missing = [k for k in result.missing_keys if head or not k.startswith("head.")]
+    unexpected = [k for k in state if k not in own]
+    if not usable:
+        raise CxrError(f"no tensor matches a {model.backbone} network", path)
+    return {"loaded": sorted(usable), "missing": missing, "unexpected": unexpected,
+            "mismatched": mismatched}

@@ -1,0 +1,21 @@
+"""Training the cascade: `TrainConfig`, `train(config, out)`, and `split_studies` to recover a
+run's patient split (for evaluation on exactly its test patients)."""
+from __future__ import annotations
+
+from ..records import Study
+from .config import TrainConfig
+from .pipeline import train
+from .prepare import NORMAL, prepare
+
+__all__ = ["TrainConfig", "train", "split_studies", "NORMAL", "prepare"]
+
+
+def split_studies(run_config: dict, studies: list[Study]) -> dict[str, list[Study]]:
+    """The studies of each split ("train", "val", "test") of a trained run, by its stored patient
+    lists (`config.json` -> data.patients). Patients the run never saw go to "unseen"."""
+    patients = run_config["data"]["patients"]
+    where = {p: name for name, ps in patients.items() for p in ps}
+    out: dict[str, list[Study]] = {"train": [], "val": [], "test": [], "unseen": []}
+    for s in studies:
+        out[where.get(s.patient_id or s.id, "unseen")].append(s)
+    return out

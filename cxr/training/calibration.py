@@ -1,0 +1,64 @@
+"""What a score means: Platt scaling per target on the validation split, then an operating
+threshold per target (max F1 on validation). Both are stored in the checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_platt(raw_logits: np.ndarray, params: list[tuple[float, float]]) -> np.ndarray:
+    a = np.array([p[0] for p in params], dtype=np.float64)
+    b = np.array([p[1] for p in params], dtype=np.float64)
+    return (1 / (1 + np.exp(-(raw_logits * a + b)))).astype(np.float32)
+
+
+def fit_platt(raw_logits: np.ndarray, y: np.ndarray, prior: float = 1.0) -> list[tuple[float, float]]:
+    """Per column: sigmoid(a * z + b) fitted by BCE, with a Gaussian prior pulling (a, b) to (1, 0)
+    (weight `prior`), so a validation split with a handful of positives cannot make it wild.
+    Columns with no positive or no negative keep the identity."""
+    params = []
+    for k in range(raw_logits.shape[1]):
+        z = torch.tensor(raw_logits[:, k], dtype=torch.float64)
+        t = torch.tensor(y[:, k], dtype=torch.float64)
+        if t.sum() == 0 or t.sum() == len(t):
+            params.append((1.0, 0.0))
+            continue
+        ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([ab], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(ab[0] * z + ab[1], t, reduction="sum")
+            loss = loss + prior * ((ab[0] - 1) ** 2 + ab[1] ** 2)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        a, b = (float(v) for v in ab.detach())
+        params.append((max(a, 1e-3), b) if np.isfinite([a, b]).all() else (1.0, 0.0))
+    return params
+
+
+def max_f1_thresholds(probs: np.ndarray, y: np.ndarray, default: float = 0.5) -> list[float]:
+    """Per column, the threshold on `probs` with the highest F1 on (probs, y); `default` where the
+    column has no positive."""
+    out = []
+    for k in range(probs.shape[1]):
+        p, t = probs[:, k], y[:, k] > 0
+        if not t.any():
+            out.append(default)
+            continue
+        best, best_f1 = default, -1.0
+        for th in np.unique(p):
+            pred = p >= th
+            tp = float((pred & t).sum())
+            f1 = 2 * tp / (pred.sum() + t.sum())
+            if f1 > best_f1 + 1e-12:
+                best, best_f1 = float(th), f1
+        out.append(best)
+    return out

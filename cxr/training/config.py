@@ -1,0 +1,87 @@
+"""`TrainConfig`: every choice of a training run in one dataclass (stored in the checkpoint)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import CxrError
+
+
+@dataclass
+class TrainConfig:
+    """A run is reproducible from this (plus the data it names).
+
+    Defaults follow Shin et al. 2016 where the paper says (images 256, random crop 224, labels with
+    >= 30 cases, cascade clusters of >= 170 members into n/50) and are modest elsewhere.
+    """
+
+    data: str = ""                   # source spec: "openi:PATH", "nih:PATH", "folder:PATH", "phantom:PATH"
+    backbone: str = "googlenet"      # tiny | nin | googlenet | densenet121
+    rnn: str = "gru"                 # gru | lstm
+    image_size: int = 256            # images are resized to this square once (disk cache)
+    crop: int = 224                  # random crop in training; inference sees the whole image
+    epochs: int = 30                 # CNN epochs, stage 1
+    cascade_epochs: int | None = None  # CNN epochs on the refined labels (None: same as epochs)
+    rnn_epochs: int = 40             # RNN epochs (each stage)
+    batch_size: int = 32
+    rnn_batch_size: int = 64
+    lr: float = 1e-3                 # AdamW, cosine decay over the phase
+    rnn_lr: float = 2e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.2             # before the CNN head
+    rnn_hidden: int = 512            # paper: 1024
+    rnn_embed: int = 256
+    data_dropout: bool = True        # Shin et al.: drop normals, duplicate minority classes
+    normal_keep_factor: float = 4.0  # keep a normal with p = min(1, factor * n_max / n_normal)
+    max_duplicate: int = 4           # at most this many copies of a minority-class image per epoch
+    class_weighted: bool = False     # BCE with positive weights neg/pos per label (Wang et al.)
+    cascade: bool = True             # cluster joint image/text contexts, retrain on refined labels
+    min_cluster_members: int = 170   # labels with fewer (image, finding) pairs are not split
+    images_per_cluster: int = 50     # k = members // images_per_cluster
+    min_label_count: int = 30        # a disease becomes a target with >= this many training images
+    views: str = "frontal"           # frontal | lateral | all (Open-i has both per report)
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train/val/test, by patient
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    amp: bool = True                 # mixed precision on CUDA (bf16 where supported, else fp16)
+    num_workers: int = 2             # DataLoader workers and image-decoding threads
+    pretrained: str | None = None    # a state dict (safetensors / weights-only torch) for the CNN
+    rotation: float = 5.0            # augmentation: degrees
+    intensity: float = 0.1           # augmentation: gamma/contrast/brightness jitter
+    localize_threshold: float = 0.5  # CAM heatmap threshold for boxes
+    max_boxes: int = 2
+    cache_dir: str | None = None     # image cache (default RUN/cache)
+    progress: bool = True
+    max_images: int | None = None    # use only the first N studies' images (quick trials)
+
+    def __post_init__(self):
+        self.fractions = tuple(float(f) for f in self.fractions)
+        if self.backbone not in ("tiny", "nin", "googlenet", "densenet121"):
+            raise CxrError(f"unknown backbone {self.backbone!r}")
+        if self.rnn not in ("gru", "lstm"):
+            raise CxrError(f"unknown rnn {self.rnn!r}; choose gru or lstm")
+        if self.views not in ("frontal", "lateral", "all"):
+            raise CxrError(f"unknown views {self.views!r}; choose frontal, lateral or all")
+        if self.crop > self.image_size:
+            raise CxrError(f"crop {self.crop} is larger than image_size {self.image_size}")
+        if len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-6:
+            raise CxrError(f"fractions must be three numbers summing to 1, got {self.fractions}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fractions"] = list(self.fractions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # settings that may change between an interrupted run and its resumption
+    RESUMABLE_CHANGES = ("epochs", "cascade_epochs", "rnn_epochs", "device", "amp", "num_workers",
+                         "progress", "cache_dir")
+
+    def same_run(self, other: "TrainConfig") -> list[str]:
+        """Names of settings that differ in a way that makes resuming wrong."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if k not in self.RESUMABLE_CHANGES and a[k] != b[k]]

@@ -1,0 +1,270 @@
+"""One training phase each for the CNN and the RNN: seeded, per-epoch resumable, DDP-aware."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..checkpoint import load_tensors, optimizer_tensors, prefixed, restore_optimizer, save_tensors, unprefixed
+from ..dataset import XrayDataset, augment, data_dropout_indices, normalise
+from ..models.annotator import Annotator, encode, pad_batch
+from .config import TrainConfig
+
+
+@dataclass
+class Context:
+    """What every phase needs: config, where state goes, device, the process group, the cache."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    images: np.ndarray                # disk-cached (N, S, S) uint16
+    rank: int = 0
+    world: int = 1
+    progress: dict = field(default_factory=dict)  # state/progress.json content
+    on_epoch: Callable | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out / "state"
+
+    def save_progress(self) -> None:
+        if self.main:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_dir / f".progress.json.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(self.progress, indent=1))
+            os.replace(tmp, self.state_dir / "progress.json")
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            with open(self.out / "history.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    return base * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+
+
+def _epoch_seed(cfg: TrainConfig, phase: str, epoch: int) -> int:
+    return (cfg.seed * 1_000_003 + sum(map(ord, phase)) * 1009 + epoch) % (2 ** 31)
+
+
+def _resume(ctx: Context, phase: str, modules: dict[str, torch.nn.Module], opt) -> int:
+    """Load the phase's last saved epoch, if any; returns the number of epochs done."""
+    info = ctx.progress.get("phases", {}).get(phase)
+    path = ctx.state_dir / f"{phase}.safetensors"
+    if not info or not path.exists():
+        return 0
+    tensors = load_tensors(path)
+    for name, module in modules.items():
+        module.load_state_dict(unprefixed(name, tensors))
+    if opt is not None and info.get("opt"):
+        restore_optimizer(opt, {k: v.to(ctx.device) for k, v in tensors.items() if k.startswith("opt.")},
+                          info["opt"])
+    return int(info["epoch"])
+
+
+def _save(ctx: Context, phase: str, modules: dict[str, torch.nn.Module], opt, epoch: int, done: bool) -> None:
+    if ctx.main:
+        tensors = {}
+        for name, module in modules.items():
+            tensors.update(prefixed(name, module.state_dict()))
+        opt_t, opt_meta = optimizer_tensors(opt)
+        tensors.update(opt_t)
+        save_tensors(ctx.state_dir / f"{phase}.safetensors", tensors)
+        ctx.progress.setdefault("phases", {})[phase] = {"epoch": epoch, "done": done, "opt": opt_meta}
+        ctx.save_progress()
+    ctx.barrier()
+
+
+def phase_done(ctx: Context, phase: str) -> bool:
+    return bool(ctx.progress.get("phases", {}).get(phase, {}).get("done"))
+
+
+def load_phase_weights(ctx: Context, phase: str, modules: dict[str, torch.nn.Module]) -> None:
+    tensors = load_tensors(ctx.state_dir / f"{phase}.safetensors")
+    for name, module in modules.items():
+        module.load_state_dict(unprefixed(name, tensors))
+
+
+@torch.no_grad()
+def infer(ctx: Context, model, idx: np.ndarray, batch_size: int | None = None):
+    """Logits and embeddings of whole images (no crop), eval mode: what the Reader computes."""
+    model.eval()
+    bs = batch_size or max(ctx.cfg.batch_size, 1)
+    logits, embs = [], []
+    for s in range(0, len(idx), bs):
+        rows = np.sort(idx[s:s + bs])
+        order = np.argsort(np.argsort(idx[s:s + bs]))
+        x = torch.from_numpy(np.asarray(ctx.images[rows], dtype=np.float32) / 65535.0)[:, None]
+        x = normalise(x.to(ctx.device))
+        with ctx.autocast():
+            maps = model.forward_features(x)
+            lg = model.forward_head(maps)
+        logits.append(lg.float()[order].cpu())
+        embs.append(model.pool(maps).float()[order].cpu())
+    if not logits:
+        return torch.zeros(0, model.head.out_features), torch.zeros(0, model.num_features)
+    return torch.cat(logits), torch.cat(embs)
+
+
+def mean_auc(y: np.ndarray, p: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(y[:, k], p[:, k]) for k in range(y.shape[1]) if 0 < y[:, k].sum() < len(y)]
+    return float(np.mean(aucs)) if aucs else None
+
+
+def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np.ndarray,
+              epochs: int, evaluate: Callable[[], dict] | None = None, normal_col: int | None = None,
+              sample_labels: np.ndarray | None = None):
+    """Multi-label BCE training of `model` on `labels` (N, K) over `train_idx` rows. Data dropout
+    decides on `sample_labels` (default `labels`) whose column `normal_col` means normal."""
+    cfg, dev = ctx.cfg, ctx.device
+    model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = _resume(ctx, phase, {"model": model}, opt)
+    if phase_done(ctx, phase) or start >= epochs:
+        return model
+    net = model
+    if ctx.world > 1:
+        if dev.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    pos_weight = None
+    if cfg.class_weighted:
+        y = labels[train_idx]
+        pos = y.sum(0)
+        pos_weight = torch.tensor(np.clip((len(y) - pos) / np.maximum(pos, 1), 1.0, 100.0),
+                                  dtype=torch.float32, device=dev)
+    scaler = torch.amp.GradScaler("cuda", enabled=(dev.type == "cuda" and cfg.amp
+                                                   and not torch.cuda.is_bf16_supported()))
+    from tqdm.auto import tqdm
+
+    for epoch in range(start, epochs):
+        seed = _epoch_seed(cfg, phase, epoch)
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        if cfg.data_dropout:
+            local = data_dropout_indices((labels if sample_labels is None else sample_labels)[train_idx], normal_col, rng, cfg.normal_keep_factor,
+                                         cfg.max_duplicate)
+            rows = train_idx[local]
+        else:
+            rows = rng.permutation(train_idx)
+        if ctx.world > 1:  # equal shares (as DistributedSampler pads), else DDP waits forever
+            rows = np.resize(rows, -(-len(rows) // ctx.world) * ctx.world)[ctx.rank::ctx.world]
+        data = XrayDataset(ctx.images, labels, rows, crop=cfg.crop)
+        gen = torch.Generator().manual_seed(seed)
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                            pin_memory=dev.type == "cuda", drop_last=len(data) > cfg.batch_size,
+                            persistent_workers=False, generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(cfg.lr, epoch, epochs)
+        net.train()
+        total, count = 0.0, 0
+        bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{epochs}", leave=False, unit="batch",
+                   disable=not (cfg.progress and ctx.main))
+        for x, y, _ in bar:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen))
+            with ctx.autocast():
+                logits = net(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / max(count, 1), "images": count}
+        if evaluate is not None:
+            record.update(evaluate())
+        ctx.log(record)
+        if cfg.progress and ctx.main:
+            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        _save(ctx, phase, {"model": model}, opt, epoch + 1, epoch + 1 >= epochs)
+        if ctx.on_epoch:
+            ctx.on_epoch(phase, epoch + 1, record)
+    return model
+
+
+def sequences(pairs, rows: set[int], word_index: dict[str, int]):
+    """Pairs whose image is in `rows` -> (image idx, label idx, token tensor)."""
+    chosen = [p for p in pairs if p[0] in rows]
+    if not chosen:
+        return None
+    return (torch.tensor([p[0] for p in chosen]), torch.tensor([p[1] for p in chosen]),
+            pad_batch([encode(p[2], word_index) for p in chosen]))
+
+
+def train_rnn(ctx: Context, phase: str, annotator: Annotator, embeddings: torch.Tensor, train_seqs,
+              val_seqs, epochs: int):
+    """Teacher-forced training of the annotator on fixed CNN embeddings (as Shin et al.)."""
+    cfg, dev = ctx.cfg, ctx.device
+    annotator.to(dev)
+    opt = torch.optim.AdamW(annotator.parameters(), lr=cfg.rnn_lr, weight_decay=cfg.weight_decay)
+    start = _resume(ctx, phase, {"rnn": annotator}, opt)
+    if phase_done(ctx, phase) or start >= epochs or train_seqs is None:
+        return annotator
+    emb = embeddings.to(dev)
+    img, lab, tok = (t.to(dev) for t in train_seqs)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, epochs), desc=phase, leave=False, unit="epoch",
+               disable=not (cfg.progress and ctx.main))
+    for epoch in bar:
+        seed = _epoch_seed(cfg, phase, epoch)
+        torch.manual_seed(seed)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(cfg.rnn_lr, epoch, epochs)
+        annotator.train()
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(len(img))).to(dev)
+        total = 0.0
+        for s in range(0, len(order), cfg.rnn_batch_size):
+            b = order[s:s + cfg.rnn_batch_size]
+            loss = annotator.loss(emb[img[b]], lab[b], tok[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(annotator.parameters(), 5.0)
+            opt.step()
+            total += float(loss.detach()) * len(b)
+        record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / len(img)}
+        if val_seqs is not None:
+            annotator.eval()
+            with torch.no_grad():
+                vi, vl, vt = (t.to(dev) for t in val_seqs)
+                record["val_loss"] = float(annotator.loss(emb[vi], vl, vt))
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+        ctx.log(record)
+        _save(ctx, phase, {"rnn": annotator}, opt, epoch + 1, epoch + 1 >= epochs)
+        if ctx.on_epoch:
+            ctx.on_epoch(phase, epoch + 1, record)
+    if ctx.world > 1:  # GPU RNN kernels are not bitwise deterministic: make every rank agree
+        for p in annotator.parameters():
+            torch.distributed.broadcast(p.data, 0)
+    return annotator

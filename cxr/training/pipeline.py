@@ -1,0 +1,273 @@
+"""`train(config, out)`: the whole recurrent neural cascade, stage by stage, resumable.
+
+Phases (each saved every epoch under RUN/state/, skipped when done on resume):
+  cnn1  CNN on the mined targets              -> rnn1  RNN on the CNN's embeddings
+  -> calibrate + write RUN/stage1/ (the model before the cascade, a complete run)
+  cascade: joint contexts of the training (image, finding) pairs -> k-means per target
+  cnn2  CNN on the refined labels (started from cnn1, refined heads copied from their disease)
+  rnn2  RNN on the new embeddings (started from rnn1)
+  -> calibrate + write RUN/ (config.json + weights.safetensors)
+Without the cascade, stage 1 is written to RUN/ directly (and RUN/stage1/ is not made).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..checkpoint import prefixed, save_run
+from ..dataset import MEAN, STD, build_cache
+from ..errors import CxrError
+from ..models.annotator import Annotator
+from ..models.cascade import RefinedLabels, refine, to_original
+from ..models.cnn import create_cnn, load_pretrained
+from ..models.localize import LocalizeParams
+from ..records import Study
+from .calibration import apply_platt, fit_platt, logit, max_f1_thresholds
+from .config import TrainConfig
+from .loops import (Context, infer, load_phase_weights, mean_auc, phase_done, sequences, train_cnn,
+                    train_rnn)
+from .prepare import NORMAL, Prepared, prepare
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CxrError(f"device {cfg.device!r} asked for but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        torch.distributed.init_process_group(backend)
+    return rank, world, local
+
+
+def load_studies(cfg: TrainConfig) -> list[Study]:
+    if not cfg.data:
+        raise CxrError("no training data: give a source such as phantom:DIR or openi:DIR")
+    from ..sources import open_source
+
+    return open_source(cfg.data)
+
+
+def _state_matches(out: Path, cfg: TrainConfig) -> dict | None:
+    path = out / "state" / "progress.json"
+    if not path.exists():
+        return None
+    progress = json.loads(path.read_text())
+    differ = TrainConfig.from_dict(progress["config"]).same_run(cfg)
+    if differ:
+        raise CxrError(f"holds a run with different settings ({', '.join(differ)}); "
+                       "choose another --out or delete it", out)
+    return progress
+
+
+def train(config: TrainConfig, out: str | Path, studies: list[Study] | None = None, resume: bool = True,
+          on_epoch: Callable[[str, int, dict], None] | None = None) -> Path:
+    """Train the cascade into run dir `out`; returns `out`. `studies` overrides `config.data`
+    (the spec is still recorded). An interrupted run continues from its last finished epoch when
+    called again with the same settings (`resume=False` refuses to touch an existing run).
+    `on_epoch(phase, epoch, record)` is called after each saved epoch."""
+    cfg = config
+    out = Path(out).expanduser()
+    progress = _state_matches(out, cfg)
+    if progress is not None and not resume:
+        raise CxrError("already holds a (partial) run; resume it or choose another --out", out)
+    if progress is not None and progress.get("finished") and (out / "config.json").exists():
+        return out
+    rank, world, local = _distributed()
+    device = _device(cfg, local)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % (2 ** 32))
+    if studies is None:
+        studies = load_studies(cfg)
+    if cfg.max_images:
+        studies = studies[:cfg.max_images]
+    stored = (progress or {}).get("prepared") or {}
+    prep = prepare(studies, cfg.views, cfg.fractions, cfg.seed, cfg.min_label_count,
+                   patient_split=stored.get("patient_split"), targets=stored.get("targets"),
+                   words=stored.get("words"))
+    out.mkdir(parents=True, exist_ok=True)
+    progress = progress or {"config": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "prepared": {"patient_split": prep.patient_split, "targets": prep.targets,
+                                         "words": prep.words}, "phases": {}}
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else out / "cache"
+    if rank == 0:
+        images = build_cache(prep.paths, cfg.image_size, cache_dir, cfg.num_workers, cfg.progress)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        images = build_cache(prep.paths, cfg.image_size, cache_dir, cfg.num_workers, False)
+    ctx = Context(cfg, out, device, images, rank, world, progress, on_epoch)
+    ctx.save_progress()
+    return _run(ctx, prep)
+
+
+def _run(ctx: Context, prep: Prepared) -> Path:
+    cfg = ctx.cfg
+    train_idx, val_idx = prep.indices("train"), prep.indices("val")
+    if len(train_idx) == 0:
+        raise CxrError("the training split is empty")
+    n_t = len(prep.targets)
+    normal_col = prep.targets.index(NORMAL) if NORMAL in prep.targets else None
+
+    # ---- stage 1: CNN on the mined targets, then the RNN
+    cnn = create_cnn(cfg.backbone, n_t, drop=cfg.dropout)
+    if cfg.pretrained and not ctx.progress["phases"].get("cnn1"):
+        report = load_pretrained(cnn, cfg.pretrained)
+        ctx.progress["pretrained"] = {k: len(v) for k, v in report.items()}
+    identity = RefinedLabels.identity(prep.targets)
+    evaluate = _evaluator(ctx, cnn, prep, val_idx, identity)
+    train_cnn(ctx, "cnn1", cnn, prep.labels, train_idx, cfg.epochs, evaluate, normal_col)
+    rnn = Annotator(len(prep.words), n_t, cnn.num_features, cfg.rnn_hidden, cfg.rnn_embed, cfg.rnn)
+    rnn = _train_annotator(ctx, "rnn1", cnn, rnn, prep, train_idx, val_idx)
+    final_dir = ctx.out / "stage1" if cfg.cascade else ctx.out
+    if not (ctx.progress.get("stage1_written") and (final_dir / "config.json").exists()):
+        _write_run(ctx, final_dir, "stage1", cnn, rnn, prep, identity, val_idx)
+        ctx.progress["stage1_written"] = True
+        ctx.save_progress()
+
+    # ---- the cascade: refine labels by joint image/text context, retrain CNN then RNN
+    if cfg.cascade:
+        refined, pair_refined = _refine(ctx, cnn, rnn, prep, train_idx)
+        labels2 = np.zeros((len(prep.paths), len(refined.names)), dtype=np.float32)
+        train_rows = set(train_idx.tolist())
+        train_pairs = [p for p in prep.pairs if p[0] in train_rows]
+        for (i, _, _), r in zip(train_pairs, pair_refined):
+            labels2[i, r] = 1
+        if not ctx.progress["phases"].get("cnn2"):
+            cnn.reset_head(len(refined.names), refined.parents)
+        else:
+            cnn.reset_head(len(refined.names))
+        evaluate = _evaluator(ctx, cnn, prep, val_idx, refined)
+        # data dropout in stage 2 decides on the original targets (normal = all normal sub-labels)
+        train_cnn(ctx, "cnn2", cnn, labels2, train_idx, cfg.cascade_epochs or cfg.epochs, evaluate,
+                  normal_col, sample_labels=prep.labels)
+        rnn = _train_annotator(ctx, "rnn2", cnn, rnn, prep, train_idx, val_idx)
+        _write_run(ctx, ctx.out, "cascade", cnn, rnn, prep, refined, val_idx)
+    ctx.progress["finished"] = True
+    ctx.save_progress()
+    return ctx.out
+
+
+def _evaluator(ctx: Context, cnn, prep: Prepared, val_idx: np.ndarray, refined: RefinedLabels):
+    if len(val_idx) == 0:
+        return None
+
+    def evaluate() -> dict:
+        logits, _ = infer(ctx, cnn, val_idx)
+        probs = to_original(torch.sigmoid(logits).numpy(), refined, len(prep.targets))
+        y = prep.labels[val_idx]
+        eps = 1e-6
+        bce = float(-np.mean(y * np.log(probs + eps) + (1 - y) * np.log(1 - probs + eps)))
+        auc = mean_auc(y, probs)
+        return {"val_loss": bce, **({"val_auc": auc} if auc is not None else {})}
+
+    return evaluate
+
+
+def _train_annotator(ctx: Context, phase: str, cnn, rnn: Annotator, prep: Prepared, train_idx, val_idx):
+    all_idx = np.arange(len(prep.paths))
+    if phase_done(ctx, phase):
+        load_phase_weights(ctx, phase, {"rnn": rnn})
+        return rnn.to(ctx.device)
+    _, emb = infer(ctx, cnn, all_idx)
+    wi = prep.word_index
+    train_seqs = sequences(prep.pairs, set(train_idx.tolist()), wi)
+    val_seqs = sequences(prep.pairs, set(val_idx.tolist()), wi)
+    return train_rnn(ctx, phase, rnn, emb, train_seqs, val_seqs, ctx.cfg.rnn_epochs)
+
+
+def _refine(ctx: Context, cnn, rnn: Annotator, prep: Prepared, train_idx) -> tuple[RefinedLabels, list[int]]:
+    """Joint contexts of the training pairs -> k-means per target (stored for resuming)."""
+    if ctx.progress.get("refined"):
+        return RefinedLabels.from_dict(ctx.progress["refined"]), ctx.progress["pair_refined"]
+    _, emb = infer(ctx, cnn, np.arange(len(prep.paths)))
+    img, lab, tok = sequences(prep.pairs, set(train_idx.tolist()), prep.word_index)
+    rnn.eval()
+    with torch.no_grad():
+        ctxv = rnn.context(emb[img].to(ctx.device), lab.to(ctx.device), tok.to(ctx.device)).cpu().numpy()
+    refined, assigned = refine(ctxv, lab.numpy(), prep.targets, ctx.cfg.min_cluster_members,
+                               ctx.cfg.images_per_cluster, ctx.cfg.seed)
+    pair_refined = assigned.tolist()
+    if ctx.world > 1:  # every rank uses rank 0's clustering
+        box = [refined.to_dict(), pair_refined]
+        torch.distributed.broadcast_object_list(box, 0)
+        refined, pair_refined = RefinedLabels.from_dict(box[0]), box[1]
+    ctx.progress["refined"] = refined.to_dict()
+    ctx.progress["pair_refined"] = pair_refined
+    ctx.save_progress()
+    return refined, pair_refined
+
+
+def _calibrate(ctx: Context, cnn, prep: Prepared, refined: RefinedLabels, val_idx):
+    """Platt per target on validation logits (after the max over refined labels), then max-F1
+    thresholds on the calibrated scores. Returns ({target: [a, b]}, {target: t}, val metrics)."""
+    n_t = len(prep.targets)
+    if len(val_idx) == 0:
+        return ({t: [1.0, 0.0] for t in prep.targets}, {t: 0.5 for t in prep.targets}, {})
+    logits, _ = infer(ctx, cnn, val_idx)
+    raw = logit(to_original(torch.sigmoid(logits).numpy(), refined, n_t))
+    y = prep.labels[val_idx]
+    platt = fit_platt(raw, y)
+    probs = apply_platt(raw, platt)
+    thresholds = max_f1_thresholds(probs, y)
+    auc = mean_auc(y, probs)
+    metrics = {"val_images": int(len(val_idx)), **({"val_auc": auc} if auc is not None else {})}
+    return ({t: list(p) for t, p in zip(prep.targets, platt)},
+            {t: float(th) for t, th in zip(prep.targets, thresholds)}, metrics)
+
+
+def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, prep: Prepared,
+               refined: RefinedLabels, val_idx) -> None:
+    cfg = ctx.cfg
+    calibration, thresholds, metrics = _calibrate(ctx, cnn, prep, refined, val_idx)
+    if not ctx.main:
+        return
+    counts = {name: int((prep.split == i).sum()) for i, name in enumerate(("train", "val", "test"))}
+    train_rows = prep.split == 0
+    config = {
+        "cxr_version": __version__,
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "architecture": {"backbone": cfg.backbone, "num_classes": len(refined.names), "in_chans": 1,
+                         "image_dim": cnn.num_features, "rnn": cfg.rnn, "rnn_hidden": cfg.rnn_hidden,
+                         "rnn_embed": cfg.rnn_embed, "vocab_size": len(prep.words),
+                         "num_labels": len(prep.targets), "max_tokens": 5},
+        "targets": prep.targets,
+        "refined": refined.to_dict(),
+        "vocabulary": prep.words,
+        "preprocessing": {"image_size": cfg.image_size, "crop": cfg.crop, "mean": MEAN, "std": STD,
+                          "input": "float32 (H, W) in [0, 1], bright = dense, resized to image_size"},
+        "calibration": {"method": "platt", "params": calibration},
+        "thresholds": thresholds,
+        "threshold_rule": "max F1 on the validation split (calibrated scores)",
+        "localization": LocalizeParams(cfg.localize_threshold, cfg.max_boxes).to_dict(),
+        "validation": metrics,
+        "train_config": cfg.to_dict(),
+        "data": {"spec": cfg.data, "views": cfg.views, "split_seed": cfg.seed,
+                 "fractions": list(cfg.fractions), "patients": prep.patient_split, "counts": counts,
+                 "label_counts": {t: int(prep.labels[train_rows, k].sum()) for k, t in enumerate(prep.targets)}},
+        "seed": cfg.seed,
+    }
+    tensors = {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())}
+    save_run(run_dir, tensors, config)
