@@ -71,7 +71,7 @@ def walk_images(root: str | Path) -> Iterator[str]:
     """Image files under `root`, depth first in name order, found lazily (a PACS export of a
     million files starts indexing at once). Hidden files and folders are left out; a file with no
     suffix is taken when it carries the DICOM preamble."""
-    root = Path(root)
+    root = Path(root).expanduser().absolute()  # stored paths must not depend on the cwd
     if root.is_file():
         yield str(root)
         return

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,14 +85,19 @@ class VectorIndex:
         sizes disagree, which `load` detects and rebuilds."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        self.index.save(str(tmp))
-        os.replace(tmp, self.path)
-        side = self.path.with_suffix(".json")
-        tmp_side = side.with_name(side.name + f".tmp{os.getpid()}")
-        tmp_side.write_text(json.dumps(self.state.__dict__))
-        os.replace(tmp_side, side)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            self.index.save(str(tmp))
+            os.replace(tmp, self.path)
+            side = self.path.with_suffix(".json")
+            tmp_side = side.with_name(side.name + f".tmp{os.getpid()}")
+            tmp_side.write_text(json.dumps(self.state.__dict__))
+            os.replace(tmp_side, side)
+        except OSError as exc:  # read-only place: keep it in memory, rebuilt per process
+            warnings.warn(f"cannot save the vector index to {self.path} ({exc}); "
+                          "it stays in memory (set vector_dir)", stacklevel=2)
+            self.path = None
 
     # -- contents ----------------------------------------------------------------------------
     def __len__(self) -> int:

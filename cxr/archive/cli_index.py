@@ -1,0 +1,80 @@
+"""`cxr index RUN SOURCE --db URL`: read every image of a folder or source with a trained run and
+store the results in a searchable archive. Run it again to resume: stored images are skipped."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import CxrError
+from .db import DEFAULT_URL
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="trained run folder (checkpoint) whose Reader indexes")
+    parser.add_argument("source", help="folder of PNG/JPEG/DICOM (nested), one image file, or a "
+                        "source spec such as nih:/data/nih")
+    parser.add_argument("--db", default=DEFAULT_URL,
+                        help=f"database URL (default {DEFAULT_URL}; postgresql://user@host/db)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per Reader batch and per committed transaction")
+    parser.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                        help="run the Readers on a Ray cluster (auto: the running one, else a "
+                        "local one); the results are written by this process")
+    parser.add_argument("--ray-actors", type=int, default=None,
+                        help="number of Reader actors on Ray (default: cluster CPUs / 1)")
+    parser.add_argument("--dicom-out", metavar="DIR", default=None,
+                        help="also write a DICOM SR (TID 1500) and an overlay Secondary Capture "
+                        "per newly indexed image into DIR")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="read again the images recorded as failed")
+    parser.add_argument("--vector-dir", default=None,
+                        help="where the similar-image index lives (default: beside a SQLite "
+                        "file, else in the cxr cache)")
+    parser.add_argument("--json", metavar="OUT", default=None,
+                        help="write the run's counts as JSON ('-' for stdout)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .db import Archive
+    from .index import index_images, iter_inputs
+
+    if args.batch_size < 1:
+        raise CxrError("--batch-size must be at least 1")
+    if not Path(args.run).exists():
+        raise CxrError("run folder not found", args.run)
+    source_path = Path(args.source).expanduser()
+    if ":" not in args.source and not source_path.exists():
+        raise CxrError("no such file or folder", args.source)
+    with Archive(args.db, vector_dir=args.vector_dir) as archive:
+        if args.ray:
+            from .ray_index import index_with_ray
+
+            stats = index_with_ray(archive, args.run, iter_inputs(args.source),
+                                   address=args.ray, batch_size=args.batch_size,
+                                   num_actors=args.ray_actors, dicom_out=args.dicom_out,
+                                   progress=not args.quiet, retry_failed=args.retry_failed)
+        else:
+            from ..reader import Reader
+
+            reader = Reader.load(args.run)
+            stats = index_images(archive, reader, iter_inputs(args.source),
+                                 batch_size=args.batch_size, dicom_out=args.dicom_out,
+                                 progress=not args.quiet, retry_failed=args.retry_failed)
+        total = archive.count()
+    line = (f"indexed {stats.indexed}, failed {stats.failed}, skipped {stats.skipped} already "
+            f"indexed, {stats.duplicates} duplicate content; {total} images in the archive "
+            f"({stats.images_per_second:.1f} images/s)")
+    print(line, file=sys.stderr)
+    for path, reason in stats.failures[:5]:
+        print(f"  failed: {path}: {reason}", file=sys.stderr)
+    if args.json:
+        text = json.dumps(stats.to_dict() | {"archive_images": total}, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0

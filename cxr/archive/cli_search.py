@@ -1,0 +1,99 @@
+"""`cxr search`: find indexed images by finding ("opacity left base" --severity moderate) or by
+likeness to an image (--like chest.dcm, --like-id 42)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import CxrError
+from .db import DEFAULT_URL
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("query", nargs="?", default=None,
+                        help='words describing one finding, e.g. "opacity left base"')
+    parser.add_argument("--db", default=DEFAULT_URL, help=f"database URL (default {DEFAULT_URL})")
+    parser.add_argument("--finding", help="disease name (case-insensitive), e.g. Opacity")
+    parser.add_argument("--side", choices=["left", "right", "bilateral"])
+    parser.add_argument("--location", help="site word, e.g. base, upper lobe, hilum")
+    parser.add_argument("--severity", help="mild, moderate, severe, small, large, ...")
+    parser.add_argument("--min-score", type=float, help="the finding's score at least this")
+    parser.add_argument("--and", dest="also", action="append", default=[], metavar="TEXT",
+                        help='another finding the image must also have, e.g. "effusion right"')
+    parser.add_argument("--score", action="append", default=[], metavar="TARGET>=X",
+                        help="any target's score at least X, asserted or not (repeatable)")
+    parser.add_argument("--like", metavar="IMAGE", help="images similar to this file (needs --run)")
+    parser.add_argument("--like-id", type=int, metavar="ID", help="images similar to indexed ID")
+    parser.add_argument("--run", help="trained run that embeds the --like image")
+    parser.add_argument("--model", help="only results of this model id")
+    parser.add_argument("--failed", action="store_true", help="list images that failed to index")
+    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--vector-dir", default=None, help="where the similar-image index lives")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def _scores(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        target, sep, value = item.partition(">=")
+        try:
+            out[target.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not target.strip():
+            raise CxrError(f"--score wants TARGET>=NUMBER, got {item!r}")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from .db import Archive
+
+    if args.limit < 1:
+        raise CxrError("--limit must be at least 1")
+    with Archive(args.db, vector_dir=args.vector_dir) as archive:
+        if args.like or args.like_id is not None:
+            if args.like and args.like_id is not None:
+                raise CxrError("give --like or --like-id, not both")
+            if args.like:
+                if not args.run:
+                    raise CxrError("--like IMAGE needs --run RUN to embed the image")
+                from ..images import read_image
+                from ..reader import Reader
+
+                reader = Reader.load(args.run)
+                result = reader([read_image(args.like).pixels])[0]
+                if result.embedding is None:
+                    raise CxrError("the run's Reader returns no embedding", args.run)
+                hits = archive.similar(embedding=result.embedding,
+                                       model_id=result.model_id or None, k=args.limit)
+            else:
+                hits = archive.similar(image_id=args.like_id, k=args.limit)
+            described = f"like {args.like or '#' + str(args.like_id)}"
+        else:
+            hits = archive.search(args.query, finding=args.finding, side=args.side,
+                                  location=args.location, severity=args.severity,
+                                  min_score=args.min_score, also=args.also,
+                                  scores=_scores(args.score), model_id=args.model,
+                                  status="failed" if args.failed else "ok",
+                                  limit=args.limit, offset=args.offset)
+            described = args.query or "query"
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2))
+        return 0
+    if not hits:
+        print(f"no images match {described}")
+        return 0
+    for h in hits:
+        key = (f"distance {h.distance:.3f}" if h.distance is not None
+               else f"score {h.score:.2f}" if h.score is not None else h.status)
+        print(f"#{h.id}  {h.path}  ({key})")
+        if h.status != "ok":
+            print(f"    failed: {h.reason}")
+        for f in h.findings:
+            where = " ".join(p for p in (f.side, *f.location) if p)
+            print(f"    {f.score:.2f}  {f.disease}" + (f" [{where}]" if where else "")
+                  + (f" {f.severity}" if f.severity else "")
+                  + (f"  \"{f.annotation}\"" if f.annotation else "")
+                  + (f"  {len(f.boxes)} box(es)" if f.boxes else ""))
+    return 0
