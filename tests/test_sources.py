@@ -1,0 +1,280 @@
+"""Source adapters (Open-i, NIH, folder, phantom), `open_source` specs and patient splits, on
+the real Open-i reports, the real NIH box images, and small folders written here."""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from cxr.errors import CxrError
+from cxr.sources import open_source, read_folder, read_nih, read_openi, read_phantom
+from cxr.splits import split_by_patient, split_summary
+
+REPORT_IDS = ("1", "10", "1776")
+
+
+@pytest.fixture(scope="module")
+def openi(shared_data):
+    return read_openi(shared_data / "openi" / "NLMCXR_reports.tgz")
+
+
+def _members(shared_data, ids=REPORT_IDS) -> dict[str, bytes]:
+    with tarfile.open(shared_data / "openi" / "NLMCXR_reports.tgz") as tf:
+        return {i: tf.extractfile(f"ecgen-radiology/{i}.xml").read() for i in ids}
+
+
+def _png(path, size=(64, 48), value=100):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(np.full(size[::-1], value, np.uint8)).save(path)
+
+
+@pytest.fixture()
+def openi_folder(shared_data, tmp_path):
+    """The layout `cxr simulate` writes: ecgen-radiology/, images/, metadata CSV."""
+    out = tmp_path / "sim"
+    (out / "ecgen-radiology").mkdir(parents=True)
+    for i, data in _members(shared_data).items():
+        (out / "ecgen-radiology" / f"{i}.xml").write_bytes(data)
+    _png(out / "images" / "CXR1_1_IM-0001-3001.png")
+    (out / "images" / "CXR1_1_IM-0001-4001.dcm").write_bytes(b"")  # found by name only
+    _png(out / "images" / "sub" / "10_IM-0002-1001.png")  # Shin-style name, nested
+    with open(out / "nlmcxr_dicom_metadata.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["imageid", "View Position"])
+        w.writerows([["CXR1_1_IM-0001-3001", "PA"], ["CXR1_1_IM-0001-4001", "LL"],
+                     ["CXR10_IM-0002-1001", ""]])
+    return out
+
+
+# --- Open-i ---
+
+def test_openi_tgz(openi, shared_data):
+    assert len(openi) == 3955 and sum(len(s.images) for s in openi) == 7470
+    s = {x.id: x for x in openi}["CXR10"]
+    assert s.patient_id == "CXR10" and s.source == "openi"
+    assert set(s.report) == {"COMPARISON", "INDICATION", "FINDINGS", "IMPRESSION"}
+    assert [f.disease for f in s.findings] == ["Calcified Granuloma"]
+    assert s.findings[0].side == "right" and s.findings[0].location == ("upper lobe",)
+    assert s.meta["automatic"] and s.meta["indexed"]
+    views = [im.view for x in openi for im in x.images]
+    assert views.count("PA") == 3591 and views.count("LL") == 717  # metadata found beside tgz
+    unindexed = [x for x in openi if not x.meta["indexed"]]
+    assert len(unindexed) == 95 and all(not x.findings for x in unindexed)
+    assert len({x.patient_id for x in openi}) == 3955
+
+
+def test_openi_folder_layout_images_and_views(openi_folder):
+    studies = read_openi(openi_folder)
+    assert [s.id for s in studies] == ["CXR1", "CXR10", "CXR1776"]
+    ims = {im.id: im for s in studies for im in s.images}
+    assert ims["CXR1_1_IM-0001-3001"].path.name == "CXR1_1_IM-0001-3001.png"
+    assert ims["CXR1_1_IM-0001-3001"].view == "PA"
+    assert ims["CXR1_1_IM-0001-4001"].path.suffix == ".dcm" and ims["CXR1_1_IM-0001-4001"].view == "LL"
+    assert ims["CXR10_IM-0002-1001"].path.name == "10_IM-0002-1001.png"
+    assert ims["CXR10_IM-0002-1001"].view is None
+    assert ims["CXR10_IM-0002-2001"].path is None
+    # a folder of bare XML files works too
+    assert [s.id for s in read_openi(openi_folder / "ecgen-radiology")] == ["CXR1", "CXR10", "CXR1776"]
+
+
+def test_openi_bad_inputs(shared_data, tmp_path):
+    with pytest.raises(CxrError, match="not found"):
+        read_openi(tmp_path / "NLMCXR_reports.tgz")
+    bad = tmp_path / "bad.tgz"
+    bad.write_bytes(b"\x1f\x8b\x08 this is not gzip")
+    with pytest.raises(CxrError, match="tar archive") as e:
+        read_openi(bad)
+    assert str(bad) in str(e.value)
+    # a tgz with one malformed member names the member
+    tgz = tmp_path / "reports.tgz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        for name, data in [("ecgen-radiology/1.xml", _members(shared_data, ("1",))["1"]),
+                           ("ecgen-radiology/2.xml", b"<eCitation><uId id='CXR2'/>")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(CxrError, match="malformed XML in report ecgen-radiology/2.xml"):
+        read_openi(tgz)
+    folder = tmp_path / "xml"
+    folder.mkdir()
+    (folder / "5.xml").write_text("<eCitation><title>no id</title></eCitation>")
+    with pytest.raises(CxrError, match="no <uId"):
+        read_openi(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CxrError, match="no Open-i report XML"):
+        read_openi(empty)
+    meta = tmp_path / "meta.csv"
+    meta.write_text("imageid,Rows\nCXR1,3\n")
+    with pytest.raises(CxrError, match="View Position"):
+        read_openi(shared_data / "openi" / "NLMCXR_reports.tgz", metadata=meta)
+
+
+# --- NIH ---
+
+def test_nih_boxes_scaled_to_real_256_images(shared_data):
+    d = shared_data / "nih" / "bbox256"
+    studies = read_nih(d / "Data_Entry_2017_v2020.csv", d / "BBox_List_2017.csv", d / "images")
+    assert len(studies) == 656 and all(s.images[0].path.is_file() for s in studies)
+    official = read_nih(d / "Data_Entry_2017_v2020.csv", d / "BBox_List_2017.csv")  # no images
+    assert all(s.images[0].path is None for s in official)
+    by_id = {s.id: s for s in official}
+    n_boxes = 0
+    for s in studies:
+        im = s.images[0]
+        assert im.meta["box_frame"] == (256, 256) or not im.boxes
+        for box, ref in zip(im.boxes, by_id[s.id].images[0].boxes, strict=True):
+            assert box.label == ref.label
+            assert np.allclose([box.x, box.y, box.w, box.h], np.array([ref.x, ref.y, ref.w, ref.h]) / 4)
+            n_boxes += 1
+    assert n_boxes == 731
+    s = by_id["00000072_000"]
+    assert s.patient_id == "72" and s.meta["age"] == 67 and s.meta["sex"] == "F"
+    assert s.images[0].view == "PA" and s.images[0].meta["original_size"] == (2450, 2839)
+    labels = {b.label for x in official for b in x.images[0].boxes}
+    assert "Infiltration" in labels and "Infiltrate" not in labels
+
+
+def test_nih_any_size_gz_and_normal(shared_data, tmp_path):
+    d = shared_data / "nih" / "bbox256"
+    with open(d / "Data_Entry_2017_v2020.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    keep = rows[0:1] + rows[1:4]
+    keep[3][1] = "No Finding"
+    with gzip.open(tmp_path / "Data_Entry_2017.csv.gz", "wt", newline="") as fh:
+        csv.writer(fh).writerows(keep)
+    names = [r[0] for r in keep[1:]]
+    boxes = tmp_path / "BBox_List_2017.csv.gz"
+    with gzip.open(boxes, "wt", newline="") as fh:
+        fh.write("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
+        fh.write(f"{names[0]},Infiltrate,512,256,100,200\n")
+    (tmp_path / "images").mkdir()
+    for n in names:  # a non-square copy, 512 wide x 384 high
+        PILImage.open(d / "images" / n).convert("L").resize((512, 384)).save(tmp_path / "images" / n)
+    studies = open_source(f"nih:{tmp_path}")
+    assert [s.id for s in studies] == [n[:-4] for n in names]
+    box = studies[0].images[0].boxes[0]
+    assert (box.label, box.x, box.y, box.w, box.h) == ("Infiltration", 256, 96, 50, 75)
+    assert studies[2].findings[0].disease == "normal" and studies[2].findings[0].raw == "No Finding"
+    (tmp_path / "images" / names[1]).unlink()  # a missing image drops its row
+    assert len(read_nih(tmp_path / "Data_Entry_2017.csv.gz", images=tmp_path / "images")) == 2
+
+
+def test_nih_bad_inputs(tmp_path):
+    with pytest.raises(CxrError, match="not found"):
+        read_nih(tmp_path / "Data_Entry_2017.csv")
+    bad = tmp_path / "Data_Entry_2017.csv"
+    bad.write_text("Image Index,Labels\nx.png,Mass\n")
+    with pytest.raises(CxrError, match="Finding Labels"):
+        read_nih(bad)
+    bad.write_text("Image Index,Finding Labels,Patient ID\nx.png,Mass,1\n")
+    boxes = tmp_path / "BBox_List_2017.csv"
+    boxes.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\nx.png,Mass,1,2,three,4\n")
+    with pytest.raises(CxrError, match="line 2: bad box numbers"):
+        read_nih(bad, boxes)
+    boxes.write_text("name,label\n")
+    with pytest.raises(CxrError, match="not a BBox_List file"):
+        read_nih(bad, boxes)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(CxrError, match="no NIH label file"):
+        open_source(f"nih:{tmp_path / 'images'}")
+
+
+# --- folder + manifest ---
+
+def test_folder_with_and_without_manifest(tmp_path):
+    for name in ("p1/a.png", "p1/b.png", "p2/c.png", "p3/d.png"):
+        _png(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    bare = read_folder(tmp_path)
+    assert [s.id for s in bare] == ["p1/a", "p1/b", "p2/c", "p3/d"]
+    assert all(not s.meta["labelled"] and not s.findings for s in bare)
+    (tmp_path / "manifest.csv").write_text(
+        "path,patient_id,labels,view,report,study_id,site\n"
+        'p1/a.png,P001,Pleural Effusion/right/small|Cardiomegaly,PA,"Small right effusion.",S1,A\n'
+        "p1/b.png,P001,Pleural Effusion/right/small|Cardiomegaly,LL,,S1,A\n"
+        "p2/c.png,P002,normal,AP,,,B\n"
+        "p3/d.png,P003,,,,,B\n")
+    studies = open_source(f"folder:{tmp_path},manifest.csv")
+    assert [s.id for s in studies] == ["S1", "p2/c", "p3/d"]
+    s1 = studies[0]
+    assert [im.view for im in s1.images] == ["PA", "LL"] and s1.report == {"FINDINGS": "Small right effusion."}
+    assert [(f.disease, f.side, f.severity) for f in s1.findings] == [
+        ("Pleural Effusion", "right", "small"), ("Cardiomegaly", None, None)]
+    assert s1.meta == {"labelled": True, "site": "A"} and s1.findings[0].source == "label"
+    assert studies[1].normal and studies[1].meta["labelled"]
+    assert not studies[2].meta["labelled"]
+
+
+def test_folder_bad_inputs(tmp_path):
+    with pytest.raises(CxrError, match="image folder not found"):
+        read_folder(tmp_path / "nope")
+    with pytest.raises(CxrError, match="no images"):
+        read_folder(tmp_path)
+    _png(tmp_path / "a.png")
+    with pytest.raises(CxrError, match="manifest CSV not found"):
+        read_folder(tmp_path, "m.csv")
+    (tmp_path / "m.csv").write_text("file,labels\na.png,normal\n")
+    with pytest.raises(CxrError, match="needs a 'path' column"):
+        read_folder(tmp_path, "m.csv")
+    (tmp_path / "m.csv").write_text("path,labels\na.png,normal\nb.png,normal\n")
+    with pytest.raises(CxrError, match="m.csv:3: image listed in the manifest not found"):
+        read_folder(tmp_path, "m.csv")
+
+
+# --- phantom and specs ---
+
+def test_phantom_folder_gets_boxes(openi_folder):
+    with open(openi_folder / "BBox_List_2017.csv", "w") as fh:
+        fh.write("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
+        fh.write("CXR10_IM-0002-1001.png,Calcified Granuloma/lung/upper lobe/right,10,12,5,6\n")
+    for spec in (f"phantom:{openi_folder}", str(openi_folder)):
+        studies = open_source(spec)
+        assert all(s.source == "phantom" for s in studies)
+        ims = {im.id: im for s in studies for im in s.images}
+        (box,) = ims["CXR10_IM-0002-1001"].boxes
+        assert (box.label, box.x, box.y, box.w, box.h) == (
+            "Calcified Granuloma/lung/upper lobe/right", 10, 12, 5, 6)
+        assert ims["CXR1_1_IM-0001-3001"].boxes == []
+    assert len(read_phantom(openi_folder)) == 3
+
+
+def test_open_source_specs(shared_data, tmp_path):
+    assert len(open_source("openi")) == 3955  # from the cache ($CXR_DATA_DIR)
+    assert len(open_source(f"openi:{shared_data / 'openi'}")) == 3955
+    assert len(open_source(str(shared_data / "openi" / "NLMCXR_reports.tgz"))) == 3955
+    assert len(open_source(f"nih:{shared_data / 'nih' / 'bbox256'}")) == 656
+    for spec, message in [("", "empty data spec"), ("mimic:/x", "unknown data source"),
+                          ("folder:", "needs a path"), (f"openi:{tmp_path / 'x'}", "not found"),
+                          (f"openi:{tmp_path}", "no Open-i reports")]:
+        with pytest.raises(CxrError, match=message):
+            open_source(spec)
+
+
+# --- splits ---
+
+def test_split_by_patient(openi, shared_data):
+    nih = read_nih(shared_data / "nih" / "bbox256" / "Data_Entry_2017_v2020.csv")
+    assert len({s.patient_id for s in nih}) < len(nih)  # patients with several images
+    for studies in (openi, nih):
+        splits = split_by_patient(studies, seed=3)
+        patients = [{s.patient_id for s in splits[k]} for k in ("train", "val", "test")]
+        assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+        assert sum(len(v) for v in splits.values()) == len(studies)
+        n = len(set().union(*patients))
+        assert [len(p) for p in patients] == pytest.approx([0.7 * n, 0.1 * n, 0.2 * n], abs=1)
+        again = split_by_patient(list(reversed(studies)), seed=3)
+        assert {k: {s.id for s in v} for k, v in again.items()} == \
+               {k: {s.id for s in v} for k, v in splits.items()}
+    other = split_by_patient(openi, seed=4)
+    assert {s.id for s in other["test"]} != {s.id for s in split_by_patient(openi, seed=3)["test"]}
+    tiny = split_by_patient(openi[:3])
+    assert [len(v) for v in tiny.values()] == [1, 1, 1]
+    assert split_summary(tiny)["train"]["patients"] == 1
+    with pytest.raises(CxrError, match="fractions"):
+        split_by_patient(openi, (0.5, 0.5, 0.5))
