@@ -63,6 +63,8 @@ def test_openi_tgz(openi, shared_data):
     assert s.meta["automatic"] and s.meta["indexed"]
     views = [im.view for x in openi for im in x.images]
     assert views.count("PA") == 3591 and views.count("LL") == 717  # metadata found beside tgz
+    codes = [(im.view, im.meta.get("processing_code")) for x in openi for im in x.images]
+    assert codes.count(("PA", "60025")) == 1352 and codes.count(("PA", "60003")) == 1360
     unindexed = [x for x in openi if not x.meta["indexed"]]
     assert len(unindexed) == 95 and all(not x.findings for x in unindexed)
     assert len({x.patient_id for x in openi}) == 3955

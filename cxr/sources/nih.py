@@ -199,12 +199,16 @@ def _index_files(folder: Path) -> dict[str, Path]:
     return found
 
 
+@lru_cache(maxsize=None)
+def _finding(label: str) -> Finding:
+    """Findings are frozen, so one object per label name serves every image."""
+    if label == NO_FINDING:
+        return Finding(disease="normal", raw=NO_FINDING, source="label")
+    return Finding(disease=label, raw=label, source="label")
+
+
 def _study(row: dict, path: Path | None, boxes: list[Box]) -> Study:
-    findings = [
-        Finding(disease="normal", raw=NO_FINDING, source="label") if lab == NO_FINDING
-        else Finding(disease=lab, raw=lab, source="label")
-        for lab in row["labels"]
-    ]
+    findings = [_finding(lab) for lab in row["labels"]]
     meta = {"original_size": row["original"], "box_frame": (RELEASE_SIZE, RELEASE_SIZE)}
     if path is not None and boxes:
         width, height = image_size(path)

@@ -13,7 +13,11 @@ not a finding but sets `meta["indexed"] = False`); the MTI `<automatic>` terms a
 
 Images are the report's `<parentImage id=...>` (e.g. `CXR1000_IM-0003-1001`). Their view comes
 from `View Position` in `nlmcxr_dicom_metadata.csv[.gz]` (found automatically beside the reports
-or in the folder; about a third of the rows leave it empty -> view None). A path is set when
+or in the folder; 2,586 of its 7,469 rows leave it empty -> view None). The header value is
+taken as is, though it is not always right: in 1,084 two-image reports both images say `PA`, one
+with the acquisition-device processing code 60025 and one with 60003 (`Image.meta["processing_code"]`); the
+image order and the single-image reports (mostly 60025) suggest 60003 is the lateral, but
+without pixels to check we leave the header alone. A path is set when
 `<id>.png|.jpg|.jpeg|.dcm` exists anywhere under the image folder; Shin et al.'s file names
 without the `CXR` prefix (`1000_IM-0003-1001.png`) are matched too.
 """
@@ -38,6 +42,7 @@ SECTIONS = ("COMPARISON", "INDICATION", "FINDINGS", "IMPRESSION")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 METADATA_NAMES = ("nlmcxr_dicom_metadata.csv.gz", "nlmcxr_dicom_metadata.csv")
 XML_DIR = "ecgen-radiology"
+PROCESSING_CODE = "Acquisition Device Processing Code"
 
 
 def read_openi(
@@ -56,9 +61,10 @@ def read_openi(
     if metadata is None:
         metadata = next((home / n for n in METADATA_NAMES if (home / n).is_file()), None)
     views = read_views(metadata) if metadata is not None else {}
+    codes = _processing_codes(metadata) if metadata is not None else {}
     files = index_images(images) if images is not None else {}
     parsed = _parse_reports(str(reports.resolve()), _stamp(reports))
-    return [_study(rec, views, files) for rec in parsed]
+    return [_study(rec, views, files, codes) for rec in parsed]
 
 
 def read_views(metadata: str | Path) -> dict[str, str | None]:
@@ -66,11 +72,16 @@ def read_views(metadata: str | Path) -> dict[str, str | None]:
     path = Path(metadata).expanduser()
     if not path.is_file():
         raise CxrError("Open-i DICOM metadata file not found", path)
-    return dict(_read_views(str(path.resolve()), path.stat().st_mtime_ns))
+    return {i: v for i, v, _ in _read_views(str(path.resolve()), path.stat().st_mtime_ns)}
+
+
+def _processing_codes(metadata: str | Path) -> dict[str, str]:
+    path = Path(metadata).expanduser()
+    return {i: c for i, _, c in _read_views(str(path.resolve()), path.stat().st_mtime_ns) if c}
 
 
 @lru_cache(maxsize=4)
-def _read_views(path: str, _mtime: int) -> tuple[tuple[str, str | None], ...]:
+def _read_views(path: str, _mtime: int) -> tuple[tuple[str, str | None, str], ...]:
     try:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", newline="", encoding="utf-8") as fh:
@@ -78,8 +89,8 @@ def _read_views(path: str, _mtime: int) -> tuple[tuple[str, str | None], ...]:
             missing = {"imageid", "View Position"} - set(reader.fieldnames or ())
             if missing:
                 raise CxrError(f"metadata CSV lacks column(s) {sorted(missing)}", path)
-            return tuple((row["imageid"].strip(), (row["View Position"] or "").strip() or None)
-                         for row in reader)
+            return tuple((row["imageid"].strip(), (row["View Position"] or "").strip() or None,
+                          (row.get(PROCESSING_CODE) or "").strip()) for row in reader)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise CxrError(f"cannot read metadata CSV: {exc}", path) from exc
 
@@ -181,11 +192,13 @@ def _number(rid: str) -> tuple[int, str]:
     return (int(m.group()) if m else -1, rid)
 
 
-def _study(rec: dict, views: dict, files: dict) -> Study:
+def _study(rec: dict, views: dict, files: dict, codes: dict) -> Study:
     majors = [t for t in rec["major"] if term_parts(t)]
     heads = [canonical_heading(term_parts(t)[0]) for t in majors]
     findings = [parse_term(t) for t, h in zip(majors, heads) if h != NO_INDEXING]
-    images = [Image(id=i, path=files.get(i), view=views.get(i)) for i in rec["images"]]
+    images = [Image(id=i, path=files.get(i), view=views.get(i),
+                    meta={"processing_code": codes[i]} if i in codes else {})
+              for i in rec["images"]]
     return Study(
         id=rec["id"],
         patient_id=rec["id"],
