@@ -58,6 +58,31 @@ def test_rescale_and_window(tmp_path):
     np.testing.assert_allclose(load_image(path), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_window_agrees_with_pydicom(tmp_path, function, signed):
+    """Our float32 windowing equals pydicom's apply_voi_lut, scaled by its output range."""
+    from pydicom.pixels import apply_voi_lut
+
+    stored = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (2, 1))
+    extra = {"VOILUTFunction": function, "RescaleSlope": 1.5, "RescaleIntercept": -1024}
+    path = write_dicom(tmp_path / "p.dcm", stored, bits_stored=12, window=(1000, 1500), extra=extra)
+    ds = pydicom.dcmread(path)
+    if signed:  # same picture stored as signed values shifted down by 2048
+        ds.PixelRepresentation = 1
+        ds.PixelData = (stored.astype(np.int16) - 2048).tobytes()
+        ds.RescaleIntercept = -1024 + 2048 * 1.5
+        ds.save_as(path)
+    modality = ds.pixel_array.astype(np.float64) * 1.5 + float(ds.RescaleIntercept)
+    reference = apply_voi_lut(modality, ds)
+    bits = ds.BitsStored
+    y_min = -(2 ** (bits - 1)) if signed else 0
+    y_max = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    y_min, y_max = (v * 1.5 + float(ds.RescaleIntercept) for v in (y_min, y_max))
+    expected = (reference - y_min) / (y_max - y_min)
+    np.testing.assert_allclose(load_image(path), expected, atol=2e-4)
+
+
 def test_window_then_monochrome1_inversion(tmp_path):
     stored = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (4, 1))
     path = write_dicom(tmp_path / "w1.dcm", stored, photometric="MONOCHROME2", bits_stored=12,
