@@ -19,7 +19,7 @@ SOP_CLASSES = {
     "CR": "1.2.840.10008.5.1.4.1.1.1",    # Computed Radiography Image Storage
 }
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-COMPRESSIONS = (None, "rle", "jpeg2000", "jpeg")
+COMPRESSIONS = (None, "rle", "jpeg2000", "jpeg", "jpeg-lossless")
 
 
 def write_dicom(
@@ -47,7 +47,8 @@ def write_dicom(
     photometric  MONOCHROME2 (high = bright) or MONOCHROME1 (stored inverted).
     bits_stored  1..16; BitsAllocated is 8 up to 8 bits, else 16.
     compression  None (explicit VR little endian), "rle" (RLE Lossless), "jpeg2000" (lossless,
-                 through pylibjpeg-openjpeg) or "jpeg" (baseline, lossy, 8-bit only, via Pillow).
+                 through pylibjpeg-openjpeg), "jpeg" (baseline, lossy, 8-bit only, via Pillow)
+                 or "jpeg-lossless" (JPEG Lossless SV1, the usual PACS syntax, via GDCM).
     window       (center, width) in modality units, written as Window Center / Width.
     pixel_spacing  mm per pixel at the detector (ImagerPixelSpacing); omitted when unknown.
     extra        further attributes by pydicom keyword, set last (e.g. RescaleSlope,
@@ -149,6 +150,8 @@ def write_dicom(
                     generate_instance_uid=False)
     elif compression == "jpeg":
         _compress_jpeg_baseline(ds, stored.astype(np.uint8))
+    elif compression == "jpeg-lossless":
+        return _save_atomic(ds, Path(path), transcode=_gdcm_jpeg_lossless)
 
     return _save_atomic(ds, Path(path))
 
@@ -190,17 +193,44 @@ def _compress_jpeg_baseline(ds, stored: np.ndarray) -> None:
     ds.LossyImageCompressionMethod = "ISO_10918_1"
 
 
-def _save_atomic(ds, path: Path) -> Path:
+def _gdcm_jpeg_lossless(src: str, dst: str) -> None:
+    """Re-encode an uncompressed file as JPEG Lossless, Process 14 SV1 (pydicom has no encoder
+    for it; GDCM does, and keeps every other attribute)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(src)
+    if not reader.Read():
+        raise RuntimeError(f"GDCM cannot read {src}")
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        raise RuntimeError("GDCM could not encode JPEG Lossless")
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(dst)
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    if not writer.Write():
+        raise RuntimeError(f"GDCM cannot write {dst}")
+
+
+def _save_atomic(ds, path: Path, transcode=None) -> Path:
     """Write to a temporary file beside the target and rename, so no reader sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
-    os.close(fd)
+    temps = []
+    for _ in range(2 if transcode else 1):
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
+        os.close(fd)
+        temps.append(tmp)
     try:
-        ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        ds.save_as(temps[0], enforce_file_format=True)
+        if transcode:
+            transcode(temps[0], temps[1])
+        os.replace(temps[-1], path)
+    finally:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
 from cxr.dicom import SOP_CLASSES, write_dicom
 
@@ -13,7 +13,8 @@ IMAGE = np.linspace(0.0, 1.0, 40 * 36, dtype=np.float32).reshape(40, 36)
 
 
 @pytest.mark.parametrize("compression, syntax", [
-    (None, ExplicitVRLittleEndian), ("rle", RLELossless), ("jpeg2000", JPEG2000Lossless)])
+    (None, ExplicitVRLittleEndian), ("rle", RLELossless), ("jpeg2000", JPEG2000Lossless),
+    ("jpeg-lossless", JPEGLosslessSV1)])
 def test_file_meta_and_syntax(tmp_path, compression, syntax):
     path = write_dicom(tmp_path / "a.dcm", IMAGE, compression=compression, study_uid="1.2.3",
                        series_uid="1.2.3.4", sop_uid="1.2.3.4.5", patient_id="P0001")

@@ -22,7 +22,7 @@ GRADIENT[8:16, 8:16] = 0.0
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
 @pytest.mark.parametrize("bits", [12, 16])
-@pytest.mark.parametrize("compression", [None, "rle", "jpeg2000"])
+@pytest.mark.parametrize("compression", [None, "rle", "jpeg2000", "jpeg-lossless"])
 def test_dicom_round_trip(tmp_path, photometric, bits, compression):
     path = write_dicom(tmp_path / "x.dcm", GRADIENT, photometric=photometric, bits_stored=bits,
                        compression=compression, view="AP")
