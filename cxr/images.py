@@ -87,6 +87,8 @@ def _read_raster(path: Path) -> LoadedImage:
                 mode = im.mode
                 array, depth = _raster_to_array(im)
     except UnidentifiedImageError:
+        if _looks_like_dicom_without_preamble(path):
+            return _read_dicom(path, has_preamble=False)
         raise CxrError("not an image Pillow or pydicom can read (PNG, JPEG, TIFF, DICOM)",
                        path) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -148,6 +150,7 @@ def _read_dicom(path: Path, has_preamble: bool) -> LoadedImage:
         if keyword not in ds:
             raise CxrError(f"DICOM pixel data without {keyword} in the header", path)
 
+    _ensure_transfer_syntax(ds)
     file_meta = getattr(ds, "file_meta", None)
     tsyntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     try:
@@ -168,6 +171,33 @@ def _read_dicom(path: Path, has_preamble: bool) -> LoadedImage:
         if keyword in ds and ds[keyword].value not in (None, ""):
             meta[keyword] = _plain(ds[keyword].value)
     return LoadedImage(pixels=pixels, view=view, meta=meta, path=str(path))
+
+
+def _looks_like_dicom_without_preamble(path: Path) -> bool:
+    """Old or raw DICOM (no 128-byte preamble, any file name): a forced parse that finds
+    image rows and pixel data."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return "Rows" in ds and "Columns" in ds and "BitsAllocated" in ds
+    except Exception:
+        return False
+
+
+def _ensure_transfer_syntax(ds) -> None:
+    """A file without file meta (no preamble) still says how it was encoded while parsing."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _decode_first_frame(ds) -> np.ndarray:

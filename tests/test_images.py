@@ -130,6 +130,20 @@ def test_dicom_detected_by_content_and_meta_is_anonymous(tmp_path):
     assert not any(k.startswith("Patient") and k != "PatientOrientation" for k in loaded.meta)
 
 
+def test_dicom_without_preamble_or_file_meta(tmp_path):
+    """Old / raw DICOM: no 'DICM' preamble, no file meta, no extension (PACS exports name
+    files by UID)."""
+    ds = pydicom.dcmread(write_dicom(tmp_path / "a.dcm", GRADIENT, bits_stored=12))
+    ds.preamble = None
+    del ds.file_meta
+    raw = tmp_path / "1.2.840.99.1"
+    ds.save_as(raw, implicit_vr=True, little_endian=True)
+    assert raw.read_bytes()[128:132] != b"DICM"
+    loaded = read_image(raw)
+    assert loaded.meta["format"] == "DICOM"
+    np.testing.assert_allclose(loaded.pixels, GRADIENT, atol=1 / 4095 + 1e-6)
+
+
 def test_dicom_without_view_position(tmp_path):
     assert read_image(write_dicom(tmp_path / "v.dcm", GRADIENT, view=None)).view is None
 
