@@ -1,7 +1,7 @@
 """Read chest radiographs from PNG, JPEG and DICOM into one form: float32 (H, W) in [0, 1],
 bright = dense (as a radiologist sees it, DICOM MONOCHROME2).
 
-Normalisation happens in one place, `_to_unit` callers below, by these rules:
+Normalisation lives here only, by these rules:
 
 * PNG / JPEG / TIFF: value / (2**bit_depth - 1) of the file's own sample depth (8-bit -> /255,
   16-bit -> /65535), as the PNG spec defines sample values; colour is converted to luma first.
@@ -210,6 +210,9 @@ def _decode_first_frame(ds) -> np.ndarray:
         array = pixel_array(ds, index=0)
     else:
         array = ds.pixel_array
+    if str(ds.PhotometricInterpretation).strip().upper() == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+        array = apply_color_lut(array, ds)
     if array.ndim == 3:  # RGB (YBR already converted by pydicom)
         array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return array
