@@ -244,6 +244,16 @@ def test_phantom_folder_gets_boxes(openi_folder):
             "Calcified Granuloma/lung/upper lobe/right", 10, 12, 5, 6)
         assert ims["CXR1_1_IM-0001-3001"].boxes == []
     assert len(read_phantom(openi_folder)) == 3
+    # its NIH-format label table reads through the NIH adapter, boxes left in image pixels
+    (openi_folder / "Data_Entry_2017.csv").write_text(
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n"
+        "CXR1_1_IM-0001-3001.png,No Finding,0,1,50,F,PA,64,48,0.5,0.5\n")
+    with open(openi_folder / "BBox_List_2017.csv", "a") as fh:
+        fh.write("CXR1_1_IM-0001-3001.png,Marker,10,12,5,6\n")
+    (study,) = open_source(f"nih:{openi_folder}")
+    (box,) = study.images[0].boxes
+    assert (box.x, box.y, box.w, box.h) == (10, 12, 5, 6)
 
 
 def test_open_source_specs(shared_data, tmp_path):

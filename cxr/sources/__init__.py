@@ -8,7 +8,8 @@
                                `nlmcxr_dicom_metadata.csv[.gz]`
     nih                        NIH labels and boxes from the cache (no images)
     nih:PATH                   a folder with Data_Entry*.csv[.gz], optional BBox_List*.csv[.gz],
-                               and the images in `images/` or in the folder itself
+                               and the images in `images/` or in the folder itself (a
+                               `cxr simulate` folder works too: its boxes are in image pixels)
     folder:PATH[,MANIFEST]     the user's images, with an optional CSV manifest (`cxr.sources.folder`)
     phantom:PATH               a `cxr simulate` output folder (Open-i layout + BBox_List_2017.csv)
     PATH                       any of the above, recognised from what the folder/file holds
@@ -133,7 +134,8 @@ def _nih(rest: str) -> list[Study]:
         raise CxrError("no NIH label file (Data_Entry*.csv[.gz]) in the folder", p)
     boxes = _first(p, "BBox_List*")
     images = p / "images" if (p / "images").is_dir() else p
-    return read_nih(labels, boxes, images)
+    simulated = (p / XML_DIR).is_dir()  # a `cxr simulate` folder: boxes in image pixels
+    return read_nih(labels, boxes, images, box_frame=None if simulated else 1024)
 
 
 def _guess(p: Path) -> str:

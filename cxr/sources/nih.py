@@ -38,8 +38,12 @@ def read_nih(
     labels_csv: str | Path,
     boxes_csv: str | Path | None = None,
     images: str | Path | None = None,
+    box_frame: int | None = RELEASE_SIZE,
 ) -> list[Study]:
-    """One Study per image of the label file (only those present when `images` is given)."""
+    """One Study per image of the label file (only those present when `images` is given).
+
+    `box_frame`: the square size the box file's coordinates refer to (1024 for NIH); None when
+    they are already in the pixels of each image (`cxr simulate` writes them so)."""
     labels_csv = Path(labels_csv).expanduser()
     rows = _read_labels(str(_existing(labels_csv, "NIH label file")), labels_csv.stat().st_mtime_ns)
     boxes = read_boxes(boxes_csv) if boxes_csv is not None else {}
@@ -52,7 +56,7 @@ def read_nih(
             path = files.get(name) or files.get(os.path.splitext(name)[0])
             if path is None:
                 continue
-        studies.append(_study(row, path, boxes.get(name, [])))
+        studies.append(_study(row, path, boxes.get(name, []), box_frame))
     return studies
 
 
@@ -207,12 +211,14 @@ def _finding(label: str) -> Finding:
     return Finding(disease=label, raw=label, source="label")
 
 
-def _study(row: dict, path: Path | None, boxes: list[Box]) -> Study:
+def _study(row: dict, path: Path | None, boxes: list[Box], box_frame: int | None) -> Study:
     findings = [_finding(lab) for lab in row["labels"]]
-    meta = {"original_size": row["original"], "box_frame": (RELEASE_SIZE, RELEASE_SIZE)}
-    if path is not None and boxes:
+    meta = {"original_size": row["original"], "box_frame": (box_frame, box_frame)}
+    if box_frame is None:
+        meta["box_frame"] = "image"
+    elif path is not None and boxes:
         width, height = image_size(path)
-        boxes = [b.scaled(width / RELEASE_SIZE, height / RELEASE_SIZE) for b in boxes]
+        boxes = [b.scaled(width / box_frame, height / box_frame) for b in boxes]
         meta["box_frame"] = (width, height)
     elif path is not None:
         meta.pop("box_frame")
