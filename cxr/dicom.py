@@ -107,7 +107,9 @@ def write_dicom(
     ds.Manufacturer = "cxr"
     ds.BodyPartExamined = "CHEST"
     ds.ImageType = ["DERIVED", "PRIMARY"]
-    ds.PatientOrientation = ""
+    # rows run toward the patient's left (frontal) or back (lateral) as conventionally displayed
+    ds.PatientOrientation = {"PA": ["L", "F"], "AP": ["L", "F"], "LL": ["P", "F"]}.get(
+        str(view or "").upper(), "")
     ds.BurnedInAnnotation = "NO"
     if view:
         ds.ViewPosition = str(view).upper()
