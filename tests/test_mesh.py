@@ -77,3 +77,18 @@ def test_nih_mapping_headings_exist_in_open_i(shared_data):
     assert len(NIH_TO_MESH) == 14
     for nih, heading in NIH_TO_MESH.items():
         assert heading in diseases, (nih, heading)
+
+
+def test_word_class_and_position_table():
+    assert mesh.word_class(" Upper  Lobe") == "location"
+    assert mesh.word_class("bilateral") == "side" and mesh.word_class("martian") is None
+    table = mesh.position_table(["Opacity/lung/base", "opacity/lung", "normal"])
+    assert table == [{"opacity": 2, "normal": 1}, {"lung": 2}, {"base": 1}]
+
+
+def test_cli_parts(shared_data, capsys):
+    from cxr.cli import main
+
+    assert main(["labels", str(shared_data / "openi" / "NLMCXR_reports.tgz"), "--parts"]) == 0
+    out = capsys.readouterr().out
+    assert "hypoinflation" in out and "UNKNOWN" not in out

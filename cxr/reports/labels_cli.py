@@ -21,6 +21,9 @@ def configure(parser) -> None:
     parser.add_argument("--case-sensitive", action="store_true",
                         help="match headings as written, exactly like Shin et al.'s released file")
     parser.add_argument("--all", action="store_true", help="also list patterns below --min-count")
+    parser.add_argument("--parts", action="store_true",
+                        help="also print the words at each position of the MeSH terms, with their "
+                             "word class (the evidence behind cxr.reports.mesh)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT",
                         help="write the label space, the pattern table and the vocabulary here")
 
@@ -58,6 +61,8 @@ def run(args) -> int:
           f"({n_images - labelled} dropped: no indexing or only a technical-quality remark); "
           f"{len(space)} labels (>= {args.min_count} images) cover {covered} images; "
           f"vocabulary {len(vocab)} tokens")
+    if args.parts:
+        _print_parts(studies)
     if args.json:
         out = {
             "label_space": space.to_dict(),
@@ -69,3 +74,17 @@ def run(args) -> int:
         args.json.write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _print_parts(studies) -> None:
+    from .mesh import position_table, word_class
+
+    terms = [f.raw or f.term for s in studies for f in s.findings]
+    for i, words in enumerate(position_table(terms)):
+        title = "heading" if i == 0 else f"part {i + 1}"
+        print(f"\n{title}: {len(words)} distinct words, {sum(words.values())} occurrences")
+        shown = list(words.items())[: 25 if i == 0 else 60]
+        for word, n in shown:
+            print(f"  {n:>6}  {word:<40} {'' if i == 0 else word_class(word) or 'UNKNOWN'}")
+        if len(words) > len(shown):
+            print(f"  ... {len(words) - len(shown)} more")

@@ -5,7 +5,8 @@ An Open-i term is a '/'-separated list: a heading (a MeSH descriptor such as
 `Opacity/lung/base/left/patchy/mild` or `Lung/hypoinflation/mild`.
 
 The word classes below were derived from the data, not guessed: all 1,719 distinct `<major>`
-terms of the 3,955 reports (120 headings, 104 distinct qualifier words). Every qualifier that
+terms of the 3,955 reports (121 heading spellings, 119 after case folding; 87 distinct qualifier
+words). Every qualifier that
 occurs falls in exactly one class (checked by tests/test_mesh.py):
 
 * SIDES: left, right, bilateral.
@@ -141,6 +142,31 @@ def parse_term(term: str) -> Finding:
         disease=disease, organ=organ, location=tuple(location), side=side, severity=severity,
         certainty="positive", raw=term, source="mesh", attributes=tuple(attributes),
     )
+
+
+WORD_CLASSES: dict[str, tuple[str, ...]] = {
+    "side": SIDES, "severity": SEVERITIES, "organ": ORGANS, "location": LOCATIONS,
+    "change": CHANGES, "attribute": ATTRIBUTES,
+}
+_CLASS_OF = {w: c for c, words in WORD_CLASSES.items() for w in words}
+
+
+def word_class(word: str) -> str | None:
+    """"side", "severity", "organ", "location", "change", "attribute", or None (unknown word)."""
+    return _CLASS_OF.get(" ".join(word.split()).lower())
+
+
+def position_table(terms: list[str]) -> list[dict[str, int]]:
+    """Occurrences of each word at each '/'-position (0 = heading), case-folded: the evidence the
+    word classes above were drawn from (`cxr labels --parts` prints it)."""
+    table: list[dict[str, int]] = []
+    for term in terms:
+        for i, part in enumerate(term_parts(term)):
+            while len(table) <= i:
+                table.append({})
+            word = part.lower()
+            table[i][word] = table[i].get(word, 0) + 1
+    return [dict(sorted(t.items(), key=lambda kv: (-kv[1], kv[0]))) for t in table]
 
 
 def is_indexed(terms: list[str]) -> bool:
