@@ -6,8 +6,8 @@ An Open-i term is a '/'-separated list: a heading (a MeSH descriptor such as
 
 The word classes below were derived from the data, not guessed: all 1,719 distinct `<major>`
 terms of the 3,955 reports (121 heading spellings, 119 after case folding; 87 distinct qualifier
-words). Every qualifier that
-occurs falls in exactly one class (checked by tests/test_mesh.py):
+words; `cxr labels --parts` prints them by position). Every qualifier that occurs falls in
+exactly one class (checked by tests/test_mesh.py):
 
 * SIDES: left, right, bilateral.
 * SEVERITIES: mild, moderate, severe, small, large, borderline (size and grade words).
