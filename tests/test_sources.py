@@ -70,7 +70,7 @@ def test_openi_tgz(openi, shared_data):
     assert len({x.patient_id for x in openi}) == 3955
 
 
-def test_openi_folder_layout_images_and_views(openi_folder):
+def test_openi_folder_layout_images_and_views(openi_folder, shared_data):
     studies = read_openi(openi_folder)
     assert [s.id for s in studies] == ["CXR1", "CXR10", "CXR1776"]
     ims = {im.id: im for s in studies for im in s.images}
@@ -80,6 +80,13 @@ def test_openi_folder_layout_images_and_views(openi_folder):
     assert ims["CXR10_IM-0002-1001"].path.name == "10_IM-0002-1001.png"
     assert ims["CXR10_IM-0002-1001"].view is None
     assert ims["CXR10_IM-0002-2001"].path is None
+    # a folder holding the release tgz, with the PNG release's file names under images/
+    home = openi_folder.parent / "home"
+    (home / "images").mkdir(parents=True)
+    (home / "NLMCXR_reports.tgz").symlink_to(shared_data / "openi" / "NLMCXR_reports.tgz")
+    _png(home / "images" / "CXR1000_IM-0003-1001.png")
+    found = [im for s in open_source(f"openi:{home}") for im in s.images if im.path]
+    assert [im.id for im in found] == ["CXR1000_IM-0003-1001"]
     # a folder of bare XML files works too
     assert [s.id for s in read_openi(openi_folder / "ecgen-radiology")] == ["CXR1", "CXR10", "CXR1776"]
 
@@ -109,7 +116,7 @@ def test_openi_bad_inputs(shared_data, tmp_path):
         read_openi(folder)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CxrError, match="no Open-i report XML"):
+    with pytest.raises(CxrError, match="no Open-i reports here"):
         read_openi(empty)
     meta = tmp_path / "meta.csv"
     meta.write_text("imageid,Rows\nCXR1,3\n")

@@ -107,15 +107,7 @@ def _openi(rest: str) -> list[Study]:
         metadata = None if (reports.parent / Path(OPENI_METADATA).name).is_file() \
             else _locate(OPENI_METADATA, required=False)
         return read_openi(reports, metadata=metadata)
-    p = _existing(rest)
-    if p.is_file() or (p / XML_DIR).is_dir() or any(p.glob("*.xml")):
-        return read_openi(p)
-    tgz = sorted(p.glob("*.tgz")) + sorted(p.glob("*.tar.gz"))
-    if not tgz:
-        raise CxrError("no Open-i reports here (expected NLMCXR_reports.tgz, ecgen-radiology/ "
-                       "or *.xml)", p)
-    images = p / "images" if (p / "images").is_dir() else p
-    return read_openi(tgz[0], images=images)
+    return read_openi(_existing(rest))
 
 
 def _first(folder: Path, pattern: str) -> Path | None:

@@ -3,7 +3,8 @@
 `reports` may be:
 * `NLMCXR_reports.tgz` (the public release: `ecgen-radiology/<n>.xml`), or
 * a folder of `<n>.xml` files, or a folder holding `ecgen-radiology/*.xml` (the layout
-  `cxr simulate` writes: `OUT/ecgen-radiology/`, `OUT/images/`, `OUT/nlmcxr_dicom_metadata.csv`).
+  `cxr simulate` writes: `OUT/ecgen-radiology/`, `OUT/images/`, `OUT/nlmcxr_dicom_metadata.csv`),
+* or a folder holding the tgz, with the images in `images/` or anywhere under it.
 
 One Study per report. Open-i is de-identified per report and carries no patient key, so the
 patient id is the report id (`CXR1000`): one report per patient, as the collection describes.
@@ -56,6 +57,14 @@ def read_openi(
         raise CxrError("Open-i reports not found (expected NLMCXR_reports.tgz or a folder of "
                        "ecgen-radiology XML files)", reports)
     home = reports if reports.is_dir() else reports.parent
+    if reports.is_dir() and not ((reports / XML_DIR).is_dir() or any(reports.glob("*.xml"))):
+        archives = sorted(reports.glob("*.tgz")) + sorted(reports.glob("*.tar.gz"))
+        if not archives:
+            raise CxrError("no Open-i reports here (expected NLMCXR_reports.tgz, "
+                           "ecgen-radiology/ or *.xml)", reports)
+        if images is None:  # a folder holding the tgz: its images are in images/ or beside it
+            images = reports / "images" if (reports / "images").is_dir() else reports
+        reports = archives[0]
     if images is None and reports.is_dir() and (reports / "images").is_dir():
         images = reports / "images"
     if metadata is None:
