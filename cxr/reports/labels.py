@@ -101,12 +101,13 @@ def study_pattern(study: Study, *, case_sensitive: bool = False) -> str | None:
 
 
 def count_patterns(studies: Iterable[Study], *, case_sensitive: bool = False) -> dict[str, tuple[int, int]]:
-    """pattern -> (images, reports), most images first. A study without image ids counts 0."""
+    """pattern -> (images, reports), most images first. Counted like Shin et al., per image:
+    the 101 Open-i reports that list no image count in neither column."""
     images: Counter = Counter()
     reports: Counter = Counter()
     for s in studies:
         p = study_pattern(s, case_sensitive=case_sensitive)
-        if p is None:
+        if p is None or not s.images:
             continue
         images[p] += len(s.images)
         reports[p] += 1
