@@ -1,0 +1,515 @@
+"""Findings inserted in 3D at sites taken from the CT's label map, each with a severity.
+
+Every insert is a change of attenuation in 3D (a delta volume on the 2 mm coarse grid, or an
+analytic shape), projected per depth slab onto the plane grid and added to the soft-tissue slabs
+before the pose is applied, so it moves, rotates and breathes with the anatomy around it. Some
+findings change the patient instead (heart size, diaphragm height, aeration). Each insert also
+yields the map its mask is cut from, so box and mask are in the rendered image's pixels.
+
+Densities (relative to water): aerated lung ~0.15, fluid/consolidated lung ~1.0, soft-tissue
+nodule ~1.0, calcified granuloma ~2.5 (it is not bone-weighted: a fixed calcium value), catheter
+~3 (radiopaque stripe).
+
+What is not simulated (not honest at this fidelity): air bronchograms, fissural fluid, mediastinal
+shift, degenerative spine changes, fractures, scoliosis.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import CxrError
+from .ct import COARSE_MM, LOBES, LUNG_REF, MU_WATER, N_SLABS, SID_MM, Anatomy
+from .spec import KINDS, FindingSpec
+
+H = COARSE_MM
+
+# cardiothoracic ratio per cardiomegaly severity (Open-i words)
+CTR_RANGE = {"borderline": (0.505, 0.53), "mild": (0.53, 0.58), "moderate": (0.58, 0.64),
+             "severe": (0.64, 0.72)}
+SEVERITY_ALIASES = {"minimal": "mild", "small": "mild", "slight": "mild", "large": "severe",
+                    "massive": "severe", "marked": "severe", "extensive": "severe",
+                    "significant": "moderate", "mild to moderate": "moderate"}
+
+
+@dataclass
+class Insert:
+    """One finding as rendered: additive slab patches and how to cut its mask."""
+
+    kind: str
+    label: str
+    patches: list = field(default_factory=list)   # (slab, row0, col0, 2D line-integral patch)
+    mask_from: str = "delta"                      # "delta" | "heart" | "lungs"
+    slab: int = N_SLABS // 2                      # depth slab whose pose the mask follows
+    rigid: bool = False
+    mask_rel: float = 0.15                        # mask = map > mask_rel * max(map)
+    info: dict = field(default_factory=dict)
+    mask_patches: list | None = None              # when the mask is not the whole delta
+
+    def plane_map(self, g) -> np.ndarray:
+        out = np.zeros((g.height, g.width), np.float32)
+        from .render import _add_patch
+
+        for _, r0, c0, p in (self.patches if self.mask_patches is None else self.mask_patches):
+            _add_patch(out, r0, c0, np.abs(p))
+        return out
+
+    def to_mask(self, m: np.ndarray) -> np.ndarray:
+        peak = float(m.max()) if m.size else 0.0
+        if peak <= 0:
+            return np.zeros(m.shape, bool)
+        # thickness maps (heart, lungs) are in mm: count a pixel once 5 mm of organ is in the path
+        thr = self.mask_rel * peak if self.mask_from == "delta" else 5.0
+        return m > thr
+
+
+class Sites:
+    """Anatomy lookups and 3D -> plane projection for the inserts of one rendering."""
+
+    _memo: dict = {}
+
+    def __init__(self, anatomy: Anatomy, layout):
+        self.a = anatomy
+        self.lay = layout
+        self.g = layout.grid
+        self.edges = anatomy.slab_edges
+        ymid = 0.5 * (self.edges[:-1] + self.edges[1:])
+        if layout.geometry == "cone":
+            self.mag = (SID_MM - (layout.det_y - layout.yc)) / (SID_MM - (layout.det_y - ymid))
+        else:
+            self.mag = np.ones(N_SLABS)
+
+    # -- anatomy
+    def region(self, side: str, site: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """(origin index, cropped bool mask) of the lung region a site word names, on one side."""
+        key = (self.a.key, side, site)
+        if key not in self._memo:
+            self._memo[key] = self._region(side, site)
+        return self._memo[key]
+
+    def _region(self, side, site):
+        s = (site or "lung").lower()
+        lobe = None
+        if "upper" in s:
+            lobe = "upper"
+        elif "middle" in s or "lingul" in s:
+            lobe = "middle" if side == "right" else "upper"
+        elif "lower" in s:
+            lobe = "lower"
+        names = [LOBES[(side, lobe)]] if lobe and (side, lobe) in LOBES else self.a.lobe_names(side)
+        ids = self.a.ids(*names)
+        lab = np.asarray(self.a.labels)
+        full = np.isin(lab, ids)
+        if not full.any():
+            raise CxrError(f"the label map has no {side} lung for site {site!r}")
+        lo, hi = _bounds(full)
+        m = full[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy()
+        zs = (np.arange(m.shape[2]) + lo[2]) * H
+        z0, z1 = zs[m.any(axis=(0, 1))][[0, -1]]
+        if "lingul" in s and side == "left":
+            m &= (zs < z0 + 0.45 * (z1 - z0))[None, None, :]
+            ys = (np.arange(m.shape[1]) + lo[1]) * H
+            m &= (ys > np.median(ys[m.any(axis=(0, 2))]))[None, :, None]
+        elif "base" in s:
+            m &= (zs < z0 + 0.4 * (z1 - z0))[None, None, :]
+        elif "apex" in s or "apical" in s:
+            m &= (zs > z1 - 0.25 * (z1 - z0))[None, None, :]
+        elif "hil" in s:
+            xs = (np.arange(m.shape[0]) + lo[0]) * H
+            hx = self.a.info["heart_centroid"][0]
+            mid = 0.5 * (z0 + z1)
+            near = np.abs(xs - hx)[:, None] ** 2 + 0 * zs[None, :]
+            m &= ((np.abs(zs - (mid + 20))[None, :] < 45) &
+                  (near < (np.abs(xs - hx).min() + 60) ** 2))[:, None, :]
+        if not m.any():
+            raise CxrError(f"no lung tissue at site {site!r} on the {side}")
+        return np.array(lo), m
+
+    def lung(self, side: str):
+        return self.region(side, None)
+
+    # -- projection
+    def slab_of(self, y_mm: float) -> int:
+        return int(np.clip(np.searchsorted(self.edges, y_mm) - 1, 0, N_SLABS - 1))
+
+    def project(self, origin: np.ndarray, dv: np.ndarray) -> list:
+        """Patches (slab, row0, col0, patch) of a coarse delta volume `dv` (1/mm) whose first
+        voxel is at coarse index `origin`."""
+        g = self.g
+        cx, cz = self.lay.centre
+        out = []
+        ys = (np.arange(dv.shape[1]) + origin[1]) * H
+        for s in range(N_SLABS):
+            sel = (ys >= self.edges[s]) & (ys < self.edges[s + 1])
+            if not sel.any():
+                continue
+            P = dv[:, sel, :].sum(axis=1) * H
+            if not P.any():
+                continue
+            M = self.mag[s]
+            x_lo, x_hi = origin[0] * H, (origin[0] + dv.shape[0] - 1) * H
+            z_lo, z_hi = origin[2] * H, (origin[2] + dv.shape[2] - 1) * H
+            c0 = int(np.floor((cx + (x_lo - cx) * M - g.x0) / g.pixel))
+            c1 = int(np.ceil((cx + (x_hi - cx) * M - g.x0) / g.pixel)) + 1
+            r0 = int(np.floor((g.z0 - (cz + (z_hi - cz) * M)) / g.pixel))
+            r1 = int(np.ceil((g.z0 - (cz + (z_lo - cz) * M)) / g.pixel)) + 1
+            xd = g.x0 + np.arange(c0, c1) * g.pixel
+            zd = g.z0 - np.arange(r0, r1) * g.pixel
+            ai = (cx + (xd - cx) / M) / H - origin[0]
+            ci = (cz + (zd - cz) / M) / H - origin[2]
+            cc, aa = np.meshgrid(ci, ai, indexing="ij")
+            patch = ndimage.map_coordinates(P.astype(np.float32), [aa, cc], order=1, cval=0.0)
+            out.append((s, r0, c0, patch.astype(np.float32)))
+        return out
+
+    def spheres(self, centres: list, radii: list, dmu: float) -> list:
+        """Analytic projection of a union of spheres (mm) of excess attenuation `dmu` (1/mm):
+        the chord through the union is taken as the longest chord of any one sphere."""
+        g = self.g
+        cx, cz = self.lay.centre
+        s = self.slab_of(centres[0][1])
+        M = self.mag[s]
+        pts = [(cx + (c[0] - cx) * M, cz + (c[2] - cz) * M, r * M) for c, r in zip(centres, radii)]
+        x_lo = min(p[0] - p[2] for p in pts) - 2 * g.pixel
+        x_hi = max(p[0] + p[2] for p in pts) + 2 * g.pixel
+        z_lo = min(p[1] - p[2] for p in pts) - 2 * g.pixel
+        z_hi = max(p[1] + p[2] for p in pts) + 2 * g.pixel
+        c0, c1 = int((x_lo - g.x0) // g.pixel), int((x_hi - g.x0) // g.pixel) + 2
+        r0, r1 = int((g.z0 - z_hi) // g.pixel), int((g.z0 - z_lo) // g.pixel) + 2
+        xs = g.x0 + np.arange(c0, c1) * g.pixel
+        zs = g.z0 - np.arange(r0, r1) * g.pixel
+        chord = np.zeros((len(zs), len(xs)), np.float32)
+        # supersample 3x3 inside each pixel so a 3 mm granuloma is not a single aliased dot
+        offs = (np.arange(3) - 1) / 3.0 * g.pixel
+        for ox in offs:
+            for oz in offs:
+                best = np.zeros_like(chord)
+                for px, pz, r in pts:
+                    d2 = (xs[None, :] + ox - px) ** 2 + (zs[:, None] + oz - pz) ** 2
+                    best = np.maximum(best, 2 * np.sqrt(np.maximum(r * r - d2, 0)) / M)
+                chord += best / 9.0
+        return [(s, r0, c0, chord * dmu)]
+
+    def tube(self, pts_mm: np.ndarray, radius: float, dmu: float) -> list:
+        """Analytic projection of a tube (catheter) along a 3D polyline."""
+        g = self.g
+        cx, cz = self.lay.centre
+        s = self.slab_of(float(np.median(pts_mm[:, 1])))
+        M = self.mag[s]
+        P = np.stack([cx + (pts_mm[:, 0] - cx) * M, cz + (pts_mm[:, 2] - cz) * M], axis=1)
+        r = radius * M
+        lo = P.min(axis=0) - r - 2 * g.pixel
+        hi = P.max(axis=0) + r + 2 * g.pixel
+        c0, c1 = int((lo[0] - g.x0) // g.pixel), int((hi[0] - g.x0) // g.pixel) + 2
+        r0, r1 = int((g.z0 - hi[1]) // g.pixel), int((g.z0 - lo[1]) // g.pixel) + 2
+        X, Z = np.meshgrid(g.x0 + np.arange(c0, c1) * g.pixel, g.z0 - np.arange(r0, r1) * g.pixel)
+        acc = np.zeros(X.shape, np.float32)
+        offs = (np.arange(3) - 1) / 3.0 * g.pixel
+        for ox in offs:
+            for oz in offs:
+                d2 = np.full(X.shape, np.inf)
+                for a, b in zip(P[:-1], P[1:]):
+                    ab = b - a
+                    t = np.clip(((X + ox - a[0]) * ab[0] + (Z + oz - a[1]) * ab[1]) /
+                                max(ab @ ab, 1e-9), 0, 1)
+                    d2 = np.minimum(d2, (X + ox - a[0] - t * ab[0]) ** 2 +
+                                    (Z + oz - a[1] - t * ab[1]) ** 2)
+                # a tube seen from the side: chord through a cylinder, plus its wall
+                acc += 2 * np.sqrt(np.maximum(r * r - d2, 0)) / 9.0
+        return [(s, r0, c0, acc * dmu / M)]
+
+
+def _bounds(mask):
+    idx = [np.nonzero(mask.any(axis=tuple(j for j in range(3) if j != i)))[0] for i in range(3)]
+    return [int(i.min()) for i in idx], [int(i.max()) + 1 for i in idx]
+
+
+def _severity(spec: FindingSpec, choices: tuple, rng) -> str:
+    s = (spec.severity or "").strip().lower()
+    s = SEVERITY_ALIASES.get(s, s)
+    if s in choices:
+        return s
+    return str(rng.choice(choices))
+
+
+def _sides(spec: FindingSpec, rng) -> list[str]:
+    s = (spec.side or "").strip().lower()
+    if s == "bilateral":
+        return ["right", "left"]
+    if s in ("left", "right"):
+        return [s]
+    return [str(rng.choice(["right", "left"]))]
+
+
+def _pick(mask: np.ndarray, rng, weights: np.ndarray | None = None) -> np.ndarray:
+    idx = np.flatnonzero(mask)
+    if not len(idx):
+        raise CxrError("no place for the finding at that site")
+    p = None
+    if weights is not None:
+        w = weights.ravel()[idx].astype(np.float64)
+        p = w / w.sum() if w.sum() > 0 else None
+    return np.array(np.unravel_index(idx[rng.choice(len(idx), p=p)], mask.shape))
+
+
+def _crop(arr, origin, shape):
+    return np.asarray(arr[origin[0]:origin[0] + shape[0], origin[1]:origin[1] + shape[1],
+                          origin[2]:origin[2] + shape[2]], dtype=np.float32)
+
+
+def _smooth_noise(shape, rng, cell_vox: float = 5.0) -> np.ndarray:
+    """A smooth random field (unit variance, ~cell_vox voxel correlation) of `shape`."""
+    small = [max(2, int(math.ceil(n / cell_vox)) + 1) for n in shape]
+    f = rng.standard_normal(small).astype(np.float32)
+    zoom = [n / s for n, s in zip(shape, small)]
+    out = ndimage.zoom(f, zoom, order=1, mode="nearest", grid_mode=True)
+    out = out[:shape[0], :shape[1], :shape[2]]
+    return (out - out.mean()) / (out.std() + 1e-6)
+
+
+# ---------------------------------------------------------------------- the kinds
+
+
+def _cardiomegaly(spec, rng, var, sites, ins):
+    sev = _severity(spec, tuple(CTR_RANGE), rng)
+    target = float(rng.uniform(*CTR_RANGE[sev]))
+    var.heart_scale = target / sites.lay.ctr0
+    ins.mask_from = "heart"
+    ins.info.update(severity=sev, ctr=round(target, 4))
+
+
+def _effusion(spec, rng, var, sites, ins):
+    sev = _severity(spec, ("small", "moderate", "large"), rng) if (spec.severity or "").lower() \
+        not in ("mild", "severe") else {"mild": "small", "severe": "large"}[spec.severity.lower()]
+    sides = _sides(spec, rng)
+    a = sites.a
+    for side in sides:
+        origin, m = sites.lung(side)
+        dome = a.info["domes"][side]
+        level = dome + {"small": rng.uniform(-20, 0), "moderate": rng.uniform(20, 45),
+                        "large": rng.uniform(65, 110)}[sev]
+        coat = {"small": 9.0, "moderate": 13.0, "large": 16.0}[sev] * rng.uniform(0.8, 1.2)
+        rise = {"small": 35.0, "moderate": 50.0, "large": 60.0}[sev] * rng.uniform(0.8, 1.2)
+        zs = (np.arange(m.shape[2]) + origin[2]) * H
+        depth = _crop(a.lung_depth, origin, m.shape)
+        men = coat * np.clip(1 - (zs - level) / rise, 0, 1)
+        fluid = m & ((zs < level)[None, None, :] | (depth < men[None, None, :]))
+        mu = _crop(a.mu, origin, m.shape)
+        dv = np.where(fluid, 1.02 * MU_WATER - mu, 0).astype(np.float32)
+        dv = ndimage.uniform_filter(dv, 2)  # the fluid surface is smooth, not voxel steps
+        ins.patches += sites.project(origin, dv)
+        ins.info.setdefault("level_mm_above_dome", {})[side] = round(level - dome, 1)
+    ins.slab = N_SLABS // 2
+    ins.mask_rel = 0.12
+    ins.info.update(severity=sev, side="bilateral" if len(sides) == 2 else sides[0])
+
+
+AIRSPACE = {  # kind -> severity -> (density as fraction of fluid, extent as fraction of the site)
+    "opacity": {"mild": (0.3, 0.35), "moderate": (0.5, 0.55), "severe": (0.75, 0.8)},
+    "airspace_disease": {"mild": (0.35, 0.4), "moderate": (0.55, 0.6), "severe": (0.8, 0.85)},
+    "consolidation": {"mild": (0.65, 0.5), "moderate": (0.8, 0.7), "severe": (0.95, 0.9)},
+}
+
+
+def _airspace(spec, rng, var, sites, ins):
+    sev = _severity(spec, ("mild", "moderate", "severe"), rng)
+    density, extent = AIRSPACE[spec.kind][sev]
+    sides = _sides(spec, rng)
+    site = spec.site or str(rng.choice(["upper lobe", "lower lobe", "base", "middle lobe"]))
+    for side in sides:
+        origin, m = sites.region(side, site)
+        mu = _crop(sites.a.mu, origin, m.shape)
+        noise = _smooth_noise(m.shape, rng, cell_vox=6.0 if spec.kind != "consolidation" else 10.0)
+        # a patch grows from one seed point outward: bias the field toward a random centre
+        c = _pick(m, rng)
+        grid = np.indices(m.shape, sparse=True)
+        dist = np.sqrt(sum((gi - ci) ** 2 for gi, ci in zip(grid, c)))
+        field_ = noise - 1.5 * dist / max(m.shape)
+        thr = np.quantile(field_[m], 1 - extent)
+        w = np.clip((field_ - thr) / 0.4, 0, 1) * m
+        dv = (density * w * (MU_WATER - mu)).astype(np.float32)
+        dv = np.maximum(dv, 0)
+        ins.patches += sites.project(origin, dv)
+        ins.slab = sites.slab_of((origin[1] + c[1]) * H)
+    ins.mask_rel = 0.2
+    ins.info.update(severity=sev, site=site, side="bilateral" if len(sides) == 2 else sides[0])
+
+
+def _nodular(spec, rng, var, sites, ins):
+    kind = spec.kind
+    side = _sides(spec, rng)[0] if (spec.side or "").lower() != "bilateral" else "right"
+    site = spec.site or str(rng.choice(["upper lobe", "lower lobe", "middle lobe"]))
+    default = {"nodule": (7, 25), "mass": (32, 60), "granuloma": (2.5, 6)}[kind]
+    size = float(spec.size_mm) if spec.size_mm else float(rng.uniform(*default))
+    r = size / 2
+    origin, m = sites.region(side, site)
+    depth = _crop(sites.a.lung_depth, origin, m.shape)
+    room = m & (depth >= min(r + 2, 0.8 * float(depth.max())))
+    c = (_pick(room if room.any() else m, rng) + origin) * H
+    if kind == "mass":
+        centres, radii = [c], [r]
+        for _ in range(3):
+            d = rng.standard_normal(3)
+            d /= np.linalg.norm(d)
+            centres.append(c + d * r * 0.45)
+            radii.append(r * rng.uniform(0.5, 0.7))
+        dmu = (1.0 - LUNG_REF) * MU_WATER
+    elif kind == "granuloma":
+        centres, radii, dmu = [c], [r], 2.5 * MU_WATER
+    else:
+        centres, radii, dmu = [c], [r], (1.0 - LUNG_REF) * MU_WATER
+    ins.patches += sites.spheres(centres, radii, dmu)
+    ins.slab = sites.slab_of(c[1])
+    ins.mask_rel = 0.2
+    ins.info.update(side=side, site=site, size_mm=round(size, 1),
+                    centre_mm=[round(float(v), 1) for v in c])
+
+
+def _atelectasis(spec, rng, var, sites, ins):
+    sev = _severity(spec, ("mild", "moderate", "severe"), rng)
+    sides = _sides(spec, rng)
+    for side in sides:
+        origin, m = sites.region(side, spec.site or "lower lobe")
+        dome = sites.a.info["domes"][side]
+        zs = (np.arange(m.shape[2]) + origin[2]) * H
+        depth = _crop(sites.a.lung_depth, origin, m.shape)
+        band_z = (zs > dome + 8) & (zs < dome + 55)
+        cand = m & band_z[None, None, :] & (depth > 6)
+        c = _pick(cand if cand.any() else m, rng)
+        thick = {"mild": 4.0, "moderate": 7.0, "severe": 11.0}[sev]
+        tilt = math.radians(rng.uniform(-15, 15))
+        n = np.array([math.sin(tilt), 0.15 * rng.standard_normal(), math.cos(tilt)])
+        n /= np.linalg.norm(n)
+        g = np.indices(m.shape).astype(np.float32)
+        d = [(g[i] - c[i]) * H for i in range(3)]
+        off = d[0] * n[0] + d[1] * n[1] + d[2] * n[2]
+        rx, ry = rng.uniform(30, 55), rng.uniform(25, 45)
+        ell = (d[0] / rx) ** 2 + (d[1] / ry) ** 2
+        w = np.clip(1 - np.abs(off) / (thick / 2), 0, 1) * np.clip((1 - ell) * 3, 0, 1) * m
+        mu = _crop(sites.a.mu, origin, m.shape)
+        dv = (0.95 * w * np.maximum(MU_WATER - mu, 0)).astype(np.float32)
+        ins.patches += sites.project(origin, dv)
+        ins.slab = sites.slab_of((origin[1] + c[1]) * H)
+        # volume loss: the hemidiaphragm rises
+        var.diaphragm_mm[side] -= {"mild": 6.0, "moderate": 11.0, "severe": 17.0}[sev]
+    ins.mask_rel = 0.2
+    ins.info.update(severity=sev, side="bilateral" if len(sides) == 2 else sides[0],
+                    site=spec.site or "base")
+
+
+def _pneumothorax(spec, rng, var, sites, ins):
+    sev = _severity(spec, ("small", "moderate", "large"), rng) if (spec.severity or "").lower() \
+        not in ("mild", "severe") else {"mild": "small", "severe": "large"}[spec.severity.lower()]
+    side = _sides(spec, rng)[0]
+    origin, m = sites.lung(side)
+    f = {"small": rng.uniform(0.86, 0.9), "moderate": rng.uniform(0.76, 0.82),
+         "large": rng.uniform(0.6, 0.68)}[sev]
+    xs = (np.arange(m.shape[0]) + origin[0]) * H
+    cols = m.any(axis=(1, 2))
+    medial_x = xs[cols][0] if side == "left" else xs[cols][-1]
+    lateral_x = xs[cols][-1] if side == "left" else xs[cols][0]
+    zs = (np.arange(m.shape[2]) + origin[2]) * H
+    zz = zs[m.any(axis=(0, 1))]
+    anchor = np.array([medial_x + 0.15 * (lateral_x - medial_x),
+                       (origin[1] + m.shape[1] / 2) * H, zz[0] + 0.2 * (zz[-1] - zz[0])])
+    g = np.indices(m.shape, dtype=np.float32)
+    src = [((anchor[i] + ((g[i] + origin[i]) * H - anchor[i]) / f) / H - origin[i]) for i in range(3)]
+    inside = ndimage.map_coordinates(m.astype(np.float32), src, order=1, cval=0.0) > 0.5
+    air = m & ~inside
+    line = m & inside & ndimage.binary_dilation(air, iterations=1)
+    mu = _crop(sites.a.mu, origin, m.shape)
+    dv = np.where(air, -mu, 0).astype(np.float32)
+    dv += np.where(line, 0.9 * MU_WATER - mu, 0).astype(np.float32)
+    # the collapsed lung holds the same tissue in less volume: denser
+    dv += np.where(inside & m, (1 / f ** 3 - 1) * 0.5 * LUNG_REF * MU_WATER, 0).astype(np.float32)
+    ins.patches += sites.project(origin, dv)
+    ins.slab = N_SLABS // 2
+    ins.mask_rel = 0.25
+    ins.info.update(severity=sev, side=side, lung_fraction=round(f ** 3, 3))
+    ins.mask_patches = sites.project(origin, np.where(air, mu + 0.01 * MU_WATER, 0).astype(np.float32))
+
+
+def _inflation(spec, rng, var, sites, ins):
+    sev = _severity(spec, ("mild", "moderate", "severe"), rng)
+    k = {"mild": 1.0, "moderate": 1.4, "severe": 1.8}[sev]
+    if spec.kind == "hypoinflation":
+        dz = -rng.uniform(16, 24) * k
+        var.lung_density = max(var.lung_density, 1.0) * (1 + 0.1 * k)
+    else:
+        dz = rng.uniform(16, 24) * k
+        var.lung_density = min(var.lung_density, 1.0) * (1 - 0.1 * k)
+    for side in ("left", "right"):
+        var.diaphragm_mm[side] = float(np.clip(var.diaphragm_mm[side], -4, 4) + dz)
+    ins.mask_from = "lungs"
+    ins.info.update(severity=sev, diaphragm_shift_mm=round(dz, 1))
+
+
+def _catheter(spec, rng, var, sites, ins):
+    """A central venous catheter: in through a subclavian vein, down the brachiocephalic vein
+    and the superior vena cava, tip near the cavo-atrial junction."""
+    a = sites.a
+    side = (spec.side or "right").lower()
+    side = side if side in ("left", "right") else "right"
+    lab = np.asarray(a.labels)
+
+    def centroid_path(name: str, n: int) -> np.ndarray:
+        ids = a.ids(name)
+        m = np.isin(lab, ids)
+        if not m.any():
+            raise CxrError(f"the label map has no {name} to route a catheter")
+        zs = np.nonzero(m.any(axis=(0, 1)))[0]
+        pts = []
+        for z in np.linspace(zs[-1], zs[0], n).round().astype(int):
+            xi, yi = np.nonzero(m[:, :, z])
+            if len(xi):
+                pts.append([xi.mean() * H, yi.mean() * H, z * H])
+        return np.array(pts)
+
+    svc = centroid_path("superior_vena_cava", 6)
+    bcv = centroid_path(f"brachiocephalic_vein_{side}", 4)
+    clav = np.isin(lab, a.ids(f"clavicula_{side}"))
+    xi, yi, zi = np.nonzero(clav)
+    lateral = xi.max() if side == "left" else xi.min()
+    medial = xi.min() if side == "left" else xi.max()
+    xl = medial + 0.65 * (lateral - medial)
+    sel = np.abs(xi - xl) < 3
+    start = np.array([xl * H, yi[sel].mean() * H, zi[sel].mean() * H - 12])
+    outside = start + np.array([(1 if side == "left" else -1) * 35, 10, 25])
+    tip = svc[-1] + np.array([0, 0, -rng.uniform(0, 15)])
+    pts = np.vstack([outside, start, bcv[:2], svc[1:], tip])
+    pts += rng.normal(0, 1.0, pts.shape) * np.array([1, 1, 1])
+    ins.patches += sites.tube(pts, radius=1.1, dmu=2.5 * MU_WATER)
+    ins.slab = sites.slab_of(float(np.median(svc[:, 1])))
+    ins.mask_rel = 0.2
+    ins.info.update(side=side, tip_mm=[round(float(v), 1) for v in tip])
+
+
+HANDLERS = {
+    "cardiomegaly": _cardiomegaly, "effusion": _effusion, "opacity": _airspace,
+    "airspace_disease": _airspace, "consolidation": _airspace, "nodule": _nodular,
+    "mass": _nodular, "granuloma": _nodular, "atelectasis": _atelectasis,
+    "pneumothorax": _pneumothorax, "hypoinflation": _inflation, "hyperdistention": _inflation,
+    "catheter": _catheter,
+}
+
+
+def plan_findings(specs: list[FindingSpec], var, anatomy: Anatomy, layout, seed: int) -> list[Insert]:
+    """The inserts for `specs` (in order), each drawn from its own random stream
+    (seed, 2, index), so adding a finding never changes the rest of the image. May change `var`
+    (heart size, diaphragm, aeration)."""
+    sites = Sites(anatomy, layout)
+    out = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, FindingSpec):
+            raise CxrError(f"finding {i} is not a FindingSpec: {spec!r}")
+        handler = HANDLERS.get(spec.kind)
+        if handler is None:
+            raise CxrError(f"unknown finding kind {spec.kind!r}; known: {', '.join(HANDLERS)}")
+        label = spec.term or KINDS.get(spec.kind, spec.kind)
+        ins = Insert(kind=spec.kind, label=label, info={"kind": spec.kind, "term": label})
+        handler(spec, np.random.default_rng([int(seed), 2, i]), var, sites, ins)
+        out.append(ins)
+    return out

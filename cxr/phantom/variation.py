@@ -1,0 +1,69 @@
+"""Per-image variation of patient, positioning and exposure, all drawn from one numpy Generator,
+so that no two renderings are alike and the same seed gives the same image bit for bit.
+
+Ranges are those of ordinary PA chest films: a few degrees of rotation, a centimetre of shift,
++-8 % magnification, breathing moving each hemidiaphragm by up to a centimetre, heart size within
+normal limits, 0-4 cm extra soft tissue, a tenfold range of detector dose.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Variation:
+    roll_deg: float = 0.0        # in-plane rotation (about the beam axis)
+    yaw_deg: float = 0.0         # rotation about the vertical axis (one shoulder forward)
+    pitch_deg: float = 0.0       # rotation about the left-right axis (lordotic / kyphotic tilt)
+    shift_mm: tuple = (0.0, 0.0)  # centring error (x, down)
+    scale: float = 1.0           # magnification (field of view = FOV_MM / scale)
+    fov_mm: float = 330.0
+    diaphragm_mm: dict = field(default_factory=lambda: {"left": 0.0, "right": 0.0})  # + = lower
+    heart_scale: float = 1.0     # linear size of the heart relative to the CT's
+    lung_density: float = 1.0    # aeration: < 1 = more air (deep inspiration), > 1 = less
+    bone_weight: float = 1.5     # bone attenuation relative to the CT's (beam energy)
+    extra_tissue_mm: float = 0.0  # water-equivalent soft tissue added over the body
+    deform: np.ndarray | None = None  # (2, 5, 5) control-point displacements in mm
+    photons: float = 2e4         # detected quanta per mm^2 unattenuated (exposure)
+    scatter: float = 0.2         # scatter-to-primary scale (with anti-scatter grid)
+    psf_mm: float = 0.5          # detector blur (Gaussian sigma)
+    unsharp: float = 0.9         # strength of the large-kernel edge enhancement (post-processing)
+    unsharp_mm: float = 25.0
+    window: tuple = (0.0, 1.0)   # fraction of the standard window shifted / scaled
+    gamma: float = 1.0           # contrast curve exponent
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["deform"] = None if self.deform is None else np.round(self.deform, 3).tolist()
+        return d
+
+
+def draw_variation(rng: np.random.Generator) -> Variation:
+    """One patient/positioning/exposure draw. The order of draws is fixed: changing it changes
+    every seed's image, so append new draws at the end."""
+    u = rng.uniform
+    common = u(-8, 8)
+    return Variation(
+        roll_deg=float(rng.normal(0, 1.2)),
+        yaw_deg=float(rng.normal(0, 2.0)),
+        pitch_deg=float(rng.normal(0, 2.0)),
+        shift_mm=(float(rng.normal(0, 6)), float(rng.normal(0, 6))),
+        scale=float(u(0.94, 1.06)),
+        fov_mm=330.0,
+        diaphragm_mm={"left": float(common + rng.normal(0, 3)),
+                      "right": float(common + rng.normal(0, 3))},
+        heart_scale=float(u(0.94, 1.04)),
+        lung_density=float(u(0.9, 1.1)),
+        bone_weight=float(u(1.3, 1.8)),
+        extra_tissue_mm=float(u(0, 40)),
+        deform=rng.normal(0, 1.5, size=(2, 5, 5)),
+        photons=float(np.exp(u(np.log(3e3), np.log(3e4)))),
+        scatter=float(u(0.1, 0.3)),
+        psf_mm=float(u(0.35, 0.7)),
+        unsharp=float(u(0.5, 1.3)),
+        unsharp_mm=float(u(15, 35)),
+        window=(float(rng.normal(0, 0.04)), float(u(0.92, 1.08))),
+        gamma=float(u(0.85, 1.2)),
+    )
