@@ -170,6 +170,13 @@ def test_nih_any_size_gz_and_normal(shared_data, tmp_path):
     box = studies[0].images[0].boxes[0]
     assert (box.label, box.x, box.y, box.w, box.h) == ("Infiltration", 256, 96, 50, 75)
     assert studies[2].findings[0].disease == "normal" and studies[2].findings[0].raw == "No Finding"
+    # a DICOM copy (300 wide x 200 high): the size comes from its header
+    from cxr.dicom import write_dicom
+
+    (tmp_path / "images" / names[0]).unlink()
+    write_dicom(tmp_path / "images" / (names[0][:-4] + ".dcm"), np.zeros((200, 300), np.float32))
+    box = open_source(f"nih:{tmp_path}")[0].images[0].boxes[0]
+    assert (box.x, box.y, box.w, box.h) == pytest.approx((150, 50, 100 * 300 / 1024, 200 * 200 / 1024))
     (tmp_path / "images" / names[1]).unlink()  # a missing image drops its row
     assert len(read_nih(tmp_path / "Data_Entry_2017.csv.gz", images=tmp_path / "images")) == 2
 
