@@ -41,8 +41,6 @@ def refine(contexts: np.ndarray, pair_labels: np.ndarray, targets: list[str], mi
            per_cluster: int, seed: int = 0) -> tuple[RefinedLabels, np.ndarray]:
     """Cluster the context vectors of each label. contexts (P, H) and pair_labels (P,) describe
     (image, finding) pairs. Returns the refined label set and each pair's refined label index."""
-    from sklearn.cluster import KMeans
-
     names: list[str] = []
     parents: list[int] = []
     assigned = np.full(len(pair_labels), -1, dtype=np.int64)
@@ -55,16 +53,32 @@ def refine(contexts: np.ndarray, pair_labels: np.ndarray, targets: list[str], mi
             names.append(target)
             parents.append(t)
             continue
-        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(contexts[members])
+        labels_ = _kmeans(contexts[members].astype(np.float64), k, seed)
+        k = int(labels_.max()) + 1
         # order clusters by size (largest first) so names are stable and readable
-        order = np.argsort(-np.bincount(km.labels_, minlength=k), kind="stable")
+        order = np.argsort(-np.bincount(labels_, minlength=k), kind="stable")
         rank = np.empty(k, dtype=np.int64)
         rank[order] = np.arange(k)
         for j in range(k):
             names.append(f"{target}#{j + 1}")
             parents.append(t)
-        assigned[members] = len(names) - k + rank[km.labels_]
+        assigned[members] = len(names) - k + rank[labels_]
     return RefinedLabels(names, parents), assigned
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, restarts: int = 4) -> np.ndarray:
+    """k-means++ (scipy), best of a few seeded restarts by inertia; empty clusters are dropped
+    and the rest renumbered 0..k'-1."""
+    from scipy.cluster.vq import kmeans2
+
+    best, best_inertia = None, np.inf
+    for r in range(restarts):
+        centres, labels = kmeans2(x, k, minit="++", seed=seed * 100 + r)
+        inertia = float(((x - centres[labels]) ** 2).sum())
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    _, renumbered = np.unique(best, return_inverse=True)
+    return renumbered.astype(np.int64)
 
 
 def to_original(probs: np.ndarray, refined: RefinedLabels, n_targets: int) -> np.ndarray:

@@ -1,10 +1,15 @@
 """From Study records to what the models train on: images, patient split, targets, sequences.
 
-Targets: `normal` plus every disease with at least `min_label_count` training images (Shin et
-al.: 17 patterns with >= 30 cases). Each image inherits the positive findings of its study (Open-i
-labels are per report). Every (image, finding) pair whose disease is a target is one annotation
-sequence for the RNN (`Finding.tokens()`; `normal` for normal studies). The vocabulary is the
-tokens of the training sequences.
+Labels follow Shin et al. 2016 through `cxr.reports.labels`: a study's terms are its positive
+MeSH terms (`study_terms`), a term's disease is its pattern element (`pattern_element`:
+`Opacity/lung/base/left` -> `Opacity`, `Lung/hypoinflation/mild` -> `Lung/hypoinflation`),
+`normal` is a term of its own, and studies without usable terms (`No Indexing`) are left out.
+Targets are `normal` plus each disease carried by >= `min_label_count` training images. Where Shin
+counted whole patterns (single-pattern images only), we count diseases and train multi-label, so
+an image with two diseases is a positive of both. Every (image, term) pair is one annotation
+sequence for the RNN (the term's tokens, `term_tokens`). The vocabulary is
+`cxr.reports.labels.Vocabulary` built on the training studies. The split is
+`cxr.splits.split_by_patient`, stored as patient lists.
 """
 from __future__ import annotations
 
@@ -14,8 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CxrError
-from ..models.annotator import SPECIALS
-from ..records import Study
+from ..records import Study, term_tokens
 
 NORMAL = "normal"
 SPLITS = ("train", "val", "test")
@@ -42,19 +46,12 @@ class Prepared:
         return {w: i for i, w in enumerate(self.words)}
 
 
-def split_patients(patients: list[str], fractions, seed: int) -> dict[str, list[str]]:
-    """Patient ids -> train/val/test, seeded; val and test get at least one patient when there
-    are three or more."""
-    unique = sorted(set(patients))
-    order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
-    n = len(order)
-    n_val = int(round(fractions[1] * n))
-    n_test = int(round(fractions[2] * n))
-    if n >= 3:
-        n_val, n_test = max(n_val, 1 if fractions[1] > 0 else 0), max(n_test, 1 if fractions[2] > 0 else 0)
-    n_train = n - n_val - n_test
-    return {"train": order[:n_train], "val": order[n_train:n_train + n_val],
-            "test": order[n_train + n_val:]}
+def split_patients(studies: list[Study], fractions, seed: int) -> dict[str, list[str]]:
+    """Patient ids per split, by `cxr.splits.split_by_patient` (seeded)."""
+    from ..splits import split_by_patient
+
+    splits = split_by_patient(studies, fractions, seed)
+    return {name: sorted({str(s.patient_id) for s in group}) for name, group in splits.items()}
 
 
 def _use_view(image, views: str) -> bool:
@@ -64,34 +61,39 @@ def _use_view(image, views: str) -> bool:
 
 
 def finding_sequences(study: Study) -> list[tuple[str, list[str]]]:
-    """(disease, tokens) for each positive finding of a study; [("normal", ["normal"])] when normal."""
-    if study.normal:
-        return [(NORMAL, [NORMAL])]
-    out = []
-    for f in study.positive:
-        tokens = f.tokens() or [f.disease.lower()]
-        out.append((f.disease, tokens))
-    return out
+    """(disease, tokens) of each of a study's terms (Shin's rules; `normal` -> ["normal"]);
+    empty when the study is not labelled."""
+    from ..reports.labels import pattern_element, study_terms
+
+    return [(pattern_element(t), term_tokens(t)) for t in study_terms(study)]
 
 
 def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0.2), seed: int = 0,
             min_label_count: int = 30, patient_split: dict[str, list[str]] | None = None,
             targets: list[str] | None = None, words: list[str] | None = None) -> Prepared:
-    """Select images, split by patient (or reuse `patient_split`), build targets and vocabulary
-    (or reuse the stored ones, when resuming or evaluating)."""
-    rows = []
+    """Select labelled images of the chosen views, split by patient (or reuse `patient_split`),
+    build targets and vocabulary (or reuse the stored ones, when resuming or evaluating)."""
+    rows, seqs = [], []
     for s in studies:
+        sq = finding_sequences(s)
+        if not sq:
+            continue
         for im in s.images:
             if im.path is not None and _use_view(im, views):
                 rows.append((s, im))
+                seqs.append(sq)
     if not rows:
-        raise CxrError(f"no images with files for views={views!r} in the data")
-    patients = [s.patient_id or s.id for s, _ in rows]
-    patient_split = patient_split or split_patients(patients, fractions, seed)
+        raise CxrError(f"no labelled images with files for views={views!r} in the data")
+    for s, _ in rows:
+        if not s.patient_id:
+            s.patient_id = s.id
+    patients = [str(s.patient_id) for s, _ in rows]
+    if patient_split is None:
+        used = list({id(s): s for s, _ in rows}.values())
+        patient_split = split_patients(used, fractions, seed)
     where = {p: i for i, name in enumerate(SPLITS) for p in patient_split[name]}
     split = np.array([where.get(p, 2) for p in patients], dtype=np.int64)  # unknown -> test
 
-    seqs = [finding_sequences(s) for s, _ in rows]
     if targets is None:
         counts = Counter()
         for i, sq in enumerate(seqs):
@@ -112,8 +114,10 @@ def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0
                 labels[i, t_index[disease]] = 1
                 pairs.append((i, t_index[disease], tokens))
     if words is None:
-        vocab = Counter(tok for i, _, toks in pairs if split[i] == 0 for tok in toks)
-        words = list(SPECIALS) + sorted(vocab, key=lambda w: (-vocab[w], w))
+        from ..reports.labels import Vocabulary
+
+        train_studies = list({id(s): s for (s, _), k in zip(rows, split) if k == 0}.values())
+        words = Vocabulary.build(train_studies).tokens
     return Prepared(
         paths=[str(im.path) for _, im in rows], image_ids=[im.id for _, im in rows],
         study_ids=[s.id for s, _ in rows], patients=patients, split=split, targets=list(targets),
