@@ -1,5 +1,5 @@
 """Images/s of `cxr.load_image` on 2048x2048 radiographs: 16-bit PNG and DICOM (uncompressed,
-RLE, JPEG 2000), against the bare decode measured in the same run (Pillow `open().load()` +
+RLE, JPEG Lossless, JPEG 2000), against the bare decode measured in the same run (Pillow `open().load()` +
 numpy view; `pydicom.dcmread(...).pixel_array`). The ratio says what the normalisation costs.
 
     python benchmarks/images.py [--size 2048] [--repeats 5] [--json OUT]
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         cases = [("PNG 16-bit", save_png16(tmp / "x.png", image), pil_decode)]
         for compression, label in ((None, "DICOM 16-bit uncompressed"), ("rle", "DICOM 16-bit RLE"),
+                                   ("jpeg-lossless", "DICOM 16-bit JPEG Lossless SV1"),
                                    ("jpeg2000", "DICOM 16-bit JPEG 2000 lossless")):
             path = write_dicom(tmp / f"{compression}.dcm", image, bits_stored=16,
                                compression=compression)
