@@ -176,3 +176,20 @@ def test_cli_prints_table_and_writes_json(shared_data, tmp_path, capsys):
     assert len(data["label_space"]["targets"]) == 17 and data["labelled_images"] == 7284
     assert main(["labels", str(tmp_path / "nope.tgz")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_patterns_of_mined_and_nih_findings(shared_data, tmp_path):
+    mined = Study(id="t", patient_id="t", images=[Image(id="t")], findings=[
+        Finding(disease="Pleural Effusion", side="right", severity="small", raw="small right effusion",
+                source="text"),
+        Finding(disease="Pneumothorax", certainty="negative", raw="no pneumothorax", source="text")])
+    assert study_terms(mined) == ["Pleural Effusion/right/small"]
+    assert study_pattern(mined) == "Pleural Effusion"
+    from cxr.sources.nih import read_nih
+
+    nih = read_nih(shared_data / "nih" / "bbox256" / "Data_Entry_2017_v2020.csv")
+    table = count_patterns(nih)
+    assert sum(n for n, _ in table.values()) == 656 and "Atelectasis" in table
+    csv_file = tmp_path / "Data_Entry_2017.csv"
+    csv_file.write_text("Image Index,Finding Labels,Patient ID\na.png,No Finding,1\nb.png,Mass|Nodule,2\n")
+    assert list(count_patterns(read_nih(csv_file))) == ["Mass|Nodule", "normal"]

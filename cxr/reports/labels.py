@@ -50,7 +50,9 @@ SPECIALS = (PAD, START, END, UNK)
 
 
 def _finding_term(f: Finding) -> str:
-    return f.raw if f.raw else f.term
+    """The MeSH term as written for MeSH findings; the normalised term for mined or given ones
+    (their `raw` is a text span or a label as the user wrote it)."""
+    return f.raw if (f.source == "mesh" and f.raw) else f.term
 
 
 def study_terms(study: Study, *, case_sensitive: bool = False) -> list[str]:
