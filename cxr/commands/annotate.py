@@ -1,0 +1,130 @@
+"""`cxr annotate RUN IMAGE...`: findings, annotations, boxes for PNG / JPEG / DICOM files.
+
+Writes a JSON list (one entry per image: path + the Result) and, with --overlay, one PNG per image
+with the heatmap of the top finding, every box and the generated annotations drawn on it. A bad
+file is reported (stderr and an "error" entry) and the others go on; the exit status is 1 when
+any file failed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
+COLOURS = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (80, 220, 120), (220, 90, 255), (255, 140, 0)]
+
+
+def configure(parser) -> None:
+    parser.add_argument("run", type=Path, help="trained run directory (cxr train --out)")
+    parser.add_argument("images", nargs="+", type=Path, help="image files or folders (PNG, JPEG, DICOM)")
+    parser.add_argument("--json", type=Path, help="write results here (`-` for stdout)")
+    parser.add_argument("--overlay", type=Path, help="folder for overlay PNGs (heatmap, boxes, annotations)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--beams", type=int, default=1, help="beam width for the annotations (1 = greedy)")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Folders -> their image files (sorted); files as given."""
+    out = []
+    for p in paths:
+        p = p.expanduser()
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                          and not q.name.startswith("."))
+        else:
+            out.append(p)
+    return out
+
+
+def overlay(image: np.ndarray, result, path: Path, min_side: int = 512) -> Path:
+    """Grey image + the top finding's heatmap (red, alpha by heat) + boxes + annotation text."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    rgb = np.stack([grey] * 3, -1).astype(np.float32)
+    if result.findings and result.findings[0].disease in result.heatmaps:
+        heat = result.heatmaps[result.findings[0].disease][..., None]
+        colour = np.array([255.0, 40.0, 0.0])
+        alpha = 0.45 * heat
+        rgb = rgb * (1 - alpha) + colour * alpha
+    canvas = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+    scale = max(1.0, min_side / min(canvas.size))
+    if scale > 1:
+        canvas = canvas.resize((round(canvas.width * scale), round(canvas.height * scale)), Image.BILINEAR)
+    draw = ImageDraw.Draw(canvas)
+    size = max(12, canvas.height // 40)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    lines = []
+    for k, f in enumerate(result.findings):
+        colour = COLOURS[k % len(COLOURS)]
+        for b in f.boxes:
+            draw.rectangle([b.x * scale, b.y * scale, (b.x + b.w) * scale, (b.y + b.h) * scale],
+                           outline=colour, width=max(2, canvas.height // 200))
+        lines.append((f"{f.disease} {f.score:.2f}: {f.annotation}", colour))
+    if not lines:
+        lines.append(("no finding above threshold", (255, 255, 255)))
+    y = 4
+    for text, colour in lines:
+        box = draw.textbbox((6, y), text, font=font)
+        draw.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], fill=(0, 0, 0))
+        draw.text((6, y), text, fill=colour, font=font)
+        y = box[3] + 4
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, compress_level=1)
+    return path
+
+
+def run(args) -> int:
+    from ..errors import CxrError
+    from ..images import load_image
+    from ..reader import Reader
+
+    reader = Reader.load(args.run, device=args.device)
+    files = expand(args.images)
+    if not files:
+        raise CxrError("no image files given")
+    entries, failed, used_names = [], 0, set()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(files), desc="annotating", unit="img", disable=args.json is not None
+               and str(args.json) == "-" or len(files) < 2)
+    for s in range(0, len(files), max(args.batch_size, 1)):
+        chunk, images = [], []
+        for f in files[s:s + args.batch_size]:
+            try:
+                images.append(load_image(f))
+                chunk.append(f)
+            except CxrError as exc:
+                failed += 1
+                print(f"cxr annotate: skipped {exc}", file=sys.stderr)
+                entries.append({"path": str(f), "error": exc.problem})
+        results = reader(images, heatmaps=args.overlay is not None, beams=args.beams,
+                         batch_size=args.batch_size) if images else []
+        for f, image, result in zip(chunk, images, results):
+            entry = {"path": str(f), **result.to_dict()}
+            if args.overlay:
+                name = f.stem or f.name
+                while name in used_names:
+                    name += "_"
+                used_names.add(name)
+                entry["overlay"] = str(overlay(image, result, args.overlay / f"{name}.png"))
+            entries.append(entry)
+        bar.update(len(files[s:s + args.batch_size]))
+    bar.close()
+    text = json.dumps(entries, indent=1)
+    if args.json is None or str(args.json) == "-":
+        print(text)
+    else:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+        print(f"annotated {len(files) - failed} of {len(files)} images -> {args.json}", file=sys.stderr)
+    if failed == len(files):
+        raise CxrError(f"none of the {len(files)} images could be read")
+    return 1 if failed else 0

@@ -1,0 +1,107 @@
+"""`cxr train`: train the CNN/RNN cascade on a data source into a run directory (resumable)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+HELP = {
+    "data": "SOURCE[:PATH]: openi:DIR, nih:DIR, folder:DIR[,CSV], phantom:DIR, or `phantom` alone "
+            "(simulate --phantom-n images into the cache first)",
+    "backbone": "CNN: tiny | nin | googlenet | densenet121",
+    "rnn": "annotator cell: gru | lstm",
+    "image_size": "images are resized to this square once (disk cache)",
+    "crop": "random crop during training (inference sees the whole image)",
+    "epochs": "CNN epochs before the cascade",
+    "cascade_epochs": "CNN epochs on the refined labels (default: --epochs)",
+    "rnn_epochs": "RNN epochs in each stage",
+    "data_dropout": "Shin et al.'s data dropout: keep normals with p=4*n_max/n_normal, duplicate rare classes",
+    "class_weighted": "weight positives by neg/pos per label in the BCE",
+    "cascade": "refine labels by k-means of the joint image/text contexts and retrain",
+    "min_cluster_members": "labels with fewer training (image, finding) pairs are not split",
+    "images_per_cluster": "k = members // this",
+    "min_label_count": "a disease is a target with at least this many training images",
+    "views": "frontal | lateral | all",
+    "device": "auto | cpu | cuda | cuda:N (torchrun sets one per process)",
+    "amp": "mixed precision on CUDA",
+    "pretrained": "CNN state dict to start from (safetensors or weights-only torch file)",
+    "cache_dir": "where the decoded image cache goes (default RUN/cache)",
+    "max_images": "use only the first N studies (quick trials)",
+    "fractions": "train val test fractions, by patient",
+}
+SKIP = {"progress"}
+
+
+def _type(field: dataclasses.Field):
+    hint = typing.get_type_hints(_config_class())[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _config_class():
+    from ..training.config import TrainConfig
+
+    return TrainConfig
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="run directory (created; resumed if it holds "
+                                                                "an interrupted run with the same settings)")
+    parser.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (flags override it)")
+    parser.add_argument("--phantom-n", type=int, default=1000, help="images to simulate for `--data phantom`")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--fresh", action="store_true",
+                        help="refuse to continue an existing partial run in --out")
+    for f in dataclasses.fields(_config_class()):
+        if f.name in SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _type(f)
+        default = f.default
+        text = HELP.get(f.name, "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default: {'on' if default else 'off'})")
+        elif f.name == "fractions":
+            parser.add_argument(flag, type=float, nargs=3, default=None, help=f"{text} (default: 0.7 0.1 0.2)")
+        else:
+            parser.add_argument(flag, type=kind if kind in (int, float) else str, default=None,
+                                help=f"{text} (default: {default})".strip())
+
+
+def _phantom_default(n: int, size: int, seed: int) -> str:
+    """`--data phantom`: simulate once into the cache and reuse it."""
+    from ..data import data_dir
+    from ..phantom.simulate import simulate
+
+    out = data_dir() / "phantom" / f"simulated-n{n}-s{size}-seed{seed}"
+    simulate(out, n=n, size=size, seed=seed, progress=True)
+    return f"phantom:{out}"
+
+
+def run(args) -> int:
+    from ..errors import CxrError
+    from ..training import TrainConfig, train
+
+    settings = {}
+    if args.config:
+        try:
+            settings = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CxrError(f"cannot read the config: {exc}", args.config) from None
+        settings = settings.get("train_config", settings)  # a run's config.json works too
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            settings[f.name] = value
+    settings["progress"] = not args.no_progress
+    config = TrainConfig.from_dict(settings)
+    if config.data.strip() == "phantom":
+        config.data = _phantom_default(args.phantom_n, config.image_size, config.seed)
+    out = train(config, args.out, resume=not args.fresh)
+    run_config = json.loads((out / "config.json").read_text())
+    print(f"trained {out}: {len(run_config['targets'])} targets "
+          f"({len(run_config['refined']['names'])} refined), val {run_config.get('validation')}")
+    return 0
