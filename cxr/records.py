@@ -118,5 +118,13 @@ class Study:
         return [f for f in self.findings if f.certainty == "positive"]
 
     @property
+    def labelled(self) -> bool:
+        """False when the source says the report was never indexed (Open-i "No Indexing")."""
+        return self.meta.get("indexed", True) is not False
+
+    @property
     def normal(self) -> bool:
+        """No positive finding, in a report that was indexed (unindexed reports are unknown)."""
+        if not self.labelled:
+            return False
         return not self.positive or all(f.disease.lower() == "normal" for f in self.positive)
