@@ -369,9 +369,12 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence], digits: int = 3) -> str:
-    """A GitHub Markdown table; numbers right-aligned, the first column left-aligned."""
-    rows = [[fmt(c, digits) for c in r] for r in rows]
+    """A GitHub Markdown table; number columns right-aligned, the first column and text left."""
+    raw = [list(r) for r in rows]
+    numeric = [j > 0 and all(isinstance(r[j], (int, float, np.number)) or r[j] is None
+                             for r in raw if j < len(r)) for j in range(len(headers))]
+    rows = [[fmt(c, digits) for c in r] for r in raw]
     head = "| " + " | ".join(str(h) for h in headers) + " |"
-    align = "| " + " | ".join([":---"] + ["---:"] * (len(headers) - 1)) + " |"
+    align = "| " + " | ".join("---:" if n else ":---" for n in numeric) + " |"
     body = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join([head, align, *body])
