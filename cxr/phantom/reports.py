@@ -264,6 +264,15 @@ def report_xml(case: Case, image_ids: list[str] | None = None,
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def write_atomic(path: str | Path, data: bytes) -> Path:
     """Write bytes to a temporary file beside `path` and rename it into place, so an interrupted
     run never leaves half a file under the final name."""
@@ -273,6 +282,7 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the set is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import CxrError
 from .cases import CaseGenerator, DrawnCase
-from .reports import image_id, report_xml, write_atomic
+from .reports import _UMASK, image_id, report_xml, write_atomic
 from .spec import KINDS
 
 FORMAT = 1  # layout version of a simulated set
@@ -199,8 +199,7 @@ class _Job:
             raise CxrError(f"renderer returned {len(rendering.boxes)} boxes for "
                            f"{len(case.findings)} findings of {case.id}")
         meta = dict(getattr(rendering, "meta", {}) or {})
-        spacing = float(meta.get("pixel_spacing_mm") or meta.get("pixel_spacing")
-                        or FIELD_OF_VIEW_MM / s["size"])
+        spacing = float(meta.get("pixel_mm") or FIELD_OF_VIEW_MM / s["size"])
         iid = image_id(case)
         files = {"png": f"{IMAGES_DIR}/{iid}.png"}
         _save_png_atomic(self.out / files["png"], image)
@@ -241,12 +240,15 @@ def _run(job: _Job, todo: list[int], n: int, workers: int, progress: bool) -> No
         if not todo:
             return
         workers = max(1, min(int(workers), len(todo)))
+        # Load here first: a bad CT fails in this process with a clear error, and the derived
+        # arrays are computed and cached once rather than by every worker at the same time.
+        job.phantom().layout(job.settings["size"])
         if workers == 1:
-            job.phantom()
             for index in todo:
                 job.make(index)
                 bar.update()
             return
+        job._phantom = None  # the workers load their own
         ctx = mp.get_context("spawn")  # no fork after threads; the same on every platform
         with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
             try:
@@ -286,6 +288,7 @@ def _save_dicom(path: Path, image: np.ndarray, case: DrawnCase, spacing: float,
     write_dicom(path, image, view=case.view, photometric=photometric, patient_id=case.id,
                 study_uid=uid("study"), series_uid=uid("series"), sop_uid=uid("image"),
                 pixel_spacing=spacing, extra=extra)
+    os.chmod(path, 0o666 & ~_UMASK)  # written through mkstemp (0600); the set is meant to be shared
 
 
 # --- records and the tables built from them ---
