@@ -1,0 +1,267 @@
+// cxr web viewer: plain JS against the REST API of cxr.service.app (no build step).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const COLOURS = ["#ff5050", "#4ea1ff", "#ffc800", "#50dc78", "#dc5aff", "#ff8c00"];
+const PAGE = 20;
+const state = { current: null, page: 0, heatImages: {} };
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "style") node.setAttribute("style", v);
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c);
+  return node;
+}
+
+async function api(url, options) {
+  const response = await fetch(url, options);
+  let body = null;
+  try { body = await response.json(); } catch (e) { /* not JSON */ }
+  if (!response.ok) {
+    let detail = body && body.detail;
+    if (Array.isArray(detail)) detail = detail.map((d) => d.msg).join("; ");
+    throw new Error(detail || `${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+function setStatus(text, error = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", error);
+}
+
+// ---------------------------------------------------------------- viewer
+
+// Grey heatmap PNG (0..255) -> coloured, alpha-by-heat overlay on the canvas.
+function drawHeat(name) {
+  const canvas = $("heat");
+  const ctx = canvas.getContext("2d");
+  const src = state.heatImages[name];
+  if (!src) { ctx.clearRect(0, 0, canvas.width, canvas.height); return; }
+  const img = new Image();
+  img.onload = () => {
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    ctx.drawImage(img, 0, 0);
+    const data = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    const px = data.data;
+    for (let i = 0; i < px.length; i += 4) {
+      const v = px[i] / 255;  // warm ramp: dark red -> red -> yellow
+      px[i] = 255; px[i + 1] = Math.round(255 * Math.max(0, v * 2 - 1)); px[i + 2] = 0;
+      px[i + 3] = Math.round(255 * Math.min(1, v * 1.2));
+    }
+    ctx.putImageData(data, 0, 0);
+    canvas.dataset.drawn = name;
+  };
+  img.src = src;
+}
+
+function drawBoxes(findings, size) {
+  const svg = $("boxes");
+  const [h, w] = size;
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  svg.replaceChildren();
+  const ns = "http://www.w3.org/2000/svg";
+  findings.forEach((f, k) => {
+    for (const b of f.boxes || []) {
+      const r = document.createElementNS(ns, "rect");
+      r.setAttribute("x", b.x); r.setAttribute("y", b.y);
+      r.setAttribute("width", b.w); r.setAttribute("height", b.h);
+      r.setAttribute("fill", "none"); r.setAttribute("stroke", COLOURS[k % COLOURS.length]);
+      r.setAttribute("stroke-width", Math.max(1.5, w / 160));
+      r.setAttribute("vector-effect", "non-scaling-stroke");
+      const t = document.createElementNS(ns, "title"); t.textContent = f.disease; r.append(t);
+      svg.append(r);
+    }
+  });
+  svg.style.display = $("show-boxes").checked ? "" : "none";
+}
+
+function showFindings(findings, scores) {
+  const box = $("findings");
+  box.replaceChildren();
+  if (!findings.length) box.append(el("p", { class: "muted" }, "No finding above its threshold."));
+  findings.forEach((f, k) => {
+    const colour = COLOURS[k % COLOURS.length];
+    const chips = [f.side, ...(f.location || []), f.severity, f.organ].filter(Boolean)
+      .map((c) => el("span", { class: "chip" }, c));
+    box.append(el("div", { class: "finding", style: `--c:${colour}` },
+      el("div", {}, el("span", { class: "name" }, f.disease), " ",
+         el("span", { class: "score muted" }, f.score.toFixed(2))),
+      el("div", { class: "bar" }, el("span", { style: `width:${Math.round(f.score * 100)}%` })),
+      f.annotation ? el("div", { class: "annotation" }, f.annotation) : null,
+      chips.length ? el("div", {}, ...chips) : null,
+      f.boxes && f.boxes.length ? el("div", { class: "muted" }, `${f.boxes.length} box(es)`) : null));
+  });
+  const table = $("scores");
+  table.replaceChildren();
+  Object.entries(scores || {}).sort((a, b) => b[1] - a[1]).forEach(([name, s]) =>
+    table.append(el("tr", {}, el("td", {}, name), el("td", {}, s.toFixed(3)))));
+}
+
+// Show one image: `item` = {findings, scores, image_size, heatmaps, id?, embedding?}, `src` = image.
+function show(item, src, subject) {
+  state.current = item;
+  state.heatImages = item.heatmaps || {};
+  $("placeholder").hidden = true;
+  $("stage").hidden = false;
+  $("subject").textContent = subject;
+  const base = $("base");
+  base.onload = () => drawBoxes(item.findings, item.image_size || [base.naturalHeight, base.naturalWidth]);
+  base.src = src;
+  const select = $("heat-select");
+  select.replaceChildren();
+  const names = Object.keys(state.heatImages);
+  for (const name of names) select.append(el("option", { value: name }, name));
+  if (!names.length) select.append(el("option", { value: "" }, "none"));
+  drawHeat(names[0]);
+  showFindings(item.findings, item.scores);
+  $("more-like").disabled = !(item.id || item.embedding);
+}
+
+async function annotate(event) {
+  event.preventDefault();
+  const file = $("file").files[0];
+  if (!file) { setStatus("Choose a PNG, JPEG or DICOM file first.", true); return; }
+  const form = new FormData();
+  form.append("file", file);
+  const store = $("store").checked;
+  setStatus(`Reading ${file.name}…`);
+  $("annotate").disabled = true;
+  try {
+    const r = await api(`/annotate?heatmap=true&image=true&embedding=true&store=${store}`,
+                        { method: "POST", body: form });
+    show(r, r.image, r.filename);
+    setStatus(`${r.findings.length} finding(s) in ${r.filename}` + (store ? ` (archive id ${r.id})` : ""));
+    if (store) { loadStudies(); loadVocabulary(); }
+  } catch (e) {
+    setStatus(e.message, true);
+  } finally {
+    $("annotate").disabled = false;
+  }
+}
+
+async function openStudy(id) {
+  setStatus(`Opening #${id}…`);
+  try {
+    const r = await api(`/studies/${id}?heatmap=true`);
+    show(r, r.image_url, `#${r.id}`);
+    setStatus(`#${r.id}: ${r.findings.length} finding(s)`);
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+// ---------------------------------------------------------------- archive and search
+
+function label(item) {
+  const top = item.findings[0];
+  return top ? `${top.disease} ${top.score.toFixed(2)}` : "no finding";
+}
+
+async function loadStudies() {
+  try {
+    const r = await api(`/studies?limit=${PAGE}&offset=${state.page * PAGE}`);
+    $("total").textContent = `(${r.total})`;
+    $("page").textContent = r.total ? `${state.page + 1} / ${Math.ceil(r.total / PAGE)}` : "";
+    $("prev").disabled = state.page === 0;
+    $("next").disabled = (state.page + 1) * PAGE >= r.total;
+    const list = $("studies");
+    list.replaceChildren();
+    for (const item of r.items) {
+      list.append(el("li", { "data-id": item.id, onclick: () => openStudy(item.id) },
+        el("span", {}, `#${item.id} `), el("span", { class: "muted" }, label(item))));
+    }
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+async function loadVocabulary() {
+  try {
+    const v = await api("/vocabulary");
+    for (const [id, values] of [["f-finding", v.diseases], ["f-location", v.locations],
+                                ["f-severity", v.severities]]) {
+      const select = $(id);
+      const keep = select.value;
+      while (select.options.length > 1) select.remove(1);
+      for (const value of values) select.append(el("option", {}, value));
+      select.value = keep;
+    }
+  } catch (e) { /* menus stay as they are */ }
+}
+
+function showResults(items, title) {
+  $("search-title").textContent = title;
+  const list = $("results");
+  list.replaceChildren();
+  for (const item of items) {
+    const extra = item.distance !== null && item.distance !== undefined
+      ? `distance ${item.distance.toFixed(3)}` : label(item);
+    list.append(el("li", { "data-id": item.id, onclick: () => openStudy(item.id) },
+      el("img", { src: item.image_url, alt: `image ${item.id}`, loading: "lazy" }),
+      el("div", { class: "caption" }, `#${item.id} · ${extra}`)));
+  }
+}
+
+async function search(event) {
+  event.preventDefault();
+  const params = new URLSearchParams();
+  const fields = { q: "q", finding: "f-finding", side: "f-side", location: "f-location",
+                   severity: "f-severity", min_score: "f-min" };
+  for (const [key, id] of Object.entries(fields)) if ($(id).value) params.set(key, $(id).value);
+  try {
+    const r = await api(`/search?${params}`);
+    showResults(r.items, `${r.items.length} image(s) match` +
+      (params.toString() ? ` ${decodeURIComponent(params.toString()).replaceAll("&", ", ")}` : ""));
+  } catch (e) {
+    $("search-title").textContent = e.message;
+  }
+}
+
+async function moreLikeThis() {
+  const item = state.current;
+  if (!item) return;
+  try {
+    const r = item.id
+      ? await api(`/search?like_id=${item.id}&k=12`)
+      : await api("/search/similar", { method: "POST", headers: { "Content-Type": "application/json" },
+                                       body: JSON.stringify({ embedding: item.embedding, k: 12 }) });
+    showResults(r.items, `${r.items.length} image(s) most like ${item.id ? "#" + item.id : item.filename}`);
+    $("search").scrollIntoView({ behavior: "smooth" });
+  } catch (e) {
+    $("search-title").textContent = e.message;
+  }
+}
+
+async function loadHealth() {
+  try {
+    const h = await api("/health");
+    $("model").textContent = `model ${h.model_id} · ${h.archive.images} indexed image(s)`;
+  } catch (e) {
+    $("model").textContent = `service not ready: ${e.message}`;
+  }
+}
+
+function setOpacity() {
+  const v = $("opacity").value;
+  $("heat").style.opacity = v / 100;
+  $("opacity-value").textContent = `${v}%`;
+}
+
+$("upload-form").addEventListener("submit", annotate);
+$("search-form").addEventListener("submit", search);
+$("more-like").addEventListener("click", moreLikeThis);
+$("opacity").addEventListener("input", setOpacity);
+$("heat-select").addEventListener("change", (e) => drawHeat(e.target.value));
+$("show-boxes").addEventListener("change", (e) => { $("boxes").style.display = e.target.checked ? "" : "none"; });
+$("prev").addEventListener("click", () => { state.page = Math.max(0, state.page - 1); loadStudies(); });
+$("next").addEventListener("click", () => { state.page += 1; loadStudies(); });
+setOpacity();
+loadHealth();
+loadStudies();
+loadVocabulary();

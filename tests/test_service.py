@@ -1,0 +1,262 @@
+"""The REST service for real: the app under a real uvicorn server on a loopback port, the tiny
+trained run, an SQLite archive indexed with the archive API, real HTTP requests with httpx."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+
+def nih_pngs(shared_data: Path, n: int, skip: int = 0) -> list[Path]:
+    return sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[skip:skip + n]
+
+
+def chest_dicom(path: Path, shape=(96, 120), **kwargs) -> Path:
+    from cxr.dicom import write_dicom
+
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    image = 0.3 + 0.3 * np.exp(-((xx / shape[1] - 0.5) ** 2) / 0.03) + 0.05 * np.sin(yy / 7)
+    return write_dicom(path, image.astype(np.float32), **kwargs)
+
+
+def png_size(data_url: str) -> tuple[int, int]:
+    from PIL import Image
+
+    head, payload = data_url.split(",", 1)
+    assert head == "data:image/png;base64"
+    with Image.open(io.BytesIO(base64.b64decode(payload))) as im:
+        return im.height, im.width
+
+
+@pytest.fixture(scope="module")
+def service(tiny_run, shared_data, tmp_path_factory):
+    """(base URL, the Reader, indexed NIH paths): 6 NIH PNGs and a DICOM indexed first; the
+    server opens the run and the archive itself at start-up (lifespan)."""
+    from cxr.archive.db import Archive
+    from cxr.archive.index import index_images
+    from cxr.reader import Reader
+    from cxr.service.app import create_app
+    from cxr.service.server import running_server
+
+    tmp = tmp_path_factory.mktemp("service")
+    folder = tmp / "pacs"
+    folder.mkdir()
+    for png in nih_pngs(shared_data, 6):
+        shutil.copy(png, folder / png.name)
+    chest_dicom(folder / "chest.dcm")
+    url = f"sqlite:///{tmp / 'archive.db'}"
+    reader = Reader.load(tiny_run)
+    with Archive(url) as archive:
+        stats = index_images(archive, reader, sorted(map(str, folder.iterdir())), progress=False)
+    assert stats.indexed == 7
+    app = create_app(tiny_run, url, max_upload_mb=1, max_batch=8, batch_wait_ms=50,
+                     upload_dir=tmp / "uploads")
+    with running_server(app) as base:
+        yield base, reader, tmp
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with httpx.Client(base_url=service[0], timeout=60) as c:
+        yield c
+
+
+def test_health_openapi_docs_and_page(client, service):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model_id"] == service[1].model_id
+    assert health["targets"] == service[1].targets and health["archive"]["images"] == 7
+    spec = client.get("/openapi.json").json()
+    assert {"/annotate", "/studies", "/studies/{image_id}", "/studies/{image_id}/image", "/search",
+            "/health"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "Research use only" in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_annotate_png_matches_the_reader(client, service, shared_data):
+    from cxr.images import load_image
+
+    png = nih_pngs(shared_data, 1, skip=20)[0]
+    r = client.post("/annotate", files={"file": (png.name, png.read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    direct = service[1](load_image(png))
+    assert body["filename"] == png.name and body["image_size"] == [256, 256]
+    assert body["model_id"] == direct.model_id
+    assert body["scores"] == pytest.approx(direct.scores, abs=1e-5)
+    assert [f["disease"] for f in body["findings"]] == [f.disease for f in direct.findings]
+    assert [f["annotation"] for f in body["findings"]] == [f.annotation for f in direct.findings]
+    assert "heatmaps" not in body and "embedding" not in body and "id" not in body
+    assert "Research use only" in body["disclaimer"]
+
+
+def test_heatmap_image_and_embedding_on_request(client, service, shared_data):
+    png = nih_pngs(shared_data, 1, skip=21)[0]
+    r = client.post("/annotate", params={"heatmap": "true", "image": "true", "embedding": "true"},
+                    files={"file": (png.name, png.read_bytes())})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    diseases = [f["disease"] for f in body["findings"] if f["disease"] != "normal"]
+    assert diseases, "the tiny run should assert a finding on an NIH radiograph"
+    assert sorted(body["heatmaps"]) == sorted(diseases)
+    assert all(png_size(h) == (256, 256) for h in body["heatmaps"].values())
+    assert png_size(body["image"]) == (256, 256)
+    assert len(body["embedding"]) == service[1]._forward([np.zeros((64, 64), np.float32)])[2].shape[1]
+    assert all(b["w"] > 0 and b["h"] > 0 for f in body["findings"] for b in f["boxes"])
+
+
+def test_annotate_dicom(client, service, tmp_path):
+    dcm = chest_dicom(tmp_path / "upload.dcm", shape=(96, 120), view="AP", compression="rle")
+    r = client.post("/annotate", files={"file": ("upload.dcm", dcm.read_bytes(), "application/dicom")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image_size"] == [96, 120] and body["view"] == "AP"
+    assert set(body["scores"]) == set(service[1].targets)
+
+
+def dicom_without_pixels(path: Path) -> bytes:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid(), "DX"
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["truncated", "text", "empty", "no-pixels"])
+def test_bad_uploads_get_a_4xx_with_the_reason(client, shared_data, tmp_path, case):
+    png = nih_pngs(shared_data, 1)[0].read_bytes()
+    name, data, words = {
+        "truncated": ("cut.png", png[:len(png) // 3], ("cut.png",)),
+        "text": ("notes.png", b"this is a radiology report, not an image\n" * 20, ("notes.png",)),
+        "empty": ("empty.png", b"", ("empty",)),
+        "no-pixels": ("header.dcm", dicom_without_pixels(tmp_path / "h.dcm"), ("pixel",)),
+    }[case]
+    r = client.post("/annotate", files={"file": (name, data)})
+    assert 400 <= r.status_code < 500, r.text
+    detail = r.json()["detail"]
+    assert all(w.lower() in detail.lower() for w in words), detail
+    assert "/tmp" not in detail and "cxr-upload" not in detail  # the server's temp file stays private
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_oversized_upload_is_refused_with_413(client):
+    big = np.random.default_rng(0).bytes(int(1.5 * 2**20))
+    r = client.post("/annotate", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "limit is 1 MiB" in r.json()["detail"]
+
+    body = (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + big + b"\r\n--xyz--\r\n")
+
+    def chunks():  # no Content-Length: counted as it streams
+        step = 64 << 10
+        for i in range(0, len(body), step):
+            yield body[i:i + step]
+    r = client.post("/annotate", content=chunks(),
+                    headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_studies_image_and_search(client, service):
+    studies = client.get("/studies", params={"limit": 100}).json()
+    assert studies["total"] >= 7 and len(studies["items"]) == studies["total"]
+    first = studies["items"][0]
+    assert first["findings"] is not None and first["image_url"] == f"/studies/{first['id']}/image"
+    assert "embedding" not in first
+    page = client.get("/studies", params={"limit": 2, "offset": 1}).json()["items"]
+    assert [p["id"] for p in page] == [s["id"] for s in studies["items"][1:3]]
+
+    one = client.get(f"/studies/{first['id']}", params={"heatmap": "true"}).json()
+    assert one["id"] == first["id"] and one["path"] == first["path"]
+    assert set(one["heatmaps"]) == {f["disease"] for f in one["findings"] if f["disease"] != "normal"}
+    image = client.get(f"/studies/{first['id']}/image")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    from PIL import Image
+
+    h, w = first["image_size"]
+    assert Image.open(io.BytesIO(image.content)).size == (w, h)
+    assert client.get("/studies/999999").status_code == 404
+    assert client.get("/studies/999999/image").status_code == 404
+
+    # structured search: exactly the images with that finding, above the score
+    finding = first["findings"][0]
+    everything = {s["id"]: s for s in studies["items"]}
+    cut = finding["score"]
+    hits = client.get("/search", params={"finding": finding["disease"], "min_score": cut}).json()
+    expect = {i for i, s in everything.items()
+              if any(f["disease"] == finding["disease"] and f["score"] >= cut for f in s["findings"])}
+    assert {h["id"] for h in hits["items"]} == expect and first["id"] in expect
+    assert hits["query"] == {"finding": finding["disease"], "min_score": cut}
+    words = client.get("/search", params={"q": finding["annotation"]}).json()["items"]
+    assert first["id"] in {h["id"] for h in words}
+    assert client.get("/search", params={"finding": "Pneumothorax"}).json()["items"] == []
+
+    # similar images: not itself, nearest first
+    like = client.get("/search", params={"like_id": first["id"], "k": 3}).json()["items"]
+    assert len(like) == 3 and first["id"] not in {h["id"] for h in like}
+    assert [h["distance"] for h in like] == sorted(h["distance"] for h in like)
+    assert client.get("/search", params={"like_id": 999999}).status_code == 404
+    assert client.get("/search", params={"min_score": 3}).status_code == 422
+    vocab = client.get("/vocabulary").json()
+    assert finding["disease"] in vocab["diseases"]
+
+
+def test_store_indexes_the_upload_under_the_server_folder(client, service, shared_data):
+    base, reader, tmp = service
+    png = nih_pngs(shared_data, 1, skip=30)[0]
+    before = client.get("/health").json()["archive"]["images"]
+    # a path-like name is only a name: nothing is read or written there
+    r = client.post("/annotate", params={"store": "true", "embedding": "true"},
+                    files={"file": ("../../../../etc/passwd.png", png.read_bytes())})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["filename"] == "passwd.png"
+    record = client.get(f"/studies/{body['id']}").json()
+    assert Path(record["path"]).parent.parent == tmp / "uploads"
+    assert Path(record["path"]).read_bytes() == png.read_bytes()
+    assert client.get("/health").json()["archive"]["images"] == before + 1
+    again = client.post("/annotate", params={"store": "true"}, files={"file": ("x.png", png.read_bytes())})
+    assert again.json()["id"] == body["id"]  # same content, same model: one row
+    # more like this, from the embedding of an upload: the stored copy comes first
+    like = client.post("/search/similar", json={"embedding": body["embedding"], "k": 2}).json()["items"]
+    assert like[0]["id"] == body["id"] and like[0]["distance"] < 1e-3
+
+
+def test_concurrent_requests_are_batched_and_answered_correctly(client, service, shared_data):
+    from cxr.images import load_image
+
+    base, reader, _ = service
+    pngs = nih_pngs(shared_data, 8, skip=40)
+    before = client.get("/health").json()["batching"]
+
+    async def post_all():
+        async with httpx.AsyncClient(base_url=base, timeout=120) as c:
+            return await asyncio.gather(*(
+                c.post("/annotate", files={"file": (p.name, p.read_bytes())}) for p in pngs))
+
+    responses = asyncio.run(post_all())
+    assert [r.status_code for r in responses] == [200] * 8
+    for p, r in zip(pngs, responses):  # each answer belongs to its own upload
+        assert r.json()["filename"] == p.name
+        assert r.json()["scores"] == pytest.approx(reader(load_image(p)).scores, abs=1e-5)
+    after = client.get("/health").json()["batching"]
+    assert after["items"] - before["items"] == 8
+    assert after["batches"] - before["batches"] < 8
+    assert after["max_batch_seen"] > 1
