@@ -1,0 +1,207 @@
+"""Backbones, annotator, cascade clustering, CAM boxes, data dropout, calibration, checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cxr.errors import CxrError
+from cxr.models.annotator import END, START, Annotator, decode, encode, pad_batch
+from cxr.models.cascade import RefinedLabels, refine, to_original
+from cxr.models.cnn import BACKBONES, create_cnn, load_pretrained
+from cxr.models.localize import LocalizeParams, boxes_from_heatmap, class_activation_maps, to_heatmap
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbone_interface(name):
+    torch.manual_seed(0)
+    model = create_cnn(name, 5).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        maps = model.forward_features(x)
+        logits = model.forward_head(maps)
+        emb = model.embed(x)
+    assert maps.ndim == 4 and maps.shape[:2] == (2, model.num_features)
+    assert logits.shape == (2, 5)
+    assert emb.shape == (2, model.num_features)
+    # the head is linear on pooled maps, so CAM averages to the logit minus the bias
+    cam = class_activation_maps(maps, model.head.weight, torch.tensor([[3], [3]]))
+    assert torch.allclose(cam.mean(dim=(2, 3))[:, 0] + model.head.bias[3], logits[:, 3], atol=1e-4)
+
+
+def test_unknown_backbone():
+    with pytest.raises(CxrError, match="unknown backbone"):
+        create_cnn("resnet9000", 3)
+
+
+def test_load_pretrained_reports_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    src = create_cnn("tiny", 7)
+    state = {f"module.{k}": v for k, v in src.state_dict().items()}
+    state["module.extra.weight"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    dst = create_cnn("tiny", 2)
+    report = load_pretrained(dst, tmp_path / "w.safetensors")
+    assert "extra.weight" in report["unexpected"]
+    assert not report["missing"] and not report["mismatched"]
+    assert torch.equal(dst.features[0][0].weight, src.features[0][0].weight)
+    assert not torch.equal(dst.head.weight[:2], src.head.weight[:2])  # head skipped (7 vs 2 classes)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pt")
+    assert load_pretrained(create_cnn("tiny", 7), tmp_path / "w.pt", head=True)["missing"] == []
+
+
+def test_load_pretrained_refuses_pickled_objects(tmp_path):
+    import argparse
+
+    torch.save({"thing": argparse.Namespace(a=1)}, tmp_path / "bad.pt")
+    with pytest.raises(CxrError, match="cannot read weights"):
+        load_pretrained(create_cnn("tiny", 2), tmp_path / "bad.pt")
+    with pytest.raises(CxrError, match="not found"):
+        load_pretrained(create_cnn("tiny", 2), tmp_path / "missing.safetensors")
+
+
+WORDS = ["<pad>", "<start>", "<end>", "<unk>", "opacity", "lung", "base", "left", "right", "cardiomegaly", "mild"]
+INDEX = {w: i for i, w in enumerate(WORDS)}
+
+
+def _fit(cell: str) -> tuple[Annotator, torch.Tensor, torch.Tensor, list[list[str]]]:
+    """An annotator overfitted to three (image, label) -> sequence examples; the same image
+    gets two different sequences for two labels (conditioning on the finding)."""
+    torch.manual_seed(0)
+    seqs = [["opacity", "lung", "base", "left"], ["cardiomegaly", "mild"], ["opacity", "lung", "base", "right"]]
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 0])
+    tokens = pad_batch([encode(s, INDEX) for s in seqs])
+    model = Annotator(len(WORDS), 2, 2, hidden=32, embed_dim=8, cell=cell, dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    for _ in range(150):
+        opt.zero_grad()
+        model.loss(emb, labels, tokens).backward()
+        opt.step()
+    return model.eval(), emb, labels, seqs
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_annotator_greedy_and_beam(cell):
+    model, emb, labels, seqs = _fit(cell)
+    greedy = [decode(s, WORDS) for s in model.greedy(emb, labels)]
+    assert greedy == seqs
+    beam = [decode(s, WORDS) for s in model.beam(emb, labels, beams=3)]
+    assert beam == seqs
+    assert model.beam(emb, labels, beams=1) == model.greedy(emb, labels)
+    ctx = model.context(emb, labels, pad_batch([encode(s, INDEX) for s in seqs]))
+    assert ctx.shape == (3, 32)
+
+
+def test_beam_finds_a_better_sequence_than_greedy():
+    """A hand-set model where the greedy first word leads to a poor continuation: greedy takes
+    `a` (p=.6) then must split .5/.5; beam search finds `b` (p=.4) followed by a sure <end>."""
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "b", "c", "d"]
+
+    class Scripted(Annotator):
+        def _step(self, prev, state):
+            n = prev.shape[0]
+            logp = torch.full((n, len(words)), -30.0)
+            for i, w in enumerate(prev.tolist()):
+                if w == START:
+                    logp[i, 4], logp[i, 5] = np.log(0.6), np.log(0.4)
+                elif w == 4:
+                    logp[i, 6], logp[i, 7] = np.log(0.5), np.log(0.5)
+                elif w == 5:
+                    logp[i, END] = 0.0
+                else:
+                    logp[i, END] = np.log(0.5)
+            return logp, state
+
+    model = Scripted(len(words), 1, 2, hidden=4, embed_dim=2).eval()
+    emb, lab = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+    assert decode(model.greedy(emb, lab)[0], words)[:2] == ["a", "c"]
+    assert decode(model.beam(emb, lab, beams=3)[0], words) == ["b"]
+
+
+def test_cascade_refines_big_labels_only():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.1, (20, 4)) + np.array([3, 0, 0, 0])
+    b = rng.normal(0, 0.1, (20, 4)) - np.array([3, 0, 0, 0])
+    small = rng.normal(0, 1, (5, 4))
+    contexts = np.concatenate([a, b, small])
+    labels = np.array([0] * 40 + [1] * 5)
+    refined, assigned = refine(contexts, labels, ["Opacity", "Nodule"], min_members=10, per_cluster=20, seed=0)
+    assert refined.names == ["Opacity#1", "Opacity#2", "Nodule"]
+    assert refined.parents == [0, 0, 1]
+    assert len(set(assigned[:20])) == 1 and len(set(assigned[20:40])) == 1 and assigned[0] != assigned[20]
+    assert set(assigned[40:]) == {2}
+    probs = np.array([[0.2, 0.9, 0.1], [0.3, 0.1, 0.7]])
+    np.testing.assert_allclose(to_original(probs, refined, 2), [[0.9, 0.1], [0.3, 0.7]])
+    assert RefinedLabels.from_dict(refined.to_dict()) == refined
+
+
+def test_cam_boxes_on_a_synthetic_map():
+    heat = np.zeros((100, 120), dtype=np.float32)
+    heat[10:30, 20:50] = 1.0       # strong blob
+    heat[60:90, 80:110] = 0.7      # weaker, larger
+    heat[0:2, 0:2] = 0.9           # speck, below min_area
+    boxes = boxes_from_heatmap(heat, "Mass", LocalizeParams(threshold=0.5, max_boxes=3, min_area=0.001))
+    assert [(b.x, b.y, b.w, b.h) for b in boxes] == [(80, 60, 30, 30), (20, 10, 30, 20)]
+    assert all(b.label == "Mass" for b in boxes)
+    assert len(boxes_from_heatmap(heat, "Mass", LocalizeParams(0.5, max_boxes=1, min_area=0.001))) == 1
+    assert boxes_from_heatmap(heat, "Mass", LocalizeParams(0.95, 3, 0.001))[0].w == 30  # only the strong one
+    assert boxes_from_heatmap(np.zeros((8, 8), np.float32), "x", LocalizeParams(0.5)) == []
+    up = to_heatmap(torch.tensor([[0.0, 2.0], [1.0, 4.0]]), (40, 40))
+    assert up.shape == (40, 40) and up.min() == 0 and up.max() == pytest.approx(1.0)
+    assert up[35, 35] > up[5, 5]
+
+
+def test_data_dropout_keeps_expected_fraction():
+    from cxr.dataset import data_dropout_indices, normal_keep_probability
+
+    # 400 normals, disease A on 40 images, disease B on 10
+    y = np.zeros((450, 3), dtype=np.float32)
+    y[:400, 0] = 1
+    y[400:440, 1] = 1
+    y[440:, 2] = 1
+    p = normal_keep_probability(y, 0, keep_factor=4.0)
+    assert p == pytest.approx(4 * 40 / 400)
+    rng = np.random.default_rng(0)
+    kept = [np.isin(data_dropout_indices(y, 0, rng, 4.0, 4), np.arange(400)).sum() for _ in range(200)]
+    assert np.mean(kept) == pytest.approx(p * 400, rel=0.03)
+    idx = data_dropout_indices(y, 0, rng, 4.0, 4)
+    counts = np.bincount(idx, minlength=450)
+    assert set(counts[400:440]) == {1}           # the largest class is not duplicated
+    assert set(counts[440:]) == {4}              # 40 // 10 = 4 copies of the rare class
+    assert counts[:400].max() <= 1
+
+
+def test_platt_and_thresholds():
+    from cxr.training.calibration import apply_platt, fit_platt, max_f1_thresholds
+
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-true_logit))).astype(np.float32)
+    raw = true_logit / 3 + 1.0  # overconfident-in-the-wrong-way scores
+    (a, b), = fit_platt(raw[:, None], y[:, None], prior=0.0)
+    assert a == pytest.approx(3.0, rel=0.15) and b == pytest.approx(-3.0, abs=0.4)
+    probs = apply_platt(raw[:, None], [(a, b)])
+    assert abs(probs.mean() - y.mean()) < 0.02
+    th = max_f1_thresholds(np.array([[0.1], [0.4], [0.6], [0.9]]), np.array([[0], [0], [1], [1]]))
+    assert th == [0.6]
+    assert max_f1_thresholds(np.array([[0.3]]), np.array([[0]])) == [0.5]
+
+
+def test_optimizer_state_round_trip(tmp_path):
+    from cxr.checkpoint import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, meta = optimizer_tensors(opt)
+    save_tensors(tmp_path / "s.safetensors", tensors)
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.5)
+    restore_optimizer(opt2, load_tensors(tmp_path / "s.safetensors"), meta)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for k in a["state"]:
+        for name in a["state"][k]:
+            assert torch.equal(torch.as_tensor(a["state"][k][name]), torch.as_tensor(b["state"][k][name]))

@@ -1,0 +1,135 @@
+"""train(): end to end on a few synthetic images, resume after an interruption, settings checks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cxr.errors import CxrError
+from cxr.testing import synthetic_studies, tiny_config
+from cxr.training import TrainConfig, split_studies, train
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    return synthetic_studies(tmp_path_factory.mktemp("syn"), n=24, size=48)
+
+
+def _config(**kw):
+    return tiny_config(data="folder:synthetic", image_size=48, crop=40, epochs=2, rnn_epochs=4, **kw)
+
+
+def test_interrupted_run_resumes_and_finishes(tmp_path, studies):
+    out = tmp_path / "run"
+    seen = []
+
+    def stop_after_first_epoch(phase, epoch, record):
+        seen.append((phase, epoch))
+        if (phase, epoch) == ("cnn1", 1):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(_config(), out, studies=studies, on_epoch=stop_after_first_epoch)
+    assert not (out / "config.json").exists()
+    progress = json.loads((out / "state" / "progress.json").read_text())
+    assert progress["phases"]["cnn1"]["epoch"] == 1 and not progress.get("finished")
+
+    with pytest.raises(CxrError, match="resume"):
+        train(_config(), out, studies=studies, resume=False)
+    with pytest.raises(CxrError, match="different settings"):
+        train(_config(backbone="nin"), out, studies=studies)
+
+    resumed = []
+    train(_config(), out, studies=studies, on_epoch=lambda p, e, r: resumed.append((p, e)))
+    assert resumed[0] == ("cnn1", 2)  # epoch 1 was not redone
+    assert {p for p, _ in resumed} == {"cnn1", "rnn1", "cnn2", "rnn2"}
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [(h["phase"], h["epoch"]) for h in history if h["phase"] == "cnn1"] == [("cnn1", 1), ("cnn1", 2)]
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["stage"] == "cascade" and config["cxr_version"]
+    assert config["targets"] == ["normal", "Cardiomegaly", "Opacity"]
+    assert set(config["thresholds"]) == set(config["targets"]) == set(config["calibration"]["params"])
+    assert len(config["refined"]["names"]) == config["architecture"]["num_classes"] > 3  # the cascade split labels
+    assert all(0 <= p < 3 for p in config["refined"]["parents"])
+    assert config["vocabulary"][:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "opacity" in config["vocabulary"]
+    assert config["localization"]["threshold"] == 0.5
+    assert config["data"]["spec"] == "folder:synthetic" and config["data"]["split_seed"] == 0
+    patients = config["data"]["patients"]
+    assert not set(patients["train"]) & set(patients["test"])
+    stage1 = json.loads((out / "stage1" / "config.json").read_text())
+    assert stage1["stage"] == "stage1" and stage1["refined"]["names"] == stage1["targets"]
+    assert (out / "stage1" / "weights.safetensors").exists()
+
+    # a finished run returns at once
+    again = []
+    train(_config(), out, studies=studies, on_epoch=lambda p, e, r: again.append(p))
+    assert again == []
+
+    splits = split_studies(config, studies)
+    assert {s.patient_id for s in splits["test"]} == set(patients["test"])
+    assert sum(len(v) for v in splits.values()) == len(studies)
+
+
+def test_without_cascade_and_with_class_weights(tmp_path, studies):
+    out = train(_config(cascade=False, class_weighted=True, data_dropout=False, rnn="lstm"), tmp_path / "r",
+                studies=studies)
+    config = json.loads((out / "config.json").read_text())
+    assert config["stage"] == "stage1" and not (out / "stage1").exists()
+    assert config["architecture"]["rnn"] == "lstm"
+    assert config["train_config"]["class_weighted"] is True
+
+
+def test_image_cache_is_built_once(tmp_path, studies):
+    from cxr.dataset import build_cache
+
+    paths = [str(s.images[0].path) for s in studies[:5]]
+    a = build_cache(paths, 32, tmp_path, progress=False)
+    files = list(tmp_path.glob("images-*.npy"))
+    assert len(files) == 1 and a.shape == (5, 32, 32) and a.dtype == np.uint16
+    mtime = files[0].stat().st_mtime_ns
+    b = build_cache(paths, 32, tmp_path, progress=False)
+    assert files[0].stat().st_mtime_ns == mtime and np.array_equal(a, b)
+    assert len(list(tmp_path.glob("images-*.npy"))) == 1
+    build_cache(paths[:4], 32, tmp_path, progress=False)  # another list, another cache
+    assert len(list(tmp_path.glob("images-*.npy"))) == 2
+
+
+def test_config_checks():
+    with pytest.raises(CxrError, match="backbone"):
+        TrainConfig(backbone="vgg")
+    with pytest.raises(CxrError, match="crop"):
+        TrainConfig(image_size=128, crop=224)
+    with pytest.raises(CxrError, match="fractions"):
+        TrainConfig(fractions=(0.5, 0.5, 0.5))
+    assert TrainConfig.from_dict(TrainConfig(epochs=3).to_dict()).epochs == 3
+
+
+def test_no_data_is_a_clear_error(tmp_path):
+    with pytest.raises(CxrError, match="no training data"):
+        train(TrainConfig(backbone="tiny"), tmp_path / "r")
+
+
+def test_train_cli_on_a_folder(tmp_path, studies):
+    """`cxr train --data folder:...` through the command table (a manifest gives the labels)."""
+    import csv
+
+    from cxr.cli import main
+
+    rows = [{"path": str(s.images[0].path), "patient_id": s.patient_id,
+             "labels": "|".join(f.raw or f.term for f in s.findings)} for s in studies]
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    rc = main(["train", "--data", f"folder:{studies[0].images[0].path.parent},{manifest}",
+               "--out", str(tmp_path / "run"), "--backbone", "tiny", "--image-size", "48", "--crop", "40",
+               "--epochs", "1", "--rnn-epochs", "2", "--min-label-count", "2", "--no-cascade",
+               "--rnn-hidden", "16", "--rnn-embed", "8", "--num-workers", "0", "--no-progress"])
+    assert rc == 0 and (tmp_path / "run" / "config.json").exists()
