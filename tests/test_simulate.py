@@ -87,13 +87,18 @@ def test_open_i_and_nih_adapters_read_it_back(reference):
     assert len(read_openi(reference)) == N
     # NIH tables: one row per image, headings as labels, boxes in image pixels under the term
     nih = {s.id: s for s in read_nih(reference / "Data_Entry_2017.csv",
-                                     reference / "BBox_List_2017.csv")}
+                                     reference / "BBox_List_2017.csv",
+                                     images=reference / "images", box_frame=None)}
     for sid, r in records.items():
         study = nih[r["image"]["id"]]
+        assert study.images[0].path.name == Path(r["image"]["png"]).name
         heads = {KINDS[f["kind"]] for f in r["case"]["findings"]} or {"normal"}
         assert {f.disease for f in study.findings} == heads
         assert [(b.label, round(b.y, 3), round(b.h, 3)) for b in study.images[0].boxes] == \
                [(b["label"], round(b["y"], 3), round(b["h"], 3)) for b in r["boxes"]]
+    via_spec = {s.id: [(b.label, b.x, b.y) for b in s.images[0].boxes]
+                for s in open_source(f"nih:{reference}")}
+    assert via_spec == {k: [(b.label, b.x, b.y) for b in s.images[0].boxes] for k, s in nih.items()}
     with open(reference / "BBox_List_2017.csv", newline="") as fh:
         header = fh.readline().strip()
         rows = list(csv.reader(fh))
