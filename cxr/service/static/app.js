@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const COLOURS = ["#ff5050", "#4ea1ff", "#ffc800", "#50dc78", "#dc5aff", "#ff8c00"];
+// cool colours for findings and boxes, so they stand out on the warm heatmap
+const COLOURS = ["#4ea1ff", "#50dc78", "#dc5aff", "#00e5ff", "#ffffff", "#a0ff40"];
 const PAGE = 20;
 const state = { current: null, page: 0, heatImages: {} };
 
@@ -50,9 +51,9 @@ function drawHeat(name) {
     const data = ctx.getImageData(0, 0, canvas.width, canvas.height);
     const px = data.data;
     for (let i = 0; i < px.length; i += 4) {
-      const v = px[i] / 255;  // warm ramp: dark red -> red -> yellow
+      const v = px[i] / 255;  // warm ramp (red -> yellow); cool parts stay transparent
       px[i] = 255; px[i + 1] = Math.round(255 * Math.max(0, v * 2 - 1)); px[i + 2] = 0;
-      px[i + 3] = Math.round(255 * Math.min(1, v * 1.2));
+      px[i + 3] = Math.round(230 * Math.min(1, Math.max(0, (v - 0.2) / 0.6)));
     }
     ctx.putImageData(data, 0, 0);
     canvas.dataset.drawn = name;
@@ -72,7 +73,7 @@ function drawBoxes(findings, size) {
       r.setAttribute("x", b.x); r.setAttribute("y", b.y);
       r.setAttribute("width", b.w); r.setAttribute("height", b.h);
       r.setAttribute("fill", "none"); r.setAttribute("stroke", COLOURS[k % COLOURS.length]);
-      r.setAttribute("stroke-width", Math.max(1.5, w / 160));
+      r.setAttribute("stroke-width", 2.5);
       r.setAttribute("vector-effect", "non-scaling-stroke");
       const t = document.createElementNS(ns, "title"); t.textContent = f.disease; r.append(t);
       svg.append(r);

@@ -1,0 +1,125 @@
+"""The web page end to end in a real headless Chromium (Debian's /usr/bin/chromium, driven by
+Playwright) against the real service: upload, findings, opacity slider, search, more like this."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_in_ci
+
+CHROMIUM = os.environ.get("CXR_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def nih_pngs(shared_data: Path, n: int, skip: int = 0) -> list[Path]:
+    return sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[skip:skip + n]
+
+
+@pytest.fixture(scope="module")
+def site(tiny_run, shared_data, tmp_path_factory):
+    """Base URL of a served archive of 6 NIH radiographs."""
+    from cxr.archive.db import Archive
+    from cxr.archive.index import index_images
+    from cxr.reader import Reader
+    from cxr.service.app import create_app
+    from cxr.service.server import running_server
+
+    tmp = tmp_path_factory.mktemp("web")
+    folder = tmp / "pacs"
+    folder.mkdir()
+    for png in nih_pngs(shared_data, 6):
+        shutil.copy(png, folder / png.name)
+    url = f"sqlite:///{tmp / 'archive.db'}"
+    reader = Reader.load(tiny_run)
+    with Archive(url) as archive:
+        index_images(archive, reader, sorted(map(str, folder.iterdir())), progress=False)
+    with running_server(create_app(tiny_run, url, reader=reader, upload_dir=tmp / "uploads")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def page(site):
+    needs_in_ci(os.path.exists(CHROMIUM), "Chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.set_default_timeout(30_000)
+            page.goto(site + "/")
+            page.errors = errors
+            yield page
+        finally:
+            browser.close()
+
+
+def test_upload_see_findings_slide_opacity_search_and_more_like_this(page, shared_data, tmp_path):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#banner")).to_contain_text("Research use only")
+    expect(page.locator("#model")).to_contain_text("6 indexed image")
+    expect(page.locator("#studies li")).to_have_count(6)
+
+    # upload: findings with scores and annotations, the image, a drawn heatmap, boxes
+    png = nih_pngs(shared_data, 1, skip=50)[0]
+    page.set_input_files("#file", str(png))
+    page.click("#annotate")
+    expect(page.locator("#status")).to_contain_text("finding(s) in " + png.name)
+    findings = page.locator("#findings .finding")
+    expect(findings.first).to_be_visible()
+    assert findings.count() >= 1
+    first = findings.first.inner_text()
+    assert any(c.isdigit() for c in first) and findings.first.locator(".annotation").inner_text()
+    expect(page.locator("#stage")).to_be_visible()
+    assert page.evaluate("document.getElementById('base').naturalWidth") == 256
+    page.wait_for_function("document.getElementById('heat').dataset.drawn")
+    assert page.locator("#heat-select option").count() >= 1
+    assert page.locator("#boxes rect").count() >= 1
+
+    # the opacity slider drives the overlay
+    page.locator("#opacity").fill("80")
+    expect(page.locator("#opacity-value")).to_have_text("80%")
+    assert page.evaluate("getComputedStyle(document.getElementById('heat')).opacity") == "0.8"
+    page.screenshot(path=str(tmp_path / "viewer.png"), full_page=True)
+
+    # more like this (from the upload's embedding): the nearest archive images
+    page.click("#more-like")
+    expect(page.locator("#search-title")).to_contain_text("most like")
+    expect(page.locator("#results li")).to_have_count(6)
+
+    # structured search with a menu filled from the archive
+    disease = page.locator("#findings .finding .name").first.inner_text()
+    page.select_option("#f-finding", disease)
+    page.click("#search-button")
+    expect(page.locator("#search-title")).to_contain_text("match")
+    assert page.locator("#results li").count() >= 1
+    assert page.evaluate("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+
+    # open a result: the indexed image with its stored findings, then more like it
+    page.locator("#results li").first.click()
+    expect(page.locator("#subject")).to_contain_text("#")
+    page.click("#more-like")
+    expect(page.locator("#results li")).to_have_count(5)  # the other indexed images
+    page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+    assert page.errors == []
+    if os.environ.get("CXR_SCREENSHOTS"):
+        shutil.copy(tmp_path / "viewer.png", Path(os.environ["CXR_SCREENSHOTS"]) / "viewer.png")
+        shutil.copy(tmp_path / "search.png", Path(os.environ["CXR_SCREENSHOTS"]) / "search.png")
+
+
+def test_a_bad_upload_shows_the_reason(page, tmp_path):
+    from playwright.sync_api import expect
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    page.set_input_files("#file", str(bad))
+    page.click("#annotate")
+    expect(page.locator("#status")).to_contain_text("broken.png")
+    expect(page.locator("#status")).to_have_class("error")
