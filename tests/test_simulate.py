@@ -140,6 +140,8 @@ def test_other_settings_into_the_same_folder_are_refused(reference, tmp_path, ca
 
     with pytest.raises(CxrError, match="other settings.*seed"):
         simulate(reference, n=N, size=SIZE, seed=SEED + 1, progress=False)
+    with pytest.raises(CxrError, match="would leave the others"):
+        simulate(reference, n=N - 1, size=SIZE, seed=SEED, progress=False)
     (tmp_path / "stuff.txt").write_text("not a simulated set")
     with pytest.raises(CxrError, match="not empty"):
         simulate(tmp_path, n=2, size=SIZE, progress=False)
@@ -166,3 +168,20 @@ def test_dicom_output(shared_data, tmp_path):
     import numpy as np
 
     assert np.corrcoef(png.ravel(), dcm.ravel())[0, 1] > 0.999  # the same picture, bright = dense
+
+
+def test_a_larger_n_grows_the_set(reference, tmp_path):
+    import shutil
+
+    from cxr.phantom.simulate import simulate
+
+    grown = tmp_path / "grown"
+    shutil.copytree(reference, grown)
+    simulate(grown, n=N + 1, size=SIZE, seed=SEED, progress=False)
+    before, after = _files(reference), _files(grown)
+    assert len(_records(grown)) == N + 1
+    assert f"images/CXR{N + 1}_IM-0001-1001.png" in after
+    for name, data in before.items():
+        if name.startswith(("images/", "ecgen-radiology/", "records/")):
+            assert after[name] == data  # the first N cases are untouched
+    assert json.loads(after["manifest.json"])["settings"]["n"] == N + 1

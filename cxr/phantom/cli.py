@@ -8,7 +8,7 @@ from pathlib import Path
 def configure(parser) -> None:
     parser.add_argument("--out", required=True, type=Path,
                         help="output folder (created; an interrupted run in it is resumed)")
-    parser.add_argument("--n", type=int, default=2000, help="number of studies (default 2000)")
+    parser.add_argument("--n", type=int, default=2000, help="number of studies (default 2000; a larger --n grows an existing set)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole set (default 0)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,

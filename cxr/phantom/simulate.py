@@ -14,7 +14,8 @@ Layout of OUT (see the README section "The phantom"):
 Resumable: every per-case file is written to a temporary name and renamed into place, and the
 case's record goes last; a re-run with the same settings skips the cases that have a record and
 rebuilds the tables from all records at the end. A re-run with other settings into the same
-folder is refused (CxrError), so a set never mixes two configurations. Case i depends only on
+folder is refused (CxrError), so a set never mixes two configurations; only a larger `n` is
+accepted, and adds cases to the set. Case i depends only on
 (seed, i), so the result does not depend on the number of workers or on interruptions.
 """
 from __future__ import annotations
@@ -139,11 +140,16 @@ def _claim(out: Path, settings: dict) -> None:
             old = json.loads(manifest.read_text()).get("settings", {})
         except (OSError, ValueError) as exc:
             raise CxrError(f"unreadable manifest of a simulated set: {exc}", manifest) from exc
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v and k != "n"}
         if diff:
             said = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
             raise CxrError(f"folder holds a simulated set made with other settings ({said}); "
                            "use another --out, or the same settings to resume it", out)
+        if int(old.get("n", 0)) > settings["n"]:
+            raise CxrError(f"folder holds a simulated set of {old['n']} studies; --n {settings['n']} "
+                           "would leave the others behind: use --n >= that, or another --out", out)
+        if int(old.get("n", 0)) < settings["n"]:  # growing a set: case i depends on (seed, i) only
+            _write_json(manifest, {**_manifest(settings), "complete": False})
         return
     if out.exists() and any(out.iterdir()):
         raise CxrError("folder is not empty and holds no simulated set: use a new or empty --out",
