@@ -26,8 +26,12 @@ MEAN, STD = 0.5, 0.25
 SCALE = 65535.0
 
 
-def preprocess(image: np.ndarray, size: int) -> np.ndarray:
-    """An image as loaded (float32 (H, W) in [0, 1]) -> the model's square input size."""
+def preprocess(image: np.ndarray, size: int, stretch: bool = True) -> np.ndarray:
+    """An image as loaded (float32 (H, W) in [0, 1]) -> the model's square input size.
+
+    With `stretch`, grey levels are stretched so the 0.5th..99.5th percentiles span [0, 1]: an 8-bit
+    PNG export and the DICOM it came from (windowed or min-max scaled by the loader) then give
+    the model the same input, whatever range each file used."""
     from .images import resize
 
     image = np.asarray(image, dtype=np.float32)
@@ -35,7 +39,12 @@ def preprocess(image: np.ndarray, size: int) -> np.ndarray:
         image = image[..., :3].mean(-1) if image.shape[-1] in (3, 4) else image[0]
     if image.ndim != 2:
         raise CxrError(f"expected a 2-D grey image, got shape {image.shape}")
-    return np.clip(resize(image, size), 0.0, 1.0)
+    image = resize(image, size)
+    if stretch:
+        lo, hi = np.percentile(image, (0.5, 99.5))
+        if hi - lo > 1e-6:
+            image = (image - lo) / (hi - lo)
+    return np.clip(image, 0.0, 1.0)
 
 
 def normalise(batch: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
@@ -43,7 +52,7 @@ def normalise(batch: torch.Tensor, mean: float = MEAN, std: float = STD) -> torc
 
 
 def cache_key(paths: list[str | Path], size: int) -> str:
-    h = hashlib.sha1(f"v1:{size}".encode())
+    h = hashlib.sha1(f"v2-stretch:{size}".encode())
     for p in paths:
         p = Path(p)
         try:

@@ -45,6 +45,7 @@ class Reader:
         self.image_size = int(config["preprocessing"]["image_size"])
         self.mean = float(config["preprocessing"].get("mean", 0.5))
         self.std = float(config["preprocessing"].get("std", 0.25))
+        self.stretch = bool(config["preprocessing"].get("stretch", False))
         self.thresholds = np.array([config["thresholds"][t] for t in self.targets], dtype=np.float32)
         self.platt = [tuple(config["calibration"]["params"][t]) for t in self.targets]
         self.localization = LocalizeParams.from_dict(config.get("localization"))
@@ -91,7 +92,7 @@ class Reader:
 
     @torch.no_grad()
     def _forward(self, images: list[np.ndarray]):
-        x = np.stack([preprocess(im, self.image_size) for im in images])[:, None]
+        x = np.stack([preprocess(im, self.image_size, self.stretch) for im in images])[:, None]
         x = normalise(torch.from_numpy(x).to(self.device), self.mean, self.std)
         maps = self.cnn.forward_features(x)
         logits = self.cnn.forward_head(maps).float()

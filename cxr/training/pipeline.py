@@ -256,8 +256,9 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         "targets": prep.targets,
         "refined": refined.to_dict(),
         "vocabulary": prep.words,
-        "preprocessing": {"image_size": cfg.image_size, "crop": cfg.crop, "mean": MEAN, "std": STD,
-                          "input": "float32 (H, W) in [0, 1], bright = dense, resized to image_size"},
+        "preprocessing": {"image_size": cfg.image_size, "crop": cfg.crop, "mean": MEAN, "std": STD, "stretch": True,
+                          "input": "float32 (H, W) in [0, 1], bright = dense; resized to image_size (area), "
+                                   "0.5-99.5th percentiles stretched to [0, 1], then (x - mean) / std"},
         "calibration": {"method": "platt", "params": calibration},
         "thresholds": thresholds,
         "threshold_rule": "max F1 on the validation split (calibrated scores)",

@@ -1,0 +1,117 @@
+"""Reader on the tiny trained run: contract of Result, checkpoint round trip, inputs, batching."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import cxr
+from cxr.errors import CxrError
+
+
+@pytest.fixture(scope="module")
+def reader(tiny_run):
+    return cxr.Reader.load(tiny_run, device="cpu")
+
+
+def _image(h=80, w=96, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 0.3 + 0.4 * np.exp(-(((xx - w * 0.7) ** 2 + (yy - h * 0.7) ** 2) / (2 * (w / 8) ** 2)))
+    return np.clip(img + 0.03 * rng.standard_normal((h, w)), 0, 1).astype(np.float32)
+
+
+def test_result_contract(reader, tiny_run):
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert reader.targets == config["targets"]
+    image = _image()
+    result = reader(image)
+    assert set(result.scores) == set(reader.targets)
+    assert all(0.0 <= s <= 1.0 for s in result.scores.values())
+    assert result.image_size == (80, 96)
+    assert result.embedding.shape == (config["architecture"]["image_dim"],)
+    assert result.model_id == reader.model_id and reader.model_id.startswith("tiny-cascade-")
+    for f in result.findings:
+        assert f.disease in reader.targets
+        assert f.score >= config["thresholds"][f.disease] - 1e-6
+        assert len(f.annotation.split()) <= 5
+        for b in f.boxes:
+            assert 0 <= b.x <= 96 and 0 <= b.y <= 80 and b.x + b.w <= 96 + 1e-3 and b.y + b.h <= 80 + 1e-3
+        if f.disease != "normal":
+            assert result.heatmaps[f.disease].shape == (80, 96)
+            assert 0.0 <= result.heatmaps[f.disease].min() and result.heatmaps[f.disease].max() <= 1.0
+    json.dumps(result.to_dict(embedding=True))
+
+
+def test_findings_follow_thresholds(tiny_run):
+    """With every threshold at 0 all diseases are reported, each with heatmap and annotation."""
+    from cxr.checkpoint import load_run
+    from cxr.reader import Reader
+
+    config, tensors = load_run(tiny_run)
+    config["thresholds"] = {t: 0.0 for t in config["targets"]}
+    result = Reader(config, tensors, "cpu")(_image())
+    diseases = [t for t in config["targets"] if t != "normal"]
+    assert sorted(f.disease for f in result.findings) == sorted(diseases)
+    assert set(result.heatmaps) == set(diseases)
+    assert all(f.annotation for f in result.findings)
+    config["thresholds"] = {t: 1.1 for t in config["targets"]}
+    assert Reader(config, tensors, "cpu")(_image()).findings == []
+
+
+def test_round_trip_same_outputs(reader, tiny_run):
+    again = cxr.Reader.load(tiny_run, device="cpu")
+    image = _image(seed=3)
+    a, b = reader(image), again(image)
+    assert a.scores == b.scores
+    np.testing.assert_array_equal(a.embedding, b.embedding)
+    assert [f.to_dict() for f in a.findings] == [f.to_dict() for f in b.findings]
+    assert again.model_id == reader.model_id
+
+
+def test_batches_and_paths_give_the_same_results(reader, tmp_path):
+    from PIL import Image
+
+    images = [_image(seed=s) for s in range(5)]
+    one_by_one = [reader(im) for im in images]
+    batched = reader(images, batch_size=2)
+    assert isinstance(batched, list) and len(batched) == 5
+    for x, y in zip(one_by_one, batched):
+        assert x.scores == pytest.approx(y.scores, abs=1e-5)
+    path = tmp_path / "x.png"
+    Image.fromarray((images[0] * 255).round().astype(np.uint8)).save(path)
+    from_file = reader(path)
+    assert from_file.image_size == (80, 96)
+    assert from_file.scores == pytest.approx(one_by_one[0].scores, abs=0.02)
+    assert len(reader(np.stack(images[:3]))) == 3  # an (N, H, W) stack is N images
+    assert reader.embed(images).shape == (5, one_by_one[0].embedding.shape[0])
+
+
+def test_beam_search_annotations(reader):
+    greedy = reader(_image(), beams=1)
+    beam = reader(_image(), beams=3)
+    assert [f.disease for f in greedy.findings] == [f.disease for f in beam.findings]
+    vocab = set(reader.words)
+    for f in beam.findings:
+        assert set(f.annotation.split()) <= {w for t in vocab for w in t.split()}
+
+
+def test_bad_inputs(reader, tmp_path):
+    with pytest.raises(CxrError, match="not found"):
+        reader(tmp_path / "missing.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(CxrError):
+        reader(bad)
+    with pytest.raises(CxrError, match=r"\[0, 1\]"):
+        reader(np.full((32, 32), 255.0, dtype=np.float32))
+    with pytest.raises(CxrError, match="not a trained run"):
+        cxr.Reader.load(tmp_path)
+
+
+def test_stage1_is_a_loadable_run(tiny_run):
+    stage1 = cxr.Reader.load(tiny_run / "stage1", device="cpu")
+    assert stage1.targets == cxr.Reader.load(tiny_run, device="cpu").targets
+    assert stage1.model_id.startswith("tiny-stage1-")
+    assert set(stage1(_image()).scores) == set(stage1.targets)
