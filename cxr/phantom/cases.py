@@ -213,7 +213,9 @@ class CaseGenerator:
             if low and all(t == "normal" for t in low):
                 self.n_normal += 1
                 continue
-            mentions = [m for m in map(parse_term, majors) if m is not None]
+            # one mention per distinct term: a term indexed twice is one finding
+            terms = dict.fromkeys(normalise_term(t) for t in majors)
+            mentions = [m for m in map(parse_term, terms) if m is not None]
             if mentions:
                 self.pool.append((rid, mentions))
         if not self.pool or self.n_normal == 0:
@@ -318,10 +320,12 @@ class CaseGenerator:
         count = 1
         if kind in POINT_KINDS and (m.multiple or side == "bilateral"):
             count = int(rng.integers(2, 4))
+        elif kind == "catheter" and side == "bilateral":
+            count = 2  # a line on each side
         out = []
         for j in range(count):
             lesion_side, lesion_site = side, site
-            if kind in POINT_KINDS and side == "bilateral":
+            if count > 1 and side == "bilateral":
                 lesion_side = ("left", "right")[j % 2] if j < 2 else str(rng.choice(["left", "right"]))
             if kind in POINT_KINDS and j > 0 and "site" in filled:
                 lesion_site = self._draw_site(kind, lesion_side, rng)

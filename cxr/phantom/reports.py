@@ -89,7 +89,10 @@ def _statement(group: list[FindingSpec], rng: np.random.Generator) -> tuple[str,
     """(FINDINGS sentence, IMPRESSION phrase) for the findings written under one term."""
     f = group[0]
     sev = f.severity or ""
-    where = _where(f.site, f.side, rng)
+    sides = {g.side for g in group}
+    sites = {g.site for g in group}
+    side = f.side if len(sides) == 1 else "bilateral"
+    where = _where(f.site if len(sites) == 1 else None, side, rng)
     desc = _descriptors(f.term)
     k = f.kind
     if k == "cardiomegaly":
@@ -142,7 +145,10 @@ def _statement(group: list[FindingSpec], rng: np.random.Generator) -> tuple[str,
         s = _pick(rng, [f"The lungs are {adv} hyperinflated.", f"{adv} hyperexpanded lungs."])
         return _cap(s), _cap(f"{adv} hyperinflated lungs")
     if k == "catheter":
-        side = f"{f.side}-sided " if f.side in ("left", "right") else ""
+        if side == "bilateral":
+            s = "There are bilateral central venous catheters with tips in the superior vena cava."
+            return s, "Bilateral central venous catheters"
+        side = f"{side}-sided " if side in ("left", "right") else ""
         s = _pick(rng, [f"There is a {side}central venous catheter with the tip in the superior "
                         "vena cava.", f"{side}PICC line with tip projecting over the SVC."])
         return _cap(s), _cap(f"{side}central venous catheter")
