@@ -386,12 +386,14 @@ class Archive:
             elif ndim is not None and ndim != index.state.ndim:
                 raise CxrError(f"embedding has {ndim} values, model {model_id!r} stores "
                                f"{index.state.ndim}")
-            with self.session() as s:
-                covered = s.scalar(select(func.count(ImageRow.id)).where(
-                    ImageRow.model_id == model_id, ImageRow.embedding.is_not(None),
-                    ImageRow.id <= index.state.watermark)) or 0
-            if covered != len(index):
-                index.reset()
+            if not index.verified:  # once per process: does the file still match the DB?
+                with self.session() as s:
+                    covered = s.scalar(select(func.count(ImageRow.id)).where(
+                        ImageRow.model_id == model_id, ImageRow.embedding.is_not(None),
+                        ImageRow.id <= index.state.watermark)) or 0
+                if covered != len(index):
+                    index.reset()
+                index.verified = True
             changed = False
             for ids, mat in self.embeddings(model_id, after_id=index.state.watermark):
                 index.add(ids, mat)
