@@ -32,6 +32,11 @@ def drawn(generator):
     return generator.draw(N, seed=0)
 
 
+def _indexed(study) -> bool:
+    terms = [t.strip().lower() for t in study.meta["mesh"] if t.strip()]
+    return bool(terms) and "no indexing" not in terms
+
+
 def _real_kinds(studies):
     """Per report: the set of renderable kinds its MeSH terms name, or None when normal;
     computed here from the MeSH headings, independently of the generator's parser."""
@@ -52,9 +57,10 @@ def _real_kinds(studies):
 
 
 def test_normal_share_is_openi(studies, generator, drawn):
-    real = _real_kinds(studies)
+    real = [k for k, s in zip(_real_kinds(studies), studies) if _indexed(s)]
     share = sum(k is None for k in real) / len(real)
     assert generator.n_reports == 3955 and generator.n_normal == 1391
+    assert generator.n_indexed == len(real) == 3955 - 95
     assert abs(generator.normal_share - share) < 1e-9
     assert 0.33 < share < 0.40  # Shin et al.: 37% of the images
     assert abs(summarise(drawn)["normal"] - share) < 0.025

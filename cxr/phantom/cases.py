@@ -5,7 +5,8 @@ A case is made by resampling a real Open-i report: the generator keeps every rep
 takes the renderable terms of one such report, chosen at random. Co-occurrence, sides, sites and
 severities therefore follow the real reports exactly (a bootstrap, not a fitted model), and the
 annotation language is the real one. Normal studies are drawn with the real share of reports whose
-only term is `normal` (35% of the 3,955 Open-i reports; Shin et al. count 37% of images).
+only term is `normal`: 1,391 of the 3,860 indexed Open-i reports, 36% (Shin et al. count 37% of
+the images; 95 reports say "No Indexing" and are left out).
 
 Reports whose findings are all outside the renderer's reach (degenerative spine, calcinosis,
 scars, ...) are not drawn: rendering them as normal images under an abnormal report would be
@@ -198,7 +199,7 @@ class CaseGenerator:
     """Draws simulated studies whose findings follow real Open-i reports.
 
     `reports`: (report id, its MeSH major terms) for every report; `normal_share`: the share of
-    normal cases to draw (default: the share of reports whose only term is "normal")."""
+    normal cases to draw (default: the share of indexed reports whose only term is "normal")."""
 
     def __init__(self, reports: Sequence[tuple[str, Sequence[str]]],
                  normal_share: float | None = None, terms: str = "complete"):
@@ -206,11 +207,15 @@ class CaseGenerator:
             raise CxrError(f"terms must be 'complete' or 'as_reported', not {terms!r}")
         self.terms = terms
         self.n_reports = len(reports)
+        self.n_indexed = 0  # reports the indexers gave terms (not empty, not "No Indexing")
         self.n_normal = 0
         self.pool: list[tuple[str, list[Mention]]] = []
         for rid, majors in reports:
-            low = [normalise_term(t).lower() for t in majors]
-            if low and all(t == "normal" for t in low):
+            low = [t for t in (normalise_term(t).lower() for t in majors) if t]
+            if not low or "no indexing" in low:
+                continue
+            self.n_indexed += 1
+            if all(t == "normal" for t in low):
                 self.n_normal += 1
                 continue
             # one mention per distinct term: a term indexed twice is one finding
@@ -221,7 +226,7 @@ class CaseGenerator:
         if not self.pool or self.n_normal == 0:
             raise CxrError(f"no usable Open-i reports among {len(reports)} "
                            f"({self.n_normal} normal, {len(self.pool)} with renderable findings)")
-        self.normal_share = (self.n_normal / self.n_reports if normal_share is None
+        self.normal_share = (self.n_normal / self.n_indexed if normal_share is None
                              else float(normal_share))
         if not 0.0 <= self.normal_share < 1.0:
             raise CxrError(f"normal_share must be in [0, 1), not {normal_share}")

@@ -23,7 +23,7 @@ def configure(parser) -> None:
                         help="Open-i reports the case statistics come from: NLMCXR_reports.tgz or "
                              "a folder of XML (default: the data cache)")
     parser.add_argument("--normal-share", type=float,
-                        help="share of normal studies (default: Open-i's, 0.352)")
+                        help="share of normal studies (default: Open-i's, 0.36)")
     parser.add_argument("--terms", choices=("complete", "as_reported"), default="complete",
                         help="write drawn context into the MeSH terms (complete) or keep them as "
                              "the Open-i radiologist wrote them")
