@@ -95,7 +95,7 @@ def make_tiny_run(out_dir: str | Path, n: int = 28, size: int = 64, phantom: boo
 
     out_dir = Path(out_dir)
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
+    torch.set_num_threads(1)  # tiny tensors: a second thread only adds waiting on a busy machine
     try:
         use_phantom = _phantom_available() if phantom is None else phantom
         if use_phantom:

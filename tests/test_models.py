@@ -12,6 +12,17 @@ from cxr.models.cnn import BACKBONES, create_cnn, load_pretrained
 from cxr.models.localize import LocalizeParams, boxes_from_heatmap, class_activation_maps, to_heatmap
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds waiting on a shared, busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_interface(name):
     torch.manual_seed(0)

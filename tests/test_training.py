@@ -15,6 +15,17 @@ class Interrupt(Exception):
     pass
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds waiting on a shared, busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
     return synthetic_studies(tmp_path_factory.mktemp("syn"), n=24, size=48)
