@@ -84,7 +84,10 @@ def build_pipeline(rules: Mapping):
     from medspacy.context import ConTextRule
     from medspacy.target_matcher import TargetRule
 
-    nlp = medspacy.load(enable=["medspacy_pyrush", "medspacy_target_matcher", "medspacy_context"])
+    # spaCy's rule sentencizer, not PyRuSH: Open-i sentences end in periods, and PyRuSH takes
+    # ~90% of the pipeline's time (measured: 10.7 s of 11.9 s on 400 reports) for the same splits.
+    nlp = medspacy.load(medspacy_enable=["medspacy_target_matcher", "medspacy_context"])
+    nlp.add_pipe("sentencizer", first=True)
     matcher = nlp.get_pipe("medspacy_target_matcher")
     target_rules = []
     for concept in rules["concepts"]:
@@ -179,7 +182,13 @@ class TextMiner:
         self.sections = tuple(s.upper() for s in sections)
         self.add_normal = add_normal
         self.nlp = _cached_pipeline(json.dumps(self.rules, sort_keys=True))
-        self._organs = {c["disease"]: c.get("organ") for c in self.rules["concepts"]}
+        self._organs = {}
+        self._also: dict[str, tuple[str, ...]] = {}
+        for concept in self.rules["concepts"]:
+            self._organs.setdefault(concept["disease"], concept.get("organ"))
+            for phrase in concept.get("phrases", ()) if concept.get("also") else ():
+                for variant in _phrase_variants(phrase):
+                    self._also[variant] = tuple(concept.get("also", ()))
         self._modifier_words = {k.lower(): v for k, v in self.rules["modifiers"].items()
                                 if " " not in k}
 
@@ -198,11 +207,14 @@ class TextMiner:
         out = []
         for span in doc.ents:
             ctx = _context_of(span)
-            out.append(Finding(
-                disease=span.label_, organ=self._organs.get(span.label_),
-                location=tuple(ctx["location"]), side=ctx["side"], severity=ctx["severity"],
-                certainty=_certainty(span), raw=span.text, sentence=span.sent.text.strip(),
-                source="text"))
+            certainty = _certainty(span)
+            sentence = span.sent.text.strip()
+            # A phrase may assert more than one heading ("calcified nodule": Nodule + Calcinosis).
+            for disease in (span.label_, *self._also.get(span.text.lower(), ())):
+                out.append(Finding(
+                    disease=disease, organ=self._organs.get(disease),
+                    location=tuple(ctx["location"]), side=ctx["side"], severity=ctx["severity"],
+                    certainty=certainty, raw=span.text, sentence=sentence, source="text"))
         return out
 
     def _finish(self, findings: list[Finding], any_text: bool) -> list[Finding]:
