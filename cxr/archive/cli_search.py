@@ -62,11 +62,8 @@ def run(args: argparse.Namespace) -> int:
                 from ..reader import Reader
 
                 reader = Reader.load(args.run)
-                result = reader([read_image(args.like).pixels])[0]
-                if result.embedding is None:
-                    raise CxrError("the run's Reader returns no embedding", args.run)
-                hits = archive.similar(embedding=result.embedding,
-                                       model_id=result.model_id or None, k=args.limit)
+                embedding = reader.embed([read_image(args.like).pixels])[0]
+                hits = archive.similar(embedding=embedding, model_id=reader.model_id, k=args.limit)
             else:
                 hits = archive.similar(image_id=args.like_id, k=args.limit)
             described = f"like {args.like or '#' + str(args.like_id)}"

@@ -144,7 +144,7 @@ class Batch:
 
 
 def process_batch(reader, model_id: str, paths: list[str],
-                  known: Callable[[list[str]], set[str]]) -> Batch:
+                  known: Callable[[list[str]], set[str]], heatmaps: bool = False) -> Batch:
     """Hash, skip what `known` says is stored, read and run the Reader on the rest. A file that
     cannot be read, or on which the Reader fails, becomes a failed entry; the batch goes on."""
     from ..images import read_image
@@ -180,7 +180,7 @@ def process_batch(reader, model_id: str, paths: list[str],
             view=loaded.view))
         batch.images.append(loaded)
     todo = [i for i, im in enumerate(batch.images) if im is not None]
-    for i, result in zip(todo, run_reader(reader, [batch.images[i].pixels for i in todo])):
+    for i, result in zip(todo, run_reader(reader, [batch.images[i].pixels for i in todo], heatmaps)):
         if isinstance(result, Result):
             if result.model_id and result.model_id != model_id:
                 raise CxrError(f"the Reader returned model {result.model_id!r}, "
@@ -191,13 +191,21 @@ def process_batch(reader, model_id: str, paths: list[str],
     return batch
 
 
-def run_reader(reader, pixels: list[np.ndarray]) -> list[Result | str]:
-    """The Reader on a batch; if the batch fails, image by image, so one bad image costs only
-    itself (its entry gets the reason)."""
+def run_reader(reader, pixels: list[np.ndarray], heatmaps: bool = False) -> list[Result | str]:
+    """The Reader on a batch (full-size heatmaps only when asked: the archive stores boxes, not
+    maps); if the batch fails, image by image, so one bad image costs only itself (its entry
+    gets the reason)."""
     if not pixels:
         return []
+
+    def call(items):
+        try:
+            return reader(items, heatmaps=heatmaps, batch_size=max(len(items), 1))
+        except TypeError:  # a Reader without these options
+            return reader(items)
+
     try:
-        results = reader(pixels)
+        results = call(pixels)
         if len(results) == len(pixels):
             return list(results)
     except Exception:
@@ -205,7 +213,7 @@ def run_reader(reader, pixels: list[np.ndarray]) -> list[Result | str]:
     out: list[Result | str] = []
     for p in pixels:
         try:
-            out.append(reader([p])[0])
+            out.append(call([p])[0])
         except Exception as exc:
             out.append(f"the model failed on this image: {exc!r}"[:500])
     return out
@@ -231,7 +239,7 @@ def index_images(archive: Archive, reader, paths: Iterable[str], *, batch_size: 
     bar = tqdm(desc="indexing", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         for paths_batch in batched(paths, batch_size):
-            batch = process_batch(reader, model_id, paths_batch, known)
+            batch = process_batch(reader, model_id, paths_batch, known, heatmaps=bool(dicom_out))
             ids = archive.add_results(batch.entries, replace_failed=retry_failed)
             stats.seen += len(paths_batch)
             stats.skipped += batch.skipped

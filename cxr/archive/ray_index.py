@@ -56,7 +56,8 @@ class ReaderActor:
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
-        out = process_batch(self.reader, self.model_id, paths, self._stored)
+        out = process_batch(self.reader, self.model_id, paths, self._stored,
+                            heatmaps=bool(self.dicom_out))
         records, embeddings = [], []
         for e, image in zip(out.entries, out.images):
             rec = {k: getattr(e, k) for k in RECORD_FIELDS}
