@@ -67,7 +67,7 @@ def overlay(image: np.ndarray, heatmap: np.ndarray | None = None,
         heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0, 1)
         if heat.shape != img.shape:
             heat = np.asarray(PILImage.fromarray(heat).resize(img.shape[::-1], PILImage.BILINEAR))
-        alpha = (0.55 * np.clip((heat - 0.2) / 0.8, 0, 1))[..., None]
+        alpha = (0.6 * np.clip((heat - 0.4) / 0.6, 0, 1))[..., None]  # cold = transparent
         rgb = (1 - alpha) * rgb + alpha * _jet(heat)
     pil = PILImage.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
     scale = width / pil.width
@@ -95,12 +95,18 @@ def png_data_uri(pil: PILImage.Image) -> str:
 # --------------------------------------------------------------------------------- HTML
 def html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table.headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(fmt(c, table.digits))}</td>" for c in row) + "</tr>"
-        for row in table.rows)
+    def cell(c) -> str:
+        text = html.escape(fmt(c, table.digits))
+        return f"<td>{text}</td>" if _is_number(c) else f'<td class="text">{text}</td>'
+
+    body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in table.rows)
     note = f'<p class="note">{html.escape(table.note)}</p>' if table.note else ""
     return (f"<section><h3>{html.escape(table.title)}</h3><table><thead><tr>{head}</tr></thead>"
             f"<tbody>{body}</tbody></table>{note}</section>")
+
+
+def _is_number(c) -> bool:
+    return c is None or (isinstance(c, (int, float, np.number)) and not isinstance(c, bool))
 
 
 def reliability_svg(calibration: dict, size: int = 260) -> str:
@@ -144,13 +150,10 @@ def example_html(ex: Example, width: int = 300) -> str:
     and the generated annotations next to the true terms."""
     res = ex.result
     coloured = []
-    heat = None
     for i, f in enumerate(res.findings):
-        colour = PRED_COLOURS[i % len(PRED_COLOURS)]
-        coloured += [(b, colour) for b in f.boxes]
-        h = res.heatmaps.get(f.disease)
-        if h is not None:
-            heat = h if heat is None else np.maximum(heat, h)
+        coloured += [(b, PRED_COLOURS[i % len(PRED_COLOURS)]) for b in f.boxes]
+    # the heatmap of the highest-scoring finding that has one (several would mix colours)
+    heat = next((res.heatmaps[f.disease] for f in res.findings if f.disease in res.heatmaps), None)
     raw = png_data_uri(overlay(ex.image, width=width))
     over = png_data_uri(overlay(ex.image, heat, coloured, ex.truth_boxes, width=width))
     found = "".join(
@@ -183,7 +186,7 @@ main{padding:8px 24px 40px;max-width:1400px}
 section{margin:6px 0}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 h3{font-size:15px;margin:12px 0 6px}
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f3f5f7}td:first-child,th:first-child{text-align:left}
+th{background:#f3f5f7}td:first-child,th:first-child,td.text{text-align:left}
 .note{font-size:12px;color:#555;max-width:640px;margin:4px 0}
 .examples{display:flex;flex-wrap:wrap;gap:18px}
 .example{border:1px solid #ddd;border-radius:8px;padding:8px;width:620px}
@@ -214,7 +217,7 @@ def write_report(path: str | Path, title: str, summary: Sequence[tuple[str, obje
     ex_html = ""
     if examples:
         ex_html = ("<h2>Held-out examples</h2><p class=\"legend\">Left: the image. Right: heatmap of "
-                   "the detected findings, their boxes (coloured as in the list) and the true boxes "
+                   "the top detected finding, the boxes of all detected findings (coloured as in the list) and the true boxes "
                    "(green). Generated annotations next to the true MeSH-style terms.</p>"
                    f'<div class="examples">{"".join(example_html(e) for e in examples)}</div>')
     meta_html = "<br>".join(html.escape(m) for m in meta)

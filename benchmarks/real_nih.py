@@ -1,0 +1,245 @@
+"""Real radiographs: patient-wise 5-fold cross-validation on the 656 NIH ChestX-ray8 images with
+expert boxes, for the 8 ChestX-ray8 findings, (a) trained from scratch on these images and (b)
+pre-trained on the phantom, then fine-tuned. AUC per finding (out-of-fold scores pooled over the
+folds) and the ChestX-ray8 localisation table (CAM of the true finding -> boxes; accuracy at
+T(IoBB) and T(IoU)), beside Wang et al. 2017.
+
+    python benchmarks/real_nih.py --data ../shared/data/nih/bbox256 --json nih.json \
+        [--phantom-run cxr-demo/run | --phantom-data cxr-demo/data] [--epochs 25]
+
+What the numbers can and cannot say: every one of these 656 images carries at least one of the 8
+findings (they are the images the radiologists boxed), so a finding's AUC here is "this finding
+against the other findings", harder than ChestX-ray8's "against all 108,948 images, most of them
+normal"; and ~525 training images per fold are 200 times fewer than ChestX-ray8's. Expect figures
+well below the paper's, with wide uncertainty (about 60-240 positives per finding).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr import metrics as M  # noqa: E402
+from cxr.records import Box  # noqa: E402
+
+FINDINGS = M.CHESTXRAY8_FINDINGS
+
+
+def folds_by_patient(patients: list[str], k: int, seed: int) -> np.ndarray:
+    """Fold index per image; every patient's images in one fold; folds of near-equal size."""
+    unique = sorted(set(patients))
+    order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
+    counts = {p: patients.count(p) for p in unique}
+    sizes, fold_of = [0] * k, {}
+    for p in sorted(order, key=lambda p: -counts[p]):  # largest patients first, stable by seed
+        f = int(np.argmin(sizes))
+        fold_of[p] = f
+        sizes[f] += counts[p]
+    return np.array([fold_of[p] for p in patients])
+
+
+def restrict(studies, names=FINDINGS):
+    """Studies with only the 8 ChestX-ray8 findings kept (the others are not targets here)."""
+    keep = set(names)
+    return [dataclasses.replace(s, findings=[f for f in s.findings if f.disease in keep])
+            for s in studies]
+
+
+def cnn_weights(run_dir: Path, out: Path) -> Path:
+    """The CNN tensors of a run as a plain state dict file (what TrainConfig.pretrained takes)."""
+    from cxr.checkpoint import load_tensors, save_tensors, unprefixed
+
+    save_tensors(out, unprefixed("cnn", load_tensors(run_dir / "weights.safetensors")))
+    return out
+
+
+def base_config(args, **kw):
+    from cxr.training import TrainConfig
+
+    return TrainConfig(backbone=args.backbone, image_size=args.image_size,
+                       crop=args.image_size - args.image_size // 8, epochs=args.epochs,
+                       rnn_epochs=3, rnn_hidden=32, rnn_embed=16, batch_size=32, lr=args.lr,
+                       min_label_count=5, cascade=False, fractions=(0.85, 0.15, 0.0),
+                       num_workers=0, progress=False, class_weighted=args.class_weighted, **kw)
+
+
+def phantom_pretraining(args, work: Path) -> tuple[Path, dict]:
+    """CNN weights trained on the phantom: from --phantom-run, or trained here on --phantom-data
+    (or on a set simulated here)."""
+    from cxr.training import train
+
+    t0 = time.time()
+    if args.phantom_run:
+        run = Path(args.phantom_run).expanduser()
+        info = {"from": str(run)}
+    else:
+        data = Path(args.phantom_data).expanduser() if args.phantom_data else None
+        if data is None:
+            from cxr.phantom.simulate import simulate
+
+            data = simulate(work / "phantom-data", n=args.phantom_n, size=256, seed=1,
+                            workers=args.workers, progress=False)
+        cfg = base_config(args, data=f"phantom:{data}", seed=1, fractions=(0.9, 0.1, 0.0),
+                          min_label_count=20, epochs=args.pretrain_epochs)
+        run = train(cfg, work / "phantom-run")
+        info = {"from": f"trained here on phantom:{data}", "epochs": args.pretrain_epochs}
+    from cxr.checkpoint import load_config
+
+    arch = load_config(run)["architecture"]
+    if arch["backbone"] != args.backbone:
+        raise SystemExit(f"the phantom run is a {arch['backbone']} network, not {args.backbone}")
+    info["seconds"] = round(time.time() - t0, 1)
+    return cnn_weights(run, work / "phantom-cnn.safetensors"), info
+
+
+def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained: Path | None) -> dict:
+    from cxr.commands.evaluate import localise_targets
+    from cxr.images import load_image
+    from cxr.reader import Reader
+    from cxr.training import train
+
+    n = len(studies)
+    scores = np.full((n, len(FINDINGS)), np.nan)
+    loc_pairs, per_fold = [], []
+    t0 = time.time()
+    for k in range(args.folds):
+        tf = time.time()
+        train_studies = [s for s, f in zip(studies, folds) if f != k]
+        test_rows = [i for i, f in enumerate(folds) if f == k]
+        cfg = base_config(args, data=f"nih:{args.data}", seed=k, cache_dir=str(work / "cache"),
+                          pretrained=str(pretrained) if pretrained else None)
+        run = train(cfg, work / f"{name}-fold{k}", studies=train_studies)
+        reader = Reader.load(run)
+        cols = [FINDINGS.index(t) if t in FINDINGS else None for t in reader.targets]
+        for i in test_rows:
+            image = load_image(studies[i].images[0].path)
+            result = reader(image, heatmaps=False)
+            for t, c in zip(reader.targets, cols):
+                if c is not None:
+                    scores[i, c] = result.scores[t]
+            truth = [b for b in studies[i].images[0].boxes if b.label in reader.targets]
+            labels = sorted({b.label for b in truth})
+            boxes = localise_targets(reader, image, labels)
+            loc_pairs.append((truth, [b for t in labels for b in boxes[t]]))
+        y = labels_matrix([studies[i] for i in test_rows])
+        fold_auc = M.auc_per_label(y, np.nan_to_num(scores[test_rows], nan=0.0), FINDINGS)
+        per_fold.append({"fold": k, "test_images": len(test_rows), "mean_auc": fold_auc["mean"],
+                         "seconds": round(time.time() - tf, 1)})
+        print(f"  {name} fold {k + 1}/{args.folds}: {len(test_rows)} test images, mean AUC "
+              f"{M.fmt(fold_auc['mean'])} ({time.time() - tf:.0f} s)", flush=True)
+    y = labels_matrix(studies)
+    auc = M.auc_per_label(y, np.nan_to_num(scores, nan=0.0), FINDINGS)
+    fold_means = [f["mean_auc"] for f in per_fold if f["mean_auc"] is not None]
+    return {"auc": auc, "folds": per_fold,
+            "mean_auc_over_folds": float(np.mean(fold_means)) if fold_means else None,
+            "sd_auc_over_folds": float(np.std(fold_means)) if fold_means else None,
+            "localisation": M.localisation_accuracy(loc_pairs),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def labels_matrix(studies) -> np.ndarray:
+    return np.array([[float(any(f.disease == t for f in s.positive)) for t in FINDINGS]
+                     for s in studies])
+
+
+def tables(result: dict) -> str:
+    modes = list(result["modes"])
+    rows = []
+    for t in FINDINGS:
+        row = [t, result["positives"][t], result["boxed_images"].get(t, 0)]
+        row += [result["modes"][m]["auc"]["per_label"][t] for m in modes]
+        row.append(M.WANG2017_AUC[t])
+        row += [result["modes"][m]["localisation"]["iobb"]["accuracy"].get(t, {}).get("0.5")
+                for m in modes]
+        row.append(M.WANG2017_IOBB_05[t])
+        rows.append(row)
+    rows.append(["mean", None, None] + [result["modes"][m]["auc"]["mean"] for m in modes]
+                + [float(np.mean(list(M.WANG2017_AUC.values())))]
+                + [result["modes"][m]["localisation"]["iobb"]["mean"]["0.5"] for m in modes]
+                + [float(np.mean(list(M.WANG2017_IOBB_05.values())))])
+    headers = (["finding", "positives", "boxed"] + [f"AUC {m}" for m in modes] + ["AUC Wang 2017"]
+               + [f"IoBB>0.5 {m}" for m in modes] + ["IoBB>0.5 Wang 2017"])
+    out = [M.markdown_table(headers, rows), ""]
+    for m in modes:
+        la = result["modes"][m]["localisation"]
+        ths = [str(t) for t in la["thresholds"]]
+        for measure, label in (("iobb", "IoBB"), ("iou", "IoU")):
+            rows = [[lab, n] + [la[measure]["accuracy"][lab][t] for t in ths] for lab, n in la["n"].items()]
+            rows.append(["mean", sum(la["n"].values())] + [la[measure]["mean"][t] for t in ths])
+            out += [f"Localisation, {m}, by {label}:", "",
+                    M.markdown_table(["finding", "images"] + [f"T({label})={t}" for t in ths], rows), ""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="folder with Data_Entry*.csv, BBox_List*.csv, images/")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--work", type=Path, default=Path("nih-cv"), help="runs and caches (resumable)")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--backbone", default="tiny")
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--class-weighted", action="store_true")
+    ap.add_argument("--phantom-run", help="a trained phantom run (e.g. cxr-demo/run) to take the CNN from")
+    ap.add_argument("--phantom-data", help="a simulated set to pre-train on (default: simulate one)")
+    ap.add_argument("--phantom-n", type=int, default=1500)
+    ap.add_argument("--pretrain-epochs", type=int, default=15)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--modes", default="scratch,phantom")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from cxr.sources import open_source
+
+    t0 = time.time()
+    args.data = str(Path(args.data).expanduser())
+    studies = restrict(open_source(f"nih:{args.data}"))
+    studies = [s for s in studies if s.images and s.images[0].path is not None]
+    patients = [s.patient_id for s in studies]
+    folds = folds_by_patient(patients, args.folds, args.seed)
+    work = args.work.expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    y = labels_matrix(studies)
+    result = {
+        "benchmark": "real_nih", "data": args.data, "images": len(studies),
+        "patients": len(set(patients)), "folds": args.folds,
+        "positives": {t: int(y[:, j].sum()) for j, t in enumerate(FINDINGS)},
+        "boxed_images": {t: sum(any(b.label == t for b in s.images[0].boxes) for s in studies)
+                         for t in FINDINGS},
+        "settings": {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
+                     "lr": args.lr, "class_weighted": args.class_weighted,
+                     "inner_split": "85/15 of the training patients (validation for calibration "
+                                    "and thresholds)"},
+        "modes": {},
+    }
+    print(f"{len(studies)} images of {len(set(patients))} patients, {args.folds} folds by patient",
+          flush=True)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        pretrained = None
+        if mode == "phantom":
+            pretrained, info = phantom_pretraining(args, work)
+            result["pretraining"] = info
+            print(f"  phantom pre-training ready ({info['seconds']:.0f} s)", flush=True)
+        result["modes"][mode] = run_mode(args, mode, studies, folds, work, pretrained)
+    result["seconds"] = round(time.time() - t0, 1)
+    text = tables(result)
+    print()
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
