@@ -6,9 +6,9 @@ Physics, and the approximations taken (all deliberate, for speed):
   CT's ~70 keV effective energy). Bone is kept as a separate component (its excess over water) so a
   rendering can weight it up: a chest film at 100-125 kVp with ~50-60 keV effective energy sees
   calcium relatively denser than the CT does (photoelectric effect).
-- The CT was taken with intravenous contrast. A plain film has none, so soft tissue above 60 HU
-  that is not bone (enhanced blood pool, myocardium, kidneys, liver) is compressed toward blood
-  density (60 + 0.15 * (HU - 60)).
+- The CT was taken with intravenous contrast. A plain film has none, so soft tissue above 40 HU
+  that is not bone (enhanced blood pool, myocardium, kidneys, liver) is compressed to about blood
+  density (40 + 0.05 * (HU - 40)).
 - Everything outside the patient's body (the table, blankets) is replaced by air: the body is the
   largest connected component above -500 HU, holes filled slice by slice.
 - Projection is linear in mu, so the volume is split into components (soft tissue, bone excess,
@@ -38,7 +38,7 @@ MU_WATER = 0.02          # 1/mm, water at ~60-70 keV effective energy
 LUNG_REF = 0.15          # mu of aerated lung relative to water (~ -850 HU)
 COARSE_MM = 2.0          # voxel size of the coarse volumes used by the 3D finding inserts
 N_SLABS = 6              # depth slabs along anterior-posterior
-PRECOMPUTE_VERSION = 4   # bump when the precomputed arrays change meaning
+PRECOMPUTE_VERSION = 6   # bump when the precomputed arrays change meaning
 SID_MM = 1800.0          # source-image distance of a PA chest film (72 in)
 
 KEYS = {"ct": "phantom/chest_ct.nii.gz", "labels": "phantom/chest_ct_labels.nii.gz",
@@ -112,7 +112,11 @@ def read_volume(path: Path, what: str):
     try:
         img = nib.load(str(path))
         img = nib.as_closest_canonical(img)  # RAS
-        data = np.asarray(img.dataobj)
+        raw = img.dataobj
+        slope = getattr(raw, "slope", 1.0)
+        data = np.asarray(raw, dtype=np.float32 if (what == "CT" or slope != 1.0) else None)
+        if what != "CT":
+            data = data.astype(np.uint8, copy=False)
     except Exception as e:  # nibabel raises many types for bad files
         raise CxrError(f"cannot read the {what} as NIfTI: {e}", path)
     if data.ndim != 3:
@@ -154,7 +158,7 @@ def _hu_to_components(hu: np.ndarray, labels: np.ndarray, structures: dict[str, 
     (heart minus aerated lung). Returns float32 arrays in 1/mm and the body mask."""
     bone_ids = [i for n, i in structures.items() if n.startswith(BONE_PREFIXES)]
     bone = np.isin(labels, bone_ids)
-    bone = ndimage.binary_dilation(bone, structure=np.ones((3, 3, 1), bool))
+    bone = _dilate(bone, (3, 3, 1))
     body = hu > -500
     lab, n = ndimage.label(body)
     if n == 0:
@@ -166,16 +170,32 @@ def _hu_to_components(hu: np.ndarray, labels: np.ndarray, structures: dict[str, 
     for k in range(body.shape[2]):
         body[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
     hu = np.where(body, hu, -1000.0).astype(np.float32)
-    enhanced = (~bone) & (hu > 60)
-    hu[enhanced] = 60 + 0.15 * (hu[enhanced] - 60)
+    enhanced = (~bone) & (hu > 40)
+    hu[enhanced] = 40 + 0.05 * (hu[enhanced] - 40)
     mu = np.maximum(0.0, 1.0 + hu / 1000.0) * MU_WATER
     bone_excess = np.where(bone, np.maximum(hu, 0) / 1000.0 * MU_WATER, 0).astype(np.float32)
     soft = (mu - bone_excess).astype(np.float32)
     lung_ids = [structures[v] for v in LOBES.values() if v in structures]
     lung = np.where(np.isin(labels, lung_ids), mu, 0).astype(np.float32)
+    # the cardiac silhouette: heart plus the pericardium and epicardial fat around it (a few mm
+    # of soft tissue that is neither lung nor bone), so a resized heart carries its rim along
     heart_ids = [structures[n] for n in HEART if n in structures]
-    heart = np.where(np.isin(labels, heart_ids), mu - LUNG_REF * MU_WATER, 0).astype(np.float32)
+    heart_m = np.isin(labels, heart_ids)
+    rim = _dilate(heart_m, (9, 9, 3))
+    heart_m |= rim & ~np.isin(labels, lung_ids) & ~bone & (hu > -200)
+    heart = np.where(heart_m, mu - LUNG_REF * MU_WATER, 0).astype(np.float32)
     return {"soft": soft, "bone": bone_excess, "lung": lung, "heart": heart}, mu.astype(np.float32), body
+
+
+def _dilate(mask: np.ndarray, size: tuple) -> np.ndarray:
+    """Binary dilation by a box, as a separable maximum filter on the mask's bounding box."""
+    if not mask.any():
+        return mask
+    idx = [np.nonzero(mask.any(axis=tuple(j for j in range(3) if j != i)))[0] for i in range(3)]
+    sl = tuple(slice(max(0, i.min() - k), i.max() + k + 1) for i, k in zip(idx, size))
+    out = np.zeros_like(mask)
+    out[sl] = ndimage.maximum_filter(mask[sl].view(np.uint8), size=size).astype(bool)
+    return out
 
 
 def _coarse(vol: np.ndarray, spacing, order: int) -> np.ndarray:
@@ -242,7 +262,9 @@ class CtSource:
             m = np.isin(labels, ids)
             if m.sum() < 100:
                 raise CxrError(f"the label map has no {side} lung", self.paths["labels"])
-            depth = np.where(m, ndimage.distance_transform_edt(m) * COARSE_MM, depth)
+            sl = tuple(slice(max(0, int(i.min()) - 2), int(i.max()) + 3) for i in np.nonzero(m))
+            depth[sl] = np.where(m[sl], ndimage.distance_transform_edt(m[sl]) * COARSE_MM,
+                                 depth[sl])
             lungs[side] = _bbox_mm(m)
         extent = [(s - 1) * z for s, z in zip(full["mu"].shape, sp)]
         body = full["body"]

@@ -106,7 +106,15 @@ class Sites:
         if not full.any():
             raise CxrError(f"the label map has no {side} lung for site {site!r}")
         lo, hi = _bounds(full)
+        lo = [max(0, v - 3) for v in lo]
+        hi = [min(n, v + 3) for v, n in zip(hi, full.shape)]
         m = full[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy()
+        # the label map's lungs stop a voxel or two short of the aerated tissue; fill that rim
+        # too, or a finding leaves a thin shell of air that shows as a dark line
+        mu = _crop(self.a.mu, lo, m.shape)
+        m |= ndimage.binary_dilation(m, iterations=2) & (mu < 0.6 * MU_WATER)
+        m &= ~np.isin(lab[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]],
+                      [i for i in self.a.ids(*LOBES.values()) if i not in ids])
         zs = (np.arange(m.shape[2]) + lo[2]) * H
         z0, z1 = zs[m.any(axis=(0, 1))][[0, -1]]
         if "lingul" in s and side == "left":
@@ -227,11 +235,19 @@ def _bounds(mask):
     return [int(i.min()) for i in idx], [int(i.max()) + 1 for i in idx]
 
 
+SIZE_WORDS = {"mild": "small", "minimal": "small", "trace": "small", "tiny": "small",
+              "severe": "large", "massive": "large", "extensive": "large", "marked": "large",
+              "significant": "moderate", "mild to moderate": "moderate"}
+
+
 def _severity(spec: FindingSpec, choices: tuple, rng) -> str:
-    s = (spec.severity or "").strip().lower()
-    s = SEVERITY_ALIASES.get(s, s)
+    """The spec's severity as one of `choices` (Open-i synonyms mapped), else a random one."""
+    s = " ".join((spec.severity or "").strip().lower().split())
     if s in choices:
         return s
+    for table in ((SIZE_WORDS,) if "small" in choices else (SEVERITY_ALIASES,)):
+        if table.get(s) in choices:
+            return table[s]
     return str(rng.choice(choices))
 
 
@@ -276,35 +292,47 @@ def _smooth_noise(shape, rng, cell_vox: float = 5.0) -> np.ndarray:
 def _cardiomegaly(spec, rng, var, sites, ins):
     sev = _severity(spec, tuple(CTR_RANGE), rng)
     target = float(rng.uniform(*CTR_RANGE[sev]))
-    var.heart_scale = target / sites.lay.ctr0
+    var.ctr = target
     ins.mask_from = "heart"
     ins.info.update(severity=sev, ctr=round(target, 4))
 
 
 def _effusion(spec, rng, var, sites, ins):
-    sev = _severity(spec, ("small", "moderate", "large"), rng) if (spec.severity or "").lower() \
-        not in ("mild", "severe") else {"mild": "small", "severe": "large"}[spec.severity.lower()]
+    """Free fluid in the upright patient: it fills the pleural space from the costophrenic recess
+    up to a level, and above it coats the lung with a layer that thins with height. Seen PA, the
+    layer is tangential at the lateral chest wall, which draws the meniscus (higher laterally,
+    concave upward) with no drawing of it."""
+    sev = _severity(spec, ("small", "moderate", "large"), rng)
     sides = _sides(spec, rng)
     a = sites.a
     for side in sides:
         origin, m = sites.lung(side)
-        dome = a.info["domes"][side]
-        level = dome + {"small": rng.uniform(-20, 0), "moderate": rng.uniform(20, 45),
-                        "large": rng.uniform(65, 110)}[sev]
-        coat = {"small": 9.0, "moderate": 13.0, "large": 16.0}[sev] * rng.uniform(0.8, 1.2)
-        rise = {"small": 35.0, "moderate": 50.0, "large": 60.0}[sev] * rng.uniform(0.8, 1.2)
+        cp = _costophrenic_z(origin, m, side)
+        level = cp + {"small": rng.uniform(6, 20), "moderate": rng.uniform(35, 60),
+                      "large": rng.uniform(85, 130)}[sev]
+        lam = {"small": 10.0, "moderate": 15.0, "large": 20.0}[sev] * rng.uniform(0.8, 1.25)
         zs = (np.arange(m.shape[2]) + origin[2]) * H
         depth = _crop(a.lung_depth, origin, m.shape)
-        men = coat * np.clip(1 - (zs - level) / rise, 0, 1)
-        fluid = m & ((zs < level)[None, None, :] | (depth < men[None, None, :]))
+        layer = np.where(zs < level, 1e3, 40.0 * np.exp(-(zs - level) / lam))
+        fluid = m & (depth < layer[None, None, :])
         mu = _crop(a.mu, origin, m.shape)
         dv = np.where(fluid, 1.02 * MU_WATER - mu, 0).astype(np.float32)
         dv = ndimage.uniform_filter(dv, 2)  # the fluid surface is smooth, not voxel steps
         ins.patches += sites.project(origin, dv)
-        ins.info.setdefault("level_mm_above_dome", {})[side] = round(level - dome, 1)
+        ins.info.setdefault("level_mm_above_costophrenic_angle", {})[side] = round(level - cp, 1)
     ins.slab = N_SLABS // 2
     ins.mask_rel = 0.12
     ins.info.update(severity=sev, side="bilateral" if len(sides) == 2 else sides[0])
+
+
+def _costophrenic_z(origin, m, side) -> float:
+    """Height (mm) of the lateral costophrenic angle: the lowest lung in the outer quarter."""
+    xs = np.nonzero(m.any(axis=(1, 2)))[0]
+    x0, x1 = xs[0], xs[-1]
+    outer = slice(x0 + int(0.75 * (x1 - x0)), x1 + 1) if side == "left" else \
+        slice(x0, x0 + int(0.25 * (x1 - x0)) + 1)
+    zs = np.nonzero(m[outer].any(axis=(0, 1)))[0]
+    return float((zs[0] + origin[2]) * H)
 
 
 AIRSPACE = {  # kind -> severity -> (density as fraction of fluid, extent as fraction of the site)
@@ -391,18 +419,24 @@ def _atelectasis(spec, rng, var, sites, ins):
         w = np.clip(1 - np.abs(off) / (thick / 2), 0, 1) * np.clip((1 - ell) * 3, 0, 1) * m
         mu = _crop(sites.a.mu, origin, m.shape)
         dv = (0.95 * w * np.maximum(MU_WATER - mu, 0)).astype(np.float32)
-        ins.patches += sites.project(origin, dv)
+        band = sites.project(origin, dv)
+        ins.patches += band
+        # the mask: the band and the base below it, where the volume loss shows
+        below = (m & (zs < (origin[2] + c[2]) * H + thick)[None, None, :]).astype(np.float32)
+        peak = max(float(np.abs(p[3]).max()) for p in band)
+        ins.mask_patches = (ins.mask_patches or []) + band + [
+            (s_, r0, c0, p * (peak / max(float(p.max()), 1e-6)) * 0.5)
+            for s_, r0, c0, p in sites.project(origin, below)]
         ins.slab = sites.slab_of((origin[1] + c[1]) * H)
         # volume loss: the hemidiaphragm rises
-        var.diaphragm_mm[side] -= {"mild": 6.0, "moderate": 11.0, "severe": 17.0}[sev]
+        var.diaphragm_local_mm[side] -= {"mild": 6.0, "moderate": 10.0, "severe": 15.0}[sev]
     ins.mask_rel = 0.2
     ins.info.update(severity=sev, side="bilateral" if len(sides) == 2 else sides[0],
                     site=spec.site or "base")
 
 
 def _pneumothorax(spec, rng, var, sites, ins):
-    sev = _severity(spec, ("small", "moderate", "large"), rng) if (spec.severity or "").lower() \
-        not in ("mild", "severe") else {"mild": "small", "severe": "large"}[spec.severity.lower()]
+    sev = _severity(spec, ("small", "moderate", "large"), rng)
     side = _sides(spec, rng)[0]
     origin, m = sites.lung(side)
     f = {"small": rng.uniform(0.86, 0.9), "moderate": rng.uniform(0.76, 0.82),
@@ -413,22 +447,30 @@ def _pneumothorax(spec, rng, var, sites, ins):
     lateral_x = xs[cols][-1] if side == "left" else xs[cols][0]
     zs = (np.arange(m.shape[2]) + origin[2]) * H
     zz = zs[m.any(axis=(0, 1))]
-    anchor = np.array([medial_x + 0.15 * (lateral_x - medial_x),
-                       (origin[1] + m.shape[1] / 2) * H, zz[0] + 0.2 * (zz[-1] - zz[0])])
+    anchor = np.array([medial_x + 0.1 * (lateral_x - medial_x),      # the hilum
+                       (origin[1] + m.shape[1] / 2) * H, zz[0] + 0.35 * (zz[-1] - zz[0])])
     g = np.indices(m.shape, dtype=np.float32)
-    src = [((anchor[i] + ((g[i] + origin[i]) * H - anchor[i]) / f) / H - origin[i]) for i in range(3)]
+    # upright: the lung falls away from the apex and the lateral wall toward the hilum, less so
+    # from front and back, and stays on the diaphragm (no scaling below the anchor)
+    fy = 1 - 0.5 * (1 - f)
+    pos = [(g[i] + origin[i]) * H for i in range(3)]
+    src_mm = [anchor[0] + (pos[0] - anchor[0]) / f, anchor[1] + (pos[1] - anchor[1]) / fy,
+              np.where(pos[2] > anchor[2], anchor[2] + (pos[2] - anchor[2]) / f, pos[2])]
+    src = [src_mm[i] / H - origin[i] for i in range(3)]
     inside = ndimage.map_coordinates(m.astype(np.float32), src, order=1, cval=0.0) > 0.5
     air = m & ~inside
     line = m & inside & ndimage.binary_dilation(air, iterations=1)
     mu = _crop(sites.a.mu, origin, m.shape)
     dv = np.where(air, -mu, 0).astype(np.float32)
     dv += np.where(line, 0.9 * MU_WATER - mu, 0).astype(np.float32)
-    # the collapsed lung holds the same tissue in less volume: denser
-    dv += np.where(inside & m, (1 / f ** 3 - 1) * 0.5 * LUNG_REF * MU_WATER, 0).astype(np.float32)
+    # the collapsed lung holds the same tissue in less volume: denser (blood shunted away: 0.7)
+    vol = max(float(inside[m].mean()), 0.05)
+    dv += np.where(inside & m & ~line, 0.7 * (1 / vol - 1) * LUNG_REF * MU_WATER,
+                   0).astype(np.float32)
     ins.patches += sites.project(origin, dv)
     ins.slab = N_SLABS // 2
     ins.mask_rel = 0.25
-    ins.info.update(severity=sev, side=side, lung_fraction=round(f ** 3, 3))
+    ins.info.update(severity=sev, side=side, lung_fraction=round(vol, 3))
     ins.mask_patches = sites.project(origin, np.where(air, mu + 0.01 * MU_WATER, 0).astype(np.float32))
 
 
@@ -481,7 +523,7 @@ def _catheter(spec, rng, var, sites, ins):
     tip = svc[-1] + np.array([0, 0, -rng.uniform(0, 15)])
     pts = np.vstack([outside, start, bcv[:2], svc[1:], tip])
     pts += rng.normal(0, 1.0, pts.shape) * np.array([1, 1, 1])
-    ins.patches += sites.tube(pts, radius=1.1, dmu=2.5 * MU_WATER)
+    ins.patches += sites.tube(pts, radius=1.2, dmu=6.0 * MU_WATER)
     ins.slab = sites.slab_of(float(np.median(svc[:, 1])))
     ins.mask_rel = 0.2
     ins.info.update(side=side, tip_mm=[round(float(v), 1) for v in tip])

@@ -24,6 +24,7 @@ superior; bright = dense (MONOCHROME2).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -33,13 +34,14 @@ import torch.nn.functional as F
 
 from ..errors import CxrError
 from ..records import Box
-from .ct import MU_WATER, N_SLABS, SID_MM, Anatomy, CtSource, PlaneGrid, plane_grid
-from .detector import detect, display
+from .ct import LUNG_REF, MU_WATER, N_SLABS, SID_MM, Anatomy, CtSource, PlaneGrid, plane_grid
+from .detector import detect, display, window_levels
 from .spec import FindingSpec
 from .variation import Variation, draw_variation
 
-FOV_MM = 330.0        # nominal field of view (square), before the per-image magnification
-TOP_MARGIN_MM = 12.0  # nominal top of the field above the CT's top slice (neck/shoulders)
+FOV_MM = 310.0        # nominal field of view (square), before the per-image magnification
+TOP_MARGIN_MM = 12.0
+LEVEL_SIZE = 96        # size of the finding-free rendering the window is measured on  # nominal top of the field above the CT's top slice (neck/shoulders)
 
 
 @dataclass
@@ -121,15 +123,18 @@ class Phantom:
 
         lay = self.layout(size, geometry)
         var = draw_variation(np.random.default_rng([int(seed), 0]))
-        var.deform = var.deform if var.deform is not None else np.zeros((2, 5, 5))
+        base_var = copy.deepcopy(var)
         inserts = plan_findings(list(findings), var, self.anatomy, lay, int(seed))
-        L, maps = self._line_integral(lay, var, inserts)
+        var.heart_scale = var.ctr / lay.ctr0
+        base_var.heart_scale = base_var.ctr / lay.ctr0
+        L, maps, (lung_mm, heart_mm) = self._line_integral(lay, var, inserts)
         pixel = var.fov_mm / var.scale / size
         noise = np.random.default_rng([int(seed), 1]).standard_normal(L.shape, dtype=np.float32)
         prev = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             raw = detect(L, var, pixel, noise)
+            levels = self._levels(base_var, geometry)
         finally:
             torch.set_num_threads(prev)
         masks, boxes = [], []
@@ -137,23 +142,34 @@ class Phantom:
             mask = ins.to_mask(m)
             masks.append(mask)
             boxes.append(_box(mask, ins.label))
-        exclude = np.zeros((size, size), bool)
-        for m in masks:
-            exclude |= m
         torch.set_num_threads(1)
         try:
-            image = display(raw, var, pixel, exclude if exclude.any() else None)
+            image = display(raw, var, pixel, levels)
         finally:
             torch.set_num_threads(prev)
         meta = {"seed": int(seed), "size": int(size), "geometry": geometry, "view": "PA",
-                "pixel_mm": pixel, "ctr": round(lay.ctr0 * var.heart_scale, 4),
-                "diaphragm_mm": dict(var.diaphragm_mm), "variation": var.to_dict(),
+                "pixel_mm": pixel, "ctr": round(var.ctr, 4),
+                "diaphragm_mm": {k: round(v + var.diaphragm_local_mm.get(k, 0.0), 2)
+                                 for k, v in var.diaphragm_mm.items()},
+                "variation": var.to_dict(),
                 "findings": [ins.info for ins in inserts], "phantom": self.anatomy.key,
                 "orientation": "PA, patient left on image right, row 0 superior"}
         return Rendering(image=image, boxes=boxes, masks=masks, meta=meta, raw=raw)
 
+    def _levels(self, var: Variation, geometry: str) -> tuple[float, float]:
+        """The grey-level anchors of the window (lung fields, heart shadow), measured on a
+        small noise-free rendering of the same patient, pose and exposure without any finding:
+        like a chest system's auto-ranging, but a finding never shifts the whole image."""
+        lay = self.layout(LEVEL_SIZE, geometry)
+        L, _, (lung_mm, heart_mm) = self._line_integral(lay, var, [])
+        pixel = var.fov_mm / var.scale / LEVEL_SIZE
+        D = detect(L, var, pixel, np.zeros_like(L))
+        return window_levels(D, var, pixel, lung_mm, heart_mm)
+
     # ------------------------------------------------------------------
-    def _line_integral(self, lay: Layout, var: Variation, inserts) -> tuple[np.ndarray, list]:
+    def _line_integral(self, lay: Layout, var: Variation, inserts) -> tuple:
+        """Line integral (output pixels), the finding mask maps, and the lung and heart
+        thickness maps (mm) in output pixels."""
         n = lay.size
         g = lay.grid
         cx, cz = lay.centre
@@ -171,7 +187,9 @@ class Phantom:
         sub = np.linspace(0, n - 1, 17).round().astype(int)
         Wb = _upsampler(n, 17)
         Zb = Z + _smooth_field(Wb, _diaphragm_shift(X[np.ix_(sub, sub)], Z[np.ix_(sub, sub)],
-                                                    var.diaphragm_mm, info, cx))
+                                                    var.diaphragm_mm, info, cx)
+                               + _diaphragm_shift(X[np.ix_(sub, sub)], Z[np.ix_(sub, sub)],
+                                                  var.diaphragm_local_mm, info, cx, reach=50.0))
         edges = self.anatomy.slab_edges
         ymid = 0.5 * (edges[:-1] + edges[1:]) - lay.yc
         ty, tp = math.tan(math.radians(var.yaw_deg)), math.tan(math.radians(var.pitch_deg))
@@ -191,22 +209,24 @@ class Phantom:
                 _add_patch(soft[s], r0, c0, patch)
         hs = int(np.clip(np.searchsorted(edges, info["heart_centroid"][1]) - 1, 0, N_SLABS - 1))
         sx = var.heart_scale
-        sz = 1 + 0.7 * (sx - 1)
+        sz = 1 + 0.5 * (sx - 1)
         sy = 1 + 0.8 * (sx - 1)
         hb = info["heart"]
-        ax = lay.heart_x[0] + 0.35 * (lay.heart_x[1] - lay.heart_x[0])  # right-of-centre anchor
-        az = hb[2] + 0.1 * (hb[5] - hb[2])                              # near the heart's base
+        ax = lay.heart_x[0] + 0.3 * (lay.heart_x[1] - lay.heart_x[0])  # grows more to the left
+        az = hb[2]                       # the heart's base stays on the diaphragm
         g_heart = grid(hs, gx=(ax + (X - ax) / sx - g.x0) * kx - 1.0,
                        gz=(g.z0 - (az + (Zb - az) / sz)) * kz - 1.0)
-        channels = [soft, lay.bone, lay.maps["heart"][None], lay.maps["body"][None]]
+        lungs = (lay.maps["lung_left"] + lay.maps["lung_right"])[None]
+        channels = [soft, lay.bone, lay.maps["heart"][None], lay.maps["heart"][None], lungs,
+                    lay.maps["heart_mask"][None], lay.maps["body"][None]]
         grids = ([grid(s) for s in range(N_SLABS)] + [grid(s, False) for s in range(N_SLABS)]
-                 + [g_heart, grid(N_SLABS // 2)])
+                 + [g_heart, grid(hs), grid(hs), g_heart, grid(N_SLABS // 2)])
         for ins in inserts:
             if ins.mask_from == "heart":
                 channels.append(lay.maps["heart_mask"][None])
                 grids.append(g_heart)
             elif ins.mask_from == "lungs":
-                channels.append((lay.maps["lung_left"] + lay.maps["lung_right"])[None])
+                channels.append(lungs)
                 grids.append(grid(N_SLABS // 2))
             else:
                 channels.append(ins.plane_map(g)[None])
@@ -225,14 +245,17 @@ class Phantom:
             torch.set_num_threads(prev)
         k = N_SLABS
         L = out[:k].sum(axis=0) + var.bone_weight * out[k:2 * k].sum(axis=0)
-        L += sy * out[2 * k]                                  # the heart, resized
-        L += var.extra_tissue_mm * MU_WATER * np.clip(out[2 * k + 1] / 40.0, 0, 1)
-        return L.astype(np.float32), list(out[2 * k + 2:])
+        h_new, h_old, lung_mm, heart_mm, body_mm = out[2 * k:2 * k + 5]
+        # the resized heart displaces only the lung that is in the way of each ray
+        L += h_old + np.minimum(sy * h_new - h_old, lung_mm * (1 - LUNG_REF) * MU_WATER)
+        L += var.extra_tissue_mm * MU_WATER * np.clip(body_mm / 40.0, 0, 1)
+        return L.astype(np.float32), list(out[2 * k + 5:]), (lung_mm, heart_mm)
 
 
-def _diaphragm_shift(x, z, shift: dict, info: dict, cx: float):
+def _diaphragm_shift(x, z, shift: dict, info: dict, cx: float, reach: float | None = None):
     """Vertical sampling offset (mm) of soft tissue for a diaphragm moved down by shift[side]:
-    full at the dome, fading to 0 at the apex and 130 mm below the dome."""
+    full at the dome, fading to 0 at the apex (or `reach` mm above the dome: a local change of
+    the base) and 130 mm below the dome."""
     apex = info["lung_apex_z"]
     out = 0.0
     wl = 1.0 / (1.0 + np.exp(-(x - cx) / 15.0))  # patient's left = larger x
@@ -241,7 +264,8 @@ def _diaphragm_shift(x, z, shift: dict, info: dict, cx: float):
         if not dz:
             continue
         dome = info["domes"][side]
-        up = np.clip((apex - z) / max(apex - dome, 1.0), 0, 1)
+        top = apex if reach is None else dome + reach
+        up = np.clip((top - z) / max(top - dome, 1.0), 0, 1)
         down = np.clip((z - (dome - 130.0)) / 130.0, 0, 1)
         prof = np.where(z >= dome, np.sin(0.5 * np.pi * up) ** 2, np.sin(0.5 * np.pi * down) ** 2)
         out = out + w * dz * prof

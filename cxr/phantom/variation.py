@@ -19,9 +19,12 @@ class Variation:
     pitch_deg: float = 0.0       # rotation about the left-right axis (lordotic / kyphotic tilt)
     shift_mm: tuple = (0.0, 0.0)  # centring error (x, down)
     scale: float = 1.0           # magnification (field of view = FOV_MM / scale)
-    fov_mm: float = 330.0
+    fov_mm: float = 310.0
     diaphragm_mm: dict = field(default_factory=lambda: {"left": 0.0, "right": 0.0})  # + = lower
-    heart_scale: float = 1.0     # linear size of the heart relative to the CT's
+    diaphragm_local_mm: dict = field(default_factory=lambda: {"left": 0.0, "right": 0.0})
+    # ^ a hemidiaphragm moved by local volume loss (atelectasis): only the lung base follows
+    ctr: float = 0.46            # cardiothoracic ratio: normal < 0.5 (sets the heart's size)
+    heart_scale: float = 1.0     # the heart's linear size relative to the CT's (set from ctr)
     lung_density: float = 1.0    # aeration: < 1 = more air (deep inspiration), > 1 = less
     bone_weight: float = 1.5     # bone attenuation relative to the CT's (beam energy)
     extra_tissue_mm: float = 0.0  # water-equivalent soft tissue added over the body
@@ -31,8 +34,8 @@ class Variation:
     psf_mm: float = 0.5          # detector blur (Gaussian sigma)
     unsharp: float = 0.9         # strength of the large-kernel edge enhancement (post-processing)
     unsharp_mm: float = 25.0
-    window: tuple = (0.0, 1.0)   # fraction of the standard window shifted / scaled
-    gamma: float = 1.0           # contrast curve exponent
+    detail: float = 0.5          # strength of the small-kernel (2.5 mm) detail enhancement
+    window: tuple = (0.28, 0.8)  # grey levels of the lung fields and of the heart shadow
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -51,19 +54,19 @@ def draw_variation(rng: np.random.Generator) -> Variation:
         pitch_deg=float(rng.normal(0, 2.0)),
         shift_mm=(float(rng.normal(0, 6)), float(rng.normal(0, 6))),
         scale=float(u(0.94, 1.06)),
-        fov_mm=330.0,
+        fov_mm=310.0,
         diaphragm_mm={"left": float(common + rng.normal(0, 3)),
                       "right": float(common + rng.normal(0, 3))},
-        heart_scale=float(u(0.94, 1.04)),
+        ctr=float(u(0.42, 0.495)),
         lung_density=float(u(0.9, 1.1)),
-        bone_weight=float(u(1.3, 1.8)),
+        bone_weight=float(u(1.4, 1.9)),
         extra_tissue_mm=float(u(0, 40)),
         deform=rng.normal(0, 1.5, size=(2, 5, 5)),
-        photons=float(np.exp(u(np.log(3e3), np.log(3e4)))),
+        photons=float(np.exp(u(np.log(1e4), np.log(1e5)))),
         scatter=float(u(0.1, 0.3)),
         psf_mm=float(u(0.35, 0.7)),
         unsharp=float(u(0.5, 1.3)),
         unsharp_mm=float(u(15, 35)),
-        window=(float(rng.normal(0, 0.04)), float(u(0.92, 1.08))),
-        gamma=float(u(0.85, 1.2)),
+        detail=float(u(0.3, 0.9)),
+        window=(float(u(0.2, 0.32)), float(u(0.74, 0.86))),
     )
