@@ -269,3 +269,27 @@ def asserted(findings: Iterable[Finding], include_uncertain: bool = False) -> se
     """Diseases a report asserts (positive; uncertain too when asked)."""
     ok = {"positive", "uncertain"} if include_uncertain else {"positive"}
     return {d for d, c in summarise(findings).items() if c in ok}
+
+
+# -- scoring against Open-i's MeSH indexing ----------------------------------------------------
+# The ChestX-ray14 findings Open-i indexes (cxr.reports.mesh.NIH_TO_MESH) plus `normal`. Open-i's
+# indexers wrote lung emphysema under two headings, `Emphysema` and `Pulmonary Emphysema`; both
+# count as `Emphysema` (Subcutaneous / Mediastinal / Bullous Emphysema are other headings).
+OPENI_EVAL_LABELS = (
+    "Pulmonary Atelectasis", "Cardiomegaly", "Pleural Effusion", "Infiltrate", "Mass", "Nodule",
+    "Pneumonia", "Pneumothorax", "Consolidation", "Pulmonary Edema", "Emphysema",
+    "Pulmonary Fibrosis", "Hernia, Hiatal", "Thickening", NORMAL,
+)
+HEADING_ALIASES = {"Pulmonary Emphysema": "Emphysema"}
+
+
+def label_of(disease: str) -> str:
+    """The evaluation label of a disease heading (aliases folded, `Heading/change` kept)."""
+    return HEADING_ALIASES.get(disease, disease)
+
+
+def report_labels(findings: Iterable[Finding], labels: Iterable[str] = OPENI_EVAL_LABELS,
+                  include_uncertain: bool = False) -> set[str]:
+    """The labels a report is positive for, from MeSH or text Findings alike."""
+    wanted = set(labels)
+    return {label_of(d) for d in asserted(findings, include_uncertain)} & wanted
