@@ -219,7 +219,8 @@ def bench_queries(n: int, dim: int, work: Path, repeats: int, seed: int = 0) -> 
 
 # -- 3. service under load ---------------------------------------------------------------------
 def bench_service_load(run: Path | None, seconds: float = 60, clients: int = 8,
-                       work: Path | None = None, device: str | None = None) -> dict:
+                       work: Path | None = None, device: str | None = None,
+                       threads: int | None = None) -> dict:
     """The REST service under load (see `cxr.service.loadtest`): requests/s, p50/p95 latency and
     error count of POST /annotate with `clients` concurrent clients on loopback for `seconds`,
     against the Reader called in-process on the same images in the same run. Images: 32 real NIH
@@ -241,7 +242,7 @@ def bench_service_load(run: Path | None, seconds: float = 60, clients: int = 8,
 
         images = [Path(p) for p in iter_inputs(simulated_images(work / "service-images", 32, 256))]
         source = "simulated 256x256"
-    fig = load_test(run, images, seconds, clients, device=device)
+    fig = load_test(run, images, seconds, clients, device=device, threads=threads)
     fig["image_source"] = source
     print(f"service under load ({source}, {len(images)} images, run {run}):")
     print(table(fig) + "\n")
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service", action="store_true", help="also load-test the service")
     parser.add_argument("--duration", type=float, default=60, help="seconds of service load")
     parser.add_argument("--device", default=None, help="Reader device for the service load")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the service load, server and baseline alike")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args(argv)
@@ -300,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
               f"HNSW built in {sim['index_build_s']:.0f} s, recall@10 {sim['recall_at_10']:.3f}, "
               f"{sim['speedup_p50']:.0f}x faster than brute force at p50)")
         print(markdown_table(["query", "p50 ms", "p95 ms", "hits"], rows, digits=2) + "\n")
-    report["service"] = (bench_service_load(args.run, args.duration, 8, work, args.device)
+    report["service"] = (bench_service_load(args.run, args.duration, 8, work, args.device,
+                                            args.threads)
                          if args.service else {"measured": False})
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

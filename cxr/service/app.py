@@ -53,6 +53,7 @@ class Settings:
     batch_wait_ms: float = 5.0
     upload_dir: Path | None = None
     device: str | None = None
+    threads: int | None = None
 
 
 # -- uploads ---------------------------------------------------------------------------------
@@ -164,12 +165,15 @@ class SimilarQuery(BaseModel):
 
 def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, max_batch: int = 16,
                batch_wait_ms: float = 5.0, upload_dir: str | Path | None = None,
-               device: str | None = None, reader=None, archive=None) -> FastAPI:
+               device: str | None = None, threads: int | None = None, reader=None,
+               archive=None) -> FastAPI:
     """The service for one trained run and one archive database. `reader` / `archive` may be
     given ready (the CLI opens them first, to report a bad run or URL in one line); otherwise
-    they are opened at start-up."""
+    they are opened at start-up. `threads` sets torch's intra-op threads for the model (default:
+    torch's choice; 1 is often fastest on a busy or small CPU)."""
     settings = Settings(str(run_dir), db_url, int(max_upload_mb * 2**20), int(max_batch),
-                        float(batch_wait_ms), Path(upload_dir) if upload_dir else None, device)
+                        float(batch_wait_ms), Path(upload_dir) if upload_dir else None, device,
+                        threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -186,7 +190,8 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
             state.archive = await run_in_threadpool(Archive, settings.db_url)
         state.upload_dir = settings.upload_dir or default_upload_dir(settings.db_url)
         state.batcher = MicroBatcher(lambda items: _run_reader(state.reader, items),
-                                     settings.max_batch, settings.batch_wait_ms)
+                                     settings.max_batch, settings.batch_wait_ms,
+                                     initializer=lambda: _set_threads(settings.threads))
         state.batcher.start()
         try:
             yield
@@ -290,7 +295,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         state = request.app.state
         reader_ = state.reader
         return {"status": "ok", "model_id": reader_.model_id, "targets": list(reader_.targets),
-                "device": str(reader_.device), "archive": {"images": state.archive.count(status="ok")},
+                "device": str(reader_.device), "threads": settings.threads, "archive": {"images": state.archive.count(status="ok")},
                 "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms,
                              **state.batcher.stats.to_dict()},
                 "max_upload_mb": settings.max_upload_bytes / 2**20, "disclaimer": DISCLAIMER}
@@ -305,6 +310,13 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def _run_reader(reader, items: list[tuple[np.ndarray, bool]]):
     """One Reader call for a micro-batch; heatmaps only for the requests that asked."""
     results = reader([pixels for pixels, _ in items], heatmaps=any(h for _, h in items),

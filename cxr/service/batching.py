@@ -47,11 +47,12 @@ class MicroBatcher:
     """`await batcher.submit(item)` -> `fn([item, ...])[i]`, with concurrent submits batched.
 
     Call `start()` from inside the running event loop (the app's lifespan) and `stop()` at
-    shutdown; `fn` takes a list and returns a list of the same length.
+    shutdown; `fn` takes a list and returns a list of the same length; `initializer` runs once
+    in the model thread (e.g. to set torch's thread count there).
     """
 
     def __init__(self, fn: Callable[[list], Sequence[Any]], max_batch: int = 16,
-                 max_wait_ms: float = 5.0):
+                 max_wait_ms: float = 5.0, initializer: Callable[[], None] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.fn = fn
@@ -60,7 +61,8 @@ class MicroBatcher:
         self.stats = BatchStats()
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-model")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-model",
+                                            initializer=initializer)
 
     def start(self) -> None:
         self._queue = asyncio.Queue()

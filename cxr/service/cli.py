@@ -25,6 +25,8 @@ def configure(parser) -> None:
     parser.add_argument("--upload-dir", type=Path, default=None,
                         help="where ?store=true keeps uploads (default: beside a SQLite file)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the model (default: torch's; 1 suits a busy CPU)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -44,7 +46,7 @@ def run(args) -> int:
     archive = Archive(args.db)
     app = create_app(args.run, args.db, max_upload_mb=args.max_upload_mb, max_batch=args.max_batch,
                      batch_wait_ms=args.batch_wait_ms, upload_dir=args.upload_dir,
-                     device=args.device, reader=reader, archive=archive)
+                     device=args.device, threads=args.threads, reader=reader, archive=archive)
     print(f"cxr serve: {reader.model_id} on http://{args.host}:{args.port}/ "
           f"(API docs at /docs; research use only)", flush=True)
     try:
