@@ -260,3 +260,30 @@ def test_concurrent_requests_are_batched_and_answered_correctly(client, service,
     assert after["items"] - before["items"] == 8
     assert after["batches"] - before["batches"] < 8
     assert after["max_batch_seen"] > 1
+
+
+def test_micro_batcher_batches_and_a_bad_item_fails_alone():
+    from cxr.service.batching import MicroBatcher
+
+    calls: list[list[str]] = []
+
+    def upper(items):
+        calls.append(list(items))
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [x.upper() for x in items]
+
+    async def go():
+        batcher = MicroBatcher(upper, max_batch=4, max_wait_ms=50)
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(x) for x in ["a", "b", "bad", "c", "d", "e"]),
+                                        return_exceptions=True), batcher.stats
+        finally:
+            await batcher.stop()
+
+    out, stats = asyncio.run(go())
+    assert out[:2] == ["A", "B"] and out[3:] == ["C", "D", "E"]
+    assert isinstance(out[2], ValueError) and str(out[2]) == "bad item"
+    assert calls[0] == ["a", "b", "bad", "c"] and ["bad"] in calls and calls[-1] == ["d", "e"]
+    assert stats.max_batch_seen == 4 and stats.items == 6

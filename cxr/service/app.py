@@ -218,7 +218,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         state = request.app.state
         data = await file.read()
         loaded = await run_in_threadpool(decode_upload, data, file.filename)
-        result = await state.batcher.submit((loaded.pixels, heatmap))
+        result = await _read(state.batcher, loaded.pixels, heatmap)
         out = {"filename": _safe_name(file.filename), "view": loaded.view,
                **result_json(result, heatmap)}
         if image:
@@ -246,7 +246,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         out = record_json(record)
         if heatmap:
             loaded = await run_in_threadpool(_read_stored, record)
-            result = await state.batcher.submit((loaded.pixels, True))
+            result = await _read(state.batcher, loaded.pixels, True)
             out["heatmaps"] = {k: png_base64(v) for k, v in result.heatmaps.items()}
             out["heatmap_model_id"] = result.model_id
         return out
@@ -325,6 +325,16 @@ def _run_reader(reader, items: list[tuple[np.ndarray, bool]]):
         if not wants:
             result.heatmaps = {}
     return results
+
+
+async def _read(batcher, pixels: np.ndarray, heatmap: bool):
+    """The Reader on one image through the micro-batcher; a model failure is a 500 that says so."""
+    try:
+        return await batcher.submit((pixels, heatmap))
+    except CxrError:
+        raise
+    except Exception as exc:
+        raise HTTPException(500, f"the model failed on this image: {exc!r}"[:500]) from None
 
 
 def result_json(result, heatmap: bool) -> dict:
