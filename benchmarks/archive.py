@@ -112,42 +112,51 @@ def bench_indexing(run: Path, n_images: int, size: int, batch_size: int, work: P
 
 # -- 2. synthetic archive ----------------------------------------------------------------------
 def synthetic_archive(url: str, n: int, dim: int, seed: int = 0, centres: int = 2000,
-                      chunk: int = 50_000) -> tuple[Archive, np.ndarray]:
-    """Bulk-insert `n` rows (images + findings) into the real schema; returns the archive and the
-    unit-length embedding matrix (row i = image id i + 1)."""
+                      chunk: int = 100_000) -> tuple[Archive, np.ndarray]:
+    """Bulk-insert `n` rows (images + findings, drawn with numpy) into the real schema; returns
+    the archive and the unit-length embedding matrix (row i = image id i + 1)."""
     archive = Archive(url)
     rng = np.random.default_rng(seed)
     c = normalise(rng.normal(size=(centres, dim)))
     matrix = np.empty((n, dim), np.float32)
+    names = [d[0] for d in DISEASES]
+    sites = [d[2] or [None] for d in DISEASES]
+    sevs = [d[3] or [None] for d in DISEASES]
     raw = archive.engine.raw_connection()
     try:
         cur = raw.cursor()
         fid = 0
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
-            emb = normalise(c[rng.integers(0, centres, m)] + 0.35 * rng.normal(size=(m, dim)) / np.sqrt(dim) * 4)
+            ids = np.arange(start + 1, start + m + 1)
+            emb = normalise(c[rng.integers(0, centres, m)] + 1.4 * rng.normal(size=(m, dim)) / np.sqrt(dim))
             matrix[start:start + m] = emb
-            images, findings = [], []
             n_find = rng.choice([0, 1, 2, 3], size=m, p=[0.4, 0.35, 0.17, 0.08])
-            for j in range(m):
-                image_id = start + j + 1
-                scores = {}
-                for k in rng.choice(len(DISEASES), size=n_find[j], replace=False):
-                    disease, organ, sites, sevs = DISEASES[k]
-                    score = float(0.5 + 0.5 * rng.random())
-                    scores[disease] = score
-                    side = SIDES[rng.integers(0, 4)] if sites else None
-                    site = sites[rng.integers(0, len(sites))] if sites else None
-                    sev = sevs[rng.integers(0, len(sevs))] if sevs else None
-                    fid += 1
-                    words = [disease.lower(), organ, site, side, sev]
-                    findings.append((fid, image_id, disease, disease.lower(), score,
-                                     " ".join(w for w in words if w), organ,
-                                     f"/{site}/" if site else "", side, sev, "[]"))
-                scores.setdefault("Cardiomegaly", float(rng.random() * 0.5))
-                images.append((image_id, f"{image_id:064x}", MODEL, f"/archive/{image_id:08d}.dcm",
-                               "ok", json.dumps(scores), emb[j].tobytes(), "2026-01-01 00:00:00",
-                               256, 256))
+            owner = np.repeat(ids, n_find)
+            f = len(owner)
+            dis = rng.integers(0, len(DISEASES), f)
+            score = 0.5 + 0.5 * rng.random(f)
+            side = rng.integers(0, len(SIDES), f)
+            pick = rng.integers(0, 1000, (f, 2))
+            findings = []
+            extra: dict[int, list[str]] = {}
+            for k in range(f):
+                d = dis[k]
+                site = sites[d][pick[k, 0] % len(sites[d])]
+                sev = sevs[d][pick[k, 1] % len(sevs[d])]
+                sd = SIDES[side[k]] if site else None
+                organ = DISEASES[d][1]
+                fid += 1
+                words = (names[d].lower(), organ, site, sd, sev)
+                findings.append((fid, int(owner[k]), names[d], names[d].lower(), float(score[k]),
+                                 " ".join(w for w in words if w), organ,
+                                 f"/{site}/" if site else "", sd, sev, "[]"))
+                extra.setdefault(int(owner[k]), []).append(f'"{names[d]}": {score[k]:.4f}')
+            cardio = rng.random(m) * 0.5
+            images = [(int(i), f"{i:064x}", MODEL, f"/archive/{i:08d}.dcm", "ok",
+                       "{" + ", ".join([f'"Cardiomegaly": {cardio[j]:.4f}'] + extra.get(int(i), [])) + "}",
+                       emb[j].tobytes(), "2026-01-01 00:00:00", 256, 256)
+                      for j, i in enumerate(ids)]
             cur.executemany("insert into images (id, sha256, model_id, path, status, scores, "
                             "embedding, indexed_at, height, width) values (?,?,?,?,?,?,?,?,?,?)",
                             images)
