@@ -53,13 +53,13 @@ def simulate(out: str | Path, n: int, size: int = 256, seed: int = 0, workers: i
              progress: bool = True, dicom: bool = False, photometric: str = "MONOCHROME2",
              ct: str | Path | None = None, labels: str | Path | None = None,
              reports: str | Path | None = None, normal_share: float | None = None,
-             terms: str = "complete") -> Path:
+             terms: str = "complete", geometry: str = "parallel") -> Path:
     """Simulate `n` studies into `out` (created; resumed when it holds an interrupted run with
     the same settings) and return `out`.
 
     ct, labels: the chest CT and its organ label map (default: the data cache, fetched once);
     reports: the Open-i reports the case statistics come from (default: the data cache);
-    normal_share, terms: see `CaseGenerator`."""
+    normal_share, terms: see `CaseGenerator`; geometry: "parallel" or "cone" beam."""
     out = Path(out).expanduser()
     if n < 1:
         raise CxrError(f"--n must be at least 1, not {n}")
@@ -68,11 +68,13 @@ def simulate(out: str | Path, n: int, size: int = 256, seed: int = 0, workers: i
     photometric = photometric.upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise CxrError(f"photometric must be MONOCHROME1 or MONOCHROME2, not {photometric!r}")
+    if geometry not in ("parallel", "cone"):
+        raise CxrError(f"geometry must be 'parallel' or 'cone', not {geometry!r}")
     ct_path, labels_path, reports_path = _inputs(ct, labels, reports)
     generator = CaseGenerator.from_openi(reports_path, normal_share=normal_share, terms=terms)
     settings = {
         "format": FORMAT, "n": int(n), "size": int(size), "seed": int(seed), "dicom": bool(dicom),
-        "photometric": photometric if dicom else None, "terms": terms,
+        "photometric": photometric if dicom else None, "terms": terms, "geometry": geometry,
         "normal_share": round(generator.normal_share, 6),
         "cxr_version": _version(),
         "ct_sha256": sha256(ct_path), "labels_sha256": sha256(labels_path),
@@ -197,7 +199,8 @@ class _Job:
         """Render case `index` and write its image(s), report and record (record last)."""
         s = self.settings
         case = self.generator.case(index, s["seed"])
-        rendering = self.phantom().render(case.findings, seed=case.seed, size=s["size"])
+        rendering = self.phantom().render(case.findings, seed=case.seed, size=s["size"],
+                                          geometry=s["geometry"])
         image = np.asarray(rendering.image, dtype=np.float32)
         if image.shape != (s["size"], s["size"]):
             raise CxrError(f"renderer returned an image of shape {image.shape} for size {s['size']}")
@@ -248,7 +251,7 @@ def _run(job: _Job, todo: list[int], n: int, workers: int, progress: bool) -> No
         workers = max(1, min(int(workers), len(todo)))
         # Load here first: a bad CT fails in this process with a clear error, and the derived
         # arrays are computed and cached once rather than by every worker at the same time.
-        job.phantom().layout(job.settings["size"])
+        job.phantom().layout(job.settings["size"], job.settings["geometry"])
         if workers == 1:
             for index in todo:
                 job.make(index)
