@@ -5,13 +5,21 @@ import os
 from pathlib import Path
 
 
+def _cores() -> int:
+    """Cores this process may use (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def configure(parser) -> None:
     parser.add_argument("--out", required=True, type=Path,
                         help="output folder (created; an interrupted run in it is resumed)")
     parser.add_argument("--n", type=int, default=2000, help="number of studies (default 2000; a larger --n grows an existing set)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole set (default 0)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=int, default=_cores(),
                         help="parallel processes (default: all cores)")
     parser.add_argument("--dicom", action="store_true",
                         help="also write each image as DICOM (DX) beside the PNG")
