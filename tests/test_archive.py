@@ -73,6 +73,17 @@ def test_schema_comes_from_the_migration_and_survives_reopening(tmp_path):
     first.close()
     again = Archive(url)
     assert again.uuid == first.uuid and again.count() == 0
+    from alembic.script import ScriptDirectory
+    from alembic.config import Config
+
+    from cxr.archive.db import HEAD_REVISION, MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+    memory = Archive("sqlite://")
+    assert memory.add_results([Entry("/m.png", "a" * 64, MODEL, result=result([], np.ones(4)))])
+    assert memory.similar(embedding=np.ones(4), k=1)[0].path == "/m.png"
     with pytest.raises(CxrError, match="folder"):
         Archive(f"sqlite:///{tmp_path / 'missing' / 'a.db'}")
     with pytest.raises(CxrError, match="URL"):

@@ -94,6 +94,9 @@ def test_index_and_search_on_postgresql(postgres_url, tiny_run, shared_data, tmp
         found = archive.search(finding=finding.disease, side=finding.side, limit=100)
         assert found and all(any(f.disease == finding.disease and f.side == finding.side
                                  for f in h.findings) for h in found)
+    target = sorted(hits[0].scores)[0]
+    above = archive.search(scores={target: 0.5}, limit=100)  # JSON path on PostgreSQL
+    assert {h.id for h in above} == {h.id for h in hits if h.scores[target] >= 0.5}
     (failed,) = archive.search(status="failed")
     assert failed.path.endswith("bad.dcm") and failed.reason
 

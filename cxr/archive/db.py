@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,7 +21,8 @@ from typing import Iterable
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.pool import StaticPool
 from sqlalchemy.orm import Session, selectinload
 
 from ..errors import CxrError
@@ -32,6 +34,8 @@ from .vectors import VectorIndex
 
 DEFAULT_URL = "sqlite:///cxr-archive.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+HEAD_REVISION = "0001"  # newest file in migrations/versions (a test checks they agree)
+VOCABULARY_TTL_S = 30.0
 
 
 @dataclass
@@ -111,8 +115,11 @@ def make_engine(url: str) -> Engine:
         parent = Path(parsed.database).expanduser().resolve().parent
         if not parent.is_dir():
             raise CxrError("the folder for the database file does not exist", parent)
+    kwargs = {}
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        kwargs = dict(poolclass=StaticPool, connect_args={"check_same_thread": False})
     try:
-        engine = create_engine(parsed, future=True)
+        engine = create_engine(parsed, **kwargs)
     except Exception as exc:
         raise CxrError(f"cannot use database URL: {exc}") from None
     if engine.dialect.name == "sqlite":
@@ -120,8 +127,19 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def schema_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        try:
+            return conn.exec_driver_sql("select version_num from alembic_version").scalar()
+        except Exception:
+            return None
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (no-op when current)."""
+    """Bring the schema to the newest Alembic revision (no-op when current; Alembic itself is
+    only imported when there is something to do, so opening an archive stays fast)."""
+    if schema_revision(engine) == HEAD_REVISION:
+        return
     from alembic import command
     from alembic.config import Config
 
@@ -155,17 +173,14 @@ class Archive:
         except OperationalError as exc:
             self.engine.dispose()
             raise CxrError(f"cannot open the archive database: {exc.orig}", _redact(url)) from None
-        except Exception as exc:
-            if "IntegrityError" in type(exc).__name__:  # two processes created it at once
-                with Session(self.engine) as s:
-                    self.uuid = s.get(Meta, "archive_uuid").value
-            else:
-                self.engine.dispose()
-                raise
+        except IntegrityError:  # two processes created it at once: take the winner's uuid
+            with Session(self.engine) as s:
+                self.uuid = s.get(Meta, "archive_uuid").value
         self.vector_dir = Path(vector_dir) if vector_dir else self._default_vector_dir()
         self._vectors: dict[str, VectorIndex] = {}
         self._vocab: Vocabulary | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._vocab_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _default_vector_dir(self) -> Path | None:
@@ -275,8 +290,9 @@ class Archive:
             return sorted(s.scalars(select(ImageRow.model_id).distinct()))
 
     def vocabulary(self) -> Vocabulary:
-        """Diseases, locations, severities and sides present in the archive (cached)."""
-        if self._vocab is not None:
+        """Diseases, locations, severities and sides present in the archive (cached for
+        VOCABULARY_TTL_S, so a long-running service sees what other processes index)."""
+        if self._vocab is not None and time.monotonic() - self._vocab_at < VOCABULARY_TTL_S:
             return self._vocab
         v = Vocabulary()
         with self.session() as s:
@@ -287,7 +303,7 @@ class Archive:
                 v.locations.update(decode_location(loc))
             v.severities = {x for x in s.scalars(select(FindingRow.severity).distinct()) if x}
             v.sides = {x for x in s.scalars(select(FindingRow.side).distinct()) if x}
-        self._vocab = v
+        self._vocab, self._vocab_at = v, time.monotonic()
         return v
 
     def search(self, text: str | Query | None = None, *, finding: str | None = None,
@@ -344,8 +360,9 @@ class Archive:
             if len(models) != 1:
                 raise CxrError(f"the archive holds several models {models}: name one")
             model_id = models[0]
-        index = self.sync_vectors(model_id, ndim=int(np.asarray(embedding).size))
-        keys, dists = index.search(np.asarray(embedding, np.float32), k + (image_id is not None))
+        with self._lock:  # no search while another thread adds to the index
+            index = self.sync_vectors(model_id, ndim=int(np.asarray(embedding).size))
+            keys, dists = index.search(np.asarray(embedding, np.float32), k + (image_id is not None))
         pairs = [(int(i), float(d)) for i, d in zip(keys, dists) if i != image_id][:k]
         records = self._records([i for i, _ in pairs])
         for rec, (_, d) in zip(records, pairs):
