@@ -120,12 +120,21 @@ def build_pipeline(rules: Mapping):
         category = _MODIFIER_CATEGORY[next(iter(fields))]
         context_rules.append(ConTextRule(
             literal, category, direction="BIDIRECTIONAL", max_scope=scope, max_targets=1,
-            metadata=dict(fields)))
+            metadata=dict(fields), on_modifies=_same_phrase))
     # Replace the rule set: ConText has no remove(), so rebuild its matcher from a fresh pipe.
     nlp.remove_pipe("medspacy_context")
     context = nlp.add_pipe("medspacy_context", config={"rules": None})
     context.add(kept + context_rules)
     return nlp
+
+
+_PHRASE_BREAKS = frozenset({"and", ",", ";", "with", "but", "or", "versus", "vs", "while", "."})
+
+
+def _same_phrase(target, modifier, between) -> bool:
+    """A context word describes a finding in its own phrase: "small left effusion and right
+    basilar atelectasis" gives `right` to the atelectasis, not across the `and`."""
+    return not any(t.lower_ in _PHRASE_BREAKS for t in between)
 
 
 @lru_cache(maxsize=4)
@@ -134,9 +143,12 @@ def _cached_pipeline(rules_key: str):
 
 
 def _certainty(span) -> str:
+    # A hypothetical mention ("recommend CT to exclude mass") is a question, even if negated.
+    if span._.is_hypothetical:
+        return "uncertain"
     if span._.is_negated:
         return "negative"
-    if span._.is_uncertain or span._.is_hypothetical:
+    if span._.is_uncertain:
         return "uncertain"
     return "positive"
 
