@@ -77,7 +77,13 @@ def test_health_openapi_docs_and_page(client, service):
     spec = client.get("/openapi.json").json()
     assert {"/annotate", "/studies", "/studies/{image_id}", "/studies/{image_id}/image", "/search",
             "/health"} <= set(spec["paths"])
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+    try:
+        import swagger_ui_bundle  # noqa: F401
+        assert "cdn" not in docs.text and client.get("/docs-static/swagger-ui-bundle.js").status_code == 200
+    except ImportError:
+        pass
     page = client.get("/")
     assert page.status_code == 200 and "Research use only" in page.text
     assert client.get("/static/app.js").status_code == 200

@@ -123,3 +123,13 @@ def test_a_bad_upload_shows_the_reason(page, tmp_path):
     page.click("#annotate")
     expect(page.locator("#status")).to_contain_text("broken.png")
     expect(page.locator("#status")).to_have_class("error")
+
+
+def test_api_docs_render_without_the_internet(page, site):
+    """Swagger UI comes from local files (swagger-ui-bundle-v2), so /docs works offline."""
+    from playwright.sync_api import expect
+
+    pytest.importorskip("swagger_ui_bundle")
+    page.goto(site + "/docs")
+    expect(page.locator(".opblock-summary-path").filter(has_text="/annotate").first).to_be_visible()
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("cxr")

@@ -10,7 +10,8 @@
     POST /search/similar      similar images to an embedding (from /annotate?embedding=true)
     GET  /vocabulary          diseases, sides, locations, severities present in the archive
     GET  /health              model, archive size, batching counters
-    GET  /                    the web page (static/), OpenAPI docs at /docs
+    GET  /                    the web page (static/); OpenAPI docs at /docs (served locally when
+                              swagger-ui-bundle-v2 is installed), the schema at /openapi.json
 
 The model loads once (lifespan); uploads from concurrent requests are micro-batched into one
 Reader call in a worker thread (see batching.py). Nothing a client sends is ever used as a path:
@@ -200,10 +201,24 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
             if archive is None:
                 state.archive.close()
 
+    swagger = _swagger_files()
     app = FastAPI(title="cxr", version=_version(), lifespan=lifespan,
+                  docs_url=None if swagger else "/docs", redoc_url=None,
                   description="Chest X-ray reading: findings, annotations, boxes, heatmaps; a "
                               f"searchable archive. {DISCLAIMER}")
     app.state.settings = settings
+    if swagger:  # API docs from local files: hospital networks are often offline
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        app.mount("/docs-static", StaticFiles(directory=swagger), name="docs-static")
+
+        @app.get("/docs", include_in_schema=False)
+        def docs():
+            return get_swagger_ui_html(openapi_url=app.openapi_url, title="cxr API",
+                                       swagger_js_url="/docs-static/swagger-ui-bundle.js",
+                                       swagger_css_url="/docs-static/swagger-ui.css",
+                                       swagger_favicon_url="/docs-static/favicon-32x32.png")
+
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
 
     @app.exception_handler(CxrError)
@@ -397,6 +412,17 @@ def _store(state, data: bytes, filename: str | None, loaded, result) -> int:
             image_id = s.scalar(select(ImageRow.id).where(ImageRow.sha256 == sha,
                                                            ImageRow.model_id == model_id))
     return int(image_id)
+
+
+def _swagger_files() -> str | None:
+    """Swagger UI's files from the `swagger-ui-bundle-v2` wheel, if installed (else FastAPI's
+    default /docs, which loads them from a CDN)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    path = Path(swagger_ui_path)
+    return str(path) if (path / "swagger-ui-bundle.js").exists() else None
 
 
 def _version() -> str:
