@@ -139,35 +139,47 @@ class Sites:
     def lung(self, side: str):
         return self.region(side, None)
 
+    def crop(self, name: str, origin, shape, step: int = 1) -> np.ndarray:
+        """float32 crop (every `step`-th voxel of the box `shape` at `origin`) of a coarse
+        volume ("mu" or "lung_depth"), memoised: the same sites are cropped image after image."""
+        key = (self.a.key, name, tuple(int(v) for v in origin), tuple(shape), step)
+        if key not in self._memo:
+            vol = getattr(self.a, name)
+            self._memo[key] = np.asarray(
+                vol[origin[0]:origin[0] + shape[0]:step, origin[1]:origin[1] + shape[1]:step,
+                    origin[2]:origin[2] + shape[2]:step], np.float32)
+        return self._memo[key]
+
     # -- projection
     def slab_of(self, y_mm: float) -> int:
         return int(np.clip(np.searchsorted(self.edges, y_mm) - 1, 0, N_SLABS - 1))
 
-    def project(self, origin: np.ndarray, dv: np.ndarray) -> list:
-        """Patches (slab, row0, col0, patch) of a coarse delta volume `dv` (1/mm) whose first
-        voxel is at coarse index `origin`."""
+    def project(self, origin: np.ndarray, dv: np.ndarray, step: int = 1) -> list:
+        """Patches (slab, row0, col0, patch) of a delta volume `dv` (1/mm) whose first voxel is
+        at coarse index `origin`, its voxels `step` coarse voxels apart."""
         g = self.g
         cx, cz = self.lay.centre
         out = []
-        ys = (np.arange(dv.shape[1]) + origin[1]) * H
+        Hs = H * step
+        ys = origin[1] * H + np.arange(dv.shape[1]) * Hs
         for s in range(N_SLABS):
             sel = (ys >= self.edges[s]) & (ys < self.edges[s + 1])
             if not sel.any():
                 continue
-            P = dv[:, sel, :].sum(axis=1) * H
+            P = dv[:, sel, :].sum(axis=1) * Hs
             if not P.any():
                 continue
             M = self.mag[s]
-            x_lo, x_hi = origin[0] * H, (origin[0] + dv.shape[0] - 1) * H
-            z_lo, z_hi = origin[2] * H, (origin[2] + dv.shape[2] - 1) * H
+            x_lo, x_hi = origin[0] * H, origin[0] * H + (dv.shape[0] - 1) * Hs
+            z_lo, z_hi = origin[2] * H, origin[2] * H + (dv.shape[2] - 1) * Hs
             c0 = int(np.floor((cx + (x_lo - cx) * M - g.x0) / g.pixel))
             c1 = int(np.ceil((cx + (x_hi - cx) * M - g.x0) / g.pixel)) + 1
             r0 = int(np.floor((g.z0 - (cz + (z_hi - cz) * M)) / g.pixel))
             r1 = int(np.ceil((g.z0 - (cz + (z_lo - cz) * M)) / g.pixel)) + 1
             xd = g.x0 + np.arange(c0, c1) * g.pixel
             zd = g.z0 - np.arange(r0, r1) * g.pixel
-            ai = (cx + (xd - cx) / M) / H - origin[0]
-            ci = (cz + (zd - cz) / M) / H - origin[2]
+            ai = ((cx + (xd - cx) / M) - origin[0] * H) / Hs
+            ci = ((cz + (zd - cz) / M) - origin[2] * H) / Hs
             cc, aa = np.meshgrid(ci, ai, indexing="ij")
             patch = ndimage.map_coordinates(P.astype(np.float32), [aa, cc], order=1, cval=0.0)
             out.append((s, r0, c0, patch.astype(np.float32)))
@@ -277,13 +289,19 @@ def _crop(arr, origin, shape):
 
 
 def _smooth_noise(shape, rng, cell_vox: float = 5.0) -> np.ndarray:
-    """A smooth random field (unit variance, ~cell_vox voxel correlation) of `shape`."""
+    """A smooth random field (unit variance, ~cell_vox voxel correlation) of `shape`: random
+    values on a coarse lattice, interpolated linearly along each axis in turn."""
     small = [max(2, int(math.ceil(n / cell_vox)) + 1) for n in shape]
     f = rng.standard_normal(small).astype(np.float32)
-    zoom = [n / s for n, s in zip(shape, small)]
-    out = ndimage.zoom(f, zoom, order=1, mode="nearest", grid_mode=True)
-    out = out[:shape[0], :shape[1], :shape[2]]
-    return (out - out.mean()) / (out.std() + 1e-6)
+    for axis, (n, k) in enumerate(zip(shape, small)):
+        x = np.linspace(0, k - 1, n)
+        i0 = np.minimum(x.astype(int), k - 2)
+        t = (x - i0).astype(np.float32)
+        a, b = np.take(f, i0, axis=axis), np.take(f, i0 + 1, axis=axis)
+        sh = [1] * 3
+        sh[axis] = n
+        f = a + (b - a) * t.reshape(sh)
+    return (f - f.mean()) / (f.std() + 1e-6)
 
 
 # ---------------------------------------------------------------------- the kinds
@@ -312,12 +330,15 @@ def _effusion(spec, rng, var, sites, ins):
                       "large": rng.uniform(85, 130)}[sev]
         lam = {"small": 10.0, "moderate": 15.0, "large": 20.0}[sev] * rng.uniform(0.8, 1.25)
         zs = (np.arange(m.shape[2]) + origin[2]) * H
-        depth = _crop(a.lung_depth, origin, m.shape)
-        layer = np.where(zs < level, 1e3, 40.0 * np.exp(-(zs - level) / lam))
+        top = int(np.searchsorted(zs, level + 6 * lam)) + 1   # the layer is < 0.1 mm above
+        top = min(top, m.shape[2])
+        zs = zs[:top]
+        depth = sites.crop("lung_depth", origin, m.shape)[:, :, :top]
+        mu = sites.crop("mu", origin, m.shape)[:, :, :top]
+        m = m[:, :, :top]
+        layer = np.where(zs < level, 1e3, 40.0 * np.exp(-(zs - level) / lam)).astype(np.float32)
         fluid = m & (depth < layer[None, None, :])
-        mu = _crop(a.mu, origin, m.shape)
         dv = np.where(fluid, 1.02 * MU_WATER - mu, 0).astype(np.float32)
-        dv = ndimage.uniform_filter(dv, 2)  # the fluid surface is smooth, not voxel steps
         ins.patches += sites.project(origin, dv)
         ins.info.setdefault("level_mm_above_costophrenic_angle", {})[side] = round(level - cp, 1)
     ins.slab = N_SLABS // 2
@@ -343,25 +364,29 @@ AIRSPACE = {  # kind -> severity -> (density as fraction of fluid, extent as fra
 
 
 def _airspace(spec, rng, var, sites, ins):
+    """Patchy (opacity, airspace disease) or confluent (consolidation) filling of the airspaces
+    of a lobe or zone: a smooth random field, biased toward a seed point, thresholded to the
+    extent, raising lung toward water density by the severity's fraction. Built on a 4 mm grid
+    (the shapes are smooth at that scale)."""
     sev = _severity(spec, ("mild", "moderate", "severe"), rng)
     density, extent = AIRSPACE[spec.kind][sev]
     sides = _sides(spec, rng)
     site = spec.site or str(rng.choice(["upper lobe", "lower lobe", "base", "middle lobe"]))
     for side in sides:
-        origin, m = sites.region(side, site)
-        mu = _crop(sites.a.mu, origin, m.shape)
-        noise = _smooth_noise(m.shape, rng, cell_vox=6.0 if spec.kind != "consolidation" else 10.0)
-        # a patch grows from one seed point outward: bias the field toward a random centre
+        origin, m_full = sites.region(side, site)
+        m = m_full[::2, ::2, ::2]
+        mu = sites.crop("mu", origin, m_full.shape, step=2)
+        noise = _smooth_noise(m.shape, rng, cell_vox=3.0 if spec.kind != "consolidation" else 5.0)
         c = _pick(m, rng)
-        grid = np.indices(m.shape, sparse=True)
-        dist = np.sqrt(sum((gi - ci) ** 2 for gi, ci in zip(grid, c)))
-        field_ = noise - 1.5 * dist / max(m.shape)
-        thr = np.quantile(field_[m], 1 - extent)
+        grid = np.ogrid[tuple(slice(0, n) for n in m.shape)]
+        dist = np.sqrt(sum(((gi - ci) / max(m.shape)) ** 2 for gi, ci in zip(grid, c)))
+        field_ = noise - 1.5 * dist
+        vals = field_[m]
+        thr = np.partition(vals, int((1 - extent) * (len(vals) - 1)))[int((1 - extent) * (len(vals) - 1))]
         w = np.clip((field_ - thr) / 0.4, 0, 1) * m
-        dv = (density * w * (MU_WATER - mu)).astype(np.float32)
-        dv = np.maximum(dv, 0)
-        ins.patches += sites.project(origin, dv)
-        ins.slab = sites.slab_of((origin[1] + c[1]) * H)
+        dv = np.maximum(density * w * (MU_WATER - mu), 0).astype(np.float32)
+        ins.patches += sites.project(origin, dv, step=2)
+        ins.slab = sites.slab_of((origin[1] + 2 * c[1]) * H)
     ins.mask_rel = 0.2
     ins.info.update(severity=sev, site=site, side="bilateral" if len(sides) == 2 else sides[0])
 
@@ -374,7 +399,7 @@ def _nodular(spec, rng, var, sites, ins):
     size = float(spec.size_mm) if spec.size_mm else float(rng.uniform(*default))
     r = size / 2
     origin, m = sites.region(side, site)
-    depth = _crop(sites.a.lung_depth, origin, m.shape)
+    depth = sites.crop("lung_depth", origin, m.shape)
     room = m & (depth >= min(r + 2, 0.8 * float(depth.max())))
     c = (_pick(room if room.any() else m, rng) + origin) * H
     if kind == "mass":
@@ -403,7 +428,7 @@ def _atelectasis(spec, rng, var, sites, ins):
         origin, m = sites.region(side, spec.site or "lower lobe")
         dome = sites.a.info["domes"][side]
         zs = (np.arange(m.shape[2]) + origin[2]) * H
-        depth = _crop(sites.a.lung_depth, origin, m.shape)
+        depth = sites.crop("lung_depth", origin, m.shape)
         band_z = (zs > dome + 8) & (zs < dome + 55)
         cand = m & band_z[None, None, :] & (depth > 6)
         c = _pick(cand if cand.any() else m, rng)
@@ -411,13 +436,13 @@ def _atelectasis(spec, rng, var, sites, ins):
         tilt = math.radians(rng.uniform(-15, 15))
         n = np.array([math.sin(tilt), 0.15 * rng.standard_normal(), math.cos(tilt)])
         n /= np.linalg.norm(n)
-        g = np.indices(m.shape).astype(np.float32)
-        d = [(g[i] - c[i]) * H for i in range(3)]
+        g = np.ogrid[tuple(slice(0, k) for k in m.shape)]
+        d = [((g[i] - c[i]) * H).astype(np.float32) for i in range(3)]
         off = d[0] * n[0] + d[1] * n[1] + d[2] * n[2]
         rx, ry = rng.uniform(30, 55), rng.uniform(25, 45)
         ell = (d[0] / rx) ** 2 + (d[1] / ry) ** 2
         w = np.clip(1 - np.abs(off) / (thick / 2), 0, 1) * np.clip((1 - ell) * 3, 0, 1) * m
-        mu = _crop(sites.a.mu, origin, m.shape)
+        mu = sites.crop("mu", origin, m.shape)
         dv = (0.95 * w * np.maximum(MU_WATER - mu, 0)).astype(np.float32)
         band = sites.project(origin, dv)
         ins.patches += band
@@ -456,11 +481,15 @@ def _pneumothorax(spec, rng, var, sites, ins):
     pos = [(g[i] + origin[i]) * H for i in range(3)]
     src_mm = [anchor[0] + (pos[0] - anchor[0]) / f, anchor[1] + (pos[1] - anchor[1]) / fy,
               np.where(pos[2] > anchor[2], anchor[2] + (pos[2] - anchor[2]) / f, pos[2])]
-    src = [src_mm[i] / H - origin[i] for i in range(3)]
-    inside = ndimage.map_coordinates(m.astype(np.float32), src, order=1, cval=0.0) > 0.5
+    idx = [np.rint(src_mm[i] / H - origin[i]).astype(np.intp) for i in range(3)]
+    ok = np.ones(m.shape, bool)
+    for i in range(3):
+        ok &= (idx[i] >= 0) & (idx[i] < m.shape[i])
+        np.clip(idx[i], 0, m.shape[i] - 1, out=idx[i])
+    inside = ok & m[idx[0], idx[1], idx[2]]
     air = m & ~inside
-    line = m & inside & ndimage.binary_dilation(air, iterations=1)
-    mu = _crop(sites.a.mu, origin, m.shape)
+    line = m & inside & ndimage.maximum_filter(air.view(np.uint8), size=3).astype(bool)
+    mu = sites.crop("mu", origin, m.shape)
     dv = np.where(air, -mu, 0).astype(np.float32)
     dv += np.where(line, 0.9 * MU_WATER - mu, 0).astype(np.float32)
     # the collapsed lung holds the same tissue in less volume: denser (blood shunted away: 0.7)
@@ -495,7 +524,7 @@ def _catheter(spec, rng, var, sites, ins):
     a = sites.a
     side = (spec.side or "right").lower()
     side = side if side in ("left", "right") else "right"
-    lab = np.asarray(a.labels)
+    lab = a.labels
 
     def centroid_path(name: str, n: int) -> np.ndarray:
         ids = a.ids(name)
@@ -510,15 +539,18 @@ def _catheter(spec, rng, var, sites, ins):
                 pts.append([xi.mean() * H, yi.mean() * H, z * H])
         return np.array(pts)
 
-    svc = centroid_path("superior_vena_cava", 6)
-    bcv = centroid_path(f"brachiocephalic_vein_{side}", 4)
-    clav = np.isin(lab, a.ids(f"clavicula_{side}"))
-    xi, yi, zi = np.nonzero(clav)
-    lateral = xi.max() if side == "left" else xi.min()
-    medial = xi.min() if side == "left" else xi.max()
-    xl = medial + 0.65 * (lateral - medial)
-    sel = np.abs(xi - xl) < 3
-    start = np.array([xl * H, yi[sel].mean() * H, zi[sel].mean() * H - 12])
+    key = (a.key, "catheter", side)
+    if key not in sites._memo:
+        svc = centroid_path("superior_vena_cava", 6)
+        bcv = centroid_path(f"brachiocephalic_vein_{side}", 4)
+        xi, yi, zi = np.nonzero(np.isin(lab, a.ids(f"clavicula_{side}")))
+        lateral = xi.max() if side == "left" else xi.min()
+        medial = xi.min() if side == "left" else xi.max()
+        xl = medial + 0.65 * (lateral - medial)
+        sel = np.abs(xi - xl) < 3
+        sites._memo[key] = (svc, bcv, np.array([xl * H, yi[sel].mean() * H,
+                                                zi[sel].mean() * H - 12]))
+    svc, bcv, start = sites._memo[key]
     outside = start + np.array([(1 if side == "left" else -1) * 35, 10, 25])
     tip = svc[-1] + np.array([0, 0, -rng.uniform(0, 15)])
     pts = np.vstack([outside, start, bcv[:2], svc[1:], tip])

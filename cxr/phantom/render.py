@@ -41,7 +41,7 @@ from .variation import Variation, draw_variation
 
 FOV_MM = 310.0        # nominal field of view (square), before the per-image magnification
 TOP_MARGIN_MM = 12.0
-LEVEL_SIZE = 96        # size of the finding-free rendering the window is measured on  # nominal top of the field above the CT's top slice (neck/shoulders)
+LEVEL_SIZE = 64        # size of the finding-free rendering the window is measured on  # nominal top of the field above the CT's top slice (neck/shoulders)
 
 
 @dataclass
@@ -69,6 +69,13 @@ class Layout:
         cx, cz, self.yc, self.det_y = (float(v) for v in arrays["centre"])
         self.centre = (cx, cz)
         self.ctr0, self.heart_x, self.thorax_x = _ctr(self.grid, self.maps)
+        lungs = self.maps["lung_left"] + self.maps["lung_right"]
+        # every channel a rendering samples, in one contiguous stack: soft slabs, bone slabs,
+        # heart (resized), heart (as is), lung thickness, heart thickness, body thickness
+        self.static = torch.from_numpy(np.ascontiguousarray(np.concatenate(
+            [self.soft, self.bone, self.maps["heart"][None], self.maps["heart"][None], lungs[None],
+             self.maps["heart_mask"][None], self.maps["body"][None]]))[:, None])
+        self.lungs = lungs
 
 
 def _ctr(grid: PlaneGrid, maps) -> tuple[float, tuple, tuple]:
@@ -119,35 +126,35 @@ class Phantom:
 
     def render(self, findings: list[FindingSpec] = (), seed: int = 0, size: int = 256,
                geometry: str = "parallel") -> Rendering:
+        """One PA radiograph of this patient with `findings`, fully determined by `seed`."""
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)  # small ops: extra threads only contend (restored after)
+        try:
+            return self._render(list(findings), int(seed), size, geometry)
+        finally:
+            torch.set_num_threads(prev)
+
+    def _render(self, findings, seed, size, geometry) -> Rendering:
         from .findings import plan_findings
 
         lay = self.layout(size, geometry)
-        var = draw_variation(np.random.default_rng([int(seed), 0]))
+        var = draw_variation(np.random.default_rng([seed, 0]))
         base_var = copy.deepcopy(var)
-        inserts = plan_findings(list(findings), var, self.anatomy, lay, int(seed))
+        inserts = plan_findings(findings, var, self.anatomy, lay, seed)
         var.heart_scale = var.ctr / lay.ctr0
         base_var.heart_scale = base_var.ctr / lay.ctr0
-        L, maps, (lung_mm, heart_mm) = self._line_integral(lay, var, inserts)
+        L, maps, _ = self._line_integral(lay, var, inserts)
         pixel = var.fov_mm / var.scale / size
-        noise = np.random.default_rng([int(seed), 1]).standard_normal(L.shape, dtype=np.float32)
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            raw = detect(L, var, pixel, noise)
-            levels = self._levels(base_var, geometry)
-        finally:
-            torch.set_num_threads(prev)
+        noise = np.random.default_rng([seed, 1]).standard_normal(L.shape, dtype=np.float32)
+        raw = detect(L, var, pixel, noise)
+        levels = self._levels(base_var, geometry)
         masks, boxes = [], []
         for ins, m in zip(inserts, maps):
             mask = ins.to_mask(m)
             masks.append(mask)
             boxes.append(_box(mask, ins.label))
-        torch.set_num_threads(1)
-        try:
-            image = display(raw, var, pixel, levels)
-        finally:
-            torch.set_num_threads(prev)
-        meta = {"seed": int(seed), "size": int(size), "geometry": geometry, "view": "PA",
+        image = display(raw, var, pixel, levels)
+        meta = {"seed": seed, "size": int(size), "geometry": geometry, "view": "PA",
                 "pixel_mm": pixel, "ctr": round(var.ctr, 4),
                 "diaphragm_mm": {k: round(v + var.diaphragm_local_mm.get(k, 0.0), 2)
                                  for k, v in var.diaphragm_mm.items()},
@@ -203,10 +210,13 @@ class Phantom:
             gz = (GZb if breathing else GZ) if gz is None else gz
             return gx, gz, ymid[s] * ty * kx, -ymid[s] * tp * kz
 
-        soft = lay.soft + (var.lung_density - 1.0) * lay.lung
-        for ins in inserts:
-            for s, r0, c0, patch in ins.patches:
-                _add_patch(soft[s], r0, c0, patch)
+        inputs = lay.static
+        if any(ins.patches for ins in inserts):
+            inputs = inputs.clone()
+            soft = inputs[:N_SLABS, 0].numpy()
+            for ins in inserts:
+                for s, r0, c0, patch in ins.patches:
+                    _add_patch(soft[s], r0, c0, patch)
         hs = int(np.clip(np.searchsorted(edges, info["heart_centroid"][1]) - 1, 0, N_SLABS - 1))
         sx = var.heart_scale
         sz = 1 + 0.5 * (sx - 1)
@@ -216,40 +226,31 @@ class Phantom:
         az = hb[2]                       # the heart's base stays on the diaphragm
         g_heart = grid(hs, gx=(ax + (X - ax) / sx - g.x0) * kx - 1.0,
                        gz=(g.z0 - (az + (Zb - az) / sz)) * kz - 1.0)
-        lungs = (lay.maps["lung_left"] + lay.maps["lung_right"])[None]
-        channels = [soft, lay.bone, lay.maps["heart"][None], lay.maps["heart"][None], lungs,
-                    lay.maps["heart_mask"][None], lay.maps["body"][None]]
         grids = ([grid(s) for s in range(N_SLABS)] + [grid(s, False) for s in range(N_SLABS)]
                  + [g_heart, grid(hs), grid(hs), g_heart, grid(N_SLABS // 2)])
+        out = _sample(inputs, grids, n)
+        extra, extra_grids = [], []
         for ins in inserts:
             if ins.mask_from == "heart":
-                channels.append(lay.maps["heart_mask"][None])
-                grids.append(g_heart)
+                extra.append(lay.maps["heart_mask"])
+                extra_grids.append(g_heart)
             elif ins.mask_from == "lungs":
-                channels.append(lungs)
-                grids.append(grid(N_SLABS // 2))
+                extra.append(lay.lungs)
+                extra_grids.append(grid(N_SLABS // 2))
             else:
-                channels.append(ins.plane_map(g)[None])
-                grids.append(grid(ins.slab, not ins.rigid))
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny ops: threads only add contention
-        try:
-            G = np.empty((len(grids), n, n, 2), np.float32)
-            for i, (gx, gz, ox, oz) in enumerate(grids):
-                np.add(gx, ox, out=G[i, :, :, 0])
-                np.add(gz, oz, out=G[i, :, :, 1])
-            out = F.grid_sample(torch.from_numpy(np.concatenate(channels))[:, None],
-                                torch.from_numpy(G), mode="bilinear",
-                                padding_mode="zeros", align_corners=True)[:, 0].numpy()
-        finally:
-            torch.set_num_threads(prev)
+                extra.append(ins.plane_map(g))
+                extra_grids.append(grid(ins.slab, not ins.rigid))
+        masks = list(_sample(torch.from_numpy(np.stack(extra))[:, None], extra_grids, n)) \
+            if extra else []
         k = N_SLABS
         L = out[:k].sum(axis=0) + var.bone_weight * out[k:2 * k].sum(axis=0)
         h_new, h_old, lung_mm, heart_mm, body_mm = out[2 * k:2 * k + 5]
+        # aeration: the parenchyma's attenuation scales with its density (vessels included)
+        L += (var.lung_density - 1.0) * LUNG_REF * MU_WATER * lung_mm
         # the resized heart displaces only the lung that is in the way of each ray
         L += h_old + np.minimum(sy * h_new - h_old, lung_mm * (1 - LUNG_REF) * MU_WATER)
         L += var.extra_tissue_mm * MU_WATER * np.clip(body_mm / 40.0, 0, 1)
-        return L.astype(np.float32), list(out[2 * k + 5:]), (lung_mm, heart_mm)
+        return L.astype(np.float32), masks, (lung_mm, heart_mm)
 
 
 def _diaphragm_shift(x, z, shift: dict, info: dict, cx: float, reach: float | None = None):
@@ -289,15 +290,22 @@ def _upsampler(n: int, k: int) -> np.ndarray:
 
 
 def _smooth_field(W: np.ndarray, C) -> np.ndarray:
-    """W @ C @ W.T as a sum of outer products: no BLAS call, whose threads only contend here."""
+    """W @ C @ W.T (torch: runs on the caller's one thread, not BLAS's pool)."""
     C = np.asarray(C, np.float32)
     if np.ndim(C) == 0:
         return np.full((W.shape[0], W.shape[0]), float(C), np.float32)
-    A = np.stack([(W * C[:, k][None, :]).sum(axis=1) for k in range(C.shape[1])], axis=1)
-    out = np.zeros((W.shape[0], W.shape[0]), np.float32)
-    for k in range(C.shape[1]):
-        out += np.multiply.outer(A[:, k], W[:, k])
-    return out
+    Wt = torch.from_numpy(W)
+    return (Wt @ torch.from_numpy(C) @ Wt.T).numpy()
+
+
+def _sample(inputs: torch.Tensor, grids: list, n: int) -> np.ndarray:
+    """Bilinear samples of each input channel through its own (gx, gz, offset x, offset z)."""
+    G = np.empty((len(grids), n, n, 2), np.float32)
+    for i, (gx, gz, ox, oz) in enumerate(grids):
+        np.add(gx, ox, out=G[i, :, :, 0])
+        np.add(gz, oz, out=G[i, :, :, 1])
+    return F.grid_sample(inputs, torch.from_numpy(G), mode="bilinear", padding_mode="zeros",
+                         align_corners=True)[:, 0].numpy()
 
 
 def _add_patch(dst: np.ndarray, r0: int, c0: int, patch: np.ndarray) -> None:
