@@ -121,6 +121,20 @@ def test_heatmap_image_and_embedding_on_request(client, service, shared_data):
     assert all(b["w"] > 0 and b["h"] > 0 for f in body["findings"] for b in f["boxes"])
 
 
+def test_heatmaps_of_a_large_image_are_shrunk_to_512(client, shared_data):
+    from PIL import Image
+
+    png = nih_pngs(shared_data, 1, skip=22)[0]
+    buf = io.BytesIO()
+    Image.open(png).convert("L").resize((768, 640)).save(buf, format="PNG")
+    r = client.post("/annotate", params={"heatmap": "true"}, files={"file": ("big.png", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image_size"] == [640, 768] and body["heatmaps"]
+    assert {png_size(h) for h in body["heatmaps"].values()} == {(427, 512)}
+    assert max(b["x"] + b["w"] for f in body["findings"] for b in f["boxes"]) <= 768
+
+
 def test_annotate_dicom(client, service, tmp_path):
     dcm = chest_dicom(tmp_path / "upload.dcm", shape=(96, 120), view="AP", compression="rle")
     r = client.post("/annotate", files={"file": ("upload.dcm", dcm.read_bytes(), "application/dicom")})

@@ -1,7 +1,8 @@
 """The REST service and web viewer: `create_app(run_dir, db_url)` -> a FastAPI app.
 
     POST /annotate            upload PNG / JPEG / DICOM -> findings, scores, annotations, boxes
-                              (?heatmap=true: heatmaps as 8-bit grey PNG, base64; ?image=true: the
+                              (?heatmap=true: heatmaps as 8-bit grey PNG, base64, at most 512 px
+                              on the long side, to stretch over image_size; ?image=true: the
                               normalised image as PNG; ?embedding=true; ?store=true: index it)
     GET  /studies             indexed images, newest first, paged
     GET  /studies/{id}        one indexed image (?heatmap=true re-runs the model for heatmaps)
@@ -43,6 +44,7 @@ from .batching import MicroBatcher
 STATIC = Path(__file__).resolve().parent / "static"
 UPLOAD_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".tif", ".tiff"}
 DISCLAIMER = "Research use only - not for diagnosis."
+HEATMAP_SIDE = 512  # longest side of a heatmap PNG
 
 
 @dataclass
@@ -130,9 +132,21 @@ def decode_upload(data: bytes, filename: str | None):
         os.unlink(tmp)
 
 
-def png_base64(gray: np.ndarray) -> str:
-    """float (H, W) in [0, 1] -> 'data:image/png;base64,...' (8-bit grey)."""
+def png_base64(gray: np.ndarray, max_side: int | None = None) -> str:
+    """float (H, W) in [0, 1] -> 'data:image/png;base64,...' (8-bit grey), shrunk to at most
+    `max_side` pixels on its long side (keeping the aspect ratio) when given."""
+    if max_side and max(gray.shape) > max_side:
+        from ..images import resize
+
+        scale = max_side / max(gray.shape)
+        gray = resize(gray, (max(1, round(gray.shape[0] * scale)), max(1, round(gray.shape[1] * scale))))
     return "data:image/png;base64," + base64.b64encode(png_bytes(gray)).decode("ascii")
+
+
+def heatmaps_json(heatmaps: dict[str, np.ndarray]) -> dict[str, str]:
+    """Heatmaps as PNG data URLs of at most HEATMAP_SIDE px (a CAM is coarse: the client
+    stretches it over `image_size`)."""
+    return {k: png_base64(v, HEATMAP_SIDE) for k, v in heatmaps.items()}
 
 
 def png_bytes(gray: np.ndarray) -> bytes:
@@ -262,7 +276,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         if heatmap:
             loaded = await run_in_threadpool(_read_stored, record)
             result = await _read(state.batcher, loaded.pixels, True)
-            out["heatmaps"] = {k: png_base64(v) for k, v in result.heatmaps.items()}
+            out["heatmaps"] = heatmaps_json(result.heatmaps)
             out["heatmap_model_id"] = result.model_id
         return out
 
@@ -355,7 +369,7 @@ async def _read(batcher, pixels: np.ndarray, heatmap: bool):
 def result_json(result, heatmap: bool) -> dict:
     out = result.to_dict()
     if heatmap:
-        out["heatmaps"] = {k: png_base64(v) for k, v in result.heatmaps.items()}
+        out["heatmaps"] = heatmaps_json(result.heatmaps)
     return out
 
 
