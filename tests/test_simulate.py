@@ -185,3 +185,26 @@ def test_a_larger_n_grows_the_set(reference, tmp_path):
         if name.startswith(("images/", "ecgen-radiology/", "records/")):
             assert after[name] == data  # the first N cases are untouched
     assert json.loads(after["manifest.json"])["settings"]["n"] == N + 1
+
+
+def test_a_placement_failure_is_retried_with_a_derived_seed(tmp_path):
+    """A renderer CxrError for one seed must not stop a long run at that case forever."""
+    from cxr.phantom.cases import CaseGenerator
+    from cxr.phantom.simulate import RENDER_ATTEMPTS, _Job
+
+    class Refuses:  # the real renderer's failure mode, for every seed
+        seeds: list[int] = []
+
+        def render(self, findings, seed, size, geometry):
+            self.seeds.append(seed)
+            raise CxrError("no place for the finding at that site")
+
+    gen = CaseGenerator([("CXR1", ["normal"]), ("CXR2", ["Cardiomegaly/mild"])], normal_share=0)
+    job = _Job(tmp_path, {"seed": 0, "size": 64, "geometry": "parallel", "dicom": False,
+                          "photometric": None}, gen, "", "")
+    job._phantom = Refuses()
+    with pytest.raises(CxrError, match=r"CXR1.*Cardiomegaly/mild.*3 tries"):
+        job.make(1)
+    assert len(set(Refuses.seeds)) == RENDER_ATTEMPTS == 3
+    assert Refuses.seeds[0] == gen.case(1, 0).seed
+    assert not list(tmp_path.rglob("*.json"))  # nothing recorded as done

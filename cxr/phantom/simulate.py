@@ -46,6 +46,7 @@ NIH_LABELS_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient 
 NIH_BOXES_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 METADATA_COLUMNS = ("imageid", "View Position", "Photometric Interpretation", "Rows", "Columns",
                     "Pixel Spacing", "Patient ID", "Patient's Sex", "filename")
+RENDER_ATTEMPTS = 3
 FIELD_OF_VIEW_MM = 360.0  # used for the pixel spacing only when the renderer does not report one
 
 
@@ -195,12 +196,28 @@ class _Job:
             self._phantom = Phantom.load(ct=self.ct, labels=self.labels)
         return self._phantom
 
+    def _render(self, case: DrawnCase):
+        """Render a case; when the renderer cannot place a finding with the case's seed (a
+        CxrError), try again with seeds derived from it, so a rare placement failure does not
+        stop a long run at the same case every time. The seed used is the case's seed."""
+        s = self.settings
+        for attempt in range(RENDER_ATTEMPTS):
+            if attempt:
+                case.seed = int(np.random.default_rng([case.seed, attempt]).integers(2**31 - 1))
+                case.meta["render_attempt"] = attempt
+            try:
+                return self.phantom().render(case.findings, seed=case.seed, size=s["size"],
+                                             geometry=s["geometry"])
+            except CxrError as exc:
+                error = exc
+        raise CxrError(f"case {case.id}: the renderer could not draw "
+                       f"{[f.term for f in case.findings]} in {RENDER_ATTEMPTS} tries: {error}")
+
     def make(self, index: int) -> int:
         """Render case `index` and write its image(s), report and record (record last)."""
         s = self.settings
         case = self.generator.case(index, s["seed"])
-        rendering = self.phantom().render(case.findings, seed=case.seed, size=s["size"],
-                                          geometry=s["geometry"])
+        rendering = self._render(case)
         image = np.asarray(rendering.image, dtype=np.float32)
         if image.shape != (s["size"], s["size"]):
             raise CxrError(f"renderer returned an image of shape {image.shape} for size {s['size']}")
