@@ -144,3 +144,39 @@ def test_train_cli_on_a_folder(tmp_path, studies):
                "--epochs", "1", "--rnn-epochs", "2", "--min-label-count", "2", "--no-cascade",
                "--rnn-hidden", "16", "--rnn-embed", "8", "--num-workers", "0", "--no-progress"])
     assert rc == 0 and (tmp_path / "run" / "config.json").exists()
+
+
+DDP_SCRIPT = """
+import os, sys, json, torch
+torch.set_num_threads(1)
+from pathlib import Path
+from cxr.testing import synthetic_studies, tiny_config
+from cxr.training import train
+out = Path(sys.argv[1])
+studies = synthetic_studies(out / ("data" + os.environ["RANK"]), n=16, size=40)
+seen = []
+train(tiny_config(data="folder:synthetic", image_size=40, crop=32, epochs=1, rnn_epochs=1, cascade=False,
+                  fractions=(0.75, 0.25, 0.0)),
+      out / "run", studies=studies, on_epoch=lambda p, e, r: seen.append(r.get("images")))
+print("RESULT", os.environ["RANK"], torch.distributed.get_world_size(), seen[0])
+"""
+
+
+@pytest.mark.slow
+def test_distributed_data_parallel_on_cpu(tmp_path):
+    """torchrun with 2 processes, gloo backend: each process trains on its half of the epoch."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    assert [r[:2] for r in results] == [["0", "2"], ["1", "2"]]
+    assert results[0][2] == results[1][2]  # equal shares of the epoch
+    assert (tmp_path / "run" / "config.json").exists()
