@@ -33,10 +33,12 @@ ADVERB = {"borderline": "borderline", "mild": "mildly", "moderate": "moderately"
 _HEART = ["The heart is normal in size.", "Heart size is normal.",
           "The cardiomediastinal silhouette is within normal limits.",
           "The heart and mediastinum are normal in size and contour.",
-          "The cardiac silhouette and mediastinum size are within normal limits."]
-_CLEAR = ["The lungs are clear.", "Lungs are clear.",
+          "The cardiac silhouette and mediastinum size are within normal limits.",
+          "The cardiomediastinal silhouette and pulmonary vasculature are within normal limits.",
+          "Normal heart size and mediastinal contours."]
+_CLEAR = ["The lungs are clear.", "Lungs are clear.", "The lungs are clear bilaterally.",
           "The lungs are clear without focal airspace disease.",
-          "There is no focal consolidation."]
+          "There is no focal consolidation.", "No focal airspace consolidation."]
 _OTHERWISE_CLEAR = ["The lungs are otherwise clear.", "No focal airspace disease.",
                     "There is no focal consolidation."]
 _PLEURA = ["No pneumothorax or pleural effusion.", "There is no pneumothorax or pleural effusion.",
@@ -45,7 +47,8 @@ _PLEURA = ["No pneumothorax or pleural effusion.", "There is no pneumothorax or 
 _NO_PTX = ["No pneumothorax.", "There is no pneumothorax."]
 _NO_EFF = ["No pleural effusion.", "There is no pleural effusion."]
 _BONES = ["The osseous structures are unremarkable.", "No acute bony abnormality.",
-          "Osseous structures are within normal limits for patient age."]
+          "Osseous structures are within normal limits for patient age.",
+          "No acute osseous abnormality.", "The visualized bony structures are intact."]
 _NORMAL_IMPRESSION = ["No acute cardiopulmonary disease.", "No acute cardiopulmonary abnormality.",
                       "Normal chest.", "No active disease.", "No acute pulmonary findings."]
 _INDICATION = ["chest pain", "shortness of breath", "cough", "dyspnea", "fever and cough",
