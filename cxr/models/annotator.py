@@ -107,8 +107,7 @@ class Annotator(nn.Module):
             top = logp.topk(min(beams, logp.shape[1]), -1)
             for j, (score, seq, _) in enumerate(live):
                 for lp, w in zip(top.values[j].tolist(), top.indices[j].tolist()):
-                    s = st if self.cell == "gru" else st
-                    sj = (s[0][:, j:j + 1], s[1][:, j:j + 1]) if self.cell == "lstm" else s[:, j:j + 1]
+                    sj = (st[0][:, j:j + 1], st[1][:, j:j + 1]) if self.cell == "lstm" else st[:, j:j + 1]
                     cands.append((score + lp, seq + [w], sj))
             cands.sort(key=lambda c: c[0], reverse=True)
             live = []

@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -193,7 +194,7 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
         for group in opt.param_groups:
             group["lr"] = cosine_lr(cfg.lr, epoch, epochs)
         net.train()
-        total, count = 0.0, 0
+        total, count, t0 = 0.0, 0, time.time()
         bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{epochs}", leave=False, unit="batch",
                    disable=not (cfg.progress and ctx.main))
         for x, y, _ in bar:
@@ -209,7 +210,9 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
             total += float(loss.detach()) * len(x)
             count += len(x)
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-        record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / max(count, 1), "images": count}
+        seconds = time.time() - t0
+        record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / max(count, 1), "images": count,
+                  "seconds": round(seconds, 3), "images_per_s": round(count * ctx.world / max(seconds, 1e-9), 2)}
         if evaluate is not None:
             record.update(evaluate())
         ctx.log(record)
@@ -251,6 +254,7 @@ def train_rnn(ctx: Context, phase: str, annotator: Annotator, embeddings: torch.
         for group in opt.param_groups:
             group["lr"] = cosine_lr(cfg.rnn_lr, epoch, epochs)
         annotator.train()
+        t0 = time.time()
         order = torch.from_numpy(np.random.default_rng(seed).permutation(len(img))).to(dev)
         total = 0.0
         for s in range(0, len(order), cfg.rnn_batch_size):
@@ -261,7 +265,8 @@ def train_rnn(ctx: Context, phase: str, annotator: Annotator, embeddings: torch.
             torch.nn.utils.clip_grad_norm_(annotator.parameters(), 5.0)
             opt.step()
             total += float(loss.detach()) * len(b)
-        record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / len(img)}
+        record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / len(img),
+                  "seconds": round(time.time() - t0, 3)}
         if val_seqs is not None:
             annotator.eval()
             with torch.no_grad():
