@@ -64,32 +64,46 @@ def cache_key(paths: list[str | Path], size: int) -> str:
 
 
 def build_cache(paths: list[str | Path], size: int, cache_dir: str | Path, workers: int = 2,
-                progress: bool = True) -> np.ndarray:
+                progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
     """Decode + resize every image once into `cache_dir/images-<hash>-<size>.npy` (uint16) and
-    return it memory-mapped read-only. An existing complete cache is reused as is."""
+    return it memory-mapped read-only, with {row: problem} for files that could not be read (their
+    rows are black; the caller leaves them out). An existing complete cache is reused as is."""
+    import json
+
     from .images import load_image
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / f"images-{cache_key(paths, size)}-{size}.npy"
+    failed_file = final.with_suffix(".failed.json")
     if final.exists():
-        return np.load(final, mmap_mode="r")
+        failed = json.loads(failed_file.read_text()) if failed_file.exists() else {}
+        return np.load(final, mmap_mode="r"), {int(k): v for k, v in failed.items()}
     tmp = final.with_suffix(f".tmp{os.getpid()}.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(len(paths), size, size))
+    failed: dict[int, str] = {}
 
     def one(i: int) -> None:
-        out[i] = np.round(preprocess(load_image(paths[i]), size) * SCALE).astype(np.uint16)
+        try:
+            out[i] = np.round(preprocess(load_image(paths[i]), size) * SCALE).astype(np.uint16)
+        except CxrError as exc:
+            failed[i] = str(exc)
 
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for _ in tqdm(pool.map(one, range(len(paths))), total=len(paths), desc="caching images",
-                      unit="img", disable=not progress, leave=False):
-            pass
-    out.flush()
-    del out
-    os.replace(tmp, final)
-    return np.load(final, mmap_mode="r")
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for _ in tqdm(pool.map(one, range(len(paths))), total=len(paths), desc="caching images",
+                          unit="img", disable=not progress, leave=False):
+                pass
+        out.flush()
+        del out
+        if failed:
+            failed_file.write_text(json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return np.load(final, mmap_mode="r"), failed
 
 
 class XrayDataset(Dataset):

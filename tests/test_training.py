@@ -88,9 +88,16 @@ def test_interrupted_run_resumes_and_finishes(tmp_path, studies):
 
 
 def test_without_cascade_and_with_class_weights(tmp_path, studies):
+    """Also: an unreadable file is left out (and named in the config), the run goes on."""
+    import dataclasses
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"broken")
+    broken = dataclasses.replace(studies[0], id="broken", images=[dataclasses.replace(studies[0].images[0], path=bad)])
     out = train(_config(cascade=False, class_weighted=True, data_dropout=False, rnn="lstm"), tmp_path / "r",
-                studies=studies)
+                studies=[*studies, broken])
     config = json.loads((out / "config.json").read_text())
+    assert list(config["data"]["unreadable"]) == [str(bad)]
     assert config["stage"] == "stage1" and not (out / "stage1").exists()
     assert config["architecture"]["rnn"] == "lstm"
     assert config["train_config"]["class_weighted"] is True
@@ -100,12 +107,17 @@ def test_image_cache_is_built_once(tmp_path, studies):
     from cxr.dataset import build_cache
 
     paths = [str(s.images[0].path) for s in studies[:5]]
-    a = build_cache(paths, 32, tmp_path, progress=False)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    paths.append(str(bad))
+    a, failed = build_cache(paths, 32, tmp_path, progress=False)
+    assert list(failed) == [5] and "bad.png" in failed[5]
     files = list(tmp_path.glob("images-*.npy"))
-    assert len(files) == 1 and a.shape == (5, 32, 32) and a.dtype == np.uint16
+    assert len(files) == 1 and a.shape == (6, 32, 32) and a.dtype == np.uint16
+    assert a[:5].max() > 0 and a[5].max() == 0
     mtime = files[0].stat().st_mtime_ns
-    b = build_cache(paths, 32, tmp_path, progress=False)
-    assert files[0].stat().st_mtime_ns == mtime and np.array_equal(a, b)
+    b, failed_again = build_cache(paths, 32, tmp_path, progress=False)
+    assert files[0].stat().st_mtime_ns == mtime and np.array_equal(a, b) and failed_again == failed
     assert len(list(tmp_path.glob("images-*.npy"))) == 1
     build_cache(paths[:4], 32, tmp_path, progress=False)  # another list, another cache
     assert len(list(tmp_path.glob("images-*.npy"))) == 2

@@ -112,11 +112,21 @@ def train(config: TrainConfig, out: str | Path, studies: list[Study] | None = No
                                          "words": prep.words}, "phases": {}}
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else out / "cache"
     if rank == 0:
-        images = build_cache(prep.paths, cfg.image_size, cache_dir, cfg.num_workers, cfg.progress)
+        images, failed = build_cache(prep.paths, cfg.image_size, cache_dir, cfg.num_workers, cfg.progress)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
-        images = build_cache(prep.paths, cfg.image_size, cache_dir, cfg.num_workers, False)
+        images, failed = build_cache(prep.paths, cfg.image_size, cache_dir, cfg.num_workers, False)
+    if failed:  # unreadable files are left out of every split (and listed in the run config)
+        prep.split[list(failed)] = -1
+        prep.unreadable = {prep.paths[i]: problem for i, problem in failed.items()}
+        if rank == 0:
+            import sys
+
+            print(f"cxr train: {len(failed)} unreadable image(s) left out, e.g. "
+                  f"{next(iter(failed.values()))}", file=sys.stderr)
+        if len(failed) == len(prep.paths):
+            raise CxrError("none of the training images could be read", cache_dir)
     ctx = Context(cfg, out, device, images, rank, world, progress, on_epoch)
     ctx.save_progress()
     return _run(ctx, prep)
@@ -267,6 +277,7 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         "train_config": cfg.to_dict(),
         "data": {"spec": cfg.data, "views": cfg.views, "split_seed": cfg.seed,
                  "fractions": list(cfg.fractions), "patients": prep.patient_split, "counts": counts,
+                 "unreadable": prep.unreadable,
                  "label_counts": {t: int(prep.labels[train_rows, k].sum()) for k, t in enumerate(prep.targets)}},
         "seed": cfg.seed,
     }

@@ -31,12 +31,13 @@ class Prepared:
     image_ids: list[str]
     study_ids: list[str]
     patients: list[str]
-    split: np.ndarray                 # (N,) 0 train, 1 val, 2 test
+    split: np.ndarray                 # (N,) 0 train, 1 val, 2 test, -1 left out (unreadable)
     targets: list[str]
     labels: np.ndarray                # (N, T) multi-hot over targets
     pairs: list[tuple[int, int, list[str]]]  # (image index, target index, tokens)
     words: list[str]                  # SPECIALS + vocabulary (index = token id)
     patient_split: dict[str, list[str]] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)  # path -> problem (left out)
 
     def indices(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLITS.index(name))
@@ -84,12 +85,12 @@ def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0
                 seqs.append(sq)
     if not rows:
         raise CxrError(f"no labelled images with files for views={views!r} in the data")
-    for s, _ in rows:
-        if not s.patient_id:
-            s.patient_id = s.id
-    patients = [str(s.patient_id) for s, _ in rows]
+    patients = [str(s.patient_id or s.id) for s, _ in rows]
     if patient_split is None:
-        used = list({id(s): s for s, _ in rows}.values())
+        import dataclasses
+
+        used = [dataclasses.replace(s, patient_id=str(s.patient_id or s.id))
+                for s in {id(s): s for s, _ in rows}.values()]
         patient_split = split_patients(used, fractions, seed)
     where = {p: i for i, name in enumerate(SPLITS) for p in patient_split[name]}
     split = np.array([where.get(p, 2) for p in patients], dtype=np.int64)  # unknown -> test
