@@ -1,4 +1,13 @@
-"""`cxr train`: train the CNN/RNN cascade on a data source into a run directory (resumable)."""
+"""`cxr train`: train the CNN/RNN cascade on a data source into a run directory (resumable).
+
+    cxr train --data openi:~/data/openi --out runs/openi --backbone googlenet
+    cxr train --data phantom --out runs/demo --backbone tiny --image-size 128 --crop 112
+    torchrun --nproc_per_node 4 -m cxr.cli train --data nih:~/data/nih --out runs/nih   # DDP, one GPU each
+
+Every TrainConfig field is a flag (`--image-size`, `--no-cascade`, `--class-weighted`, ...);
+`--config FILE` reads them from JSON (a run's config.json works: its train_config is used).
+Running the same command again continues an interrupted run from its last finished epoch.
+"""
 from __future__ import annotations
 
 import argparse
