@@ -67,8 +67,8 @@ def test_looks_like_a_chest_film(normal):
     img = normal.image
     rows = slice(int(0.3 * SIZE), int(0.55 * SIZE))
     spine = img[rows, int(0.46 * SIZE):int(0.54 * SIZE)].mean()
-    right_lung = img[rows, int(0.2 * SIZE):int(0.3 * SIZE)].mean()   # patient's right
-    left_lung = img[rows, int(0.72 * SIZE):int(0.8 * SIZE)].mean()
+    right_lung = img[rows, int(0.28 * SIZE):int(0.38 * SIZE)].mean()   # patient's right
+    left_lung = img[rows, int(0.62 * SIZE):int(0.72 * SIZE)].mean()
     assert spine > right_lung + 0.25 and spine > left_lung + 0.2
     assert right_lung < 0.45 and left_lung < 0.5
     # heart on the patient's left = image right: more dense tissue right of the midline, low down
@@ -91,16 +91,29 @@ CASES = [FindingSpec("cardiomegaly", severity="moderate"),
          FindingSpec("catheter", side="right")]
 
 
+EXTRA = [FindingSpec("density", side="right", site="lower lobe", severity="moderate"),
+         FindingSpec("infiltrate", side="left", site="upper lobe", severity="moderate"),
+         FindingSpec("diaphragm_elevated", side="right", severity="moderate"),
+         FindingSpec("emphysema", severity="moderate"),
+         FindingSpec("aortic_calcinosis", severity="severe"),
+         FindingSpec("granulomatous_disease")]
+
+
 def test_every_kind_is_covered():
+    from cxr.phantom.findings import EXTRA_KINDS, HANDLERS
+
     assert {c.kind for c in CASES} == set(KINDS)
+    assert {c.kind for c in EXTRA} == set(EXTRA_KINDS) == set(HANDLERS) - set(KINDS)
 
 
-@pytest.mark.parametrize("spec", CASES, ids=[c.kind for c in CASES])
+@pytest.mark.parametrize("spec", CASES + EXTRA, ids=[c.kind for c in CASES + EXTRA])
 def test_finding_changes_the_image_inside_its_box(phantom, normal, spec):
     r, d = _diff(phantom, normal, spec)
     assert len(r.boxes) == len(r.masks) == 1
     box, mask = r.boxes[0], r.masks[0]
-    assert box.label == KINDS[spec.kind] and mask.dtype == bool and mask.any()
+    from cxr.phantom.findings import EXTRA_KINDS
+
+    assert box.label == {**KINDS, **EXTRA_KINDS}[spec.kind] and mask.dtype == bool and mask.any()
     assert box.w > 0 and box.h > 0
     ys, xs = np.nonzero(mask)
     assert box.x <= xs.min() and xs.max() < box.x + box.w  # the box bounds the mask

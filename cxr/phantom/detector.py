@@ -72,7 +72,7 @@ def display(D: np.ndarray, var, pixel_mm: float, levels: tuple[float, float]) ->
     lung_level, mid_level = levels
     lo, hi = var.window
     x = lo + (D2 - lung_level) * ((hi - lo) / max(mid_level - lung_level, 0.2))
-    # toe: values below 0.12 approach 0 smoothly; shoulder: above 0.72 approach 1
+    # toe: values below 0.12 approach 0 smoothly; shoulder: above 0.68 approach 1
     y = np.where(x < 0.12, 0.12 * np.exp((x - 0.12) / 0.12), x)
-    y = np.where(y > 0.72, 0.72 + 0.28 * np.tanh((y - 0.72) / 0.28), y)
+    y = np.where(y > 0.68, 0.68 + 0.32 * np.tanh((y - 0.68) / 0.32), y)
     return np.clip(y, 0.0, 1.0).astype(np.float32)

@@ -7,8 +7,8 @@ findings change the patient instead (heart size, diaphragm height, aeration). Ea
 yields the map its mask is cut from, so box and mask are in the rendered image's pixels.
 
 Densities (relative to water): aerated lung ~0.15, fluid/consolidated lung ~1.0, soft-tissue
-nodule ~1.0, calcified granuloma ~2.5 (it is not bone-weighted: a fixed calcium value), catheter
-~3 (radiopaque stripe).
+nodule ~1.0, calcified granuloma ~4 (dense calcium as seen at chest-film energies; a fixed value,
+not scaled with the image's bone weight), catheter ~6 (radiopaque stripe).
 
 What is not simulated (not honest at this fidelity): air bronchograms, fissural fluid, mediastinal
 shift, degenerative spine changes, fractures, scoliosis.
@@ -26,6 +26,9 @@ from .ct import COARSE_MM, LOBES, LUNG_REF, MU_WATER, N_SLABS, SID_MM, Anatomy
 from .spec import KINDS, FindingSpec
 
 H = COARSE_MM
+# dense calcification (~1500 HU) weighted as bone is at chest-film energies, less the lung it
+# replaces, in 1/mm
+CALCIUM = 4.0 * MU_WATER
 
 # cardiothoracic ratio per cardiomegaly severity (Open-i words)
 CTR_RANGE = {"borderline": (0.505, 0.53), "mild": (0.53, 0.58), "moderate": (0.58, 0.64),
@@ -358,6 +361,8 @@ def _costophrenic_z(origin, m, side) -> float:
 
 AIRSPACE = {  # kind -> severity -> (density as fraction of fluid, extent as fraction of the site)
     "opacity": {"mild": (0.3, 0.35), "moderate": (0.5, 0.55), "severe": (0.75, 0.8)},
+    "density": {"mild": (0.3, 0.3), "moderate": (0.45, 0.45), "severe": (0.7, 0.7)},
+    "infiltrate": {"mild": (0.3, 0.4), "moderate": (0.45, 0.6), "severe": (0.7, 0.8)},
     "airspace_disease": {"mild": (0.35, 0.4), "moderate": (0.55, 0.6), "severe": (0.8, 0.85)},
     "consolidation": {"mild": (0.65, 0.5), "moderate": (0.8, 0.7), "severe": (0.95, 0.9)},
 }
@@ -411,7 +416,7 @@ def _nodular(spec, rng, var, sites, ins):
             radii.append(r * rng.uniform(0.5, 0.7))
         dmu = (1.0 - LUNG_REF) * MU_WATER
     elif kind == "granuloma":
-        centres, radii, dmu = [c], [r], 2.5 * MU_WATER
+        centres, radii, dmu = [c], [r], CALCIUM
     else:
         centres, radii, dmu = [c], [r], (1.0 - LUNG_REF) * MU_WATER
     ins.patches += sites.spheres(centres, radii, dmu)
@@ -561,12 +566,97 @@ def _catheter(spec, rng, var, sites, ins):
     ins.info.update(side=side, tip_mm=[round(float(v), 1) for v in tip])
 
 
+def _elevated_diaphragm(spec, rng, var, sites, ins):
+    """One hemidiaphragm higher than it should be (phrenic palsy, eventration, subpulmonic
+    process): the lung base above it follows; the ribs do not."""
+    sev = _severity(spec, ("mild", "moderate", "severe"), rng)
+    side = _sides(spec, rng)[0] if (spec.side or "").lower() != "bilateral" else "right"
+    rise = {"mild": 15.0, "moderate": 25.0, "severe": 38.0}[sev] * rng.uniform(0.85, 1.15)
+    var.diaphragm_local_mm[side] -= rise
+    origin, m = sites.lung(side)
+    dome = sites.a.info["domes"][side]
+    zs = (np.arange(m.shape[2]) + origin[2]) * H
+    base = (m & (zs < dome + 50)[None, None, :]).astype(np.float32)
+    ins.mask_patches = sites.project(origin, base)
+    ins.mask_rel = 0.1
+    ins.info.update(severity=sev, side=side, rise_mm=round(rise, 1))
+
+
+def _emphysema(spec, rng, var, sites, ins):
+    """Hyperinflated, hyperlucent lungs: low flat diaphragm, less parenchyma per volume."""
+    sev = _severity(spec, ("mild", "moderate", "severe"), rng)
+    k = {"mild": 1.0, "moderate": 1.4, "severe": 1.8}[sev]
+    dz = rng.uniform(18, 26) * k
+    for side in ("left", "right"):
+        var.diaphragm_mm[side] = float(np.clip(var.diaphragm_mm[side], -4, 4) + dz)
+    var.lung_density = min(var.lung_density, 1.0) * (1 - 0.18 * k)
+    ins.mask_from = "lungs"
+    ins.info.update(severity=sev, diaphragm_shift_mm=round(dz, 1))
+
+
+def _aortic_calcinosis(spec, rng, var, sites, ins):
+    """Curvilinear calcification in the wall of the aortic arch (the 'aortic knob')."""
+    a = sites.a
+    key = (a.key, "aortic_arch")
+    if key not in sites._memo:
+        aorta = np.isin(a.labels, a.ids("aorta"))
+        lo, hi = _bounds(aorta)
+        box = aorta[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        zs = (np.arange(box.shape[2]) + lo[2]) * H
+        arch = box & (zs > zs[box.any(axis=(0, 1))].max() - 28)[None, None, :]
+        wall = arch & ~ndimage.binary_erosion(arch, iterations=1)
+        sites._memo[key] = (np.array(lo), wall)
+    origin, wall = sites._memo[key]
+    sev = _severity(spec, ("mild", "moderate", "severe"), rng)
+    keep = _smooth_noise(wall.shape, rng, cell_vox=3.0) > {"mild": 0.9, "moderate": 0.4,
+                                                             "severe": -0.2}[sev]
+    xs = (np.arange(wall.shape[0]) + origin[0]) * H
+    lateral = (xs > np.median(xs[wall.any(axis=(1, 2))]))[:, None, None]  # the knob: left wall
+    dv = (wall & keep & lateral).astype(np.float32) * 1.6 * MU_WATER
+    if not dv.any():
+        dv = (wall & lateral).astype(np.float32) * 1.6 * MU_WATER
+    ins.patches += sites.project(origin, dv)
+    ins.slab = sites.slab_of(float((origin[1] + wall.shape[1] / 2) * H))
+    ins.rigid = False
+    ins.mask_rel = 0.15
+    ins.info.update(severity=sev, site="aortic arch")
+
+
+def _granulomatous(spec, rng, var, sites, ins):
+    """Several calcified granulomas scattered through both lungs (healed granulomatous
+    infection)."""
+    n = int(rng.integers(3, 9))
+    centres = []
+    for side in ("right", "left"):
+        origin, m = sites.lung(side)
+        depth = sites.crop("lung_depth", origin, m.shape)
+        for _ in range(n // 2 + (side == "right")):
+            c = (_pick(m & (depth > 6), rng) + origin) * H
+            centres.append(c)
+            ins.patches += sites.spheres([c], [rng.uniform(1.5, 3.5)], CALCIUM)
+    ins.mask_rel = 0.2
+    ins.info.update(count=len(centres), side="bilateral")
+
+
+# Findings beyond spec.KINDS that can be made honestly (Open-i headings); callers may use these
+# kinds in FindingSpec too.
+EXTRA_KINDS = {
+    "density": "Density",
+    "infiltrate": "Infiltrate",
+    "diaphragm_elevated": "Diaphragm/elevated",
+    "emphysema": "Pulmonary Emphysema",
+    "aortic_calcinosis": "Calcinosis/aorta",
+    "granulomatous_disease": "Granulomatous Disease",
+}
+
 HANDLERS = {
     "cardiomegaly": _cardiomegaly, "effusion": _effusion, "opacity": _airspace,
     "airspace_disease": _airspace, "consolidation": _airspace, "nodule": _nodular,
     "mass": _nodular, "granuloma": _nodular, "atelectasis": _atelectasis,
     "pneumothorax": _pneumothorax, "hypoinflation": _inflation, "hyperdistention": _inflation,
-    "catheter": _catheter,
+    "catheter": _catheter, "density": _airspace, "infiltrate": _airspace,
+    "diaphragm_elevated": _elevated_diaphragm, "emphysema": _emphysema,
+    "aortic_calcinosis": _aortic_calcinosis, "granulomatous_disease": _granulomatous,
 }
 
 
@@ -582,7 +672,7 @@ def plan_findings(specs: list[FindingSpec], var, anatomy: Anatomy, layout, seed:
         handler = HANDLERS.get(spec.kind)
         if handler is None:
             raise CxrError(f"unknown finding kind {spec.kind!r}; known: {', '.join(HANDLERS)}")
-        label = spec.term or KINDS.get(spec.kind, spec.kind)
+        label = spec.term or KINDS.get(spec.kind) or EXTRA_KINDS.get(spec.kind, spec.kind)
         ins = Insert(kind=spec.kind, label=label, info={"kind": spec.kind, "term": label})
         handler(spec, np.random.default_rng([int(seed), 2, i]), var, sites, ins)
         out.append(ins)

@@ -39,8 +39,8 @@ from .detector import detect, display, window_levels
 from .spec import FindingSpec
 from .variation import Variation, draw_variation
 
-FOV_MM = 310.0        # nominal field of view (square), before the per-image magnification
-TOP_MARGIN_MM = 12.0
+FOV_MM = 330.0        # nominal field of view (square), before the per-image magnification
+TOP_MARGIN_MM = 25.0
 LEVEL_SIZE = 64        # size of the finding-free rendering the window is measured on  # nominal top of the field above the CT's top slice (neck/shoulders)
 
 

@@ -19,7 +19,7 @@ class Variation:
     pitch_deg: float = 0.0       # rotation about the left-right axis (lordotic / kyphotic tilt)
     shift_mm: tuple = (0.0, 0.0)  # centring error (x, down)
     scale: float = 1.0           # magnification (field of view = FOV_MM / scale)
-    fov_mm: float = 310.0
+    fov_mm: float = 330.0
     diaphragm_mm: dict = field(default_factory=lambda: {"left": 0.0, "right": 0.0})  # + = lower
     diaphragm_local_mm: dict = field(default_factory=lambda: {"left": 0.0, "right": 0.0})
     # ^ a hemidiaphragm moved by local volume loss (atelectasis): only the lung base follows
@@ -54,7 +54,7 @@ def draw_variation(rng: np.random.Generator) -> Variation:
         pitch_deg=float(rng.normal(0, 2.0)),
         shift_mm=(float(rng.normal(0, 6)), float(rng.normal(0, 6))),
         scale=float(u(0.94, 1.06)),
-        fov_mm=310.0,
+        fov_mm=330.0,
         diaphragm_mm={"left": float(common + rng.normal(0, 3)),
                       "right": float(common + rng.normal(0, 3))},
         ctr=float(u(0.42, 0.495)),
@@ -62,11 +62,11 @@ def draw_variation(rng: np.random.Generator) -> Variation:
         bone_weight=float(u(1.4, 1.9)),
         extra_tissue_mm=float(u(0, 40)),
         deform=rng.normal(0, 1.5, size=(2, 5, 5)),
-        photons=float(np.exp(u(np.log(1e4), np.log(1e5)))),
+        photons=float(np.exp(u(np.log(3e4), np.log(3e5)))),
         scatter=float(u(0.1, 0.3)),
         psf_mm=float(u(0.35, 0.7)),
         unsharp=float(u(0.5, 1.3)),
         unsharp_mm=float(u(15, 35)),
         detail=float(u(0.3, 0.9)),
-        window=(float(u(0.2, 0.32)), float(u(0.74, 0.86))),
+        window=(float(u(0.22, 0.34)), float(u(0.7, 0.82))),
     )
