@@ -2,6 +2,7 @@
 Playwright) against the real service: upload, findings, opacity slider, search, more like this."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,18 @@ def nih_pngs(shared_data: Path, n: int, skip: int = 0) -> list[Path]:
     return sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[skip:skip + n]
 
 
+def run_asserting_every_finding(run: Path, out: Path) -> Path:
+    """A copy of the tiny run whose operating thresholds are 0 for every disease, so that every
+    image has findings (with heatmaps and boxes) whatever the tiny model happened to learn."""
+    out.mkdir(parents=True)
+    for name in ("config.json", "weights.safetensors"):
+        shutil.copy(run / name, out / name)
+    config = json.loads((out / "config.json").read_text())
+    config["thresholds"] = {t: (v if t == "normal" else 0.0) for t, v in config["thresholds"].items()}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.fixture(scope="module")
 def site(tiny_run, shared_data, tmp_path_factory):
     """Base URL of a served archive of 6 NIH radiographs."""
@@ -34,10 +47,11 @@ def site(tiny_run, shared_data, tmp_path_factory):
     for png in nih_pngs(shared_data, 6):
         shutil.copy(png, folder / png.name)
     url = f"sqlite:///{tmp / 'archive.db'}"
-    reader = Reader.load(tiny_run)
+    run = run_asserting_every_finding(tiny_run, tmp / "run")
+    reader = Reader.load(run)
     with Archive(url) as archive:
         index_images(archive, reader, sorted(map(str, folder.iterdir())), progress=False)
-    with running_server(create_app(tiny_run, url, reader=reader, upload_dir=tmp / "uploads")) as base:
+    with running_server(create_app(run, url, reader=reader, upload_dir=tmp / "uploads")) as base:
         yield base
 
 

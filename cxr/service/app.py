@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import tempfile
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,7 +412,7 @@ def _store(state, data: bytes, filename: str | None, loaded, result) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{sha}{_suffix(filename) or '.img'}"
     if not path.exists():
-        tmp = path.with_name(path.name + f".{os.getpid()}.part")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.part")  # two uploads at once
         tmp.write_bytes(data)
         os.replace(tmp, path)
     meta = loaded.meta or {}

@@ -137,6 +137,7 @@ async function annotate(event) {
     const r = await api(`/annotate?heatmap=true&image=true&embedding=true&store=${store}`,
                         { method: "POST", body: form });
     show(r, r.image, r.filename);
+    markActive(r.id);
     setStatus(`${r.findings.length} finding(s) in ${r.filename}` + (store ? ` (archive id ${r.id})` : ""));
     if (store) { loadStudies(); loadVocabulary(); }
   } catch (e) {
@@ -146,11 +147,18 @@ async function annotate(event) {
   }
 }
 
+function markActive(id) {
+  for (const li of document.querySelectorAll("#studies li")) {
+    li.classList.toggle("active", String(li.dataset.id) === String(id));
+  }
+}
+
 async function openStudy(id) {
   setStatus(`Opening #${id}…`);
   try {
     const r = await api(`/studies/${id}?heatmap=true`);
     show(r, r.image_url, `#${r.id}`);
+    markActive(r.id);
     setStatus(`#${r.id}: ${r.findings.length} finding(s)`);
   } catch (e) {
     setStatus(e.message, true);
@@ -177,6 +185,7 @@ async function loadStudies() {
       list.append(el("li", { "data-id": item.id, onclick: () => openStudy(item.id) },
         el("span", {}, `#${item.id} `), el("span", { class: "muted" }, label(item))));
     }
+    if (state.current) markActive(state.current.id);
   } catch (e) {
     setStatus(e.message, true);
   }
