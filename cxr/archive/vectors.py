@@ -54,7 +54,7 @@ class VectorIndex:
         self.path = path
         self.verified = False  # checked against the database in this process
         self.index = Index(ndim=state.ndim, metric="cos", dtype="f32",
-                           connectivity=16, expansion_add=64, expansion_search=64)
+                           connectivity=16, expansion_add=64, expansion_search=128)
 
     # -- persistence -------------------------------------------------------------------------
     @staticmethod
