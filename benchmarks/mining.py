@@ -24,7 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr.data import locate  # noqa: E402
-from cxr.metrics import markdown_table, precision_recall_f1  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from cxr.metrics import context_accuracy, markdown_table, precision_recall_f1  # noqa: E402
 from cxr.reports.text import (  # noqa: E402
     NORMAL, OPENI_EVAL_LABELS, TextMiner, label_of, load_rules, report_labels,
 )
@@ -79,6 +81,23 @@ class KeywordBaseline:
 
 def score(gold: list[set[str]], pred: list[set[str]]) -> dict:
     return precision_recall_f1(gold, pred, OPENI_EVAL_LABELS)
+
+
+def context_agreement(studies, mined) -> dict:
+    """Side / location / severity of the text findings against the MeSH terms' qualifiers, for
+    the evaluation labels both sources assert in a report (`cxr.metrics.context_accuracy`)."""
+    wanted = set(OPENI_EVAL_LABELS) - {NORMAL}
+
+    def folded(findings, certain_only):
+        return [replace(f, disease=label_of(f.disease)) for f in findings
+                if label_of(f.disease) in wanted and (f.certainty == "positive" or not certain_only)]
+
+    pairs = []
+    for study, found in zip(studies, mined):
+        true, pred = folded(study.findings, False), folded(found, True)
+        both = {f.disease for f in true} & {f.disease for f in pred}
+        pairs.append(([f for f in true if f.disease in both], [f for f in pred if f.disease in both]))
+    return context_accuracy(pairs)
 
 
 def disagreements(studies, gold, pred, mined, label: str, n: int) -> dict:
@@ -139,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = {"reports": n, "miner_load_s": load_s, "miner_reports_per_s": n / mine_s,
              "baseline_reports_per_s": n / base_s}
 
+    context = context_agreement(studies, mined)
     ours, base = results["all"], results["keyword baseline"]
     rows = []
     for lab in OPENI_EVAL_LABELS:
@@ -160,10 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         ["run", "reports", "micro P", "micro R", "micro F1"],
         [[k, sizes.get(k, n), v["micro"]["precision"], v["micro"]["recall"], v["micro"]["f1"]]
          for k, v in results.items()])
+    context_table = markdown_table(
+        ["context field (text vs MeSH qualifier)", "findings where MeSH states it", "accuracy"],
+        [[f, v["n"], v["accuracy"]] for f, v in context["fields"].items()]
+        + [["all three fields equal", context["n_matched"], context["exact"]]])
     print(f"## Report mining on Open-i ({n:,} reports; gold = MeSH <major> terms)\n")
     print(table)
     print()
     print(halves)
+    print()
+    print(context_table)
     print()
     print(f"Speed: {speed['miner_reports_per_s']:.0f} reports/s for the medspaCy miner "
           f"(load {load_s:.1f} s), {speed['baseline_reports_per_s']:.0f} reports/s for the "
@@ -175,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "reports": str(path), "labels": list(OPENI_EVAL_LABELS), "dev_seed": DEV_SEED,
-            "results": results, "speed": speed, "references": REFERENCES,
+            "results": results, "context": context, "speed": speed, "references": REFERENCES,
             "disagreements": examples, "table_markdown": table,
         }, indent=1))
         print(f"\nwrote {args.json}")

@@ -39,9 +39,10 @@ def test_mine_folder_writes_json(xml_folder, tmp_path, capsys):
     text = [Finding.from_dict(d) for d in report["text"]]
     assert {f.source for f in mesh} == {"mesh"} and {f.source for f in text} == {"text"}
     assert "Pleural Effusion/left/small" in {f.raw for f in mesh}
-    effusion = [f for f in text if f.disease == "Pleural Effusion" and f.side == "left"]
-    assert effusion and (effusion[0].certainty, effusion[0].severity) == ("positive", "small")
-    assert effusion[0].sentence == "Small left pleural effusion with left basilar atelectasis."
+    said = "Small left pleural effusion with left basilar atelectasis."
+    effusion = [f for f in text if f.disease == "Pleural Effusion" and f.sentence == said]
+    assert [(f.certainty, f.side, f.severity) for f in effusion] == [("positive", "left", "small")]
+    assert said in report["report"]["IMPRESSION"]
     negated = [f for f in text if f.disease == "Pneumothorax"]
     assert negated and negated[0].certainty == "negative"
     normal = data["reports"]["CXR2358"]

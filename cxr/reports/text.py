@@ -174,7 +174,44 @@ def _context_of(span) -> dict:
     for token in span:
         if token.lower_ in words:
             add(words[token.lower_])
+    if found["side"] is None or not found["location"]:
+        _sentence_fallback(span, found)
+    if found["side"] == "left" and "middle lobe" in found["location"]:
+        # The left lung has no middle lobe: "left midlung" is the lingula, as Open-i indexes it.
+        found["location"] = ["lingula" if x == "middle lobe" else x for x in found["location"]]
     return found
+
+
+_COORDINATORS = frozenset({"or", "and", "/", "versus", "vs", "vs.", ",", "and/or"})
+
+
+def _coordinated(first, second) -> bool:
+    """True for "X or Y", "X/Y", "X versus Y", "X and/or Y": two findings named as one."""
+    between = second.doc[first.end:second.start]
+    return (first.sent.start == second.sent.start and 0 < len(between) <= 3
+            and all(t.lower_ in _COORDINATORS for t in between))
+
+
+def _sentence_fallback(span, found: dict) -> None:
+    """Side and site the sentence states elsewhere ("opacity in the left base, XXXX represents
+    atelectasis or scarring" -> atelectasis left base), as Open-i's indexers read it: the
+    nearest context word of the sentence, one before the mention winning a tie."""
+    sent = span.sent
+    candidates = []
+    for modifier in span.doc._.context_graph.modifiers:
+        start, end = modifier.modifier_span
+        if modifier.category not in _MODIFIER_CATEGORY.values() or not modifier.rule.metadata:
+            continue
+        if start < sent.start or end > sent.end:
+            continue
+        before = end <= span.start
+        distance = span.start - end if before else start - span.end
+        candidates.append((distance, not before, modifier.rule.metadata))
+    for _, _, fields in sorted(candidates, key=lambda c: (c[0], c[1])):
+        if found["side"] is None and fields.get("side"):
+            found["side"] = fields["side"]
+        if not found["location"] and fields.get("location"):
+            found["location"].append(fields["location"])
 
 
 class TextMiner:
@@ -217,8 +254,15 @@ class TextMiner:
     def findings_of_doc(self, doc) -> list[Finding]:
         doc.user_data["cxr_modifier_words"] = self._modifier_words
         out = []
+        previous = None  # (span, context) of the mention before, for coordinated findings
         for span in doc.ents:
             ctx = _context_of(span)
+            if previous is not None and _coordinated(previous[0], span):
+                # "mild bibasilar infiltrates versus atelectasis": both are mild and bibasilar.
+                for key in ("side", "severity"):
+                    ctx[key] = ctx[key] or previous[1][key]
+                ctx["location"] = ctx["location"] or list(previous[1]["location"])
+            previous = (span, ctx)
             certainty = _certainty(span)
             sentence = span.sent.text.strip()
             # A phrase may assert more than one heading ("calcified nodule": Nodule + Calcinosis).
