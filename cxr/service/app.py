@@ -250,7 +250,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         loaded = await run_in_threadpool(decode_upload, data, file.filename)
         result = await _read(state.batcher, loaded.pixels, heatmap)
         out = {"filename": _safe_name(file.filename), "view": loaded.view,
-               **result_json(result, heatmap)}
+               **await run_in_threadpool(result_json, result, heatmap)}
         if image:
             out["image"] = await run_in_threadpool(png_base64, loaded.pixels)
         if embedding and result.embedding is not None:
@@ -277,7 +277,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         if heatmap:
             loaded = await run_in_threadpool(_read_stored, record)
             result = await _read(state.batcher, loaded.pixels, True)
-            out["heatmaps"] = heatmaps_json(result.heatmaps)
+            out["heatmaps"] = await run_in_threadpool(heatmaps_json, result.heatmaps)
             out["heatmap_model_id"] = result.model_id
         return out
 
@@ -325,7 +325,8 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         state = request.app.state
         reader_ = state.reader
         return {"status": "ok", "model_id": reader_.model_id, "targets": list(reader_.targets),
-                "device": str(reader_.device), "threads": settings.threads, "archive": {"images": state.archive.count(status="ok")},
+                "device": str(reader_.device), "threads": settings.threads,
+                "archive": {"images": state.archive.count(status="ok")},
                 "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms,
                              **state.batcher.stats.to_dict()},
                 "max_upload_mb": settings.max_upload_bytes / 2**20, "disclaimer": DISCLAIMER}
