@@ -81,6 +81,14 @@ CONTEXT_CASES = [
     ("Borderline cardiomegaly.", "Cardiomegaly", None, (), "borderline"),
     ("Severe emphysema.", "Emphysema", None, (), "severe"),
     ("The heart is mildly enlarged.", "Cardiomegaly", None, (), "mild"),
+    # coordinated findings share their words; side and site may come from elsewhere in the
+    # sentence; the left lung has no middle lobe
+    ("Minimal scarring or atelectasis in the left lung base.", "Pulmonary Atelectasis", "left",
+     ("base",), "mild"),
+    ("Opacity in the left lung base, likely representing atelectasis.", "Pulmonary Atelectasis",
+     "left", ("base",), None),
+    ("There is stable scarring or atelectasis in the left midlung.", "Pulmonary Atelectasis",
+     "left", ("lingula",), None),
 ]
 
 
@@ -130,6 +138,13 @@ def test_mine_many_keeps_order_with_empty_reports(miner):
     assert len(out) == len(reports)
     assert [asserted(f) for f in out] == [set(), {"Cardiomegaly"}, set(), {"Pneumothorax"},
                                           set()]
+
+
+def test_open_i_headings_for_the_heart(miner):
+    """Open-i indexes "enlarged cardiac silhouette" as Cardiac Shadow/enlarged, never as
+    Cardiomegaly (0 of 19 reports that say only that); "heart is enlarged" as Cardiomegaly."""
+    assert asserted(miner.mine("The cardiac silhouette is enlarged.")) == {"Cardiac Shadow/enlarged"}
+    assert asserted(miner.mine("Heart size is enlarged.")) == {"Cardiomegaly"}
 
 
 def test_phrase_with_two_headings(miner):
