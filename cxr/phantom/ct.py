@@ -40,6 +40,7 @@ LUNG_REF = 0.15          # mu of aerated lung relative to water (~ -850 HU)
 COARSE_MM = 2.0          # voxel size of the coarse volumes used by the 3D finding inserts
 N_SLABS = 6              # depth slabs along anterior-posterior
 PRECOMPUTE_VERSION = 7   # bump when the precomputed arrays change meaning
+STACK_VERSION = 2        # bump when only the layout resampling changes
 SID_MM = 1800.0          # source-image distance of a PA chest film (72 in)
 
 KEYS = {"ct": "phantom/chest_ct.nii.gz", "labels": "phantom/chest_ct_labels.nii.gz",
@@ -297,7 +298,7 @@ class CtSource:
         """Per-slab projections of each component on `grid` (line integrals, dimensionless):
         soft, bone, lung: (N_SLABS, H, W); heart, body, lung_left, lung_right, heart_mask: (H, W)
         (the last four are thicknesses in mm, used for masks and the cardiothoracic ratio)."""
-        tag = f"{geometry}-{grid.tag()}"
+        tag = f"{geometry}-{grid.tag()}-s{STACK_VERSION}"
         path = self.dir / f"stack-{tag}.npz"
         if not path.is_file():
             with np.load(self.dir / "groups.npz", allow_pickle=False) as z:
@@ -459,6 +460,14 @@ def _project_all(groups: dict, anatomy: Anatomy, grid: PlaneGrid, geometry: str)
         zi, wz = _edge_taper(z / sz, 0, nz - 1, PAD_BOTTOM / sz, TAPER_TOP / sz)
         zz, xx = np.meshgrid(zi, xi, indexing="ij")
         out = ndimage.map_coordinates(plane, [xx, zz], order=1, mode="nearest")
+        # above the CT's top slice the tissue is the top slice continued: blur it sideways more
+        # the further it reaches, so the neck fades instead of drawing vertical streaks
+        beyond = z - (nz - 1) * sz
+        for lo in np.arange(0.0, max(float(beyond.max()), 0.0), 6.0):
+            rows = (beyond > lo) & (beyond <= lo + 6.0)
+            if rows.any():
+                out[rows] = ndimage.gaussian_filter1d(out[rows], (lo + 3.0) * 0.6 / grid.pixel,
+                                                      axis=1, mode="nearest")
         return (out * wz[:, None] * wx[None, :]).astype(np.float32)
 
     out = {}

@@ -299,12 +299,20 @@ def _smooth_field(W: np.ndarray, C) -> np.ndarray:
 
 
 def _sample(inputs: torch.Tensor, grids: list, n: int) -> np.ndarray:
-    """Bilinear samples of each input channel through its own (gx, gz, offset x, offset z)."""
-    G = np.empty((len(grids), n, n, 2), np.float32)
-    for i, (gx, gz, ox, oz) in enumerate(grids):
-        np.add(gx, ox, out=G[i, :, :, 0])
-        np.add(gz, oz, out=G[i, :, :, 1])
-    return F.grid_sample(inputs, torch.from_numpy(G), mode="bilinear", padding_mode="zeros",
+    """Bilinear samples of each input channel through its own (gx, gz, offset x, offset z):
+    the few distinct base grids are stacked once and the per-slab offsets added in one go."""
+    bases, index, keys = [], [], {}
+    for gx, gz, _, _ in grids:
+        k = (id(gx), id(gz))
+        if k not in keys:
+            keys[k] = len(bases)
+            bases.append(np.stack([gx, gz], axis=-1))
+        index.append(keys[k])
+    base = torch.from_numpy(np.stack(bases).astype(np.float32, copy=False))
+    off = torch.tensor([[ox, oz] for _, _, ox, oz in grids], dtype=torch.float32)
+    G = base[torch.tensor(index)]
+    G += off[:, None, None, :]
+    return F.grid_sample(inputs, G, mode="bilinear", padding_mode="zeros",
                          align_corners=True)[:, 0].numpy()
 
 
