@@ -10,6 +10,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXR_TEST_DATA", ROOT.parent / "shared" / "data"))
 
+# Set before any fixture runs (session fixtures such as `tiny_run` too): the shared folder is the
+# data cache, and nothing is fetched.
+os.environ["CXR_DATA_DIR"] = str(SHARED)
+os.environ["CXR_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
