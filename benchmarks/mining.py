@@ -88,15 +88,16 @@ def context_agreement(studies, mined) -> dict:
     the evaluation labels both sources assert in a report (`cxr.metrics.context_accuracy`)."""
     wanted = set(OPENI_EVAL_LABELS) - {NORMAL}
 
-    def folded(findings, certain_only):
+    def folded(findings):
         return [replace(f, disease=label_of(f.disease)) for f in findings
-                if label_of(f.disease) in wanted and (f.certainty == "positive" or not certain_only)]
+                if label_of(f.disease) in wanted and f.certainty == "positive"]
 
     pairs = []
     for study, found in zip(studies, mined):
-        true, pred = folded(study.findings, False), folded(found, True)
+        true, pred = folded(study.findings), folded(found)
         both = {f.disease for f in true} & {f.disease for f in pred}
-        pairs.append(([f for f in true if f.disease in both], [f for f in pred if f.disease in both]))
+        pairs.append(([f for f in true if f.disease in both],
+                      [f for f in pred if f.disease in both]))
     return context_accuracy(pairs)
 
 

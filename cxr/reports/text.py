@@ -1,10 +1,16 @@
 """Free-text report mining: FINDINGS / IMPRESSION sentences -> Findings with certainty and context.
 
-medspaCy does the work: PyRuSH splits sentences, a TargetMatcher finds disease mentions from the
-synonym lists in `text_rules.json` (data, not code), and ConText decides whether each mention is
-negated ("no pleural effusion", "clear of"), uncertain ("cannot exclude pneumonia", "may
-represent") or hypothetical ("recommend follow-up"). Context words (side, lobe/zone, severity) are
-ConText modifiers too, each attached to the nearest disease mention in its sentence.
+medspaCy does the work: spaCy's sentencizer splits sentences, a medspaCy TargetMatcher finds
+disease mentions from the synonym lists in `text_rules.json` (data, not code), and ConText
+decides whether each mention is negated ("no pleural effusion", "clear of"), uncertain ("cannot
+exclude pneumonia", "may represent") or hypothetical ("recommend CT to exclude mass"). Context
+words (side, lobe/zone, severity) are ConText modifiers too, each given to the nearest disease
+mention in its phrase; a mention left without side or site takes the sentence's nearest one, and
+coordinated mentions ("atelectasis or scarring") share theirs.
+
+Open-i's indexers code both sides of a differential ("atelectasis versus scarring": both) and
+"probable"/"likely" findings as present; the rules follow them, so "versus", "or", "probable" are
+no uncertainty cues here, while "may", "possible", "cannot exclude", "questionable" are.
 
 A mined Finding's `disease` is the Open-i MeSH heading (`Pulmonary Atelectasis`, `Hernia, Hiatal`,
 `Lung/hypoinflation`, ...), so text and MeSH findings can be compared and merged. A report whose
@@ -15,7 +21,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,17 +34,8 @@ _CONTEXT_FIELDS = ("side", "location", "severity")
 _MODIFIER_CATEGORY = {f: f"CXR_{f.upper()}" for f in _CONTEXT_FIELDS}
 _CERTAINTY_ORDER = {"positive": 2, "uncertain": 1, "negative": 0}
 # Open-i text glues sentences ("effusion.There") and doubles periods ("effusion.. Right");
-# PyRuSH needs one period and a space to split there.
+# the sentencizer needs one period and a space to split there.
 _GLUED_SENTENCE = re.compile(r"(?<=[a-z\)])\.+(?=[A-Z])|\.{2,}")
-
-
-@dataclass(frozen=True)
-class Mention:
-    """Where a Finding came from in the text (kept for debugging and highlighting)."""
-
-    text: str
-    start_char: int
-    end_char: int
 
 
 def load_rules(rules: str | Path | Mapping | None = None) -> dict:
@@ -68,7 +64,8 @@ def _phrase_variants(phrase: str) -> list[str]:
 
 
 def _silence_pyrush() -> None:
-    """PyRuSH logs every sentence at DEBUG through loguru; mining 4,000 reports must be quiet."""
+    """medspaCy's PyRuSH logs every sentence at DEBUG through loguru when it is loaded; mining
+    4,000 reports must stay quiet whichever components a caller enables."""
     try:
         from loguru import logger
 
@@ -78,7 +75,7 @@ def _silence_pyrush() -> None:
 
 
 def build_pipeline(rules: Mapping):
-    """A medspaCy pipeline (PyRuSH sentences, TargetMatcher, ConText) configured from `rules`."""
+    """A medspaCy pipeline (sentencizer, TargetMatcher, ConText) configured from `rules`."""
     _silence_pyrush()
     import medspacy
     from medspacy.context import ConTextRule
