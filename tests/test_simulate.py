@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cxr.errors import CxrError
-from cxr.phantom.spec import KINDS
+from cxr.reports import mesh
 
 N, SIZE, SEED = 16, 64, 7
 
@@ -92,7 +92,7 @@ def test_open_i_and_nih_adapters_read_it_back(reference):
     for sid, r in records.items():
         study = nih[r["image"]["id"]]
         assert study.images[0].path.name == Path(r["image"]["png"]).name
-        heads = {KINDS[f["kind"]] for f in r["case"]["findings"]} or {"normal"}
+        heads = {mesh.parse_term(f["term"]).disease for f in r["case"]["findings"]} or {"normal"}
         assert {f.disease for f in study.findings} == heads
         assert [(b.label, round(b.y, 3), round(b.h, 3)) for b in study.images[0].boxes] == \
                [(b["label"], round(b["y"], 3), round(b["h"], 3)) for b in r["boxes"]]

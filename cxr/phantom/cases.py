@@ -1,15 +1,15 @@
 """Which findings a simulated study has, drawn from the real Open-i MeSH statistics.
 
 A case is made by resampling a real Open-i report: the generator keeps every report whose MeSH
-`<major>` terms include at least one finding the renderer can draw (see `spec.KINDS`), and a case
+`<major>` terms include at least one finding the renderer can draw (`renderable_kinds()`), and a case
 takes the renderable terms of one such report, chosen at random. Co-occurrence, sides, sites and
 severities therefore follow the real reports exactly (a bootstrap, not a fitted model), and the
 annotation language is the real one. Normal studies are drawn with the real share of reports whose
 only term is `normal`: 1,391 of the 3,860 indexed Open-i reports, 36% (Shin et al. count 37% of
 the images; 95 reports say "No Indexing" and are left out).
 
-Reports whose findings are all outside the renderer's reach (degenerative spine, calcinosis,
-scars, ...) are not drawn: rendering them as normal images under an abnormal report would be
+Reports whose findings are all outside the renderer's reach (degenerative spine, scars,
+hilar calcified nodes, ...) are not drawn: rendering them as normal images under an abnormal report would be
 false ground truth. So every renderable finding is more frequent than in Open-i by the factor
 1 / P(renderable | abnormal) (about 1.6): `CaseGenerator.expected_frequencies()` gives the exact
 figures a drawn set should show.
@@ -27,6 +27,7 @@ import bisect
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -48,7 +49,8 @@ SITE_ALIASES = {
 }
 # Organ / place words that put a finding outside the lungs and pleura: not renderable.
 NON_LUNG = {"mediastinum", "breast", "ribs", "heart", "thoracic vertebrae", "abdomen",
-            "adipose tissue", "paratracheal", "supracardiac"}
+            "adipose tissue", "paratracheal", "supracardiac", "sternum", "lymph nodes",
+            "blood vessels", "trachea, carina", "clavicle", "shoulder", "spine"}
 ORGANS = {"lung", "thorax", "pleura", "pulmonary alveoli"}
 MULTIPLE = {"multiple", "scattered"}
 
@@ -67,6 +69,12 @@ SEVERITIES: dict[str, tuple[str, ...]] = {
     "mass": ("small", "large"),
     "granuloma": ("small", "large"),
     "catheter": (),
+    "density": ("mild", "moderate", "severe"),
+    "infiltrate": ("mild", "moderate", "severe"),
+    "diaphragm_elevated": ("mild", "moderate", "severe"),
+    "emphysema": ("mild", "moderate", "severe"),
+    "aortic_calcinosis": ("mild", "moderate", "severe"),
+    "granulomatous_disease": (),
 }
 SEVERITY_WORDS = {"borderline", "mild", "moderate", "severe", "small", "large"}
 _TO_SMALL_LARGE = {"borderline": "small", "mild": "small", "severe": "large"}
@@ -80,25 +88,57 @@ SEVERITY_MAP: dict[str, dict[str, str]] = {
     "granuloma": {**_TO_SMALL_LARGE, "moderate": "large"},
 }
 for _k in ("opacity", "airspace_disease", "consolidation", "atelectasis", "hypoinflation",
-           "hyperdistention"):
+           "hyperdistention", "density", "infiltrate", "diaphragm_elevated", "emphysema",
+           "aortic_calcinosis"):
     SEVERITY_MAP[_k] = _TO_MILD_SEVERE
 
 # Which context the renderer needs per kind (the rest is left as written).
 NEEDS_SITE = {"opacity", "airspace_disease", "consolidation", "atelectasis", "nodule", "mass",
-              "granuloma"}
-NEEDS_SIDE = NEEDS_SITE | {"effusion", "pneumothorax", "catheter"}
-NEEDS_SEVERITY = {k for k, v in SEVERITIES.items() if v and k not in ("nodule", "mass", "granuloma")}
+              "granuloma", "density", "infiltrate"}
+NEEDS_SIDE = NEEDS_SITE | {"effusion", "pneumothorax", "catheter", "diaphragm_elevated"}
+# Grades Open-i writes (the renderer draws one at random otherwise, e.g. for aortic calcinosis,
+# which Open-i never grades: its term is left alone).
+NEEDS_SEVERITY = {k for k, v in SEVERITIES.items()
+                  if v and k not in ("nodule", "mass", "granuloma", "aortic_calcinosis")}
 # Kinds whose Open-i terms name the organ ("Opacity/lung/base/left").
-LUNG_ORGAN_KINDS = {"opacity", "airspace_disease", "consolidation", "nodule", "mass", "granuloma"}
+LUNG_ORGAN_KINDS = {"opacity", "airspace_disease", "consolidation", "nodule", "mass", "granuloma",
+                    "density", "infiltrate"}
 POINT_KINDS = {"nodule", "mass", "granuloma"}  # drawn one per lesion: bilateral/multiple -> several
-SINGLE_KINDS = {"cardiomegaly", "hypoinflation", "hyperdistention"}  # at most one per study
+PAIRED_KINDS = {"catheter", "diaphragm_elevated"}  # bilateral -> one on each side
+SINGLE_KINDS = {"cardiomegaly", "hypoinflation", "hyperdistention", "emphysema",
+                "aortic_calcinosis", "granulomatous_disease"}  # at most one per study
 # Lesion diameter in mm by kind and size word (None = not stated).
 SIZE_MM: dict[str, dict[str | None, tuple[float, float]]] = {
     "nodule": {None: (6.0, 20.0), "small": (4.0, 8.0), "large": (15.0, 28.0)},
     "mass": {None: (32.0, 55.0), "small": (30.0, 38.0), "large": (50.0, 70.0)},
     "granuloma": {None: (3.0, 7.0), "small": (2.0, 4.0), "large": (6.0, 9.0)},
 }
-_HEADING_KIND = {v: k for k, v in KINDS.items() if "/" not in v}
+
+
+@lru_cache(maxsize=1)
+def renderable_kinds() -> dict[str, str]:
+    """Every kind the renderer draws -> its Open-i heading: `spec.KINDS` plus the renderer's
+    extra Open-i findings (density, infiltrate, elevated hemidiaphragm, emphysema, aortic
+    calcification, granulomatous disease)."""
+    try:
+        from .findings import EXTRA_KINDS
+    except ImportError:  # a renderer without extras
+        EXTRA_KINDS = {}
+    return {**KINDS, **{k: v for k, v in EXTRA_KINDS.items() if k in SEVERITIES}}
+
+
+# How an Open-i term names each kind: (heading, word that must follow it or None). Open-i writes
+# emphysema under two headings, and aortic calcification as Calcinosis/aorta[, thoracic].
+TERM_FORMS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "hypoinflation": (("Lung", "hypoinflation"),),
+    "hyperdistention": (("Lung", "hyperdistention"),),
+    "diaphragm_elevated": (("Diaphragm", "elevated"),),
+    "emphysema": (("Pulmonary Emphysema", None), ("Emphysema", None)),
+    "aortic_calcinosis": (("Calcinosis", "aorta"), ("Calcinosis", "aorta, thoracic")),
+    "density": (("Density", None),),
+    "infiltrate": (("Infiltrate", None),),
+    "granulomatous_disease": (("Granulomatous Disease", None),),
+}
 
 
 @dataclass
@@ -127,16 +167,10 @@ def parse_term(term: str) -> Mention | None:
     if not parts or not parts[0]:
         return None
     head, low = parts[0], [p.lower() for p in parts]
-    if head == "Lung":
-        kinds = [w for w in low[1:] if w in ("hypoinflation", "hyperdistention")]
-        if not kinds:
-            return None
-        kind = kinds[0]
-    else:
-        kind = _HEADING_KIND.get(head)
-        if kind is None:
-            return None
-    if any(w in NON_LUNG for w in low[1:]):
+    kind = _kind_of(head, low[1:])
+    if kind is None:
+        return None
+    if kind != "aortic_calcinosis" and any(w in NON_LUNG for w in low[1:]):
         return None
     m = Mention(kind=kind, parts=[head] + low[1:])
     for w in low[1:]:
@@ -153,7 +187,9 @@ def parse_term(term: str) -> Mention | None:
             m.multiple = True
     if m.severity is not None:
         allowed = SEVERITIES[kind]
-        if m.severity not in allowed:
+        if not allowed:  # the renderer takes no grade: the word stays in the term only
+            m.severity = None
+        elif m.severity not in allowed:
             mapped = SEVERITY_MAP.get(kind, {}).get(m.severity)
             m.parts = [mapped if p == m.severity else p for p in m.parts] if mapped else m.parts
             if mapped is None:
@@ -162,6 +198,18 @@ def parse_term(term: str) -> Mention | None:
     if kind not in NEEDS_SITE:
         m.site = None
     return m
+
+
+def _kind_of(head: str, words: list[str]) -> str | None:
+    """The renderer's kind for a term's heading and lower-cased qualifiers, if it has one."""
+    kinds = renderable_kinds()
+    for kind, forms in TERM_FORMS.items():
+        if kind in kinds and any(head == h and (w is None or w in words) for h, w in forms):
+            return kind
+    for kind, heading in kinds.items():
+        if "/" not in heading and heading == head and kind not in TERM_FORMS:
+            return kind
+    return None
 
 
 @dataclass
@@ -231,10 +279,11 @@ class CaseGenerator:
         if not 0.0 <= self.normal_share < 1.0:
             raise CxrError(f"normal_share must be in [0, 1), not {normal_share}")
         # Context distributions per kind, from the terms that state it.
-        self.sides: dict[str, Counter] = {k: Counter() for k in KINDS}
-        self.sites: dict[str, Counter] = {k: Counter() for k in KINDS}
-        self.site_side: dict[str, Counter] = {k: Counter() for k in KINDS}
-        self.severities: dict[str, Counter] = {k: Counter() for k in KINDS}
+        self.kinds = renderable_kinds()
+        self.sides: dict[str, Counter] = {k: Counter() for k in self.kinds}
+        self.sites: dict[str, Counter] = {k: Counter() for k in self.kinds}
+        self.site_side: dict[str, Counter] = {k: Counter() for k in self.kinds}
+        self.severities: dict[str, Counter] = {k: Counter() for k in self.kinds}
         for _, mentions in self.pool:
             for m in mentions:
                 if m.side:
@@ -274,7 +323,7 @@ class CaseGenerator:
         """Share of drawn cases that should carry each kind (and "normal")."""
         counts = Counter(k for _, ms in self.pool for k in {m.kind for m in ms})
         abnormal = 1.0 - self.normal_share
-        freq = {k: abnormal * counts[k] / len(self.pool) for k in KINDS}
+        freq = {k: abnormal * counts[k] / len(self.pool) for k in self.kinds}
         freq["normal"] = self.normal_share
         return freq
 
@@ -325,8 +374,8 @@ class CaseGenerator:
         count = 1
         if kind in POINT_KINDS and (m.multiple or side == "bilateral"):
             count = int(rng.integers(2, 4))
-        elif kind == "catheter" and side == "bilateral":
-            count = 2  # a line on each side
+        elif kind in PAIRED_KINDS and side == "bilateral":
+            count = 2  # one on each side
         out = []
         for j in range(count):
             lesion_side, lesion_site = side, site
@@ -396,6 +445,6 @@ def summarise(cases: Sequence[Case]) -> dict[str, float]:
     `CaseGenerator.expected_frequencies()`."""
     n = max(len(cases), 1)
     counts = Counter(k for c in cases for k in {f.kind for f in c.findings})
-    out = {k: counts[k] / n for k in KINDS}
+    out = {k: counts[k] / n for k in renderable_kinds()}
     out["normal"] = sum(c.normal for c in cases) / n
     return out

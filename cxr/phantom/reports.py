@@ -21,10 +21,12 @@ from ..reports.mesh import parse_term
 from .spec import Case, FindingSpec
 
 LUNG_KINDS = {"opacity", "airspace_disease", "consolidation", "nodule", "mass", "granuloma",
-              "atelectasis"}
-AIRSPACE_KINDS = {"opacity", "airspace_disease", "consolidation"}
+              "atelectasis", "density", "infiltrate", "granulomatous_disease"}
+AIRSPACE_KINDS = {"opacity", "airspace_disease", "consolidation", "density", "infiltrate"}
+# Findings the IMPRESSION lists (the others are written in FINDINGS only, as Open-i does).
 ACUTE_KINDS = {"cardiomegaly", "effusion", "opacity", "airspace_disease", "consolidation",
-               "nodule", "mass", "atelectasis", "pneumothorax", "hypoinflation"}
+               "nodule", "mass", "atelectasis", "pneumothorax", "hypoinflation", "density",
+               "infiltrate", "diaphragm_elevated", "emphysema"}
 DESCRIPTORS = {"streaky", "patchy", "interstitial", "focal", "diffuse", "round", "irregular",
                "reticular", "chronic"}
 ADVERB = {"borderline": "borderline", "mild": "mildly", "moderate": "moderately",
@@ -110,7 +112,8 @@ def _statement(group: list[FindingSpec], rng: np.random.Generator) -> tuple[str,
         return _cap(s), _cap(f"{sev} {noun}")
     if k in AIRSPACE_KINDS or k == "atelectasis":
         noun = {"opacity": "opacity", "airspace_disease": "airspace disease",
-                "consolidation": "consolidation", "atelectasis": "atelectasis"}[k]
+                "consolidation": "consolidation", "atelectasis": "atelectasis",
+                "density": "density", "infiltrate": "infiltrate"}[k]
         if k == "opacity" and (f.side == "bilateral" or "multiple" in f.term):
             noun = "opacities"
         s = _pick(rng, [f"There is {sev} {desc} {noun} {where}.",
@@ -147,6 +150,23 @@ def _statement(group: list[FindingSpec], rng: np.random.Generator) -> tuple[str,
         adv = ADVERB.get(sev, "")
         s = _pick(rng, [f"The lungs are {adv} hyperinflated.", f"{adv} hyperexpanded lungs."])
         return _cap(s), _cap(f"{adv} hyperinflated lungs")
+    if k == "diaphragm_elevated":
+        if side == "bilateral":
+            return "Both hemidiaphragms are elevated.", "Elevated hemidiaphragms"
+        s = _pick(rng, [f"The {side} hemidiaphragm is {ADVERB.get(sev, '')} elevated.",
+                        f"{sev} elevation of the {side} hemidiaphragm."])
+        return _cap(s), _cap(f"{sev} elevation of the {side} hemidiaphragm")
+    if k == "emphysema":
+        s = _pick(rng, [f"{sev} emphysema.", f"There are changes of {sev} emphysema."])
+        return _cap(s), _cap(f"{sev} emphysema")
+    if k == "aortic_calcinosis":
+        s = _pick(rng, ["There is calcification of the aortic arch.",
+                        "The aortic knob is calcified."])
+        return s, "Calcification of the aortic arch"
+    if k == "granulomatous_disease":
+        s = _pick(rng, ["There are findings of prior granulomatous disease.",
+                        "Sequela of prior granulomatous disease."])
+        return s, "Prior granulomatous disease"
     if k == "catheter":
         if side == "bilateral":
             s = "There are bilateral central venous catheters with tips in the superior vena cava."
@@ -172,13 +192,15 @@ def report_sections(case: Case) -> dict[str, str]:
     kinds = {f.kind for f in case.findings}
     groups = _groups(case.findings)
     said = {g[0].term: _statement(g, rng) for g in groups}
-    order = ["cardiomegaly", "hypoinflation", "hyperdistention", *sorted(LUNG_KINDS),
-             "effusion", "pneumothorax", "catheter"]
+    order = ["cardiomegaly", "aortic_calcinosis", "hypoinflation", "hyperdistention", "emphysema",
+             *sorted(LUNG_KINDS), "effusion", "pneumothorax", "diaphragm_elevated", "catheter"]
+    order += sorted(kinds - set(order))  # a kind without its own place is still written
     by_kind = {k: [said[g[0].term] for g in groups if g[0].kind == k] for k in order}
 
     findings: list[str] = []
     findings += [s for s, _ in by_kind["cardiomegaly"]] or [_pick(rng, _HEART)]
-    findings += [s for k in ("hypoinflation", "hyperdistention") for s, _ in by_kind[k]]
+    findings += [s for s, _ in by_kind["aortic_calcinosis"]]
+    findings += [s for k in ("hypoinflation", "hyperdistention", "emphysema") for s, _ in by_kind[k]]
     lung = [s for k in sorted(LUNG_KINDS) for s, _ in by_kind[k]]
     findings += lung
     if not lung:
@@ -192,7 +214,8 @@ def report_sections(case: Case) -> dict[str, str]:
         findings.append(_pick(rng, _NO_EFF))
     elif "pneumothorax" not in kinds:
         findings.append(_pick(rng, _NO_PTX))
-    findings += [s for s, _ in by_kind["catheter"]]
+    findings += [s for k in ("diaphragm_elevated", "catheter") for s, _ in by_kind[k]]
+    findings += [s for k in order[order.index("catheter") + 1:] for s, _ in by_kind[k]]
     if rng.random() < 0.3:
         findings.append(_pick(rng, _BONES))
 

@@ -6,7 +6,8 @@ Layout of OUT (see the README section "The phantom"):
     images/CXR<n>_IM-0001-1001.png        16-bit grey PNG (+ .dcm with dicom=True)
     records/CXR<n>.json                   the per-case record; written last, so it marks the case done
     nlmcxr_dicom_metadata.csv             imageid, View Position, ... (as Open-i ships it)
-    Data_Entry_2017.csv                   NIH ChestX-ray14 label table (MeSH headings | ...)
+    Data_Entry_2017.csv                   NIH ChestX-ray14 label table (the terms' MeSH headings
+                                          as `cxr.reports.mesh` reads them, joined by '|')
     BBox_List_2017.csv                    NIH box table, Finding Label = the MeSH term
     cases.jsonl                           ground truth: case, boxes, render meta, one line per case
     manifest.json                         settings, data hashes, code version, progress
@@ -34,7 +35,7 @@ import numpy as np
 from ..errors import CxrError
 from .cases import CaseGenerator, DrawnCase
 from .reports import _UMASK, image_id, report_xml, write_atomic
-from .spec import KINDS
+from ..reports.mesh import parse_term
 
 FORMAT = 1  # layout version of a simulated set
 REPORTS_DIR, IMAGES_DIR, RECORDS_DIR = "ecgen-radiology", "images", "records"
@@ -349,7 +350,7 @@ def write_tables(out: Path, records: list[dict]) -> None:
     for r in records:
         case, image = r["case"], r["image"]
         name = Path(image["png"]).name
-        heads = list(dict.fromkeys(KINDS[f["kind"]] for f in case["findings"]))
+        heads = list(dict.fromkeys(parse_term(f["term"]).disease for f in case["findings"]))
         meta = case.get("meta") or {}
         number = case["id"][3:]
         sp = f"{image['pixel_spacing_mm']:.6g}"
