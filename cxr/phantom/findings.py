@@ -51,6 +51,7 @@ class Insert:
     mask_rel: float = 0.15                        # mask = map > mask_rel * max(map)
     info: dict = field(default_factory=dict)
     mask_patches: list | None = None              # when the mask is not the whole delta
+    fills_lung: bool = False                      # fluid/consolidation replacing aerated lung
 
     def plane_map(self, g) -> np.ndarray:
         out = np.zeros((g.height, g.width), np.float32)
@@ -649,6 +650,9 @@ EXTRA_KINDS = {
     "granulomatous_disease": "Granulomatous Disease",
 }
 
+FILLS_LUNG = {"effusion", "opacity", "airspace_disease", "consolidation", "density", "infiltrate",
+              "atelectasis"}
+
 HANDLERS = {
     "cardiomegaly": _cardiomegaly, "effusion": _effusion, "opacity": _airspace,
     "airspace_disease": _airspace, "consolidation": _airspace, "nodule": _nodular,
@@ -673,7 +677,8 @@ def plan_findings(specs: list[FindingSpec], var, anatomy: Anatomy, layout, seed:
         if handler is None:
             raise CxrError(f"unknown finding kind {spec.kind!r}; known: {', '.join(HANDLERS)}")
         label = spec.term or KINDS.get(spec.kind) or EXTRA_KINDS.get(spec.kind, spec.kind)
-        ins = Insert(kind=spec.kind, label=label, info={"kind": spec.kind, "term": label})
+        ins = Insert(kind=spec.kind, label=label, info={"kind": spec.kind, "term": label},
+                     fills_lung=spec.kind in FILLS_LUNG)
         handler(spec, np.random.default_rng([int(seed), 2, i]), var, sites, ins)
         out.append(ins)
     return out

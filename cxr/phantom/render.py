@@ -240,15 +240,30 @@ class Phantom:
             else:
                 extra.append(ins.plane_map(g))
                 extra_grids.append(grid(ins.slab, not ins.rigid))
-        masks = list(_sample(torch.from_numpy(np.stack(extra))[:, None], extra_grids, n)) \
+        fillers = [ins for ins in inserts if ins.fills_lung]
+        if fillers:  # what the lung-filling findings add along each ray (for the heart below)
+            fill_map = np.zeros_like(extra[0]) if extra else None
+            for ins in fillers:
+                for _, r0, c0, p in ins.patches:
+                    _add_patch(fill_map, r0, c0, np.maximum(p, 0))
+            extra.append(fill_map)
+            extra_grids.append(grid(N_SLABS // 2))
+        sampled = list(_sample(torch.from_numpy(np.stack(extra))[:, None], extra_grids, n)) \
             if extra else []
+        masks = sampled[:len(inserts)]
         k = N_SLABS
         L = out[:k].sum(axis=0) + var.bone_weight * out[k:2 * k].sum(axis=0)
         h_new, h_old, lung_mm, heart_mm, body_mm = out[2 * k:2 * k + 5]
         # aeration: the parenchyma's attenuation scales with its density (vessels included)
         L += (var.lung_density - 1.0) * LUNG_REF * MU_WATER * lung_mm
         # the resized heart displaces only the lung that is in the way of each ray
-        L += h_old + np.minimum(sy * h_new - h_old, lung_mm * (1 - LUNG_REF) * MU_WATER)
+        dh = np.minimum(sy * h_new - h_old, lung_mm * (1 - LUNG_REF) * MU_WATER)
+        L += h_old + dh
+        if fillers:
+            # where a smaller heart gave room to lung, that lung is filled (fluid, consolidation)
+            # in the same proportion as the rest of the lung along the ray
+            fill = np.clip(sampled[-1] / (lung_mm * (1 - LUNG_REF) * MU_WATER + 1e-3), 0, 1)
+            L += np.maximum(-dh, 0) * fill
         L += var.extra_tissue_mm * MU_WATER * np.clip(body_mm / 40.0, 0, 1)
         return L.astype(np.float32), masks, (lung_mm, heart_mm)
 
