@@ -76,3 +76,12 @@ def test_bad_reports_path_is_one_clear_error(tmp_path, capsys, make):
     err = capsys.readouterr().err.strip()
     assert err.startswith("cxr mine: error:") and str(path) in err
     assert "Traceback" not in err
+
+
+def test_default_reports_come_from_the_data_cache(shared_data, tmp_path):
+    """No REPORTS: the cached Open-i tgz (the test cache is the shared data folder, offline)."""
+    out = tmp_path / "default.json"
+    assert main(["mine", "--json", str(out), "--limit", "3", "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    assert data["source"].endswith("NLMCXR_reports.tgz")
+    assert list(data["reports"]) == ["CXR1", "CXR2", "CXR3"]
