@@ -15,10 +15,19 @@ through its own output->plane mapping (one batched bilinear `grid_sample`):
 - breathing: soft tissue (not bone) is displaced vertically, most at the diaphragm and fading to
   zero at the apex and in the upper abdomen, separately left and right; the ribs stay, so the
   diaphragm moves relative to the ribs as on a real film;
-- heart size: the heart's excess attenuation over aerated lung is re-sampled scaled about the
-  heart's base (more to the left and downward, as the heart enlarges), i.e. the enlarged heart
-  displaces lung; where it overlaps mediastinum it is slightly too dense (accepted).
-The line integral then goes through the detector model (detector.py).
+- heart size: the heart's excess attenuation over aerated lung (heart + pericardial rim) is
+  re-sampled scaled about a point on its base, right of centre (so it grows to the left and
+  upward, and stays on the diaphragm); the change along a ray is capped by the lung that ray
+  crosses (an enlarging heart displaces lung, not spine). Where a smaller heart gives room to lung
+  and a finding fills the lung, that room is filled in the same proportion.
+- aeration: lung parenchyma attenuation scaled via the projected lung thickness.
+The line integral then goes through the detector model (detector.py). The window is anchored on
+the lung fields and heart shadow of a small (64 px) noise-free rendering of the same patient,
+pose and exposure without findings, so a finding changes the image only where it is.
+
+Cost per image (one core): ~20-25 ms at 256 px, ~70-90 ms at 512 px without findings; a finding
+adds ~5-30 ms (a pneumothorax ~100 ms). See benchmarks/phantom.py.
+Extra finding kinds beyond spec.KINDS: see findings.EXTRA_KINDS.
 Image convention: PA as radiologists view it, the patient's left on the image's right; row 0
 superior; bright = dense (MONOCHROME2).
 """
@@ -62,8 +71,7 @@ class Layout:
         arrays = source.stack(anatomy, self.grid, geometry)
         # the heart is re-added per image at its drawn size: the stored soft tissue has aerated
         # lung where the heart is (heart excess subtracted slab by slab)
-        self.soft = arrays["soft"] - arrays["heart_slabs"]
-        self.bone, self.lung = arrays["bone"], arrays["lung"]
+        soft = arrays["soft"] - arrays["heart_slabs"]
         self.maps = {k: arrays[k] for k in ("heart", "body", "lung_left", "lung_right",
                                             "heart_mask")}
         cx, cz, self.yc, self.det_y = (float(v) for v in arrays["centre"])
@@ -73,7 +81,7 @@ class Layout:
         # every channel a rendering samples, in one contiguous stack: soft slabs, bone slabs,
         # heart (resized), heart (as is), lung thickness, heart thickness, body thickness
         self.static = torch.from_numpy(np.ascontiguousarray(np.concatenate(
-            [self.soft, self.bone, self.maps["heart"][None], self.maps["heart"][None], lungs[None],
+            [soft, arrays["bone"], self.maps["heart"][None], self.maps["heart"][None], lungs[None],
              self.maps["heart_mask"][None], self.maps["body"][None]]))[:, None])
         self.lungs = lungs
 
