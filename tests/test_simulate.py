@@ -158,8 +158,8 @@ def test_dicom_output(shared_data, tmp_path):
     from cxr.images import load_image
     from cxr.phantom.simulate import simulate
 
-    out = simulate(tmp_path / "dcm", n=2, size=SIZE, seed=SEED, dicom=True,
-                   photometric="MONOCHROME1", progress=False)
+    out = simulate(tmp_path / "dcm", n=3, size=SIZE, seed=SEED, dicom=True,
+                   photometric="MONOCHROME1", progress=False, masks=True)
     ds = pydicom.dcmread(out / "images" / "CXR1_IM-0001-1001.dcm")
     assert ds.Modality == "DX" and ds.PhotometricInterpretation == "MONOCHROME1"
     assert ds.ViewPosition == "PA" and ds.PatientID == "CXR1" and ds.Rows == SIZE
@@ -168,6 +168,17 @@ def test_dicom_output(shared_data, tmp_path):
     import numpy as np
 
     assert np.corrcoef(png.ravel(), dcm.ravel())[0, 1] > 0.999  # the same picture, bright = dense
+    # masks: one 1-bit PNG per finding, inside its box
+    from PIL import Image
+
+    boxes = [b for r in _records(out) for b in r["boxes"]]
+    assert boxes and len(list((out / "masks").glob("*.png"))) == len(boxes)
+    for b in boxes:
+        mask = np.asarray(Image.open(out / b["mask"]))
+        ys, xs = np.nonzero(mask)
+        assert mask.shape == (SIZE, SIZE) and len(xs)
+        assert b["x"] - 1 <= xs.min() and xs.max() <= b["x"] + b["w"] + 1
+        assert b["y"] - 1 <= ys.min() and ys.max() <= b["y"] + b["h"] + 1
 
 
 def test_a_larger_n_grows_the_set(reference, tmp_path):

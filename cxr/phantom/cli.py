@@ -35,6 +35,8 @@ def configure(parser) -> None:
     parser.add_argument("--terms", choices=("complete", "as_reported"), default="complete",
                         help="write drawn context into the MeSH terms (complete) or keep them as "
                              "the Open-i radiologist wrote them")
+    parser.add_argument("--masks", action="store_true",
+                        help="also write each finding's mask (1-bit PNG in OUT/masks/)")
     parser.add_argument("--geometry", choices=("parallel", "cone"), default="parallel",
                         help="projection: parallel beam, or cone beam from a point source")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,7 +50,8 @@ def run(args) -> int:
     out = simulate(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
                    progress=not args.no_progress, dicom=args.dicom, photometric=args.photometric,
                    ct=args.ct, labels=args.labels, reports=args.reports,
-                   normal_share=args.normal_share, terms=args.terms, geometry=args.geometry)
+                   normal_share=args.normal_share, terms=args.terms, geometry=args.geometry,
+                   masks=args.masks)
     m = json.loads((out / MANIFEST).read_text())
     print(f"{out}: {m['done']} studies ({m['normal']} normal), {m['boxes']} boxes; "
           f"read it with cxr.sources.open_source('phantom:{out}')")

@@ -4,6 +4,7 @@ Layout of OUT (see the README section "The phantom"):
 
     ecgen-radiology/<n>.xml              Open-i report per case (MeSH majors, FINDINGS, ...)
     images/CXR<n>_IM-0001-1001.png        16-bit grey PNG (+ .dcm with dicom=True)
+    masks/CXR<n>_IM-0001-1001_<k>.png     with masks=True: 1-bit mask of finding k (0-based)
     records/CXR<n>.json                   the per-case record; written last, so it marks the case done
     nlmcxr_dicom_metadata.csv             imageid, View Position, ... (as Open-i ships it)
     Data_Entry_2017.csv                   NIH ChestX-ray14 label table (the terms' MeSH headings
@@ -39,6 +40,7 @@ from ..reports.mesh import parse_term
 
 FORMAT = 1  # layout version of a simulated set
 REPORTS_DIR, IMAGES_DIR, RECORDS_DIR = "ecgen-radiology", "images", "records"
+MASKS_DIR = "masks"
 MANIFEST = "manifest.json"
 NIH_LABELS, NIH_BOXES = "Data_Entry_2017.csv", "BBox_List_2017.csv"
 OPENI_METADATA, CASES = "nlmcxr_dicom_metadata.csv", "cases.jsonl"
@@ -55,13 +57,14 @@ def simulate(out: str | Path, n: int, size: int = 256, seed: int = 0, workers: i
              progress: bool = True, dicom: bool = False, photometric: str = "MONOCHROME2",
              ct: str | Path | None = None, labels: str | Path | None = None,
              reports: str | Path | None = None, normal_share: float | None = None,
-             terms: str = "complete", geometry: str = "parallel") -> Path:
+             terms: str = "complete", geometry: str = "parallel", masks: bool = False) -> Path:
     """Simulate `n` studies into `out` (created; resumed when it holds an interrupted run with
     the same settings) and return `out`.
 
     ct, labels: the chest CT and its organ label map (default: the data cache, fetched once);
     reports: the Open-i reports the case statistics come from (default: the data cache);
-    normal_share, terms: see `CaseGenerator`; geometry: "parallel" or "cone" beam."""
+    normal_share, terms: see `CaseGenerator`; geometry: "parallel" or "cone" beam;
+    masks: also write each finding's mask (1-bit PNG in masks/, named in the record's boxes)."""
     out = Path(out).expanduser()
     if n < 1:
         raise CxrError(f"--n must be at least 1, not {n}")
@@ -77,15 +80,17 @@ def simulate(out: str | Path, n: int, size: int = 256, seed: int = 0, workers: i
     settings = {
         "format": FORMAT, "n": int(n), "size": int(size), "seed": int(seed), "dicom": bool(dicom),
         "photometric": photometric if dicom else None, "terms": terms, "geometry": geometry,
+        "masks": bool(masks),
         "normal_share": round(generator.normal_share, 6),
         "cxr_version": _version(),
         "ct_sha256": sha256(ct_path), "labels_sha256": sha256(labels_path),
         "reports_sha256": sha256(reports_path) if reports_path.is_file() else None,
     }
     _claim(out, settings)
-    for sub in (REPORTS_DIR, IMAGES_DIR, RECORDS_DIR):
+    subs = (REPORTS_DIR, IMAGES_DIR, RECORDS_DIR) + ((MASKS_DIR,) if masks else ())
+    for sub in subs:
         (out / sub).mkdir(parents=True, exist_ok=True)
-    for sub in ("", REPORTS_DIR, IMAGES_DIR, RECORDS_DIR):
+    for sub in ("",) + subs:
         for stale in (out / sub).glob(".tmp-*"):
             stale.unlink(missing_ok=True)
     todo = [i for i in range(1, n + 1) if not (out / RECORDS_DIR / f"CXR{i}.json").is_file()]
@@ -132,7 +137,8 @@ def _manifest(settings: dict) -> dict:
     return {"settings": settings, "layout": {
         "reports": f"{REPORTS_DIR}/<n>.xml", "images": f"{IMAGES_DIR}/CXR<n>_IM-0001-1001.png",
         "records": f"{RECORDS_DIR}/CXR<n>.json", "nih_labels": NIH_LABELS, "nih_boxes": NIH_BOXES,
-        "openi_metadata": OPENI_METADATA, "cases": CASES}}
+        "openi_metadata": OPENI_METADATA, "cases": CASES,
+        **({"masks": f"{MASKS_DIR}/CXR<n>_IM-0001-1001_<k>.png"} if settings.get("masks") else {})}}
 
 
 def _claim(out: Path, settings: dict) -> None:
@@ -236,6 +242,10 @@ class _Job:
         write_atomic(self.out / REPORTS_DIR / f"{index}.xml", report_xml(case, [iid]))
         boxes = [{"label": f.term, "kind": f.kind, "x": float(b.x), "y": float(b.y),
                   "w": float(b.w), "h": float(b.h)} for f, b in zip(case.findings, rendering.boxes)]
+        if s.get("masks"):
+            for k, (box, mask) in enumerate(zip(boxes, rendering.masks)):
+                box["mask"] = f"{MASKS_DIR}/{iid}_{k}.png"
+                write_atomic(self.out / box["mask"], _mask_png(mask))
         record = {"case": case.to_dict(), "image": {"id": iid, **files, "width": s["size"],
                                                     "height": s["size"], "view": case.view,
                                                     "photometric": s["photometric"] or "MONOCHROME2",
@@ -298,6 +308,14 @@ def _save_png_atomic(path: Path, image: np.ndarray) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _mask_png(mask: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=bool)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
 
 
 def _save_dicom(path: Path, image: np.ndarray, case: DrawnCase, spacing: float,
