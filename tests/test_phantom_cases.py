@@ -8,8 +8,7 @@ from collections import Counter
 import pytest
 
 from cxr.errors import CxrError
-from cxr.phantom.cases import (CaseGenerator, DrawnCase, parse_term, renderable_kinds,
-                               summarise)
+from cxr.phantom.cases import CaseGenerator, DrawnCase, parse_term, summarise
 from cxr.phantom.reports import mesh_terms, report_sections, write_report
 from cxr.phantom.spec import KINDS
 from cxr.reports import mesh

@@ -28,6 +28,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -198,9 +199,7 @@ class _Job:
 
     def phantom(self):
         if self._phantom is None:
-            from .render import Phantom
-
-            self._phantom = Phantom.load(ct=self.ct, labels=self.labels)
+            self._phantom = _load_phantom(self.ct, self.labels)
         return self._phantom
 
     def _render(self, case: DrawnCase):
@@ -255,6 +254,14 @@ class _Job:
         return index
 
 
+@lru_cache(maxsize=1)
+def _load_phantom(ct: str, labels: str):
+    """The phantom, kept for the next run in this process (tests, `cxr demo`, notebooks)."""
+    from .render import Phantom
+
+    return Phantom.load(ct=ct, labels=labels)
+
+
 _JOB: _Job | None = None
 
 
@@ -285,7 +292,8 @@ def _run(job: _Job, todo: list[int], n: int, workers: int, progress: bool) -> No
                 job.make(index)
                 bar.update()
             return
-        job._phantom = None  # the workers load their own
+        job._phantom = None  # the workers load their own: free this process's copy
+        _load_phantom.cache_clear()
         ctx = mp.get_context("spawn")  # no fork after threads; the same on every platform
         with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
             try:
