@@ -11,7 +11,7 @@ Model (per output pixel of size p mm):
 - detector blur: Gaussian PSF applied after the noise (the scintillator blurs both);
 - log signal D = -ln(I / I0), then the large-kernel unsharp masking every digital chest system
   applies (equalises lungs against mediastinum), then a window anchored on the lung fields and
-  the heart shadow (anatomy-based auto-ranging, measured on a small finding-free rendering of the
+  the densest parts (spine, mediastinum) (anatomy-based auto-ranging, measured on a small finding-free rendering of the
   same patient and exposure, so a finding never shifts the whole image) and a contrast curve.
 """
 from __future__ import annotations
@@ -55,24 +55,24 @@ def enhance(D: np.ndarray, var, pixel_mm: float) -> np.ndarray:
 def window_levels(D: np.ndarray, var, pixel_mm: float, lung_mm: np.ndarray,
                   heart_mm: np.ndarray) -> tuple[float, float]:
     """Processed-signal levels of the lung fields (40th percentile where > 10 cm of lung and no
-    heart lie in the path) and of the heart shadow (median), as anatomy-based auto-ranging."""
+    heart lie in the path) and of the densest parts (98th percentile: spine behind the
+    mediastinum, upper abdomen), as anatomy-based auto-ranging."""
     D2 = enhance(D, var, pixel_mm)
     lungs = D2[(lung_mm > 100) & (heart_mm < 5)]
-    heart = D2[heart_mm > 40]
     lung_level = np.percentile(lungs, 40) if lungs.size > 10 else np.percentile(D2, 25)
-    mid_level = np.median(heart) if heart.size > 10 else np.percentile(D2, 90)
-    return float(lung_level), float(mid_level)
+    dense_level = np.percentile(D2, 98)  # spine, mediastinum, upper abdomen
+    return float(lung_level), float(dense_level)
 
 
 def display(D: np.ndarray, var, pixel_mm: float, levels: tuple[float, float]) -> np.ndarray:
     """The processed image in [0, 1], bright = dense: enhancement, then the window that puts
-    the lung fields and the heart shadow at the grey levels `var.window`, and a film-like curve
+    the lung fields and the densest parts at the grey levels `var.window`, and a film-like curve
     with a toe and a shoulder."""
     D2 = enhance(D, var, pixel_mm)
-    lung_level, mid_level = levels
+    lung_level, dense_level = levels
     lo, hi = var.window
-    x = lo + (D2 - lung_level) * ((hi - lo) / max(mid_level - lung_level, 0.2))
-    # toe: values below 0.12 approach 0 smoothly; shoulder: above 0.68 approach 1
+    x = lo + (D2 - lung_level) * ((hi - lo) / max(dense_level - lung_level, 0.2))
+    # toe: values below 0.12 approach 0 smoothly; shoulder: above 0.8 approach 1
     y = np.where(x < 0.12, 0.12 * np.exp((x - 0.12) / 0.12), x)
-    y = np.where(y > 0.68, 0.68 + 0.32 * np.tanh((y - 0.68) / 0.32), y)
+    y = np.where(y > 0.8, 0.8 + 0.2 * np.tanh((y - 0.8) / 0.2), y)
     return np.clip(y, 0.0, 1.0).astype(np.float32)

@@ -35,7 +35,7 @@ class Variation:
     unsharp: float = 0.9         # strength of the large-kernel edge enhancement (post-processing)
     unsharp_mm: float = 25.0
     detail: float = 0.5          # strength of the small-kernel (2.5 mm) detail enhancement
-    window: tuple = (0.28, 0.8)  # grey levels of the lung fields and of the heart shadow
+    window: tuple = (0.26, 0.9)  # grey levels of the lung fields and of the densest parts
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -68,5 +68,5 @@ def draw_variation(rng: np.random.Generator) -> Variation:
         unsharp=float(u(0.5, 1.3)),
         unsharp_mm=float(u(15, 35)),
         detail=float(u(0.3, 0.9)),
-        window=(float(u(0.22, 0.34)), float(u(0.7, 0.82))),
+        window=(float(u(0.2, 0.32)), float(u(0.86, 0.95))),
     )
