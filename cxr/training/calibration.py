@@ -45,20 +45,22 @@ def fit_platt(raw_logits: np.ndarray, y: np.ndarray, prior: float = 1.0) -> list
 
 
 def max_f1_thresholds(probs: np.ndarray, y: np.ndarray, default: float = 0.5) -> list[float]:
-    """Per column, the threshold on `probs` with the highest F1 on (probs, y); `default` where the
-    column has no positive."""
+    """Per column, the threshold with the highest F1 on (probs, y), placed halfway between the
+    lowest score it accepts and the next lower score (not on a validation score itself, which
+    over-fits a small split); `default` where the column has no positive."""
     out = []
     for k in range(probs.shape[1]):
         p, t = probs[:, k], y[:, k] > 0
         if not t.any():
             out.append(default)
             continue
-        best, best_f1 = default, -1.0
-        for th in np.unique(p):
+        values = np.unique(p)
+        best, best_f1 = 0, -1.0
+        for j, th in enumerate(values):
             pred = p >= th
             tp = float((pred & t).sum())
             f1 = 2 * tp / (pred.sum() + t.sum())
             if f1 > best_f1 + 1e-12:
-                best, best_f1 = float(th), f1
-        out.append(best)
+                best, best_f1 = j, f1
+        out.append(float(values[best] + values[best - 1]) / 2 if best > 0 else float(values[0]) / 2)
     return out
