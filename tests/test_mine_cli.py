@@ -85,3 +85,13 @@ def test_default_reports_come_from_the_data_cache(shared_data, tmp_path):
     data = json.loads(out.read_text())
     assert data["source"].endswith("NLMCXR_reports.tgz")
     assert list(data["reports"]) == ["CXR1", "CXR2", "CXR3"]
+
+
+def test_mine_one_text(capsys, tmp_path):
+    out = tmp_path / "one.json"
+    assert main(["mine", "--text", "Small left effusion. No pneumothorax.", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| Pleural Effusion | positive | left |" in printed
+    found = json.loads(out.read_text())["findings"]
+    assert [(f["disease"], f["certainty"]) for f in found] == [
+        ("Pleural Effusion", "positive"), ("Pneumothorax", "negative")]

@@ -102,7 +102,7 @@ def test_context_words_go_to_the_nearest_finding(miner):
     findings = miner.mine("Small left pleural effusion and right basilar atelectasis.")
     effusion = _only(findings, "Pleural Effusion")
     atelectasis = _only(findings, "Pulmonary Atelectasis")
-    assert (effusion.side, effusion.severity) == ("left", "small")
+    assert (effusion.side, effusion.location, effusion.severity) == ("left", (), "small")
     assert (atelectasis.side, atelectasis.location) == ("right", ("base",))
 
 

@@ -30,6 +30,9 @@ def configure(parser) -> None:
     parser.add_argument("--sections", nargs="+", default=["FINDINGS", "IMPRESSION"],
                         help="report sections to mine (default: FINDINGS IMPRESSION)")
     parser.add_argument("--limit", type=int, default=None, help="mine only the first N reports")
+    parser.add_argument("--text", default=None, metavar="REPORT_TEXT",
+                        help="mine this text instead of a report collection and print its "
+                             "findings, e.g. --text 'Small left effusion. No pneumothorax.'")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -93,10 +96,25 @@ def _write_json(path: Path, payload: dict) -> None:
         raise CxrError(f"cannot write output: {exc}", path) from exc
 
 
+def findings_table(findings) -> str:
+    rows = [[f.disease, f.certainty, f.side or "", ", ".join(f.location), f.severity or "",
+             f.sentence or ""] for f in findings]
+    return markdown_table(["disease", "certainty", "side", "location", "severity", "sentence"],
+                          rows)
+
+
 def run(args) -> int:
     from ..sources.openi import read_openi
     from .text import TextMiner
 
+    if args.text is not None:
+        miner = TextMiner(rules=args.rules, sections=args.sections)
+        findings = miner.mine(args.text)
+        print(findings_table(findings))
+        if args.json is not None:
+            _write_json(args.json, {"text": args.text,
+                                    "findings": [f.to_dict() for f in findings]})
+        return 0
     path = _reports_path(args.reports)
     studies = read_openi(path)
     if args.limit is not None:

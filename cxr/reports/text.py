@@ -192,13 +192,16 @@ def _coordinated(first, second) -> bool:
 def _sentence_fallback(span, found: dict) -> None:
     """Side and site the sentence states elsewhere ("opacity in the left base, XXXX represents
     atelectasis or scarring" -> atelectasis left base), as Open-i's indexers read it: the
-    nearest context word of the sentence, one before the mention winning a tie."""
+    nearest context word of the sentence (one after the mention only when it describes no other
+    finding), one before the mention winning a tie."""
     sent = span.sent
     candidates = []
     for modifier in span.doc._.context_graph.modifiers:
         start, end = modifier.modifier_span
         if modifier.category not in _MODIFIER_CATEGORY.values() or not modifier.rule.metadata:
             continue
+        if modifier.num_targets and start >= span.end:
+            continue  # a later word that already describes a later finding is not ours
         if start < sent.start or end > sent.end:
             continue
         before = end <= span.start
