@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr.data import locate  # noqa: E402
+from cxr.errors import CxrError  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 from cxr.metrics import context_accuracy, markdown_table, precision_recall_f1  # noqa: E402
@@ -210,4 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except CxrError as exc:
+        print(f"mining benchmark: error: {exc}", file=sys.stderr)
+        sys.exit(2)
