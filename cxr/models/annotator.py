@@ -71,9 +71,11 @@ class Annotator(nn.Module):
         words = torch.full((embedding.shape[0],), START, dtype=torch.long, device=embedding.device)
         seqs = [[] for _ in range(embedding.shape[0])]
         done = torch.zeros(embedding.shape[0], dtype=torch.bool, device=embedding.device)
-        for _ in range(max_len):
+        for step in range(max_len):
             logp, state = self._step(words, state)
             logp[:, PAD] = logp[:, START] = -float("inf")
+            if step == 0:  # an annotation has at least one word
+                logp[:, END] = -float("inf")
             words = logp.argmax(-1)
             for i, w in enumerate(words.tolist()):
                 if not done[i] and w != END:
@@ -95,7 +97,7 @@ class Annotator(nn.Module):
         state = self.init_state(embedding, label)
         live = [(0.0, [], state)]  # (log prob, words, state)
         finished: list[tuple[float, list[int]]] = []
-        for _ in range(max_len):
+        for step in range(max_len):
             words = torch.tensor([b[1][-1] if b[1] else START for b in live], device=embedding.device)
             if self.cell == "lstm":
                 st = (torch.cat([b[2][0] for b in live], 1), torch.cat([b[2][1] for b in live], 1))
@@ -103,6 +105,8 @@ class Annotator(nn.Module):
                 st = torch.cat([b[2] for b in live], 1)
             logp, st = self._step(words, st)
             logp[:, PAD] = logp[:, START] = -float("inf")
+            if step == 0:
+                logp[:, END] = -float("inf")
             cands = []
             top = logp.topk(min(beams, logp.shape[1]), -1)
             for j, (score, seq, _) in enumerate(live):
