@@ -83,8 +83,9 @@ def _resume(ctx: Context, phase: str, modules: dict[str, torch.nn.Module], opt) 
     for name, module in modules.items():
         module.load_state_dict(unprefixed(name, tensors))
     if opt is not None and info.get("opt"):
-        restore_optimizer(opt, {k: v.to(ctx.device) for k, v in tensors.items() if k.startswith("opt.")},
-                          info["opt"])
+        # CPU tensors: Optimizer.load_state_dict moves moments to each parameter's device and keeps
+        # `step` where the optimizer wants it (CPU unless capturable/fused)
+        restore_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, info["opt"])
     return int(info["epoch"])
 
 
