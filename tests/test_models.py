@@ -58,6 +58,13 @@ def test_load_pretrained_reports_keys(tmp_path):
     assert not report["missing"] and not report["mismatched"]
     assert torch.equal(dst.features[0][0].weight, src.features[0][0].weight)
     assert not torch.equal(dst.head.weight[:2], src.head.weight[:2])  # head skipped (7 vs 2 classes)
+    # a bare MONAI DenseNet121 state dict (features.*, class_layers.*) fits the densenet121 trunk
+    from monai.networks.nets import DenseNet121
+
+    monai_net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=3)
+    save_file(monai_net.state_dict(), str(tmp_path / "monai.safetensors"))
+    report = load_pretrained(create_cnn("densenet121", 4), tmp_path / "monai.safetensors")
+    assert not report["missing"] and len(report["loaded"]) == len(monai_net.features.state_dict())
     torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pt")
     assert load_pretrained(create_cnn("tiny", 7), tmp_path / "w.pt", head=True)["missing"] == []
 

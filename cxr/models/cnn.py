@@ -175,11 +175,7 @@ def load_pretrained(model: Classifier, path: str | Path, head: bool = False) -> 
     """Load a user-given state dict into `model` (non-strict). The head is skipped unless `head`
     (its classes rarely match); tensors whose shapes differ are skipped too. Returns a report:
     {"loaded": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}."""
-    state = read_state_dict(path)
-    # accept plain backbone dicts and ones saved from a wrapper (module./model./cnn. prefixes)
-    for prefix in ("module.", "model.", "cnn."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    state = _best_key_mapping(read_state_dict(path), set(model.state_dict()))
     own = model.state_dict()
     usable, mismatched = {}, []
     for k, v in state.items():
@@ -196,3 +192,16 @@ def load_pretrained(model: Classifier, path: str | Path, head: bool = False) -> 
         raise CxrError(f"no tensor matches a {model.backbone} network", path)
     return {"loaded": sorted(usable), "missing": missing, "unexpected": unexpected,
             "mismatched": mismatched}
+
+
+def _best_key_mapping(state: dict[str, torch.Tensor], own: set[str]) -> dict[str, torch.Tensor]:
+    """Rename keys the way that matches most of `own`: wrappers' prefixes (module., model., cnn.,
+    backbone.) removed; a bare MONAI DenseNet121 dict (features.*) moved under features.trunk."""
+    candidates = [state]
+    for prefix in ("module.", "model.", "cnn.", "backbone.", "module.model."):
+        if any(k.startswith(prefix) for k in state):
+            candidates.append({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()})
+    for cand in list(candidates):
+        candidates.append({("features.trunk." + k[len("features."):]) if k.startswith("features.") else k: v
+                           for k, v in cand.items()})
+    return max(candidates, key=lambda c: len(own & set(c)))
