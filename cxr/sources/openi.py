@@ -158,7 +158,8 @@ def _tar_members(path: Path):
                     fh = tf.extractfile(member)
                     yield member.name, fh.read() if fh is not None else b""
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise CxrError(f"not a readable tar archive of Open-i reports: {exc}", path) from exc
+        why = "not a gzip, bzip2, xz or plain tar file" if isinstance(exc, tarfile.ReadError) else exc
+        raise CxrError(f"not a readable tar archive of Open-i reports ({why})", path) from exc
 
 
 def _folder_members(path: Path):
