@@ -78,10 +78,17 @@ def test_interrupted_run_resumes_and_finishes(tmp_path, studies):
     assert stage1["stage"] == "stage1" and stage1["refined"]["names"] == stage1["targets"]
     assert (out / "stage1" / "weights.safetensors").exists()
 
+    assert not list((out / "state").glob("*.safetensors"))  # resume state dropped once finished
     # a finished run returns at once
     again = []
     train(_config(), out, studies=studies, on_epoch=lambda p, e, r: again.append(p))
     assert again == []
+
+    import shutil
+
+    shutil.rmtree(out / "state")
+    with pytest.raises(CxrError, match="already holds a trained run"):
+        train(_config(), out, studies=studies)
 
     splits = split_studies(config, studies)
     assert {s.patient_id for s in splits["test"]} == set(patients["test"])

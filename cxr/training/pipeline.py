@@ -90,6 +90,8 @@ def train(config: TrainConfig, out: str | Path, studies: list[Study] | None = No
     cfg = config
     out = Path(out).expanduser()
     progress = _state_matches(out, cfg)
+    if progress is None and (out / "config.json").exists():
+        raise CxrError("already holds a trained run; choose another --out", out)
     if progress is not None and not resume:
         raise CxrError("already holds a (partial) run; resume it or choose another --out", out)
     if progress is not None and progress.get("finished") and (out / "config.json").exists():
@@ -176,6 +178,9 @@ def _run(ctx: Context, prep: Prepared) -> Path:
         _write_run(ctx, ctx.out, "cascade", cnn, rnn, prep, refined, val_idx)
     ctx.progress["finished"] = True
     ctx.save_progress()
+    if ctx.main:  # the phases' weights and optimizer moments are only needed to resume
+        for f in ctx.state_dir.glob("*.safetensors"):
+            f.unlink()
     return ctx.out
 
 
