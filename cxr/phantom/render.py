@@ -78,11 +78,12 @@ class Layout:
         self.centre = (cx, cz)
         self.ctr0, self.heart_x, self.thorax_x = _ctr(self.grid, self.maps)
         lungs = self.maps["lung_left"] + self.maps["lung_right"]
-        # every channel a rendering samples, in one contiguous stack: soft slabs, bone slabs,
-        # heart (resized), heart (as is), lung thickness, heart thickness, body thickness
-        self.static = torch.from_numpy(np.ascontiguousarray(np.concatenate(
-            [soft, arrays["bone"], self.maps["heart"][None], self.maps["heart"][None], lungs[None],
-             self.maps["heart_mask"][None], self.maps["body"][None]]))[:, None])
+        self.soft, self.bone = soft, arrays["bone"]
+        # the maps sampled as they are: heart (resized), heart (as is), lung thickness,
+        # heart thickness, body thickness
+        self.maps_stack = np.ascontiguousarray(np.stack(
+            [self.maps["heart"], self.maps["heart"], lungs, self.maps["heart_mask"],
+             self.maps["body"]]))
         self.lungs = lungs
 
 
@@ -218,13 +219,19 @@ class Phantom:
             gz = (GZb if breathing else GZ) if gz is None else gz
             return gx, gz, ymid[s] * ty * kx, -ymid[s] * tp * kz
 
-        inputs = lay.static
-        if any(ins.patches for ins in inserts):
-            inputs = inputs.clone()
-            soft = inputs[:N_SLABS, 0].numpy()
-            for ins in inserts:
-                for s, r0, c0, patch in ins.patches:
-                    _add_patch(soft[s], r0, c0, patch)
+        # yaw / pitch: each slab shifts by its depth times tan(angle); the shift is rounded to a
+        # whole plane pixel (<= 0.5 px, well inside the slab approximation's own error) and
+        # applied before sampling, so all slabs share one sampling grid
+        shifts = [(int(round(-ymid[s] * tp / g.pixel)), int(round(ymid[s] * ty / g.pixel)))
+                  for s in range(N_SLABS)]
+        soft_sum = np.zeros((g.height, g.width), np.float32)
+        bone_sum = np.zeros((g.height, g.width), np.float32)
+        for s, (dr, dc) in enumerate(shifts):
+            _shift_add(soft_sum, lay.soft[s], dr, dc)
+            _shift_add(bone_sum, lay.bone[s], dr, dc)
+        for ins in inserts:
+            for s, r0, c0, patch in ins.patches:
+                _add_patch(soft_sum, r0 - shifts[s][0], c0 - shifts[s][1], patch)
         hs = int(np.clip(np.searchsorted(edges, info["heart_centroid"][1]) - 1, 0, N_SLABS - 1))
         sx = var.heart_scale
         sz = 1 + 0.5 * (sx - 1)
@@ -234,9 +241,11 @@ class Phantom:
         az = hb[2]                       # the heart's base stays on the diaphragm
         g_heart = grid(hs, gx=(ax + (X - ax) / sx - g.x0) * kx - 1.0,
                        gz=(g.z0 - (az + (Zb - az) / sz)) * kz - 1.0)
-        grids = ([grid(s) for s in range(N_SLABS)] + [grid(s, False) for s in range(N_SLABS)]
-                 + [g_heart, grid(hs), grid(hs), g_heart, grid(N_SLABS // 2)])
-        out = _sample(inputs, grids, n)
+        flat = (GX, GZb, 0.0, 0.0)
+        inputs = torch.from_numpy(np.concatenate([soft_sum[None], bone_sum[None], lay.maps_stack]))
+        grids = [flat, (GX, GZ, 0.0, 0.0), g_heart, grid(hs), grid(hs), g_heart,
+                 grid(N_SLABS // 2)]
+        out = _sample(inputs[:, None], grids, n)
         extra, extra_grids = [], []
         for ins in inserts:
             if ins.mask_from == "heart":
@@ -259,9 +268,8 @@ class Phantom:
         sampled = list(_sample(torch.from_numpy(np.stack(extra))[:, None], extra_grids, n)) \
             if extra else []
         masks = sampled[:len(inserts)]
-        k = N_SLABS
-        L = out[:k].sum(axis=0) + var.bone_weight * out[k:2 * k].sum(axis=0)
-        h_new, h_old, lung_mm, heart_mm, body_mm = out[2 * k:2 * k + 5]
+        L = out[0] + var.bone_weight * out[1]
+        h_new, h_old, lung_mm, heart_mm, body_mm = out[2:7]
         # aeration: the parenchyma's attenuation scales with its density (vessels included)
         L += (var.lung_density - 1.0) * LUNG_REF * MU_WATER * lung_mm
         # the resized heart displaces only the lung that is in the way of each ray
@@ -337,6 +345,15 @@ def _sample(inputs: torch.Tensor, grids: list, n: int) -> np.ndarray:
     G += off[:, None, None, :]
     return F.grid_sample(inputs, G, mode="bilinear", padding_mode="zeros",
                          align_corners=True)[:, 0].numpy()
+
+
+def _shift_add(dst: np.ndarray, src: np.ndarray, dr: int, dc: int) -> None:
+    """dst[r, c] += src[r + dr, c + dc] where both exist."""
+    h, w = dst.shape
+    r0, r1 = max(0, -dr), min(h, h - dr)
+    c0, c1 = max(0, -dc), min(w, w - dc)
+    if r1 > r0 and c1 > c0:
+        dst[r0:r1, c0:c1] += src[r0 + dr:r1 + dr, c0 + dc:c1 + dc]
 
 
 def _add_patch(dst: np.ndarray, r0: int, c0: int, patch: np.ndarray) -> None:
