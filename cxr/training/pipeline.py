@@ -146,7 +146,15 @@ def _run(ctx: Context, prep: Prepared) -> Path:
     cnn = create_cnn(cfg.backbone, n_t, drop=cfg.dropout)
     if cfg.pretrained and not ctx.progress["phases"].get("cnn1"):
         report = load_pretrained(cnn, cfg.pretrained)
-        ctx.progress["pretrained"] = {k: len(v) for k, v in report.items()}
+        ctx.progress["pretrained"] = {"path": str(cfg.pretrained), "loaded": len(report["loaded"]),
+                                      "missing": report["missing"], "unexpected": report["unexpected"],
+                                      "mismatched": report["mismatched"]}
+        if ctx.main:
+            import sys
+
+            print(f"cxr train: pretrained {cfg.pretrained}: {len(report['loaded'])} tensors loaded, "
+                  f"{len(report['missing'])} missing, {len(report['unexpected'])} unexpected, "
+                  f"{len(report['mismatched'])} of another shape", file=sys.stderr)
     identity = RefinedLabels.identity(prep.targets)
     evaluate = _evaluator(ctx, cnn, prep, val_idx, identity)
     train_cnn(ctx, "cnn1", cnn, prep.labels, train_idx, cfg.epochs, evaluate, normal_col)
@@ -280,6 +288,7 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         "localization": LocalizeParams(cfg.localize_threshold, cfg.max_boxes).to_dict(),
         "validation": metrics,
         "train_config": cfg.to_dict(),
+        "pretrained": ctx.progress.get("pretrained"),
         "data": {"spec": cfg.data, "views": cfg.views, "split_seed": cfg.seed,
                  "fractions": list(cfg.fractions), "patients": prep.patient_split, "counts": counts,
                  "unreadable": prep.unreadable,
