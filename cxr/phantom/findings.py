@@ -467,11 +467,31 @@ def _atelectasis(spec, rng, var, sites, ins):
 
 
 def _pneumothorax(spec, rng, var, sites, ins):
+    """Air in the pleural space of the upright patient: the lung retracts toward the hilum,
+    most from the apex and the lateral wall; the visceral pleura shows as a thin line with no
+    lung markings beyond it; the collapsed lung is denser. The 3D work depends only on the side
+    and the retraction (quantised to 0.02), so its projection is memoised per layout."""
     sev = _severity(spec, ("small", "moderate", "large"), rng)
     side = _sides(spec, rng)[0]
-    origin, m = sites.lung(side)
     f = {"small": rng.uniform(0.86, 0.9), "moderate": rng.uniform(0.76, 0.82),
          "large": rng.uniform(0.6, 0.68)}[sev]
+    f = round(f / 0.02) * 0.02
+    key = (sites.a.key, "pneumothorax", side, round(f, 2), sites.lay.geometry, sites.g.tag())
+    if key not in sites._memo:
+        if sum(1 for k in sites._memo if k[1] == "pneumothorax") > 48:
+            for k in [k for k in sites._memo if k[1] == "pneumothorax"]:
+                del sites._memo[k]
+        sites._memo[key] = _pneumothorax_projection(sites, side, f)
+    patches, mask_patches, vol = sites._memo[key]
+    ins.patches += patches
+    ins.mask_patches = mask_patches
+    ins.slab = N_SLABS // 2
+    ins.mask_rel = 0.25
+    ins.info.update(severity=sev, side=side, lung_fraction=round(vol, 3))
+
+
+def _pneumothorax_projection(sites, side: str, f: float):
+    origin, m = sites.lung(side)
     xs = (np.arange(m.shape[0]) + origin[0]) * H
     cols = m.any(axis=(1, 2))
     medial_x = xs[cols][0] if side == "left" else xs[cols][-1]
@@ -502,11 +522,8 @@ def _pneumothorax(spec, rng, var, sites, ins):
     vol = max(float(inside[m].mean()), 0.05)
     dv += np.where(inside & m & ~line, 0.7 * (1 / vol - 1) * LUNG_REF * MU_WATER,
                    0).astype(np.float32)
-    ins.patches += sites.project(origin, dv)
-    ins.slab = N_SLABS // 2
-    ins.mask_rel = 0.25
-    ins.info.update(severity=sev, side=side, lung_fraction=round(vol, 3))
-    ins.mask_patches = sites.project(origin, np.where(air, mu + 0.01 * MU_WATER, 0).astype(np.float32))
+    mask_dv = np.where(air, mu + 0.01 * MU_WATER, 0).astype(np.float32)
+    return sites.project(origin, dv), sites.project(origin, mask_dv), vol
 
 
 def _inflation(spec, rng, var, sites, ins):
