@@ -2,27 +2,36 @@
 driver writes the same archive the local run would."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, object_store_memory=150 * 1024**2)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+# Ray runs in a child process: the test starts the local instance there, then runs `cxr index
+# --ray auto`, which joins it. A child keeps Ray's C++ runtime apart from whatever the test
+# process has loaded before (in one process, ray.init after some other tests aborts).
+RAY_INDEX = """
+import sys, ray
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+         object_store_memory=150 * 1024**2)
+from cxr.cli import main
+code = main(["index", *sys.argv[1:], "--ray", "auto", "--ray-actors", "2", "--batch-size", "3",
+             "--quiet", "--json", "-"])
+ray.shutdown()
+sys.exit(code)
+"""
 
 
-def test_ray_index_matches_the_local_run(local_ray, tiny_run, shared_data, tmp_path):
+def test_ray_index_matches_the_local_run(tiny_run, shared_data, tmp_path):
+    pytest.importorskip("ray")
     from cxr.archive.db import Archive
     from cxr.archive.index import index_images, iter_inputs
-    from cxr.archive.ray_index import index_with_ray
     from cxr.reader import Reader
 
     folder = tmp_path / "in" / "sub"
@@ -31,14 +40,19 @@ def test_ray_index_matches_the_local_run(local_ray, tiny_run, shared_data, tmp_p
         shutil.copy(png, folder / png.name)
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
 
-    ray_archive = Archive(f"sqlite:///{tmp_path / 'ray.db'}")
+    url = f"sqlite:///{tmp_path / 'ray.db'}"
+    ray_archive = Archive(url)
     # one image indexed beforehand: the Ray run must skip it
     first = sorted(iter_inputs(tmp_path / "in"))[0]
     reader = Reader.load(tiny_run)
     index_images(ray_archive, reader, [first], progress=False)
-    stats = index_with_ray(ray_archive, tiny_run, iter_inputs(tmp_path / "in"), batch_size=3,
-                           num_actors=2, progress=False)
-    assert (stats.indexed, stats.failed, stats.skipped) == (6, 1, 1)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, "-c", RAY_INDEX, str(tiny_run), str(tmp_path / "in"),
+                           "--db", url], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert (stats["indexed"], stats["failed"], stats["skipped"]) == (6, 1, 1)
     assert ray_archive.count() == 8
 
     local = Archive(f"sqlite:///{tmp_path / 'local.db'}")

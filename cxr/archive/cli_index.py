@@ -18,11 +18,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"database URL (default {DEFAULT_URL}; postgresql://user@host/db)")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="images per Reader batch and per committed transaction")
-    parser.add_argument("--ray", metavar="auto|ADDRESS", default=None,
-                        help="run the Readers on a Ray cluster (auto: the running one, else a "
-                        "local one); the results are written by this process")
+    parser.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
+                        help="run the Readers on a Ray cluster (auto: the one this machine "
+                        "belongs to, else a new local one; local: a new local one); this process "
+                        "writes the results")
     parser.add_argument("--ray-actors", type=int, default=None,
-                        help="number of Reader actors on Ray (default: cluster CPUs / 1)")
+                        help="number of Reader actors on Ray (default: one per cluster CPU)")
     parser.add_argument("--dicom-out", metavar="DIR", default=None,
                         help="also write a DICOM SR (TID 1500) and an overlay Secondary Capture "
                         "per newly indexed image into DIR")

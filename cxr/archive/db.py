@@ -374,8 +374,9 @@ class Archive:
         last = after_id
         while True:
             with self.session() as s:
+                # (model_id, status) + the id range: one index seek, not a scan of the model
                 rows = s.execute(select(ImageRow.id, ImageRow.embedding).where(
-                    ImageRow.model_id == model_id, ImageRow.id > last,
+                    ImageRow.model_id == model_id, ImageRow.status == "ok", ImageRow.id > last,
                     ImageRow.embedding.is_not(None)).order_by(ImageRow.id).limit(chunk)).all()
             if not rows:
                 return
@@ -406,7 +407,8 @@ class Archive:
             if not index.verified:  # once per process: does the file still match the DB?
                 with self.session() as s:
                     covered = s.scalar(select(func.count(ImageRow.id)).where(
-                        ImageRow.model_id == model_id, ImageRow.embedding.is_not(None),
+                        ImageRow.model_id == model_id, ImageRow.status == "ok",
+                        ImageRow.embedding.is_not(None),
                         ImageRow.id <= index.state.watermark)) or 0
                 if covered != len(index):
                     index.reset()

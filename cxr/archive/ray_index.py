@@ -88,20 +88,24 @@ def _entry(record: str, embedding: bytes) -> Entry:
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at `address`; "auto": the running cluster if any, else a local one;
-    a Ray already initialised by the caller (a test, a notebook) is used as it is."""
+    """Join Ray: "auto" (or None) joins the cluster this machine belongs to if there is one,
+    else starts a local one; "local" always starts a fresh local one; anything else is a cluster
+    address. A Ray already initialised by the caller (a test, a notebook) is used as it is."""
     import ray
 
     if ray.is_initialized():
         return
-    if address in (None, "", "auto", "local"):
+    quiet = dict(include_dashboard=False, log_to_driver=False)
+    if address == "local":
+        ray.init(**quiet)
+    elif address in (None, "", "auto"):
         try:
-            ray.init(address="auto", include_dashboard=False, log_to_driver=False)
+            ray.init(address="auto", **quiet)
         except (ConnectionError, RuntimeError, ValueError):
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(**quiet)
     else:
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, **quiet)
         except Exception as exc:
             raise CxrError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
 
