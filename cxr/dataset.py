@@ -168,21 +168,18 @@ def data_dropout_indices(targets: np.ndarray, normal_col: int | None, rng: np.ra
     targets = np.asarray(targets) > 0
     n = len(targets)
     disease_cols = [c for c in range(targets.shape[1]) if c != normal_col]
-    counts = targets[:, disease_cols].sum(0) if disease_cols else np.zeros(0)
+    disease = targets[:, disease_cols]
+    counts = disease.sum(0)
     n_max = int(counts.max()) if counts.size else 0
     normal = targets[:, normal_col] if normal_col is not None else np.zeros(n, dtype=bool)
+    normal_only = normal & ~disease.any(1)
     n_normal = int(normal.sum())
     keep_p = 1.0 if n_normal == 0 or n_max == 0 else min(1.0, keep_factor * n_max / n_normal)
-    out = []
-    for i in range(n):
-        if normal[i] and not targets[i, disease_cols].any():
-            if rng.random() < keep_p:
-                out.append(i)
-            continue
-        present = [counts[j] for j, c in enumerate(disease_cols) if targets[i, c]]
-        reps = 1 if not present else int(min(max_duplicate, max(1, n_max // max(min(present), 1))))
-        out.extend([i] * reps)
-    out = np.asarray(out, dtype=np.int64)
+    rarest = np.where(disease, counts[None, :], np.iinfo(np.int64).max).min(1) if disease.size else np.zeros(n)
+    reps = np.where(disease.any(1) if disease.size else False,
+                    np.clip(n_max // np.maximum(rarest, 1), 1, max_duplicate), 1).astype(np.int64)
+    reps[normal_only & (rng.random(n) >= keep_p)] = 0
+    out = np.repeat(np.arange(n, dtype=np.int64), reps)
     rng.shuffle(out)
     return out
 
