@@ -339,15 +339,12 @@ def _bbox_mm(mask: np.ndarray) -> list[float]:
 
 def _domes(labels, lung, structures) -> dict[str, float]:
     """Height (z, mm) of each hemidiaphragm dome: the top of the organs under it (liver on the
-    right, spleen/stomach on the left), only where lung lies above."""
+    right, spleen/stomach on the left); the lowest lung if none is labelled."""
     out = {}
     nx = labels.shape[0]
-    heart_below = np.isin(labels, [structures[n] for n in HEART if n in structures])
+    below = [structures[n] for n in SUBDIAPHRAGM if n in structures]
     for side, cols in (("right", slice(0, nx // 2)), ("left", slice(nx // 2, nx))):
-        under = np.isin(labels[cols], [structures[n] for n in SUBDIAPHRAGM if n in structures])
-        if side == "left":
-            under |= heart_below[cols] & False
-        zs = np.nonzero(under.any(axis=(0, 1)))[0]
+        zs = np.nonzero(np.isin(labels[cols], below).any(axis=(0, 1)))[0]
         out[side] = float(zs.max() * COARSE_MM) if len(zs) else float(
             np.nonzero(lung[cols].any(axis=(0, 1)))[0].min() * COARSE_MM)
     return out

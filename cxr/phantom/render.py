@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import CxrError
 from ..records import Box
-from .ct import LUNG_REF, MU_WATER, N_SLABS, SID_MM, Anatomy, CtSource, PlaneGrid, plane_grid
+from .ct import LUNG_REF, MU_WATER, N_SLABS, Anatomy, CtSource, PlaneGrid, plane_grid
 from .detector import detect, display, window_levels
 from .spec import FindingSpec
 from .variation import Variation, draw_variation
