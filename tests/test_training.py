@@ -212,3 +212,22 @@ def test_same_config_same_weights(tmp_path, studies):
     assert weights_hash(a) == weights_hash(b)
     c = train(_config(epochs=1, rnn_epochs=2, cascade=False, seed=1), tmp_path / "c", studies=studies)
     assert weights_hash(c) != weights_hash(a)
+
+
+def test_one_trainer_per_run_dir(tmp_path, studies):
+    pytest.importorskip("fcntl")
+    (tmp_path / "r" / "state").mkdir(parents=True)
+    with open(tmp_path / "r" / "state" / ".lock", "w") as held:  # another process's lock
+        import subprocess
+        import sys
+
+        holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'w'); "
+                                   "fcntl.flock(f, fcntl.LOCK_EX); print('x', flush=True); time.sleep(60)",
+                                   held.name], stdout=subprocess.PIPE, text=True)
+        try:
+            holder.stdout.readline()
+            with pytest.raises(CxrError, match="another process"):
+                train(_config(epochs=1, rnn_epochs=1, cascade=False), tmp_path / "r", studies=studies)
+        finally:
+            holder.kill()
+            holder.wait()

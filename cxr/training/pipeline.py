@@ -11,6 +11,7 @@ Without the cascade, stage 1 is written to RUN/ directly (and RUN/stage1/ is not
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -81,6 +82,29 @@ def _state_matches(out: Path, cfg: TrainConfig) -> dict | None:
     return progress
 
 
+@contextlib.contextmanager
+def _locked(out: Path, enabled: bool = True):
+    """One training process per run dir: an exclusive lock on RUN/state/.lock while train() runs,
+    so two `cxr train` commands cannot interleave their epochs."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    (out / "state").mkdir(parents=True, exist_ok=True)
+    with open(out / "state" / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CxrError("another process is training into this run directory", out) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def train(config: TrainConfig, out: str | Path, studies: list[Study] | None = None, resume: bool = True,
           on_epoch: Callable[[str, int, dict], None] | None = None) -> Path:
     """Train the cascade into run dir `out`; returns `out`. `studies` overrides `config.data`
@@ -97,6 +121,12 @@ def train(config: TrainConfig, out: str | Path, studies: list[Study] | None = No
     if progress is not None and progress.get("finished") and (out / "config.json").exists():
         return out
     rank, world, local = _distributed()
+    with _locked(out, enabled=rank == 0):
+        return _train(cfg, out, progress, studies, rank, world, local, on_epoch)
+
+
+def _train(cfg: TrainConfig, out: Path, progress: dict | None, studies, rank: int, world: int, local: int,
+           on_epoch) -> Path:
     device = _device(cfg, local)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2 ** 32))
