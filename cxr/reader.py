@@ -34,8 +34,9 @@ NORMAL = "normal"
 
 class Reader:
     def __init__(self, config: dict, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
-                 model_id: str = ""):
+                 model_id: str = "", amp: bool = True):
         self.config = config
+        self.amp = amp  # mixed precision for the CNN trunk on CUDA (head, CAM and RNN stay float32)
         arch = config["architecture"]
         self.device = torch.device(device) if device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -60,13 +61,13 @@ class Reader:
         self.model_id = model_id or f"{arch['backbone']}-{config.get('stage', 'run')}"
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device | None = None) -> "Reader":
+    def load(cls, run_dir: str | Path, device: str | torch.device | None = None, amp: bool = True) -> "Reader":
         """Load a run directory (config.json + weights.safetensors; nothing is unpickled)."""
         run_dir = Path(run_dir).expanduser()
         config, tensors = load_run(run_dir)
         arch = config["architecture"]
         model_id = f"{arch['backbone']}-{config.get('stage', 'run')}-{weights_hash(run_dir)[:12]}"
-        return cls(config, tensors, device, model_id)
+        return cls(config, tensors, device, model_id, amp)
 
     # ------------------------------------------------------------------ inputs
 
@@ -94,9 +95,15 @@ class Reader:
     def _forward(self, images: list[np.ndarray]):
         x = np.stack([preprocess(im, self.image_size, self.stretch) for im in images])[:, None]
         x = normalise(torch.from_numpy(x).to(self.device), self.mean, self.std)
-        maps = self.cnn.forward_features(x)
+        if self.device.type == "cuda" and self.amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                maps = self.cnn.forward_features(x)
+        else:
+            maps = self.cnn.forward_features(x)
+        maps = maps.float()
         logits = self.cnn.forward_head(maps).float()
-        return maps.float(), logits, self.cnn.pool(maps).float()
+        return maps, logits, self.cnn.pool(maps)
 
     def _scores(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated per-target scores (B, T) and, per target, the refined label carrying it."""
