@@ -8,11 +8,11 @@ the same picture either way.
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import replacing
 
 SOP_CLASSES = {
     "DX": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
@@ -219,20 +219,16 @@ def _gdcm_jpeg_lossless(src: str, dst: str) -> None:
 
 def _save_atomic(ds, path: Path, transcode=None) -> Path:
     """Write to a temporary file beside the target and rename, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temps = []
-    for _ in range(2 if transcode else 1):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
-        os.close(fd)
-        temps.append(tmp)
-    try:
-        ds.save_as(temps[0], enforce_file_format=True)
-        if transcode:
-            transcode(temps[0], temps[1])
-        os.replace(temps[-1], path)
-    finally:
-        for tmp in temps:
-            Path(tmp).unlink(missing_ok=True)
+    with replacing(path) as final:
+        if transcode is None:
+            ds.save_as(final, enforce_file_format=True)
+        else:
+            raw = final.with_name(final.name + ".raw")
+            try:
+                ds.save_as(raw, enforce_file_format=True)
+                transcode(str(raw), str(final))
+            finally:
+                raw.unlink(missing_ok=True)
     return path
 
 

@@ -9,14 +9,13 @@ negative that contradicts a finding. The MeSH `<major>` terms are the case's ter
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..reports.mesh import parse_term
 from .spec import Case, FindingSpec
 
@@ -294,32 +293,6 @@ def report_xml(case: Case, image_ids: list[str] | None = None,
         ET.SubElement(panel, "url").text = f"images/{iid}.png"
     ET.indent(root, space="   ")
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write bytes to a temporary file beside `path` and rename it into place, so an interrupted
-    run never leaves half a file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the set is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_report(folder: str | Path, case: Case, image_ids: list[str] | None = None) -> Path:

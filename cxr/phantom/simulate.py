@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -36,7 +35,8 @@ import numpy as np
 
 from ..errors import CxrError
 from .cases import CaseGenerator, DrawnCase
-from .reports import _UMASK, image_id, report_xml, write_atomic
+from ..atomic import replacing, write_atomic
+from .reports import image_id, report_xml
 from ..reports.mesh import parse_term
 
 FORMAT = 1  # layout version of a simulated set
@@ -309,13 +309,8 @@ def _run(job: _Job, todo: list[int], n: int, workers: int, progress: bool) -> No
 def _save_png_atomic(path: Path, image: np.ndarray) -> None:
     from ..images import save_png16
 
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with replacing(path) as tmp:
         save_png16(tmp, image)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _mask_png(mask: np.ndarray) -> bytes:
@@ -341,7 +336,6 @@ def _save_dicom(path: Path, image: np.ndarray, case: DrawnCase, spacing: float,
     write_dicom(path, image, view=case.view, photometric=photometric, patient_id=case.id,
                 study_uid=uid("study"), series_uid=uid("series"), sop_uid=uid("image"),
                 pixel_spacing=spacing, extra=extra)
-    os.chmod(path, 0o666 & ~_UMASK)  # written through mkstemp (0600); the set is meant to be shared
 
 
 # --- records and the tables built from them ---

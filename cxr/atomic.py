@@ -1,0 +1,42 @@
+"""Atomic file writes: a reader never sees half a file, and an interrupted run leaves none
+under the final name (resumable commands rely on this)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix, so writers that go by the extension
+    work); when the block ends without error it gets a normal new file's permissions (mkstemp
+    makes 0600) and is renamed over `path`; otherwise it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write bytes to `path` atomically."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
