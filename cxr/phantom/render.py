@@ -330,21 +330,19 @@ def _smooth_field(W: np.ndarray, C) -> np.ndarray:
 
 
 def _sample(inputs: torch.Tensor, grids: list, n: int) -> np.ndarray:
-    """Bilinear samples of each input channel through its own (gx, gz, offset x, offset z):
-    the few distinct base grids are stacked once and the per-slab offsets added in one go."""
-    bases, index, keys = [], [], {}
-    for gx, gz, _, _ in grids:
-        k = (id(gx), id(gz))
-        if k not in keys:
-            keys[k] = len(bases)
-            bases.append(np.stack([gx, gz], axis=-1))
-        index.append(keys[k])
-    base = torch.from_numpy(np.stack(bases).astype(np.float32, copy=False))
-    off = torch.tensor([[ox, oz] for _, _, ox, oz in grids], dtype=torch.float32)
-    G = base[torch.tensor(index)]
-    G += off[:, None, None, :]
-    return F.grid_sample(inputs, G, mode="bilinear", padding_mode="zeros",
-                         align_corners=True)[:, 0].numpy()
+    """Bilinear samples of each input channel (inputs: (N, 1, H, W)) through its own
+    (gx, gz, offset x, offset z); channels that share a grid are sampled in one call."""
+    groups: dict = {}
+    for i, (gx, gz, ox, oz) in enumerate(grids):
+        groups.setdefault((id(gx), id(gz), ox, oz), []).append(i)
+    out = np.empty((len(grids), n, n), np.float32)
+    for members in groups.values():
+        gx, gz, ox, oz = grids[members[0]]
+        G = torch.from_numpy(np.stack([gx + np.float32(ox), gz + np.float32(oz)], axis=-1))
+        x = inputs[members, 0][None] if len(members) > 1 else inputs[members[0]][None]
+        out[members] = F.grid_sample(x, G[None], mode="bilinear", padding_mode="zeros",
+                                     align_corners=True)[0].numpy()
+    return out
 
 
 def _shift_add(dst: np.ndarray, src: np.ndarray, dr: int, dc: int) -> None:
