@@ -61,7 +61,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (flags override it)")
     parser.add_argument("--phantom-n", type=int, default=1000, help="images to simulate for `--data phantom`")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--fresh", action="store_true",
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --out (the default when its settings match)")
+    resume.add_argument("--fresh", action="store_true",
                         help="refuse to continue an existing partial run in --out")
     for f in dataclasses.fields(_config_class()):
         if f.name in SKIP:
