@@ -6,15 +6,18 @@ A run directory (what `cxr train` writes and `Reader.load` reads):
     RUN/weights.safetensors  tensors "cnn.*" (classifier) and "rnn.*" (annotator)
     RUN/stage1/              the same pair for the model before the cascade (when the cascade ran)
     RUN/history.jsonl        one line per epoch: phase, epoch, losses, val AUC
-    RUN/state/               resume state (per phase: weights + optimizer; progress.json)
+    RUN/state/               resume state: progress.json, per phase weights + optimizer (the
+                             .safetensors are deleted once the run has finished), .lock
+    RUN/cache/               decoded images (uint16 .npy), unless TrainConfig.cache_dir says elsewhere
 
 config.json keys: format, cxr_version, stage ("stage1" | "cascade"), architecture {backbone,
 num_classes, rnn, rnn_hidden, rnn_embed, image_dim}, targets (original labels, the output keys),
 refined {names, parents} (the CNN's outputs -> target index), vocabulary (token list, ids = index,
-specials first), preprocessing {image_size, crop, mean, std}, calibration {target: [a, b]} (Platt on
-logits), thresholds {target: t}, localization {threshold, max_boxes, min_area}, train_config (the
-TrainConfig), data {spec, views, split_seed, fractions, patients {train, val, test}, counts},
-seed, created.
+specials first), preprocessing {image_size, crop, mean, std, stretch}, calibration {method,
+params {target: [a, b]}} (Platt on logits), thresholds {target: t}, localization {threshold,
+max_boxes, min_area}, validation {val_images, val_auc}, train_config (the TrainConfig), pretrained
+(load report or null), data {spec, views, split_seed, fractions, patients {train, val, test},
+counts, label_counts, unreadable}, seed, created.
 """
 from __future__ import annotations
 
