@@ -105,7 +105,7 @@ def test_index_a_nested_folder_then_search(tiny_run, archive_folder, tmp_path, c
     everything = archive.search(limit=100)
     finding = next(f for h in everything for f in h.findings)
     expect = {h.id for h in everything if any(
-        f.disease == finding.disease and f.side == finding.side for f in h.findings)}
+        f.disease == finding.disease and f.side == (finding.side or f.side) for f in h.findings)}
     args = ["search", "--finding", finding.disease, "--db", url, "--json", "--limit", "100"]
     if finding.side:
         args += ["--side", finding.side]
