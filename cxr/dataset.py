@@ -80,12 +80,12 @@ def build_cache(paths: list[str | Path], size: int, cache_dir: str | Path, worke
         failed = json.loads(failed_file.read_text()) if failed_file.exists() else {}
         return np.load(final, mmap_mode="r"), {int(k): v for k, v in failed.items()}
     tmp = final.with_suffix(f".tmp{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(len(paths), size, size))
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(len(paths), size, size))
     failed: dict[int, str] = {}
 
     def one(i: int) -> None:
         try:
-            out[i] = np.round(preprocess(load_image(paths[i]), size) * SCALE).astype(np.uint16)
+            array[i] = np.round(preprocess(load_image(paths[i]), size) * SCALE).astype(np.uint16)
         except CxrError as exc:
             failed[i] = str(exc)
 
@@ -96,8 +96,8 @@ def build_cache(paths: list[str | Path], size: int, cache_dir: str | Path, worke
             for _ in tqdm(pool.map(one, range(len(paths))), total=len(paths), desc="caching images",
                           unit="img", disable=not progress, leave=False):
                 pass
-        out.flush()
-        del out
+        array.flush()
+        array = None  # close the memory map before the rename
         if failed:
             failed_file.write_text(json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
         os.replace(tmp, final)

@@ -6,12 +6,11 @@ real `cxr.training.train`, cascade included. Tests of the Reader, archive and se
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .records import Box, Finding, Image, Study
+from .records import Box, Image, Study
 
 # (MeSH-style term, disease) of the synthetic findings: a blob at a side of the lung base,
 # and an enlarged central density.
@@ -66,7 +65,6 @@ def _phantom_available() -> bool:
     try:
         import cxr.phantom.simulate  # noqa: F401
         import cxr.sources  # noqa: F401
-        from cxr.sources import open_source  # noqa: F401
     except ImportError:
         return False
     return (data_dir() / "phantom" / "chest_ct.nii.gz").exists()
