@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit < 1:
         raise CxrError("--limit must be at least 1")
-    with Archive(args.db, vector_dir=args.vector_dir) as archive:
+    with Archive(args.db, vector_dir=args.vector_dir, create=False) as archive:
         if args.like or args.like_id is not None:
             if args.like and args.like_id is not None:
                 raise CxrError("give --like or --like-id, not both")

@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.orm import Session, selectinload
 
@@ -128,10 +128,10 @@ def make_engine(url: str) -> Engine:
 
 
 def schema_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
+    with engine.connect() as conn:  # a connection error propagates; a missing table is None
         try:
             return conn.exec_driver_sql("select version_num from alembic_version").scalar()
-        except Exception:
+        except (OperationalError, ProgrammingError):
             return None
 
 
@@ -158,10 +158,21 @@ class Archive:
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, vector_dir: str | Path | None = None,
-                 migrate_schema: bool = True):
+                 migrate_schema: bool = True, create: bool = True):
         self.url = url
+        if not create:
+            parsed = make_url(url) if "://" in url else None
+            if (parsed is not None and parsed.get_backend_name() == "sqlite"
+                    and parsed.database not in (None, "", ":memory:")
+                    and not Path(parsed.database).expanduser().exists()):
+                raise CxrError("no archive here: index images first (cxr index RUN FOLDER --db ...)",
+                               parsed.database)
         self.engine = make_engine(url)
         try:
+            if not create and schema_revision(self.engine) is None:
+                self.engine.dispose()
+                raise CxrError("the database holds no archive: index images first (cxr index)",
+                               _redact(url))
             if migrate_schema:
                 migrate(self.engine)
             with Session(self.engine) as s, s.begin():
