@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, defer, selectinload
 
 from ..errors import CxrError
 from ..records import Box
@@ -356,7 +356,9 @@ class Archive:
         embedding computed by `model_id`'s Reader, nearest first."""
         if image_id is not None:
             with self.session() as s:
-                row = s.get(ImageRow, int(image_id))
+                row = s.execute(select(ImageRow.embedding, ImageRow.model_id, ImageRow.status,
+                                       ImageRow.reason, ImageRow.path)
+                                .where(ImageRow.id == int(image_id))).first()
                 if row is None:
                     raise CxrError(f"no indexed image with id {image_id}", _redact(self.url))
                 if row.embedding is None:
@@ -448,7 +450,8 @@ class Archive:
             return []
         with self.session() as s:
             rows = s.scalars(select(ImageRow).where(ImageRow.id.in_(ids))
-                             .options(selectinload(ImageRow.findings))).all()
+                             .options(defer(ImageRow.embedding),
+                                      selectinload(ImageRow.findings))).all()
             by_id = {r.id: _record(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
 
