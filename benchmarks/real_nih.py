@@ -231,6 +231,9 @@ def main(argv=None) -> int:
             result["pretraining"] = info
             print(f"  phantom pre-training ready ({info['seconds']:.0f} s)", flush=True)
         result["modes"][mode] = run_mode(args, mode, studies, folds, work, pretrained)
+        if args.json:  # after each mode, so a long run leaves what it has
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1, default=float))
     result["seconds"] = round(time.time() - t0, 1)
     text = tables(result)
     print()

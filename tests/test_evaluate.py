@@ -64,3 +64,11 @@ def test_box_disease_reads_terms_and_plain_labels():
     assert ev.box_disease("Opacity/lung/base/left/mild") == "Opacity"
     assert ev.box_disease("Effusion") == "Effusion"
     assert Box("x", 0, 0, 1, 1).label == "x"
+
+
+def test_target_lookup_maps_nih_and_mesh_names():
+    lookup = ev.target_lookup(["normal", "Pleural Effusion", "Infiltration"])
+    assert lookup["effusion"] == "Pleural Effusion"
+    assert lookup["pleural effusion"] == "Pleural Effusion"
+    assert lookup["infiltrate"] == "Infiltration"
+    assert "mass" not in lookup

@@ -25,14 +25,16 @@ from ..errors import CxrError
 
 # The default demo: chosen so that the whole run takes ~10 min on 2 CPU cores and the detector is
 # clearly better than chance on the phantom's test patients (see the report for the figures).
-DEFAULTS = dict(n=1500, size=256, image_size=128, crop=112, backbone="tiny", epochs=18,
-                cascade_epochs=8, rnn_epochs=40, batch_size=32, min_label_count=20,
+DEFAULTS = dict(n=1500, size=256, image_size=128, crop=112, backbone="tiny", epochs=10,
+                cascade_epochs=5, rnn_epochs=40, batch_size=32, min_label_count=20,
                 min_cluster_members=120, images_per_cluster=60, rnn_hidden=128, rnn_embed=64,
                 lr=3e-3, rnn_lr=5e-3)
 QUICK = dict(n=60, size=128, image_size=64, crop=56, backbone="tiny", epochs=2, cascade_epochs=1,
              rnn_epochs=6, batch_size=16, min_label_count=2, min_cluster_members=8,
              images_per_cluster=4, rnn_hidden=32, rnn_embed=16, lr=3e-3, rnn_lr=1e-2)
 STATE = "demo.json"
+# settings that may change when a demo is resumed (training continues from its last epoch)
+RESUMABLE = ("epochs", "cascade_epochs", "rnn_epochs")
 
 
 def configure(parser) -> None:
@@ -85,7 +87,9 @@ def run_demo(out: str | Path, settings: dict, workers: int = 1, examples: int = 
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    if state.get("settings") not in (None, settings):
+    fixed = {k: v for k, v in settings.items() if k not in RESUMABLE}
+    if state.get("settings") and {k: v for k, v in state["settings"].items()
+                                  if k not in RESUMABLE} != fixed:
         raise CxrError("holds a demo with other settings "
                        f"({_diff(state['settings'], settings)}); choose another --out or delete it",
                        out)

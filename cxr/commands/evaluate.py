@@ -69,9 +69,16 @@ class EvalData:
     """The run's view of a data source: which images, their split, truth labels, findings, boxes."""
 
     def __init__(self, config: dict, studies: list[Study]):
+        import dataclasses
+
         from ..training.prepare import finding_sequences, prepare
 
         data = config.get("data") or {}
+        self.lookup = target_lookup(list(config["targets"]))
+        # another source's names for the run's targets (NIH "Effusion" = Open-i "Pleural Effusion")
+        studies = [dataclasses.replace(s, findings=[
+            dataclasses.replace(f, disease=self.lookup.get(f.disease.lower(), f.disease))
+            for f in s.findings]) for s in studies]
         self.prep = prepare(studies, data.get("views", "frontal"), patient_split=data.get("patients"),
                             targets=list(config["targets"]), words=list(config["vocabulary"]))
         self.targets = self.prep.targets
@@ -101,13 +108,24 @@ class EvalData:
     def truth_boxes(self, i: int) -> list[Box]:
         """Boxes of image i relabelled with the target they belong to (boxes of other labels
         are dropped)."""
-        lookup = {t.lower(): t for t in self.targets}
         out = []
         for b in self.images[i].boxes:
-            target = lookup.get(box_disease(b.label).lower())
+            target = self.lookup.get(box_disease(b.label).lower())
             if target:
                 out.append(Box(target, b.x, b.y, b.w, b.h))
         return out
+
+
+def target_lookup(targets: list[str]) -> dict[str, str]:
+    """Lower-cased disease name -> target, including the NIH and Open-i MeSH names of the same
+    finding, so a run trained on one source can be scored on the other."""
+    from ..reports.mesh import MESH_TO_NIH, NIH_TO_MESH
+
+    out = {t.lower(): t for t in targets}
+    for a, b in [*NIH_TO_MESH.items(), *MESH_TO_NIH.items()]:
+        if b in targets and a.lower() not in out:
+            out[a.lower()] = b
+    return out
 
 
 def box_disease(label: str) -> str:
