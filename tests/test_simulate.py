@@ -153,6 +153,28 @@ def test_other_settings_into_the_same_folder_are_refused(reference, tmp_path, ca
     assert "other settings" in err and "size: 64 there, 128 now" in err and "Traceback" not in err
 
 
+def test_out_that_is_a_file_or_a_failed_claim(shared_data, tmp_path):
+    """--out naming a file is one clear error; a set whose first run failed before any study
+    (e.g. an unreadable --ct) can be started again with other settings."""
+    from cxr.phantom.simulate import simulate
+
+    phantom = shared_data / "phantom"
+    kwargs = dict(n=1, size=SIZE, workers=1, progress=False,
+                  labels=phantom / "chest_ct_labels.nii.gz",
+                  reports=shared_data / "openi" / "NLMCXR_reports.tgz")
+    afile = tmp_path / "a.csv"
+    afile.write_text("x\n")
+    with pytest.raises(CxrError, match="not a folder"):
+        simulate(afile, ct=phantom / "chest_ct.nii.gz", **kwargs)
+    bad_ct = tmp_path / "ct.nii.gz"
+    bad_ct.write_text("not a CT")
+    out = tmp_path / "set"
+    with pytest.raises(CxrError, match="NIfTI"):
+        simulate(out, ct=bad_ct, **kwargs)
+    simulate(out, ct=phantom / "chest_ct.nii.gz", **kwargs)
+    assert (out / "records" / "CXR1.json").is_file()
+
+
 def test_dicom_output(shared_data, tmp_path):
     pydicom = pytest.importorskip("pydicom")
     from cxr.images import load_image

@@ -146,6 +146,11 @@ def _claim(out: Path, settings: dict) -> None:
     """Start a new set in `out`, or check that the set already there was made with the same
     settings (then the run resumes it)."""
     manifest = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise CxrError("not a folder: --out needs a new, empty or simulated-set folder", out)
+    if manifest.is_file() and not _any_done(out):  # a claim whose run failed before any study
+        _write_json(manifest, {**_manifest(settings), "complete": False})
+        return
     if manifest.is_file():
         try:
             old = json.loads(manifest.read_text()).get("settings", {})
@@ -167,6 +172,12 @@ def _claim(out: Path, settings: dict) -> None:
                        out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(manifest, {**_manifest(settings), "complete": False})
+
+
+def _any_done(out: Path) -> bool:
+    """Whether a claimed set holds a finished study (else its settings may change freely)."""
+    records = out / RECORDS_DIR
+    return records.is_dir() and any(records.glob("CXR*.json"))
 
 
 def _write_json(path: Path, data) -> Path:
