@@ -95,3 +95,16 @@ def test_mine_one_text(capsys, tmp_path):
     found = json.loads(out.read_text())["findings"]
     assert [(f["disease"], f["certainty"]) for f in found] == [
         ("Pleural Effusion", "positive"), ("Pneumothorax", "negative")]
+
+
+def test_unusable_json_or_limit_is_refused_before_mining(xml_folder, tmp_path, capsys):
+    """A folder as --json, or --limit below 1, is one line up front (no mining, no .part left)."""
+    from cxr.cli import main
+
+    assert main(["mine", str(xml_folder), "--json", str(tmp_path), "--quiet"]) == 2
+    assert main(["labels", str(xml_folder), "--json", str(tmp_path)]) == 2
+    assert main(["mine", str(xml_folder), "--limit", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is a folder: --json needs a file name") == 2
+    assert "--limit must be at least 1" in err and "Traceback" not in err
+    assert not list(tmp_path.parent.glob("*.part"))

@@ -9,7 +9,6 @@ printed table compares the two per ChestX-ray14 label: how often the text agrees
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..errors import CxrError
@@ -85,15 +84,20 @@ def summary_table(records: list[dict]) -> str:
     return markdown_table(["label", "MeSH", "text", "both", "P", "R", "F1"], rows)
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def check_output(path: Path | None) -> None:
+    """Refuse an unusable --json before the work, not after it."""
+    if path is not None and path.is_dir():
+        raise CxrError("is a folder: --json needs a file name", path)
+
+
+def write_json(path: Path, payload: dict) -> None:
     """Write next to the target, then rename: an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
+    from ..atomic import write_atomic
+
     try:
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(payload, indent=1).encode())
     except OSError as exc:
-        raise CxrError(f"cannot write output: {exc}", path) from exc
+        raise CxrError(f"cannot write output: {exc.strerror or exc}", path) from exc
 
 
 def findings_table(findings) -> str:
@@ -107,24 +111,27 @@ def run(args) -> int:
     from ..sources.openi import read_openi
     from .text import TextMiner
 
+    check_output(args.json)
+    if args.limit is not None and args.limit < 1:
+        raise CxrError(f"--limit must be at least 1, not {args.limit}")
     if args.text is not None:
         miner = TextMiner(rules=args.rules, sections=args.sections)
         findings = miner.mine(args.text)
         print(findings_table(findings))
         if args.json is not None:
-            _write_json(args.json, {"text": args.text,
+            write_json(args.json, {"text": args.text,
                                     "findings": [f.to_dict() for f in findings]})
         return 0
     path = _reports_path(args.reports)
     studies = read_openi(path)
     if args.limit is not None:
-        studies = studies[: max(args.limit, 0)]
+        studies = studies[: args.limit]
     miner = TextMiner(rules=args.rules, sections=args.sections)
     records = mine_studies(studies, miner, progress=not args.quiet)
     print(f"{len(records):,} reports from {path}: text findings against the MeSH indexing\n")
     print(summary_table(records))
     if args.json is not None:
-        _write_json(args.json, {"source": str(path), "sections": list(miner.sections),
+        write_json(args.json, {"source": str(path), "sections": list(miner.sections),
                                 "n_reports": len(records),
                                 "reports": {r.pop("id"): r for r in records}})
         print(f"\nwrote {args.json}")

@@ -5,10 +5,10 @@ without it the cached Open-i reports are used (fetched once when missing).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import CxrError
+from .cli import check_output, write_json
 from .labels import MIN_COUNT, LabelSpace, Vocabulary, count_patterns
 
 
@@ -44,6 +44,7 @@ def _studies(spec: str | None):
 def run(args) -> int:
     if args.min_count < 1:
         raise CxrError(f"--min-count must be >= 1, got {args.min_count}")
+    check_output(args.json)
     studies = _studies(args.reports)
     table = count_patterns(studies, case_sensitive=args.case_sensitive)
     space = LabelSpace.build(studies, args.min_count, case_sensitive=args.case_sensitive)
@@ -70,8 +71,7 @@ def run(args) -> int:
             "vocabulary": vocab.to_dict(),
             "reports": len(studies), "images": n_images, "labelled_images": labelled,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 
