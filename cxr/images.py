@@ -136,6 +136,11 @@ def _read_dicom(path: Path, has_preamble: bool) -> LoadedImage:
     except Exception as exc:  # pydicom raises many types on truncated / corrupt headers
         raise CxrError(f"cannot parse DICOM header (truncated or corrupt?): {_explain(exc)}",
                        path) from None
+    if not has_preamble and not any(k in ds for k in ("PixelData", "Rows", "SOPClassUID")):
+        # a forced parse reads any bytes as elements: without the marker or a DICOM element
+        # that every image has, the file is something else named .dcm
+        raise CxrError("not a DICOM file (no 'DICM' marker at byte 128, no DICOM image "
+                       "elements)", path)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         # pydicom stops silently at a cut; an image class or an empty body suggests truncation
         sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")

@@ -237,6 +237,12 @@ def _dicom_without_pixels(tmp_path):
     return path
 
 
+def _text_as_dcm(tmp_path):
+    path = tmp_path / "notes.dcm"
+    path.write_text("not dicom\n")
+    return path
+
+
 def _missing(tmp_path):
     return tmp_path / "nowhere.png"
 
@@ -253,6 +259,7 @@ def _directory(tmp_path):
     (_truncated_dicom_header, "truncated"),
     (_empty, "empty"),
     (_dicom_without_pixels, "no pixel data"),
+    (_text_as_dcm, "not a DICOM file"),
     (_missing, "not found"),
     (_directory, "directory"),
 ])
