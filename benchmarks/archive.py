@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rows", type=int, nargs="*", default=[100_000, 1_000_000],
                         help="synthetic archive sizes for the query latencies")
-    parser.add_argument("--dim", type=int, default=128, help="embedding size of synthetic rows")
+    parser.add_argument("--dim", type=int, default=64,
+                        help="embedding size of synthetic rows (64: the tiny run's embedding)")
     parser.add_argument("--repeats", type=int, default=100, help="queries per latency figure")
     parser.add_argument("--skip-indexing", action="store_true")
     parser.add_argument("--service", action="store_true", help="also load-test the service")
