@@ -116,7 +116,7 @@ def test_index_a_nested_folder_then_search(tiny_run, archive_folder, tmp_path, c
 
     # similar-image search from a file: the file itself comes first
     png = archive_folder / "a" / nih_pngs_name(archive_folder)
-    assert main(["search", "--like", str(png), "--run", str(tiny_run), "--db", url, "--json",
+    assert main(["search", "--like", str(png), "--db", url, "--json",  # the indexing run
                  "--limit", "3"]) == 0
     like = json.loads(capsys.readouterr().out)
     assert like[0]["path"] == str(png) and like[0]["distance"] < 1e-3

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             from ..reader import Reader
 
             reader = Reader.load(args.run)
+            archive.remember_run(reader.model_id, args.run)
             stats = index_images(archive, reader, iter_inputs(args.source),
                                  batch_size=args.batch_size, dicom_out=args.dicom_out,
                                  progress=not args.quiet, retry_failed=args.retry_failed)

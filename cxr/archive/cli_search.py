@@ -22,9 +22,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help='another finding the image must also have, e.g. "effusion right"')
     parser.add_argument("--score", action="append", default=[], metavar="TARGET>=X",
                         help="any target's score at least X, asserted or not (repeatable)")
-    parser.add_argument("--like", metavar="IMAGE", help="images similar to this file (needs --run)")
+    parser.add_argument("--like", metavar="IMAGE", help="images similar to this file")
     parser.add_argument("--like-id", type=int, metavar="ID", help="images similar to indexed ID")
-    parser.add_argument("--run", help="trained run that embeds the --like image")
+    parser.add_argument("--run", help="trained run that embeds the --like image (default: the "
+                        "run that indexed the archive)")
     parser.add_argument("--model", help="only results of this model id")
     parser.add_argument("--failed", action="store_true", help="list images that failed to index")
     parser.add_argument("--limit", type=int, default=20)
@@ -46,6 +47,20 @@ def _scores(items: list[str]) -> dict[str, float]:
     return out
 
 
+def _indexing_run(archive) -> str:
+    """The run folder that indexed the archive, when there is exactly one and it still exists."""
+    from pathlib import Path
+
+    runs = {m: r for m, r in archive.known_runs().items() if Path(r).exists()}
+    if len(runs) == 1:
+        return next(iter(runs.values()))
+    if not runs:
+        raise CxrError("--like IMAGE needs --run RUN: the run that indexed this archive is "
+                       "not known or no longer exists")
+    raise CxrError(f"several runs indexed this archive ({', '.join(sorted(runs))}): "
+                   "choose one with --run")
+
+
 def run(args: argparse.Namespace) -> int:
     from .db import Archive
 
@@ -56,12 +71,10 @@ def run(args: argparse.Namespace) -> int:
             if args.like and args.like_id is not None:
                 raise CxrError("give --like or --like-id, not both")
             if args.like:
-                if not args.run:
-                    raise CxrError("--like IMAGE needs --run RUN to embed the image")
                 from ..images import read_image
                 from ..reader import Reader
 
-                reader = Reader.load(args.run)
+                reader = Reader.load(args.run or _indexing_run(archive))
                 embedding = reader.embed([read_image(args.like).pixels])[0]
                 hits = archive.similar(embedding=embedding, model_id=reader.model_id, k=args.limit)
             else:

@@ -219,6 +219,17 @@ class Archive:
         return Session(self.engine, expire_on_commit=False)
 
     # -- writing -----------------------------------------------------------------------------
+    def remember_run(self, model_id: str, run_dir: str | Path) -> None:
+        """Note which run folder produced `model_id`, so `cxr search --like FILE` can embed a
+        query image without being told the run again."""
+        with self.session() as s, s.begin():
+            s.merge(Meta(key=f"run:{model_id}"[:64], value=str(Path(run_dir).resolve())))
+
+    def known_runs(self) -> dict[str, str]:
+        """model id -> run folder, for the runs that indexed this archive."""
+        with self.session() as s:
+            return {m.key[4:]: m.value for m in s.scalars(select(Meta).where(Meta.key.like("run:%")))}
+
     def indexed(self, sha256s: Iterable[str], model_id: str, status: str | None = None) -> set[str]:
         """Which of these content hashes this model has already indexed (with `status` only
         those ok, or only those failed)."""

@@ -123,6 +123,7 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
 
     run_dir = str(Path(run_dir).resolve())
     model_id = reader_model_id(Reader.load(run_dir))
+    archive.remember_run(model_id, run_dir)
     connect(address)
     status = "ok" if retry_failed else None
     known = _known_digests(archive, model_id, status)
