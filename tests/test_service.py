@@ -321,3 +321,29 @@ def test_micro_batcher_batches_and_a_bad_item_fails_alone():
     assert isinstance(out[2], ValueError) and str(out[2]) == "bad item"
     assert calls[0] == ["a", "b", "bad", "c"] and ["bad"] in calls and calls[-1] == ["d", "e"]
     assert stats.max_batch_seen == 4 and stats.items == 6
+
+
+def test_serve_start_up_errors_are_one_line(tiny_run, tmp_path, capsys):
+    """A port in use or out of range, an unknown host, a file as --upload-dir or as the SQLite
+    database: `cxr serve` says so in one line and exits 2, before serving anything."""
+    import socket
+
+    from cxr.cli import main
+
+    not_db = tmp_path / "notes.db"
+    not_db.write_text("not a database\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = {
+            f"cannot listen on 127.0.0.1:{port}": ["--port", str(port)],
+            "--port must be 0-65535": ["--port", "70000"],
+            "cannot resolve --host": ["--host", "no.such.host.invalid"],
+            "--upload-dir is a file": ["--port", "0", "--upload-dir", str(not_db)],
+            "file is not a database": ["--port", "0", "--db", f"sqlite:///{not_db}"],
+        }
+        for words, extra in cases.items():
+            assert main(["serve", str(tiny_run), *extra]) == 2, words
+            err = capsys.readouterr().err
+            assert words in err and "Traceback" not in err and err.count("\n") == 1, err

@@ -42,8 +42,11 @@ def run(args) -> int:
         raise CxrError("--max-batch and --max-upload-mb must be positive")
     if not (Path(args.run).expanduser() / "config.json").exists():
         raise CxrError("not a trained run (no config.json; see cxr train --out)", args.run)
+    if args.upload_dir is not None and args.upload_dir.exists() and not args.upload_dir.is_dir():
+        raise CxrError("--upload-dir is a file, not a folder", args.upload_dir)
+    _check_listen(args.host, args.port)
     reader = Reader.load(args.run, device=args.device)
-    archive = Archive(args.db)
+    archive = _open_archive(Archive, args.db)
     app = create_app(args.run, args.db, max_upload_mb=args.max_upload_mb, max_batch=args.max_batch,
                      batch_wait_ms=args.batch_wait_ms, upload_dir=args.upload_dir,
                      device=args.device, threads=args.threads, reader=reader, archive=archive)
@@ -54,3 +57,37 @@ def run(args) -> int:
     finally:
         archive.close()
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail before loading the model when the address cannot be served (uvicorn would print
+    a log line and exit only after start-up)."""
+    import socket
+
+    from ..errors import CxrError
+
+    if not 0 <= port <= 65535:
+        raise CxrError(f"--port must be 0-65535, not {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CxrError(f"cannot resolve --host {host!r}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise CxrError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _open_archive(archive_class, url: str):
+    """The archive, or one line when the URL names a file that is not a database."""
+    from sqlalchemy.exc import DatabaseError
+
+    from ..errors import CxrError
+
+    try:
+        return archive_class(url)
+    except DatabaseError as exc:
+        raise CxrError(f"cannot open the archive database: {exc.orig or exc}", url) from None
