@@ -54,5 +54,6 @@ def run(args) -> int:
                    masks=args.masks)
     m = json.loads((out / MANIFEST).read_text())
     print(f"{out}: {m['done']} studies ({m['normal']} normal), {m['boxes']} boxes; "
-          f"read it with cxr.sources.open_source('phantom:{out}')")
+          f"train on it with `cxr train --data phantom:{out} --out RUN` "
+          f"(Python: cxr.sources.open_source('phantom:{out}'))")
     return 0
