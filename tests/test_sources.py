@@ -304,3 +304,17 @@ def test_split_by_patient(openi, shared_data):
     assert split_summary(tiny)["train"]["patients"] == 1
     with pytest.raises(CxrError, match="fractions"):
         split_by_patient(openi, (0.5, 0.5, 0.5))
+
+
+def test_phantom_spec_on_a_folder_that_is_no_finished_set(tmp_path):
+    """phantom: on a run folder says it is no simulated set; on an interrupted `cxr simulate`
+    (tables not yet written: the boxes would be lost) it says to finish the set first."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(CxrError, match="not a simulated set"):
+        open_source(f"phantom:{tmp_path / 'run'}")
+    unfinished = tmp_path / "sim"
+    (unfinished / "ecgen-radiology").mkdir(parents=True)
+    (unfinished / "manifest.json").write_text('{"settings": {}, "complete": false}')
+    with pytest.raises(CxrError, match="unfinished"):
+        open_source(f"phantom:{unfinished}")

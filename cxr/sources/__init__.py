@@ -62,6 +62,7 @@ def read_phantom(folder: str | Path) -> list[Study]:
     """A `cxr simulate` folder: Open-i reports, images and metadata, plus boxes (image pixels,
     label = the MeSH term) from its `BBox_List_2017.csv` attached to the images."""
     folder = Path(folder).expanduser()
+    _check_simulated(folder)
     studies = read_openi(folder)
     boxes_file = folder / PHANTOM_BOXES
     if not boxes_file.is_file() and (folder / (PHANTOM_BOXES + ".gz")).is_file():
@@ -80,6 +81,25 @@ def read_phantom(folder: str | Path) -> list[Study]:
 
 
 # --- helpers ---
+
+def _check_simulated(folder: Path) -> None:
+    """One clear line for a folder that is no simulated set, or one whose `cxr simulate` was
+    interrupted (its box and label tables are written last: reading it would lose the boxes)."""
+    import json
+
+    manifest = folder / "manifest.json"
+    if folder.is_dir() and not manifest.is_file() and not (folder / XML_DIR).is_dir():
+        raise CxrError("not a simulated set (no manifest.json, no ecgen-radiology/): make one "
+                       "with `cxr simulate --out DIR`", folder)
+    if manifest.is_file():
+        try:
+            complete = json.loads(manifest.read_text()).get("complete", True)
+        except (OSError, ValueError, AttributeError):
+            return
+        if complete is False:
+            raise CxrError("simulated set is unfinished (interrupted?): run the same "
+                           "`cxr simulate` again to complete it", folder)
+
 
 def _existing(path: str) -> Path:
     p = Path(path.strip()).expanduser()
