@@ -80,6 +80,9 @@ def test_upload_see_findings_slide_opacity_search_and_more_like_this(page, share
     expect(page.locator("#banner")).to_contain_text("Research use only")
     expect(page.locator("#model")).to_contain_text("6 indexed image")
     expect(page.locator("#studies li")).to_have_count(6)
+    # before any image: the hint, not an empty (broken) image
+    expect(page.locator("#placeholder")).to_be_visible()
+    expect(page.locator("#stage")).to_be_hidden()
 
     # upload: findings with scores and annotations, the image, a drawn heatmap, boxes
     png = nih_pngs(shared_data, 1, skip=50)[0]
