@@ -63,11 +63,13 @@ def cnn_weights(run_dir: Path, out: Path) -> Path:
 def base_config(args, **kw):
     from cxr.training import TrainConfig
 
-    return TrainConfig(backbone=args.backbone, image_size=args.image_size,
-                       crop=args.image_size - args.image_size // 8, epochs=args.epochs,
-                       rnn_epochs=3, rnn_hidden=32, rnn_embed=16, batch_size=32, lr=args.lr,
-                       min_label_count=5, cascade=False, fractions=(0.85, 0.15, 0.0),
-                       num_workers=0, progress=False, class_weighted=args.class_weighted, **kw)
+    settings = dict(backbone=args.backbone, image_size=args.image_size,
+                    crop=args.image_size - args.image_size // 8, epochs=args.epochs,
+                    rnn_epochs=3, rnn_hidden=32, rnn_embed=16, batch_size=32, lr=args.lr,
+                    min_label_count=5, cascade=False, fractions=(0.85, 0.15, 0.0),
+                    num_workers=0, progress=False, class_weighted=args.class_weighted)
+    settings.update(kw)
+    return TrainConfig(**settings)
 
 
 def phantom_pretraining(args, work: Path) -> tuple[Path, dict]:
