@@ -90,7 +90,8 @@ def write_dicom(
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     # Patient / study / series / equipment: only what the IODs require, nothing identifying.
-    ds.PatientName = patient_id
+    # a one-component name needs its '^' (family name only), else readers (highdicom) warn
+    ds.PatientName = patient_id if "^" in patient_id else patient_id + "^"
     ds.PatientID = patient_id
     ds.PatientBirthDate = ""
     ds.PatientSex = ""

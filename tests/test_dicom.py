@@ -27,6 +27,7 @@ def test_file_meta_and_syntax(tmp_path, compression, syntax):
         ("1.2.3", "1.2.3.4", "1.2.3.4.5")
     assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4.5"
     assert ds.PatientID == "P0001" and ds.PatientBirthDate == ""
+    assert str(ds.PatientName) == "P0001^" and ds.PatientName.family_name == "P0001"
     assert ds.Modality == "DX" and ds.PresentationIntentType == "FOR PRESENTATION"
     assert (ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (40, 36, 16, 16, 15)
     stored = ds.pixel_array  # decodes through the installed plugins
