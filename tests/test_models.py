@@ -138,6 +138,23 @@ def test_beam_finds_a_better_sequence_than_greedy():
     assert decode(model.beam(emb, lab, beams=3)[0], words) == ["b"]
 
 
+def test_decoding_never_repeats_a_word():
+    """A model that always prefers `a` still writes it once: a MeSH term never repeats a part
+    (this once gave annotations such as `airspace disease lung base base`)."""
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "b"]
+
+    class Stuck(Annotator):
+        def _step(self, prev, state):
+            logp = torch.full((prev.shape[0], len(words)), -30.0)
+            logp[:, 4], logp[:, 5], logp[:, END] = np.log(0.7), np.log(0.2), np.log(0.1)
+            return logp, state
+
+    model = Stuck(len(words), 1, 2, hidden=4, embed_dim=2).eval()
+    emb, lab = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+    assert decode(model.greedy(emb, lab)[0], words) == ["a", "b"]
+    assert decode(model.beam(emb, lab, beams=3)[0], words) in (["a"], ["a", "b"])
+
+
 def test_cascade_refines_big_labels_only():
     rng = np.random.default_rng(0)
     a = rng.normal(0, 0.1, (20, 4)) + np.array([3, 0, 0, 0])

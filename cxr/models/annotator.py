@@ -76,6 +76,9 @@ class Annotator(nn.Module):
             logp[:, PAD] = logp[:, START] = -float("inf")
             if step == 0:  # an annotation has at least one word
                 logp[:, END] = -float("inf")
+            for i, seq in enumerate(seqs):  # a MeSH term never repeats a part
+                if seq:
+                    logp[i, seq] = -float("inf")
             words = logp.argmax(-1)
             for i, w in enumerate(words.tolist()):
                 if not done[i] and w != END:
@@ -107,6 +110,9 @@ class Annotator(nn.Module):
             logp[:, PAD] = logp[:, START] = -float("inf")
             if step == 0:
                 logp[:, END] = -float("inf")
+            for j, (_, seq, _) in enumerate(live):  # a MeSH term never repeats a part
+                if seq:
+                    logp[j, seq] = -float("inf")
             cands = []
             top = logp.topk(min(beams, logp.shape[1]), -1)
             for j, (score, seq, _) in enumerate(live):
