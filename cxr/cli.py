@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     except CxrError as exc:
         print(f"cxr {name}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cxr search ... | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
+    except OSError as exc:  # a path the user gave that the OS refused (a file as a folder, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cxr {name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"cxr {name}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

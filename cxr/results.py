@@ -47,6 +47,10 @@ class Result:
     model_id: str = ""
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the input image
 
+    def __repr__(self) -> str:  # short: the embedding and heatmaps are large arrays
+        found = ", ".join(f"{f.disease} {f.score:.2f}" for f in self.findings) or "nothing"
+        return f"Result({self.model_id or 'model'}: {found}; {len(self.scores)} scores, {len(self.heatmaps)} heatmaps)"
+
     @property
     def boxes(self) -> list[Box]:
         return [b for f in self.findings for b in f.boxes]

@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.orm import Session, defer, selectinload
 
@@ -181,12 +181,12 @@ class Archive:
                     meta = Meta(key="archive_uuid", value=uuid.uuid4().hex)
                     s.add(meta)
                 self.uuid = meta.value
-        except OperationalError as exc:
-            self.engine.dispose()
-            raise CxrError(f"cannot open the archive database: {exc.orig}", _redact(url)) from None
         except IntegrityError:  # two processes created it at once: take the winner's uuid
             with Session(self.engine) as s:
                 self.uuid = s.get(Meta, "archive_uuid").value
+        except DatabaseError as exc:  # unreachable server, or a file that is no database
+            self.engine.dispose()
+            raise CxrError(f"cannot open the archive database: {exc.orig}", _redact(url)) from None
         self.vector_dir = Path(vector_dir) if vector_dir else self._default_vector_dir()
         self._vectors: dict[str, VectorIndex] = {}
         self._vocab: Vocabulary | None = None

@@ -114,6 +114,8 @@ def run(args) -> int:
         config.data = _phantom_default(args.phantom_n, config.image_size, config.seed)
     out = train(config, args.out, resume=not args.fresh)
     run_config = json.loads((out / "config.json").read_text())
+    val = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+                    for k, v in (run_config.get("validation") or {}).items())
     print(f"trained {out}: {len(run_config['targets'])} targets "
-          f"({len(run_config['refined']['names'])} refined), val {run_config.get('validation')}")
+          f"({len(run_config['refined']['names'])} refined); validation: {val or 'none'}")
     return 0

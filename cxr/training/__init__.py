@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from ..records import Study
 from .config import TrainConfig
-from .pipeline import train
-from .prepare import NORMAL, prepare
 
-__all__ = ["TrainConfig", "train", "split_studies", "NORMAL", "prepare"]
+__all__ = ["TrainConfig", "train", "split_studies"]
+
+
+def __getattr__(name):  # lazy: `cxr train -h` needs only the config, not torch
+    if name == "train":
+        from .pipeline import train
+        return train
+    raise AttributeError(name)
 
 
 def split_studies(run_config: dict, studies: list[Study]) -> dict[str, list[Study]]:
