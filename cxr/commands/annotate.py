@@ -86,6 +86,8 @@ def run(args) -> int:
     from ..images import load_image
     from ..reader import Reader
 
+    if args.batch_size < 1 or args.beams < 1:
+        raise CxrError("--batch-size and --beams must be at least 1")
     reader = Reader.load(args.run, device=args.device)
     files = expand(args.images)
     if not files:

@@ -162,7 +162,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decode failure is the user's file
-        raise CxrError(f"cannot read weights: {exc}", path) from None
+        # torch's own message advises weights_only=False, i.e. unpickling: never do that here.
+        raise CxrError("cannot read weights: not a safetensors file nor a weights-only PyTorch "
+                       f"state dict ({type(exc).__name__})", path) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
