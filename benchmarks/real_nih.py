@@ -5,13 +5,19 @@ folds) and the ChestX-ray8 localisation table (CAM of the true finding -> boxes;
 T(IoBB) and T(IoU)), beside Wang et al. 2017.
 
     python benchmarks/real_nih.py --data ../shared/data/nih/bbox256 --json nih.json \
-        [--phantom-run cxr-demo/run | --phantom-data cxr-demo/data] [--epochs 25]
+        [--phantom-run cxr-demo/run | --phantom-data cxr-demo/data] [--epochs 10]
 
 What the numbers can and cannot say: every one of these 656 images carries at least one of the 8
 findings (they are the images the radiologists boxed), so a finding's AUC here is "this finding
 against the other findings", harder than ChestX-ray8's "against all 108,948 images, most of them
 normal"; and ~525 training images per fold are 200 times fewer than ChestX-ray8's. Expect figures
 well below the paper's, with wide uncertainty (about 60-240 positives per finding).
+
+Measured (2 CPU cores, tiny CNN at 64 px, 10 epochs, phantom pre-training 6 epochs on 1,500
+simulated images): pooled mean AUC .607 from scratch, .632 pre-trained on the phantom (better on
+all 8 findings, most on Cardiomegaly .634 -> .724; fold means .614 +- .026 vs .637 +- .020);
+localisation at T(IoBB) = 0.5 is ~0.01 either way: a 64-px CAM (8x8 maps) gives boxes far larger
+than the expert boxes. About 5 minutes on an idle machine.
 """
 from __future__ import annotations
 
@@ -187,14 +193,14 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("nih-cv"), help="runs and caches (resumable)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--backbone", default="tiny")
-    ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--class-weighted", action="store_true")
     ap.add_argument("--phantom-run", help="a trained phantom run (e.g. cxr-demo/run) to take the CNN from")
     ap.add_argument("--phantom-data", help="a simulated set to pre-train on (default: simulate one)")
     ap.add_argument("--phantom-n", type=int, default=1500)
-    ap.add_argument("--pretrain-epochs", type=int, default=15)
+    ap.add_argument("--pretrain-epochs", type=int, default=6)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--modes", default="scratch,phantom")
     ap.add_argument("--seed", type=int, default=0)
