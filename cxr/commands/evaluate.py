@@ -411,6 +411,8 @@ def metric_tables(m: dict) -> list[Table]:
                 rows.append(["mean", sum(la["n"].values())] + [la[measure]["mean"][t] for t in ths]
                             + ([None] if measure == "iobb" and key == "protocol_given_disease" else []))
                 name = {"iobb": "IoBB", "iou": "IoU"}[measure]
+                DEFINITION = {"iobb": "IoBB = overlap / predicted box area.",
+                              "iou": "IoU = overlap / area of the union of the two boxes."}
                 headers = ["label", "images"] + [f"T({name})={t}" for t in ths]
                 if measure == "iobb" and key == "protocol_given_disease":
                     headers.append("Wang 2017 @0.5")
@@ -418,7 +420,7 @@ def metric_tables(m: dict) -> list[Table]:
                                     headers, rows,
                                     "Share of (image, label) pairs with a true box where some "
                                     "predicted box of that label overlaps a true box by more "
-                                    "than T. IoBB = overlap / predicted box area."))
+                                    f"than T. {DEFINITION[measure]}"))
     cal = m["calibration"]
     rows = [[f"{b['lo']:.2f}-{b['hi']:.2f}", b["count"], b["confidence"], b["frequency"]]
             for b in cal["bins"] if b["count"]]
