@@ -5,32 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from service_helpers import nih_pngs, run_asserting_every_finding
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-
-
-def nih_pngs(shared_data: Path, n: int, skip: int = 0) -> list[Path]:
-    return sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[skip:skip + n]
-
-
-def run_asserting_every_finding(run: Path, out: Path) -> Path:
-    """A copy of the tiny run whose operating thresholds are 0 for every disease, so that every
-    image has findings (with heatmaps and boxes) whatever the tiny model happened to learn."""
-    out.mkdir(parents=True)
-    for name in ("config.json", "weights.safetensors"):
-        shutil.copy(run / name, out / name)
-    config = json.loads((out / "config.json").read_text())
-    config["thresholds"] = {t: (v if t == "normal" else 0.0) for t, v in config["thresholds"].items()}
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 def chest_dicom(path: Path, shape=(96, 120), **kwargs) -> Path:

@@ -2,7 +2,6 @@
 Playwright) against the real service: upload, findings, opacity slider, search, more like this."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -10,26 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_in_ci
+from service_helpers import nih_pngs, run_asserting_every_finding
 
 CHROMIUM = os.environ.get("CXR_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def nih_pngs(shared_data: Path, n: int, skip: int = 0) -> list[Path]:
-    return sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[skip:skip + n]
-
-
-def run_asserting_every_finding(run: Path, out: Path) -> Path:
-    """A copy of the tiny run whose operating thresholds are 0 for every disease, so that every
-    image has findings (with heatmaps and boxes) whatever the tiny model happened to learn."""
-    out.mkdir(parents=True)
-    for name in ("config.json", "weights.safetensors"):
-        shutil.copy(run / name, out / name)
-    config = json.loads((out / "config.json").read_text())
-    config["thresholds"] = {t: (v if t == "normal" else 0.0) for t, v in config["thresholds"].items()}
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 @pytest.fixture(scope="module")
