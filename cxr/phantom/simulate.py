@@ -23,7 +23,6 @@ accepted, and adds cases to the set. Case i depends only on
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -34,6 +33,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import CxrError
+from ..hashing import file_sha256 as sha256
 from .cases import CaseGenerator, DrawnCase
 from ..atomic import replacing, write_atomic
 from .reports import image_id, report_xml
@@ -119,14 +119,6 @@ def _inputs(ct, labels, reports) -> tuple[Path, Path, Path]:
         if not reports_path.exists():
             raise CxrError("Open-i reports not found", reports_path)
     return ct_path, labels_path, reports_path
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _version() -> str:
