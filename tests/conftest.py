@@ -49,3 +49,14 @@ def tiny_run(tmp_path_factory) -> Path:
     from cxr.testing import make_tiny_run
 
     return make_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: a second intra-op thread only adds waiting on a shared, busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,15 +13,7 @@ from cxr.models.localize import LocalizeParams, boxes_from_heatmap, class_activa
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds waiting on a shared, busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_interface(name):
