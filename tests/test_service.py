@@ -72,6 +72,7 @@ def test_health_openapi_docs_and_page(client, service):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model_id"] == service[1].model_id
     assert health["targets"] == service[1].targets and health["archive"]["images"] == 7
+    assert health["quality_gate"] == service[1].gate.model_id
     spec = client.get("/openapi.json").json()
     assert {"/annotate", "/studies", "/studies/{image_id}", "/studies/{image_id}/image", "/search",
             "/health"} <= set(spec["paths"])
@@ -172,6 +173,26 @@ def test_bad_uploads_get_a_4xx_with_the_reason(client, shared_data, tmp_path, ca
     assert all(w.lower() in detail.lower() for w in words), detail
     assert "/tmp" not in detail and "cxr-upload" not in detail  # the server's temp file stays private
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_refused_upload_gets_422_with_the_reason_and_force_reads_it(client):
+    from PIL import Image
+    from skimage.data import astronaut
+
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)).save(noise, "PNG")
+    photo = io.BytesIO()
+    Image.fromarray(astronaut()).save(photo, "JPEG")
+    for name, data, why in (("noise.png", noise.getvalue(), "looks like noise"),
+                            ("photo.jpg", photo.getvalue(), "a colour picture")):
+        r = client.post("/annotate", files={"file": (name, data)})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith(f"{name}: not read: {why}")
+    r = client.post("/annotate", params={"force": "true"}, files={"file": ("noise.png", noise.getvalue())})
+    assert r.status_code == 200, r.text
+    quality = r.json()["quality"]
+    assert quality["forced"] and not quality["accepted"] and quality["reasons"][0].startswith("looks like noise")
+    assert r.json()["scores"]
 
 
 def test_oversized_upload_is_refused_with_413(client):
