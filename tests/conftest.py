@@ -30,6 +30,19 @@ def _offline_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("CXR_OFFLINE", "1")
 
 
+def nih_film(n: int = 0, shape: tuple[int, int] | None = None):
+    """The n-th real NIH film of the shared fixture, float32 (H, W) in [0, 1], resized to `shape`:
+    where a test needs some chest film, a real one, since the quality gate in front of every
+    read refuses drawings that are no radiograph."""
+    from cxr.images import load_image, resize
+
+    films = sorted((SHARED / "nih" / "bbox256" / "images").glob("*.png"))
+    if not films:
+        pytest.skip(f"NIH films not found under {SHARED}")
+    film = load_image(films[n % len(films)])
+    return resize(film, shape) if shape else film
+
+
 def needs_in_ci(available: bool, what: str) -> None:
     """Skip when a system component (browser, PostgreSQL) is missing locally, but fail in CI,
     where `.ci/run` installs it: a green CI must mean the test ran."""

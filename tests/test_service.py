@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import nih_film
 from service_helpers import nih_pngs, run_asserting_every_finding
 
 httpx = pytest.importorskip("httpx")
@@ -18,11 +19,10 @@ pytest.importorskip("uvicorn")
 
 
 def chest_dicom(path: Path, shape=(96, 120), **kwargs) -> Path:
+    """A DICOM of a real NIH film (the quality gate refuses drawings)."""
     from cxr.dicom import write_dicom
 
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    image = 0.3 + 0.3 * np.exp(-((xx / shape[1] - 0.5) ** 2) / 0.03) + 0.05 * np.sin(yy / 7)
-    return write_dicom(path, image.astype(np.float32), **kwargs)
+    return write_dicom(path, nih_film(300, shape), **kwargs)
 
 
 def png_size(data_url: str) -> tuple[int, int]:
