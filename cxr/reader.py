@@ -183,8 +183,7 @@ class Reader:
         unknown = [t for t in targets if t not in self.targets]
         if unknown:
             raise CxrError(f"not a target of this run: {', '.join(unknown)}")
-        image = self._load(image)
-        image = getattr(image, "pixels", image)
+        image = _pixels(self._load(image))
         maps, logits, _ = self.forward([image])
         _, best = self.scores(logits)
         cams = self._cams(maps, best[0], [self.targets.index(t) for t in targets])
@@ -214,7 +213,7 @@ class Reader:
 
     def _gated(self, loaded: list, heatmaps: bool, beams: int, force: bool) -> list[Result]:
         """The gate on a batch, then the cascade on what it lets through (turned upright)."""
-        pixels = [getattr(im, "pixels", im) for im in loaded]
+        pixels = [_pixels(im) for im in loaded]
         gate = self.gate
         if gate is None:
             return self._batch(pixels, heatmaps, beams)
@@ -282,10 +281,14 @@ class Reader:
         items = [images] if _single(images) else list(images)
         out = []
         for s in range(0, len(items), batch_size):
-            _, _, emb = self.forward([getattr(im, "pixels", im) for im in
-                                      (self._load(it) for it in items[s:s + batch_size])])
+            _, _, emb = self.forward([_pixels(self._load(it)) for it in items[s:s + batch_size]])
             out.append(emb.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
+
+
+def _pixels(image) -> np.ndarray:
+    """The pixels of a LoadedImage, or the array itself."""
+    return getattr(image, "pixels", image)
 
 
 def _single(images) -> bool:
