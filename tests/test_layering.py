@@ -64,10 +64,11 @@ def test_no_import_circles():
 
 
 def test_reading_an_image_imports_no_training(tiny_run):
-    """`import cxr.reader`, reading and localising an image load no module of `cxr.training`."""
+    """`import cxr.reader`, reading and localising an image, and the archive and service
+    modules load no module of `cxr.training`."""
     code = (
         "import sys, numpy as np\n"
-        "import cxr.reader\n"
+        "import cxr.reader, cxr.archive.index, cxr.archive.dicom_out, cxr.service.app\n"
         "r = cxr.reader.Reader.load(sys.argv[1], device='cpu')\n"
         "image = np.full((40, 48), 0.5, np.float32)\n"
         "r(image); r.localise(image, r.targets[:1])\n"
