@@ -36,12 +36,12 @@ from dataclasses import dataclass
 
 from .errors import CxrError
 from .models.cascade import RefinedLabels
-from .models.localize import LocalizeParams
 
 FORMAT = "cxr-run/2"
 V1_FORMAT = "cxr-run/1"
 
-__all__ = ["FORMAT", "Architecture", "Calibration", "DataSpec", "Preprocessing", "RunSpec", "from_v1"]
+__all__ = ["FORMAT", "Architecture", "Calibration", "DataSpec", "LocalizeParams", "Preprocessing", "RunSpec",
+           "from_v1"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -58,6 +58,17 @@ class Preprocessing:
     stretch: bool
     input: str = ("float32 (H, W) in [0, 1], bright = dense; resized to image_size (area), "
                   "0.5-99.5th percentiles stretched to [0, 1], then (x - mean) / std")
+
+
+@dataclass(frozen=True)
+class LocalizeParams:
+    """CAM heatmap -> boxes (`cxr.models.localize`): `threshold` on the [0, 1] heatmap;
+    components smaller than `min_area` (fraction of the image) are dropped; at most `max_boxes`
+    per finding, by CAM mass."""
+
+    threshold: float = 0.5
+    max_boxes: int = 2
+    min_area: float = 0.002
 
 
 @dataclass(kw_only=True, frozen=True)
