@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..atomic import replacing, write_atomic
 from ..errors import CxrError
 from .model import HEADS, SIZE, GateModel, GateNet, preprocess
 from . import synth
@@ -244,8 +245,8 @@ def train(nih_dir, out_dir, ct=None, labels=None, structures=None, seed: int = 0
     acc = evaluate(net, Xc, Sc, Yc)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()},
-              str(out_dir / "gate.safetensors"))
+    with replacing(out_dir / "gate.safetensors") as tmp:
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp))
     meta = {"version": 1, "input_size": SIZE, "heads": HEADS, "architecture": arch,
             "temperatures": temps,
             "label_convention": "stored = invert?(rot90(mirror?(upright), k)); "
@@ -257,7 +258,7 @@ def train(nih_dir, out_dir, ct=None, labels=None, structures=None, seed: int = 0
                                       f"{SPLIT_FRACTIONS}, permutation seed {seed}",
                          "mix": MIX, "seconds": round(time.time() - t0, 1)},
             "calibration_accuracy": {k: round(v, 4) for k, v in acc.items()}}
-    (out_dir / "gate.json").write_text(json.dumps(meta, indent=1))
+    write_atomic(out_dir / "gate.json", json.dumps(meta, indent=1))
     log(f"wrote {out_dir / 'gate.safetensors'}; temperatures {temps}")
     return out_dir
 
