@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr.data import locate  # noqa: E402
 from cxr.errors import CxrError  # noqa: E402
+from cxr.fetch import locate  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 from cxr.metrics import (  # noqa: E402
