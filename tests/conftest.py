@@ -189,14 +189,14 @@ def nih_sample() -> Path:
 
 @pytest.fixture(scope="session")
 def radiographs(tmp_path_factory) -> list[Path]:
-    """48 chest radiograph PNGs for the archive and service tests: real NIH images where the
+    """64 chest radiograph PNGs for the archive, service and web tests: real NIH images where the
     sample is present, else phantom radiographs simulated here (the same kind of input)."""
     if (NIH_SAMPLE / "images").is_dir():
-        return sorted((NIH_SAMPLE / "images").glob("*.png"))[:48]
+        return sorted((NIH_SAMPLE / "images").glob("*.png"))[:64]
     _ensure("openi", "phantom")
     from cxr.phantom.simulate import simulate
 
-    out = simulate(tmp_path_factory.mktemp("radiographs"), n=48, size=128, seed=3, workers=1,
+    out = simulate(tmp_path_factory.mktemp("radiographs"), n=64, size=128, seed=3, workers=1,
                    progress=False)
     return sorted((Path(out) / "images").glob("*.png"))
 

@@ -26,6 +26,7 @@ PROMISED = {
               "--images-per-cluster", "--data-dropout", "--class-weighted"],
     "evaluate": ["run", "--split", "--out", "--data"],
     "annotate": ["run", "images", "--json", "--overlay", "--beams"],
+    "check": ["images", "--json", "--views", "--gate"],
     "index": ["run", "source", "--db", "--ray", "--dicom-out", "--retry-failed"],
     "search": ["--db", "--severity", "--min-score", "--and", "--like", "--limit", "--json", "--failed"],
     "serve": ["run", "--db", "--port", "--host"],
