@@ -113,3 +113,13 @@ def test_files_are_written_through_atomic():
                 if isinstance(mode, ast.Constant) and isinstance(mode.value, str) and set(mode.value) & set("wax+"):
                     offenders.append(f"{rel}:{node.lineno} {name}(..., {mode.value!r})")
     assert offenders == []
+
+
+def test_run_spec_and_evaluate_help_need_no_torch():
+    """Reading a run's spec (and `cxr evaluate -h`) imports neither torch nor the training code."""
+    code = ("import sys, cxr.runspec, cxr.commands.evaluate\n"
+            "print(sorted(m for m in ('torch', 'cxr.training') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -328,3 +328,6 @@ def test_serve_start_up_errors_are_one_line(tiny_run, tmp_path, capsys):
             assert main(["serve", str(tiny_run), *extra]) == 2, words
             err = capsys.readouterr().err
             assert words in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert main(["serve", str(tmp_path), "--port", "0"]) == 2  # a folder that is not a run
+    err = capsys.readouterr().err
+    assert "not a trained run" in err and str(tmp_path) in err and err.count("\n") == 1, err
