@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import nih_film
+from conftest import chest_film
 from PIL import Image
 
 from cxr.cli import main
 
 
 def _chest(h=72, w=64, n=0):
-    return nih_film(n, (h, w))  # a real film: the quality gate refuses drawings
+    return chest_film(n, (h, w))  # a real film: the quality gate refuses drawings
 
 
 def test_annotate_png_and_dicom(tiny_run, tmp_path, capsys):

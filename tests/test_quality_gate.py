@@ -14,8 +14,8 @@ from cxr.images import read_image, resize
 from cxr.quality.gate import QualityGate
 
 
-def _nih(shared_data, n, skip=0):
-    return sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[skip:skip + n]
+def _nih(nih_sample, n, skip=0):
+    return sorted((nih_sample / "images").glob("*.png"))[skip:skip + n]
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +24,12 @@ def gate():
 
 
 @pytest.fixture(scope="module")
-def films(shared_data):
+def films(nih_sample):
     """Eight real NIH frontal films, upright as stored in the fixture."""
-    return [read_image(p).pixels for p in _nih(shared_data, 8, skip=100)]
+    return [read_image(p).pixels for p in _nih(nih_sample, 8, skip=100)]
 
 
 def _phantom(view):
-    from cxr.data import data_dir
-
-    if not (data_dir() / "phantom" / "chest_ct.nii.gz").exists():
-        pytest.skip("phantom CT not available")
     from cxr.phantom.render import Phantom
 
     return Phantom.load().render([], seed=3, size=256, view=view).image
@@ -45,12 +41,12 @@ def _png(path, pixels):
 
 
 @pytest.fixture(scope="module")
-def files(shared_data, tmp_path_factory):
+def files(nih_sample, tmp_path_factory):
     """One file per answer of the gate: name -> path."""
     from skimage.data import astronaut
 
     tmp = tmp_path_factory.mktemp("gate_files")
-    film = read_image(_nih(shared_data, 1, skip=100)[0]).pixels
+    film = read_image(_nih(nih_sample, 1, skip=100)[0]).pixels
     rng = np.random.default_rng(0)
     out = {
         "upright": _png(tmp / "upright.png", film),
@@ -91,7 +87,7 @@ def test_inverted_real_films_are_turned_back(gate, films):
         np.testing.assert_allclose(gate.correct(image, report), upright, atol=1e-6)
 
 
-def test_a_lateral_is_refused_by_a_frontal_reader(gate):
+def test_a_lateral_is_refused_by_a_frontal_reader(gate, shared_data):
     lateral, frontal = _phantom("lateral"), _phantom("PA")
     refused, accepted = gate.check([lateral, frontal])
     assert not refused.accepted and refused.view == "lateral"
@@ -158,7 +154,7 @@ def test_cxr_check_exits_0_when_every_file_is_a_frontal_film(files, capsys):
     capsys.readouterr()
 
 
-def test_cxr_check_on_a_lateral_depends_on_the_views_read(tmp_path, capsys):
+def test_cxr_check_on_a_lateral_depends_on_the_views_read(shared_data, tmp_path, capsys):
     path = _png(tmp_path / "lateral.png", _phantom("lateral"))
     assert main(["check", str(path)]) == 1
     assert "not read: a lateral view" in capsys.readouterr().out

@@ -14,10 +14,10 @@ not a finding but sets `meta["indexed"] = False`); the MTI `<automatic>` terms a
 
 Images are the report's `<parentImage id=...>` (e.g. `CXR1000_IM-0003-1001`). Their view comes
 from `View Position` in `nlmcxr_dicom_metadata.csv[.gz]` (found automatically beside the reports
-or in the folder; 2,586 of its 7,469 rows leave it empty -> view None), kept as the header says.
-Whether an image is frontal or lateral is decided from the whole header (`openi_views`: patient
-orientation, processing code, exposure within the report; about 1,360 laterals are tagged PA)
-into `Image.meta["view_class"]` ("frontal" | "lateral" | None) with `meta["view_evidence"]`, which
+or in the folder; many rows leave it empty -> view None), kept as the header says. Whether an
+image is frontal or lateral is decided from the whole header (`openi_views`: patient orientation,
+processing code, exposure within the report; many laterals are tagged PA) into
+`Image.meta["view_class"]` ("frontal" | "lateral" | None) with `meta["view_evidence"]`, which
 `Image.frontal` follows; images the header leaves undecided are decided by the quality gate's
 model when their file is present (`gate_views`). A path is set when
 `<id>.png|.jpg|.jpeg|.dcm` exists anywhere under the image folder; Shin et al.'s file names

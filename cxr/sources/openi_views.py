@@ -1,23 +1,22 @@
-"""Which Open-i images are laterals: the DICOM header's `View Position` is empty for 2,586 of the
-7,469 images and says `PA` for about 1,360 laterals. The other header fields tell them apart;
-each rule below was measured on the shared metadata (`nlmcxr_dicom_metadata.csv.gz`), and the
-test checks them again on it:
+"""Which Open-i images are laterals: the DICOM header's `View Position` is empty for about a third
+of the images and says `PA` for many laterals. The other header fields tell them apart; each rule
+below rests on a measurement on the public metadata (`benchmarks/openi_views.py` makes them all,
+into benchmarks/results/openi_views.json; the figures quoted here are from it):
 
 1. `View Position` LL / RL / LATERAL / LARGE LATERAL -> lateral.
 2. `Patient Orientation` (0020,0020) gives the patient direction of the image rows: A or P is a
    lateral, L or R a frontal (the DICOM meaning of the field). It never contradicts rule 1.
-3. `Acquisition Device Processing Code` 60003 (one CR reader's processing menu; the header says
-   PA and the orientation L\\F, both defaults): in 1,051 of the 1,099 reports holding one 60003 and
-   one 60025 image, the 60003 image is the later series (a PA and lateral exam takes the PA first),
-   and all 1,366 are portrait where 73% of the 60025 images are landscape: 60003 -> lateral,
-   60025 -> frontal.
-4. With `View Position` empty (a DR unit): processing codes 1 and 2 are the lower-exposure image of
-   their report in 545 of 550 pairs, 3 and 4 the higher one in 549 of 564: 1, 2 -> frontal;
-   3, 4 -> lateral.
+3. `Acquisition Device Processing Code` 60003 (one CR reader's processing menu; its header says
+   PA and orientation L\F, both defaults): in 1,042 of the 1,090 reports holding one 60003 and one
+   60025 image in two series, the 60003 image is the later series (a PA and lateral exam takes the
+   PA first), and 1,350 of the 1,366 are portrait where 73% of the 60025 images are landscape:
+   60003 -> lateral, 60025 -> frontal.
+4. With `View Position` empty (a DR unit): processing codes 1 and 2 are the lower exposure of their
+   report in 545 of 550 images, 3 and 4 the higher in 544 of 554: 1, 2 -> frontal; 3, 4 -> lateral.
 5. Still undecided, in a report of two or more images with an exposure (`Exposure in uAs`, else
    `Exposure` in mAs): a lateral needs several times the dose of a PA (twice the tissue in the
-   beam); in the 581 labelled frontal + lateral pairs the higher exposure is the lateral in 578
-   (lateral / frontal ratio: 5th percentile 1.67, median 4.3). So the highest exposure, if at
+   beam); in 578 of the 581 labelled frontal + lateral pairs the higher exposure is the lateral
+   (lateral / frontal ratio: 5th percentile 1.67, median 4.32). So the highest exposure, if at
    least EXPOSURE_RATIO times the lowest, is the lateral and the lowest the frontal.
 6. Otherwise `View Position` PA / AP -> frontal; else undecided (None): when the image file is
    present, the quality gate's model decides (`gate_views`).
