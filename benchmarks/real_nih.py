@@ -124,7 +124,7 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
         cols = [FINDINGS.index(t) if t in FINDINGS else None for t in reader.targets]
         for i in test_rows:
             image = load_image(studies[i].images[0].path)
-            result = reader(image, heatmaps=False)
+            result = reader(image, heatmaps=False, force=True)  # every test film scored; the gate turns rotated ones back
             for t, c in zip(reader.targets, cols):
                 if c is not None:
                     scores[i, c] = result.scores[t]

@@ -221,3 +221,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def chest_film(n: int = 0, shape: tuple[int, int] | None = None):
+    """A chest film, float32 (H, W) in [0, 1], resized to `shape`: the n-th real NIH radiograph
+    where the sample is present, else a phantom radiograph (seed n). For tests that need some
+    chest film: the quality gate in front of every read refuses drawings that are no radiograph."""
+    from cxr.images import load_image, resize
+
+    films = sorted((NIH_SAMPLE / "images").glob("*.png"))
+    if films:
+        film = load_image(films[n % len(films)])
+    else:
+        _ensure("openi", "phantom")
+        from cxr.phantom.render import Phantom
+
+        film = Phantom.load().render([], seed=n, size=128).image
+    return resize(film, shape) if shape else film

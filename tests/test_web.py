@@ -126,6 +126,19 @@ def test_a_bad_upload_shows_the_reason(page, tmp_path):
     expect(page.locator("#status")).to_have_class("error")
 
 
+def test_a_refused_upload_shows_the_gate_s_reason(page, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+    from skimage.data import astronaut
+
+    photo = tmp_path / "holiday.jpg"
+    Image.fromarray(astronaut()).save(photo)
+    page.set_input_files("#file", str(photo))
+    page.click("#annotate")
+    expect(page.locator("#status")).to_contain_text("holiday.jpg: not read: a colour picture")
+    expect(page.locator("#status")).to_have_class("error")
+
+
 def test_api_docs_render_without_the_internet(page, site):
     """Swagger UI comes from local files (swagger-ui-bundle-v2), so /docs works offline."""
     from playwright.sync_api import expect
