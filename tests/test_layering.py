@@ -124,3 +124,22 @@ def test_run_spec_and_evaluate_help_need_no_torch():
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_benchmarks_import_names_the_package_has():
+    """Every `from cxr... import name` in benchmarks/ resolves (a moved function breaks them
+    without any test importing them)."""
+    import importlib
+
+    missing = []
+    for f in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "cxr":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ImportError:
+                            missing.append(f"{f.name}: {node.module}.{alias.name}")
+    assert missing == []

@@ -42,7 +42,7 @@ def site(tiny_run, radiographs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(site):
     needs_in_ci(os.path.exists(CHROMIUM), "Chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api  # the `test` extra
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
@@ -158,7 +158,6 @@ def test_api_docs_render_without_the_internet(page, site):
     """Swagger UI comes from local files (swagger-ui-bundle-v2), so /docs works offline."""
     from playwright.sync_api import expect
 
-    pytest.importorskip("swagger_ui_bundle")
     page.goto(site + "/docs")
     expect(page.locator(".opblock-summary-path").filter(has_text="/annotate").first).to_be_visible()
     expect(page.locator(".swagger-ui .info .title")).to_contain_text("cxr")
