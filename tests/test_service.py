@@ -13,9 +13,7 @@ import pytest
 from conftest import chest_film
 from service_helpers import run_asserting_every_finding
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+import httpx  # the `service` extra, part of `.[test]`: missing is a broken install, not a skip
 
 
 def chest_dicom(path: Path, shape=(96, 120), **kwargs) -> Path:
