@@ -114,6 +114,27 @@ def test_openi_view_rules_agree_with_the_header_where_it_is_known(shared_data, o
     assert agree >= 1500 and disagree / (agree + disagree) < 0.01, (agree, disagree)
 
 
+def test_the_gate_decides_open_i_views_the_header_leaves_open(openi_folder, nih_sample):
+    """CXR10's two images: an empty View Position, and no metadata row at all. With their files
+    present (a real frontal film, a phantom lateral) the quality gate's model decides."""
+    from cxr.images import load_image
+    from cxr.phantom.render import Phantom
+
+    film = load_image(sorted((nih_sample / "images").glob("*.png"))[0])
+    lateral = Phantom.load().render([], seed=5, size=128, view="lateral").image
+    for name, pixels in (("sub/10_IM-0002-1001.png", film), ("CXR10_IM-0002-2001.png", lateral)):
+        PILImage.fromarray((pixels * 255).round().astype(np.uint8)).save(openi_folder / "images" / name)
+    before = {im.id: im for s in read_openi(openi_folder, gate=False) for im in s.images}
+    assert before["CXR10_IM-0002-1001"].meta["view_class"] is None
+    assert before["CXR10_IM-0002-2001"].meta["view_evidence"] == "no header in the metadata"
+    images = {im.id: im for s in read_openi(openi_folder) for im in s.images}
+    frontal, side = images["CXR10_IM-0002-1001"], images["CXR10_IM-0002-2001"]
+    assert frontal.view is None and frontal.meta["view_class"] == "frontal" and frontal.frontal
+    assert side.meta["view_class"] == "lateral" and not side.frontal
+    assert side.meta["view_evidence"].startswith("quality gate (p ")
+    assert images["CXR1_1_IM-0001-4001"].meta["view_evidence"] == "View Position LL"
+
+
 def test_openi_folder_layout_images_and_views(openi_folder, shared_data):
     studies = read_openi(openi_folder)
     assert [s.id for s in studies] == ["CXR1", "CXR10", "CXR1776"]

@@ -139,6 +139,21 @@ def test_a_refused_upload_shows_the_gate_s_reason(page, tmp_path):
     expect(page.locator("#status")).to_have_class("error")
 
 
+def test_a_film_stored_upside_down_is_read_upright_and_the_page_says_so(page, radiographs, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    film = np.asarray(Image.open(radiographs[60]).convert("L"))
+    turned = tmp_path / "upside_down.png"
+    Image.fromarray(np.rot90(film, 2).copy()).save(turned)
+    page.set_input_files("#file", str(turned))
+    page.click("#annotate")
+    expect(page.locator("#status")).to_contain_text("in upside_down.png")
+    expect(page.locator("#status")).to_contain_text("stored rotated 180 degrees")
+    expect(page.locator("#status")).not_to_have_class("error")
+
+
 def test_api_docs_render_without_the_internet(page, site):
     """Swagger UI comes from local files (swagger-ui-bundle-v2), so /docs works offline."""
     from playwright.sync_api import expect
