@@ -118,9 +118,12 @@ def test_heatmap_image_and_embedding_on_request(client, service, radiographs):
 def test_heatmaps_of_a_large_image_are_shrunk_to_512(client, radiographs):
     from PIL import Image
 
+    from cxr.images import load_image
+
     png = radiographs[22]
     buf = io.BytesIO()
-    Image.open(png).convert("L").resize((768, 640)).save(buf, format="PNG")
+    film = (load_image(png) * 255).round().astype(np.uint8)  # 8-bit, whatever the file's depth
+    Image.fromarray(film).resize((768, 640)).save(buf, format="PNG")
     r = client.post("/annotate", params={"heatmap": "true"}, files={"file": ("big.png", buf.getvalue())})
     assert r.status_code == 200, r.text
     body = r.json()
