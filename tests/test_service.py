@@ -196,7 +196,9 @@ def test_a_refused_upload_gets_422_with_the_reason_and_force_reads_it(client):
 def test_a_film_stored_on_its_side_is_read_stored_and_served_upright(client, radiographs):
     from PIL import Image
 
-    film = np.asarray(Image.open(radiographs[33]).convert("L"))
+    from cxr.images import load_image
+
+    film = (load_image(radiographs[33]) * 255).round().astype(np.uint8)  # 8 or 16-bit PNG
     buf = io.BytesIO()
     Image.fromarray(np.rot90(film).copy()).save(buf, "PNG")
     r = client.post("/annotate", params={"store": "true", "image": "true"},
