@@ -20,35 +20,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .errors import CxrError
+from .preprocess import STRETCH, preprocess
 
-# Model-side normalisation of a [0, 1] image (stored in the checkpoint's preprocessing).
-MEAN, STD = 0.5, 0.25
 SCALE = 65535.0
-
-
-def preprocess(image: np.ndarray, size: int, stretch: bool = True) -> np.ndarray:
-    """An image as loaded (float32 (H, W) in [0, 1]) -> the model's square input size.
-
-    With `stretch`, grey levels are stretched so the 0.5th..99.5th percentiles span [0, 1]: an 8-bit
-    PNG export and the DICOM it came from (windowed or min-max scaled by the loader) then give
-    the model the same input, whatever range each file used."""
-    from .images import resize
-
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:  # RGB(A) arrays handed in from Python
-        image = image[..., :3].mean(-1) if image.shape[-1] in (3, 4) else image[0]
-    if image.ndim != 2:
-        raise CxrError(f"expected a 2-D grey image, got shape {image.shape}")
-    image = resize(image, size)
-    if stretch:
-        lo, hi = np.percentile(image, (0.5, 99.5))
-        if hi - lo > 1e-6:
-            image = (image - lo) / (hi - lo)
-    return np.clip(image, 0.0, 1.0)
-
-
-def normalise(batch: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
-    return (batch - mean) / std
 
 
 def cache_key(paths: list[str | Path], size: int) -> str:
@@ -85,7 +59,7 @@ def build_cache(paths: list[str | Path], size: int, cache_dir: str | Path, worke
 
     def one(i: int) -> None:
         try:
-            array[i] = np.round(preprocess(load_image(paths[i]), size) * SCALE).astype(np.uint16)
+            array[i] = np.round(preprocess(load_image(paths[i]), size, STRETCH) * SCALE).astype(np.uint16)
         except CxrError as exc:
             failed[i] = str(exc)
 

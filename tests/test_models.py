@@ -201,7 +201,8 @@ def test_data_dropout_keeps_expected_fraction():
 
 
 def test_platt_and_thresholds():
-    from cxr.training.calibration import apply_platt, fit_platt, max_f1_thresholds
+    from cxr.calibration import apply_platt
+    from cxr.training.calibration import fit_platt, max_f1_thresholds
 
     rng = np.random.default_rng(0)
     true_logit = rng.normal(0, 2, 4000)

@@ -163,14 +163,13 @@ def run_demo(out: str | Path, settings: dict, workers: int = 1, examples: int = 
 def annotate_examples(run_dir: Path, studies, n: int, device: str | None = None) -> list:
     """Up to `n` test-split images, chosen to show several kinds of finding and a normal one,
     annotated by the Reader with heatmaps."""
-    from ..checkpoint import load_config
+    from ..checkpoint import load_spec
     from ..images import load_image
     from ..reader import Reader
     from ..report_html import Example
     from .evaluate import EvalData
 
-    config = load_config(run_dir)
-    ed = EvalData(config, studies)
+    ed = EvalData(load_spec(run_dir), studies)
     test = ed.indices("test")
     picked, seen = [], set()
     # first one image per disease (most findings first), then a normal one, then the rest

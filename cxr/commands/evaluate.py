@@ -31,6 +31,7 @@ import numpy as np
 from .. import metrics as M
 from ..errors import CxrError
 from ..records import Box, Study
+from ..runspec import RunSpec
 from ..report_html import Table
 
 SPLITS = ("train", "val", "test")
@@ -68,19 +69,18 @@ def run(args) -> int:
 class EvalData:
     """The run's view of a data source: which images, their split, truth labels, findings, boxes."""
 
-    def __init__(self, config: dict, studies: list[Study]):
+    def __init__(self, spec: RunSpec, studies: list[Study]):
         import dataclasses
 
         from ..training.prepare import finding_sequences, prepare
 
-        data = config.get("data") or {}
-        self.lookup = target_lookup(list(config["targets"]))
+        self.lookup = target_lookup(list(spec.targets))
         # another source's names for the run's targets (NIH "Effusion" = Open-i "Pleural Effusion")
         studies = [dataclasses.replace(s, findings=[
             dataclasses.replace(f, disease=self.lookup.get(f.disease.lower(), f.disease))
             for f in s.findings]) for s in studies]
-        self.prep = prepare(studies, data.get("views", "frontal"), patient_split=data.get("patients"),
-                            targets=list(config["targets"]), words=list(config["vocabulary"]))
+        self.prep = prepare(studies, spec.data.views, patient_split=spec.data.patients,
+                            targets=list(spec.targets), words=list(spec.vocabulary))
         self.targets = self.prep.targets
         by_image = {}
         for s in studies:
@@ -161,31 +161,6 @@ class Outputs:
         self.embeddings = np.stack([r.embedding for r in self.results]) if self.results else None
 
 
-def localise_targets(reader, image: np.ndarray, targets: Sequence[str]) -> dict[str, list[Box]]:
-    """Boxes from the CAM of each named target on one image, whether detected or not (the
-    ChestX-ray8 protocol localises the disease the image is known to have). Uses the refined
-    label with the highest probability for that target, as the Reader does."""
-    import torch
-
-    from ..models.localize import boxes_from_heatmap, class_activation_maps, to_heatmap
-
-    if not targets:
-        return {}
-    maps, logits, _ = reader._forward([image])
-    _, best = reader._scores(logits)
-    cols = [reader.targets.index(t) for t in targets]
-    classes = torch.tensor([[int(best[0, c]) for c in cols]], device=maps.device)
-    cams = class_activation_maps(maps, reader.cnn.head.weight, classes)[0]
-    h, w = image.shape[:2]
-    size = reader.image_size
-    out = {}
-    for k, t in enumerate(targets):
-        small = to_heatmap(cams[k], (size, size))
-        out[t] = [b.scaled(w / size, h / size)
-                  for b in boxes_from_heatmap(small, t, reader.localization)]
-    return out
-
-
 # ---------------------------------------------------------------------------- the metrics
 def _bleu(out: Outputs, data: EvalData, vocabulary: Sequence[str], beams: int) -> dict:
     """BLEU given the true disease, and end to end (detected findings vs the image's truth)."""
@@ -231,7 +206,7 @@ def _localisation(out: Outputs, data: EvalData, progress: bool) -> dict | None:
         truth = data.truth_boxes(i)
         labels = sorted({b.label for b in truth})
         image = load_image(data.prep.paths[i])
-        boxes = localise_targets(out.reader, image, labels)
+        boxes = out.reader.localise(image, labels)
         given.append((truth, [b for t in labels for b in boxes[t]]))
         detected.append((truth, out.results[k].boxes))
     return {"protocol_given_disease": M.localisation_accuracy(given),
@@ -246,20 +221,20 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
                  studies: list[Study] | None = None) -> dict:
     """Evaluate a run (see the module docstring); writes OUT/metrics.json and OUT/metrics.md and
     returns the metrics dict. `studies` skips reading the source again (the demo has them)."""
-    from ..checkpoint import load_config
+    from ..checkpoint import load_spec
     from ..reader import Reader
 
     t0 = time.time()
     run = Path(run).expanduser()
-    config = load_config(run)
-    spec = data or (config.get("data") or {}).get("spec")
+    run_spec = load_spec(run)
+    spec = data or run_spec.data.spec
     if studies is None:
         if not spec:
             raise CxrError("the run does not record its data source; give --data SOURCE[:PATH]", run)
         from ..sources import open_source
 
         studies = open_source(spec)
-    ed = EvalData(config, studies)
+    ed = EvalData(run_spec, studies)
     idx = ed.indices(split, max_images)
     if len(idx) == 0:
         raise CxrError(f"no images in the {split!r} split of {spec}", run)
@@ -285,7 +260,7 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
     main_model = list(models)[-1]
     main = outputs(main_model, split)
     y = ed.prep.labels[idx]
-    thresholds = dict(config.get("thresholds") or {})
+    thresholds = dict(run_spec.thresholds)
     auc = M.auc_per_label(y, main.scores, ed.targets)
     auc["reference_wang2017"] = {t: M.reference_for(t, M.WANG2017_AUC) for t in ed.targets}
 
@@ -314,14 +289,14 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
         "data": spec, "split": split, "n_images": int(len(idx)),
         "split_counts": {s: int(len(ed.indices(s))) for s in SPLITS},
         "targets": ed.targets,
-        "backbone": config["architecture"]["backbone"], "rnn": config["architecture"]["rnn"],
-        "cascade": {"refined_labels": len(config["refined"]["names"]),
-                    "clusters": {t: len([p for p in config["refined"]["parents"] if p == k])
+        "backbone": run_spec.architecture.backbone, "rnn": run_spec.architecture.rnn,
+        "cascade": {"refined_labels": len(run_spec.refined.names),
+                    "clusters": {t: len(run_spec.refined.children(k))
                                  for k, t in enumerate(ed.targets)}},
         "auc": auc,
         "detection": _detection(main, ed, y, thresholds),
-        "threshold_rule": config.get("threshold_rule"),
-        "calibration": {"method": (config.get("calibration") or {}).get("method"),
+        "threshold_rule": run_spec.threshold_rule,
+        "calibration": {"method": run_spec.calibration.method,
                         **M.reliability(y, main.scores)},
         "bleu": bleu, "bleu_smoothing": M.BLEU_SMOOTHING,
         "context": context,

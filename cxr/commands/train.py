@@ -94,6 +94,7 @@ def _phantom_default(n: int, size: int, seed: int) -> str:
 
 
 def run(args) -> int:
+    from ..checkpoint import load_spec
     from ..errors import CxrError
     from ..training import TrainConfig, train
 
@@ -113,9 +114,9 @@ def run(args) -> int:
     if config.data.strip() == "phantom":
         config.data = _phantom_default(args.phantom_n, config.image_size, config.seed)
     out = train(config, args.out, resume=not args.fresh)
-    run_config = json.loads((out / "config.json").read_text())
+    spec = load_spec(out)
     val = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
-                    for k, v in (run_config.get("validation") or {}).items())
-    print(f"trained {out}: {len(run_config['targets'])} targets "
-          f"({len(run_config['refined']['names'])} refined); validation: {val or 'none'}")
+                    for k, v in spec.validation.items())
+    print(f"trained {out}: {len(spec.targets)} targets "
+          f"({len(spec.refined.names)} refined); validation: {val or 'none'}")
     return 0

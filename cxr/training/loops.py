@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_tensors, optimizer_tensors, prefixed, restore_optimizer, save_tensors, unprefixed
-from ..dataset import XrayDataset, augment, data_dropout_indices, normalise
+from ..dataset import XrayDataset, augment, data_dropout_indices
+from ..preprocess import MEAN, STD, normalise
 from ..models.annotator import Annotator, encode, pad_batch
 from .config import TrainConfig
 
@@ -122,7 +123,7 @@ def infer(ctx: Context, model, idx: np.ndarray, batch_size: int | None = None):
         rows = np.sort(idx[s:s + bs])
         order = np.argsort(np.argsort(idx[s:s + bs]))
         x = torch.from_numpy(np.asarray(ctx.images[rows], dtype=np.float32) / 65535.0)[:, None]
-        x = normalise(x.to(ctx.device))
+        x = normalise(x.to(ctx.device), MEAN, STD)
         with ctx.autocast():
             maps = model.forward_features(x)
             lg = model.forward_head(maps)
@@ -200,7 +201,7 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
                    disable=not (cfg.progress and ctx.main))
         for x, y, _ in bar:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen))
+            x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
             with ctx.autocast():
                 logits = net(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
