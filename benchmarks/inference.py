@@ -39,10 +39,9 @@ def random_run(out: Path, backbone: str, image_size: int) -> Path:
     from cxr.models.annotator import Annotator
     from cxr.models.cascade import RefinedLabels
     from cxr.models.cnn import create_cnn
-    from cxr.models.localize import LocalizeParams
     from cxr.preprocess import MEAN, STD, STRETCH
     from cxr.records import MAX_TOKENS
-    from cxr.runspec import Architecture, Calibration, DataSpec, Preprocessing, RunSpec
+    from cxr.runspec import Architecture, Calibration, DataSpec, LocalizeParams, Preprocessing, RunSpec
 
     torch.manual_seed(0)
     cnn = create_cnn(backbone, len(TARGETS))

@@ -52,7 +52,7 @@ def save_run(run_dir: str | Path, tensors: dict[str, torch.Tensor], spec: RunSpe
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(run_dir / WEIGHTS, tensors, {"format": FORMAT})
-    write_atomic(run_dir / CONFIG, spec.to_json().encode())
+    write_atomic(run_dir / CONFIG, spec.to_json())
     return run_dir
 
 

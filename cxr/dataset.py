@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .atomic import replacing, write_atomic
 from .errors import CxrError
 from .preprocess import STRETCH, preprocess
 
@@ -53,8 +53,6 @@ def build_cache(paths: list[str | Path], size: int, cache_dir: str | Path, worke
     if final.exists():
         failed = json.loads(failed_file.read_text()) if failed_file.exists() else {}
         return np.load(final, mmap_mode="r"), {int(k): v for k, v in failed.items()}
-    tmp = final.with_suffix(f".tmp{os.getpid()}.npy")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(len(paths), size, size))
     failed: dict[int, str] = {}
 
     def one(i: int) -> None:
@@ -65,18 +63,16 @@ def build_cache(paths: list[str | Path], size: int, cache_dir: str | Path, worke
 
     from tqdm.auto import tqdm
 
-    try:
+    with replacing(final) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(len(paths), size, size))
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for _ in tqdm(pool.map(one, range(len(paths))), total=len(paths), desc="caching images",
                           unit="img", disable=not progress, leave=False):
                 pass
         array.flush()
         array = None  # close the memory map before the rename
-        if failed:
-            failed_file.write_text(json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        if failed:  # written before the cache: a complete cache always has its list of failures
+            write_atomic(failed_file, json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
     return np.load(final, mmap_mode="r"), failed
 
 

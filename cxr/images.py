@@ -24,9 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import replacing
 from .errors import CxrError
 
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+# The file names `load_image` reads, for every part of cxr that looks for images in a folder.
+# Order = preference where one image comes in several forms (PNG first, DICOM last).
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 
 # Header values worth carrying along; none of them identifies the patient.
 DICOM_META_KEYWORDS = (
@@ -401,14 +406,15 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def save_png16(path: str | Path, image: np.ndarray) -> Path:
-    """Write a float image in [0, 1] as a 16-bit greyscale PNG (values clipped, rounded)."""
+    """Write a float image in [0, 1] as a 16-bit greyscale PNG (values clipped, rounded),
+    atomically."""
     from PIL import Image
 
     path = Path(path)
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise ValueError(f"save_png16: expected a 2-D grey image, got shape {image.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = np.rint(np.nan_to_num(image).clip(0.0, 1.0) * 65535.0).astype(np.uint16)
-    Image.fromarray(array).save(path, format="PNG")  # uint16 -> mode I;16
+    with replacing(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")  # uint16 -> mode I;16
     return path

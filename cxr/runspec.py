@@ -19,8 +19,9 @@ describes runs written before the field existed), e.g.
 
 and write it in training (`cxr.training.pipeline._write_run`). The field is then serialised,
 read back, and defaulted for older runs with no other change. All dataclasses are keyword-only,
-so order does not matter. Nested settings get their own dataclass (a field typed with it is
-(de)serialised recursively, also inside `X | None`).
+so order does not matter, and frozen: a changed copy is `dataclasses.replace(spec, thresholds=...)`
+(the Reader derives arrays from its spec once). Nested settings get their own dataclass (a field
+typed with it is (de)serialised recursively, also inside `X | None`).
 
 Runs written before this module (`"format": "cxr-run/1"`, the same keys) load through
 `from_v1`, which requires every key the v1 writer wrote.
@@ -35,15 +36,15 @@ from dataclasses import dataclass
 
 from .errors import CxrError
 from .models.cascade import RefinedLabels
-from .models.localize import LocalizeParams
 
 FORMAT = "cxr-run/2"
 V1_FORMAT = "cxr-run/1"
 
-__all__ = ["FORMAT", "Architecture", "Calibration", "DataSpec", "Preprocessing", "RunSpec", "from_v1"]
+__all__ = ["FORMAT", "Architecture", "Calibration", "DataSpec", "LocalizeParams", "Preprocessing", "RunSpec",
+           "from_v1"]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Preprocessing:
     """How an image as loaded (float32 (H, W) in [0, 1], bright = dense) becomes the model's
     input: resized to `image_size` (area), optionally percentile-stretched (`stretch`, 0.5-99.5th
@@ -59,7 +60,18 @@ class Preprocessing:
                   "0.5-99.5th percentiles stretched to [0, 1], then (x - mean) / std")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True)
+class LocalizeParams:
+    """CAM heatmap -> boxes (`cxr.models.localize`): `threshold` on the [0, 1] heatmap;
+    components smaller than `min_area` (fraction of the image) are dropped; at most `max_boxes`
+    per finding, by CAM mass."""
+
+    threshold: float = 0.5
+    max_boxes: int = 2
+    min_area: float = 0.002
+
+
+@dataclass(kw_only=True, frozen=True)
 class Architecture:
     """What to build before loading the weights: the CNN (`backbone`, `num_classes` refined
     outputs, `in_chans`, embedding size `image_dim`) and the annotator RNN; `max_tokens` is the
@@ -77,7 +89,7 @@ class Architecture:
     max_tokens: int
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class Calibration:
     """Platt scaling per target on logits: score = sigmoid(a * z + b), params {target: [a, b]}."""
 
@@ -85,7 +97,7 @@ class Calibration:
     params: dict[str, list[float]]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class DataSpec:
     """The data a run was trained on and its split by patient (so evaluation scores exactly the
     run's test patients)."""
@@ -100,7 +112,7 @@ class DataSpec:
     label_counts: dict[str, int]               # training images per target
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class RunSpec:
     """A trained run: what it predicts (`targets`, the CNN's `refined` labels -> target), how to
     build and feed it, what its scores mean (`calibration`, operating `thresholds`), how it

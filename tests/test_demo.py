@@ -13,8 +13,8 @@ import pytest
 from PIL import Image as PILImage
 
 from cxr.commands import demo
-from cxr.commands.evaluate import evaluate_run
 from cxr.errors import CxrError
+from cxr.evaluation import evaluate_run
 from cxr.records import Box
 from cxr.report_html import overlay
 

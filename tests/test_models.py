@@ -9,7 +9,8 @@ from cxr.errors import CxrError
 from cxr.models.annotator import END, START, Annotator, decode, encode, pad_batch
 from cxr.models.cascade import RefinedLabels, refine, to_original
 from cxr.models.cnn import BACKBONES, create_cnn, load_pretrained
-from cxr.models.localize import LocalizeParams, boxes_from_heatmap, class_activation_maps, to_heatmap
+from cxr.models.localize import boxes_from_heatmap, class_activation_maps, to_heatmap
+from cxr.runspec import LocalizeParams
 
 
 

@@ -1,6 +1,7 @@
 """Reader on the tiny trained run: contract of Result, checkpoint round trip, inputs, batching."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -50,13 +51,13 @@ def test_findings_follow_thresholds(tiny_run):
     from cxr.reader import Reader
 
     spec, tensors = load_run(tiny_run)
-    spec.thresholds = {t: 0.0 for t in spec.targets}
+    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets})
     result = Reader(spec, tensors, "cpu")(_image())
     diseases = [t for t in spec.targets if t != "normal"]
     assert sorted(f.disease for f in result.findings) == sorted(diseases)
     assert set(result.heatmaps) == set(diseases)
     assert all(f.annotation for f in result.findings)
-    spec.thresholds = {t: 1.1 for t in spec.targets}
+    spec = dataclasses.replace(spec, thresholds={t: 1.1 for t in spec.targets})
     assert Reader(spec, tensors, "cpu")(_image()).findings == []
 
 
@@ -124,7 +125,7 @@ def test_localise_matches_the_boxes_of_findings(tiny_run):
     from cxr.reader import Reader
 
     spec, tensors = load_run(tiny_run)
-    spec.thresholds = {t: 0.0 for t in spec.targets}
+    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets})
     reader = Reader(spec, tensors, "cpu")
     image = _image()
     diseases = [t for t in spec.targets if t != "normal"]

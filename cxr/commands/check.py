@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..atomic import write_atomic
+
 
 def configure(parser) -> None:
     parser.add_argument("images", nargs="+", type=Path, help="image files or folders (PNG, JPEG, DICOM)")
@@ -63,6 +65,5 @@ def run(args) -> int:
         if to_stdout:
             print(text)
         else:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(text + "\n")
+            write_atomic(args.json, text + "\n")
     return 1 if refused else 0

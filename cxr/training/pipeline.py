@@ -28,10 +28,9 @@ from ..errors import CxrError
 from ..models.annotator import Annotator
 from ..models.cascade import RefinedLabels, refine, to_original
 from ..models.cnn import create_cnn, load_pretrained
-from ..models.localize import LocalizeParams
 from ..preprocess import MEAN, STD, STRETCH
 from ..records import MAX_TOKENS, Study
-from ..runspec import Architecture, Calibration, DataSpec, Preprocessing, RunSpec
+from ..runspec import Architecture, Calibration, DataSpec, LocalizeParams, Preprocessing, RunSpec
 from ..calibration import apply_platt, logit
 from .calibration import fit_platt, max_f1_thresholds
 from .config import TrainConfig
