@@ -87,6 +87,11 @@ class Architecture:
     vocab_size: int
     num_labels: int
     max_tokens: int
+    pooling: str = "avg"          # the CNN head's pooling: avg | lse (ChestX-ray8)
+    lse_r: float = 10.0
+    transition: int = 0           # ChestX-ray8 transition layer width (0: none)
+    annotator: str = "global"     # global (Shin's RNN on the pooled embedding) | grounded
+    attn_dim: int = 0             # the grounded annotator's width (weights "ground.*")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -198,7 +203,9 @@ def from_v1(d: dict, where: str = "config.json") -> RunSpec:
     required = {
         "": [f.name for f in dataclasses.fields(RunSpec)],
         "preprocessing": ["image_size", "crop", "mean", "std", "stretch"],
-        "architecture": [f.name for f in dataclasses.fields(Architecture)],
+        # fields with a default came after v1 (the default describes the v1 runs)
+        "architecture": [f.name for f in dataclasses.fields(Architecture)
+                         if f.default is dataclasses.MISSING],
         "localization": [f.name for f in dataclasses.fields(LocalizeParams)],
     }
     for section, keys in required.items():

@@ -28,6 +28,8 @@ Token ids follow `cxr.models.annotator` (0 pad, 1 start, 2 end, 3 unk).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,9 +56,38 @@ class Attention(nn.Module):
         self.query = nn.Linear(query_dim, dim)
         self.score = nn.Linear(dim, 1)
 
+    def scores(self, keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """keys (B, R, dim), query (B, query_dim) -> evidence per region (B, R), before softmax."""
+        return self.score(torch.tanh(keys + self.query(query)[:, None])).squeeze(-1)
+
     def forward(self, keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """keys (B, R, dim), query (B, query_dim) -> weights (B, R) summing to 1."""
-        return torch.softmax(self.score(torch.tanh(keys + self.query(query)[:, None])).squeeze(-1), -1)
+        return torch.softmax(self.scores(keys, query), -1)
+
+
+ZONES = 11  # image halves, thirds from top to bottom, and the six crossings
+
+
+def zone_masks(h: int, w: int, device=None) -> torch.Tensor:
+    """(ZONES, h*w) bool: image-left half, image-right half, upper/middle/lower thirds, and
+    each half x third. The field heads read the finding's evidence per zone, so "left" can only
+    be said where the evidence lies (the patient's left is the image's right on a PA film)."""
+    c = coordinates(h, w, device)
+    x, y = c[0].flatten(), c[1].flatten()
+    halves = [x < 0, x >= 0]
+    thirds = [y < -1 / 3, (y >= -1 / 3) & (y < 1 / 3), y >= 1 / 3]
+    return torch.stack(halves + thirds + [a & b for a in halves for b in thirds])
+
+
+def zone_evidence(scores: torch.Tensor, masks: torch.Tensor, r: float = 4.0) -> torch.Tensor:
+    """Log-mean-exp (sharpness r) of the evidence (B, R) inside each zone, minus the same over
+    the whole image: (B, ZONES), 0 where a zone holds as much evidence as the image."""
+    neg = torch.finfo(scores.dtype).min / 4
+    s = r * scores[:, None, :]
+    inside = torch.where(masks[None], s, torch.full_like(s, neg))
+    zone = torch.logsumexp(inside, -1) - torch.log(masks.sum(-1).clamp(min=1).float())
+    whole = torch.logsumexp(r * scores, -1, keepdim=True) - math.log(scores.shape[-1])
+    return (zone - whole) / r
 
 
 class TextEncoder(nn.Module):
@@ -79,7 +110,7 @@ class GroundedAnnotator(nn.Module):
     def __init__(self, vocab_size: int, num_labels: int, feat_dim: int,
                  field_words: dict[str, list[int]], hidden: int = 256, embed_dim: int = 128,
                  cell: str = "gru", attn_dim: int = 128, dropout: float = 0.1,
-                 text_vocab_size: int = 0):
+                 text_vocab_size: int = 0, vocab: list[str] | None = None):
         super().__init__()
         if cell not in ("gru", "lstm"):
             from ..errors import CxrError
@@ -91,12 +122,22 @@ class GroundedAnnotator(nn.Module):
         self.label = nn.Embedding(num_labels, attn_dim)
         self.find_attn = Attention(attn_dim, attn_dim, attn_dim)
         ctx_dim = attn_dim + COORDS
-        self.heads = nn.ModuleDict({f: nn.Sequential(nn.Linear(ctx_dim + attn_dim, attn_dim), nn.ReLU(),
+        pooled_dim = ctx_dim + attn_dim + ZONES
+        self.heads = nn.ModuleDict({f: nn.Sequential(nn.Linear(pooled_dim, attn_dim), nn.ReLU(),
                                                      nn.Linear(attn_dim, len(ids)))
                                     for f, ids in self.field_words.items() if ids})
+        # the zone evidence speaks for side and site words directly (a linear map started from the
+        # anatomy: "left" = evidence in the image's right half on a PA film, "base" = lower third)
+        self.zone_heads = nn.ModuleDict({f: nn.Linear(ZONES, len(ids)) for f, ids in self.field_words.items()
+                                         if ids and f in ("side", "location")})
+        with torch.no_grad():
+            for f, head in self.zone_heads.items():
+                head.weight.copy_(zone_prior([vocab[i] for i in self.field_words[f]]) if vocab
+                                  else torch.zeros_like(head.weight))
+                head.bias.zero_()
         self.word = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
-        self.init_h = nn.Linear(ctx_dim + attn_dim, hidden)
-        self.init_c = nn.Linear(ctx_dim + attn_dim, hidden) if cell == "lstm" else None
+        self.init_h = nn.Linear(pooled_dim, hidden)
+        self.init_c = nn.Linear(pooled_dim, hidden) if cell == "lstm" else None
         self.step_attn = Attention(attn_dim, attn_dim + hidden, attn_dim)
         self.rnn_cell = (nn.GRUCell if cell == "gru" else nn.LSTMCell)(embed_dim + ctx_dim, hidden)
         self.drop = nn.Dropout(dropout)
@@ -111,16 +152,24 @@ class GroundedAnnotator(nn.Module):
         feats = torch.relu(self.region(maps.float()))
         coords = coordinates(h, w, maps.device).expand(b, -1, -1, -1)
         values = torch.cat([feats, coords], 1).flatten(2).transpose(1, 2)
+        self._zones = zone_masks(h, w, maps.device)
         return values, self.keys(values)
 
     def finding(self, values, keys, labels):
-        """The finding map (B, R) and the pooled vector the field heads read (B, ctx+attn)."""
+        """The finding map (B, R) and the vector the field heads read: the regions pooled under
+        the map, the finding's embedding, and its evidence per zone (B, ctx+attn+ZONES)."""
         q = self.label(labels)
-        alpha = self.find_attn(keys, q)
-        return alpha, torch.cat([torch.bmm(alpha[:, None], values)[:, 0], q], -1)
+        scores = self.find_attn.scores(keys, q)
+        alpha = torch.softmax(scores, -1)
+        zones = zone_evidence(scores, self._zones)
+        return alpha, torch.cat([torch.bmm(alpha[:, None], values)[:, 0], q, zones], -1)
 
     def field_logits(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {f: head(self.drop(pooled)) for f, head in self.heads.items()}
+        """Per field, logits over its words: an MLP of everything pooled (priors, appearance,
+        severity) plus, for side and site, the linear read-out of the zone evidence."""
+        zones = pooled[:, -ZONES:]
+        return {f: head(self.drop(pooled)) + (self.zone_heads[f](zones) if f in self.zone_heads else 0)
+                for f, head in self.heads.items()}
 
     def _init_state(self, pooled):
         h = torch.tanh(self.init_h(pooled))
@@ -180,7 +229,8 @@ class GroundedAnnotator(nn.Module):
             values, keys = self.regions(maps)
             beta, pooled_t = self.text_map(values, keys, text)
             parts["text_label"] = F.cross_entropy(self.text_label(pooled_t), labels)
-            for f, lg in self.field_logits(torch.cat([pooled_t, self.label(labels)], -1)).items():
+            zones = zone_evidence(torch.log(beta + 1e-8), self._zones)
+            for f, lg in self.field_logits(torch.cat([pooled_t, self.label(labels), zones], -1)).items():
                 if (targets[f] >= 0).any():
                     parts[f"text_{f}"] = F.cross_entropy(lg, targets[f], ignore_index=-100)
             # the image-only finding map learns the text-conditioned one (test time has no text)
@@ -250,6 +300,25 @@ class GroundedAnnotator(nn.Module):
                 break
         maps_out = [torch.stack(m) if m else alpha_f[i:i + 1, :0] for i, m in enumerate(wmaps)]
         return seqs, maps_out, alpha_f, {f: lp.exp() for f, lp in field_logp.items()}
+
+
+ZONE_WEIGHT = 4.0
+# zone indices (see zone_masks): 0 image-left half, 1 image-right half, 2-4 upper/middle/lower thirds
+_ZONE_OF_WORD = {
+    "left": {1: 1.0, 0: -1.0}, "right": {0: 1.0, 1: -1.0}, "bilateral": {0: 0.5, 1: 0.5},
+    "upper lobe": {2: 1.0}, "apex": {2: 1.0}, "base": {4: 1.0}, "lower lobe": {4: 1.0},
+    "middle lobe": {3: 1.0}, "lingula": {3: 1.0}, "hilum": {3: 1.0},
+}
+
+
+def zone_prior(words: list[str]) -> torch.Tensor:
+    """(len(words), ZONES) starting weights of the zone read-out: the patient's left is the
+    image's right on a PA/AP film; lobes and zones by height. Words without a place start at 0."""
+    w = torch.zeros(len(words), ZONES)
+    for i, word in enumerate(words):
+        for z, v in _ZONE_OF_WORD.get(word, {}).items():
+            w[i, z] = ZONE_WEIGHT * v
+    return w
 
 
 def field_word_ids(words: list[str]) -> dict[str, list[int]]:

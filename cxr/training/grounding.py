@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from ..dataset import normalise
+from ..preprocess import MEAN, STD, normalise
 from ..models.annotator import encode, pad_batch
 from ..models.grounded import GroundedAnnotator
 from .loops import Context, _epoch_seed, _resume, _save, cosine_lr, phase_done
@@ -33,7 +33,7 @@ def feature_maps(ctx: Context, model, idx: np.ndarray, batch_size: int | None = 
         x = torch.from_numpy(np.asarray(ctx.images[np.sort(rows)], dtype=np.float32) / 65535.0)[:, None]
         order = np.argsort(np.argsort(rows))
         with ctx.autocast():
-            maps = model.forward_features(normalise(x.to(ctx.device)))
+            maps = model.forward_features(normalise(x.to(ctx.device), MEAN, STD))
         out.append(maps.float()[order].half().cpu())
     return torch.cat(out)
 
@@ -169,11 +169,11 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
             group["lr"] = cosine_lr(lr, epoch, epochs)
         cnn.train()
         model.train()
-        t0, total, n = time.time(), 0.0, 0
+        t0, total, n, parts_sum = time.time(), 0.0, 0, {}
         for s in range(0, len(rows), cfg.batch_size):
             b = np.sort(rows[s:s + cfg.batch_size])
             x = torch.from_numpy(np.asarray(ctx.images[b], dtype=np.float32) / 65535.0)[:, None].to(dev)
-            x = normalise(augment(x, cfg.rotation, 0.0, cfg.intensity, generator=gen))
+            x = normalise(augment(x, cfg.rotation, 0.0, cfg.intensity, generator=gen), MEAN, STD)
             y = torch.from_numpy(labels[b]).to(dev)
             with ctx.autocast():
                 maps = cnn.forward_features(x)
@@ -183,9 +183,11 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
             where = {int(i): j for j, i in enumerate(b)}
             sel = torch.tensor([where[int(pairs[k][0])] for k in ks], device=dev)
             text = texts[ks].to(dev) if texts is not None else None
-            g_loss, _ = model.loss(maps.float()[sel], pair_label[ks].to(dev), tokens[ks].to(dev),
-                                   text, text_weight)
+            g_loss, g_parts = model.loss(maps.float()[sel], pair_label[ks].to(dev), tokens[ks].to(dev),
+                                         text, text_weight)
             loss = loss + g_loss
+            for k, v in g_parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v * len(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -193,6 +195,7 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
             total += float(loss.detach()) * len(b)
             n += len(b)
         record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / max(n, 1),
+                  **{f"train_{k}": round(v / max(n, 1), 4) for k, v in parts_sum.items()},
                   "seconds": round(time.time() - t0, 3)}
         ctx.log(record)
         _save(ctx, phase, {"cnn": cnn, "rnn": model}, opt, epoch + 1, epoch + 1 >= epochs)
