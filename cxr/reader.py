@@ -7,8 +7,15 @@
 For each image: calibrated scores for every original target (refined cascade labels are folded
 back: max over a disease's sub-labels); the targets above their stored operating thresholds as
 findings, each with a generated annotation (the RNN, conditioned on that disease), its context
-fields parsed back from the tokens, CAM boxes and a heatmap at the input size; and the image
+fields parsed back from the tokens, boxes and a heatmap at the input size; and the image
 embedding. `normal` is reported as a finding only when no disease is.
+
+A run with the grounded annotator (`cxr.models.grounded`, the default) writes each finding's
+words from the CNN's feature map: `heatmaps["Opacity"]` is its finding map (where it says the
+finding is; the boxes come from it) and `heatmaps["Opacity:left"]` the map it attended to while
+writing "left". Older runs (Shin's annotator on the pooled embedding) give CAM heatmaps and boxes.
+Either way a finding's boxes lie on the side its words name (PA display: the patient's left is
+the image's right), so words and boxes never contradict each other.
 
     reader.localise(image, ["Cardiomegaly"])        # boxes of named targets, detected or not
     feats = reader.forward(images); scores, _ = reader.scores(feats.logits)   # the raw steps

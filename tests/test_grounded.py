@@ -151,3 +151,34 @@ def test_trained_without_boxes_it_localises_a_phantom_nodule(phantom, one_torch_
     said_side = np.mean([t[2] in decode(s, WORDS) for t, s in zip(truth, seqs)])
     assert hits / len(test) >= 0.3, hits
     assert said_side >= 0.75, said_side
+
+
+def test_reader_words_maps_and_boxes_agree(tiny_run):
+    """A trained grounded run: each detected finding has its finding map and one map per word,
+    its boxes lie on the side its words name, and the maps can be asked for by source."""
+    from cxr.checkpoint import load_spec
+    from cxr.evaluation import EvalData
+    from cxr.reader import Reader
+    from cxr.sources import open_source
+
+    spec = load_spec(tiny_run)
+    assert spec.architecture.annotator == "grounded"
+    reader = Reader.load(tiny_run, device="cpu")
+    ed = EvalData(spec, open_source(spec.data.spec))
+    results = reader([ed.prep.paths[i] for i in range(len(ed.prep.paths))], heatmaps=True)
+    seen_words = 0
+    for r in results:
+        width = r.image_size[1]
+        for f in r.findings:
+            if f.disease == "normal":
+                continue
+            assert f.disease in r.heatmaps
+            words = [k.split(":", 1)[1] for k in r.heatmaps if k.startswith(f.disease + ":")]
+            seen_words += len(words)
+            if f.side in ("left", "right"):
+                assert all(side_of_box(b, width) == f.side for b in f.boxes), (f.side, f.boxes)
+    assert seen_words > 0
+    boxed = next(i for i in range(len(ed.prep.paths)) if ed.truth_boxes(i))
+    label = ed.truth_boxes(boxed)[0].label
+    for source in ("cam", "attention", "word"):
+        assert set(reader.localise(ed.prep.paths[boxed], [label], source=source)) == {label}

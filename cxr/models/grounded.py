@@ -144,6 +144,7 @@ class GroundedAnnotator(nn.Module):
         self.out = nn.Linear(hidden + ctx_dim, vocab_size)
         self.text = TextEncoder(text_vocab_size, attn_dim) if text_vocab_size else None
         self.text_label = nn.Linear(ctx_dim, num_labels) if text_vocab_size else None
+        self.text_keys = nn.Linear(attn_dim, attn_dim) if text_vocab_size else None
 
     # ------------------------------------------------------------------ regions and maps
     def regions(self, maps: torch.Tensor):
@@ -242,9 +243,12 @@ class GroundedAnnotator(nn.Module):
     def text_map(self, values, keys, text: torch.Tensor):
         """Regions x report tokens: each token's attention over the regions (scaled dot
         product), averaged over the tokens -> the text-conditioned map (B, R) and its pooled
-        region vector (B, ctx)."""
+        region vector (B, ctx). The tokens meet the regions' CONTENT only (no coordinate
+        channels): "left" cannot simply point at the image's right half; the map must find the
+        finding, and the side is then read from where it found it."""
         tok = self.text(text)  # (B, L, attn)
-        scores = torch.einsum("bld,brd->blr", tok, keys) / keys.shape[-1] ** 0.5
+        content = self.text_keys(values[..., :-COORDS])
+        scores = torch.einsum("bld,brd->blr", tok, content) / content.shape[-1] ** 0.5
         per_token = torch.softmax(scores, -1)
         mask = (text != 0).float()
         beta = (per_token * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)

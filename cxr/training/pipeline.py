@@ -361,5 +361,5 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
     tensors = {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())}
     if ground is not None:  # the report-text branch is for training only: not kept
         tensors.update(prefixed("ground", {k: v for k, v in ground.state_dict().items()
-                                           if not k.startswith(("text.", "text_label."))}))
+                                           if not k.startswith(("text.", "text_label.", "text_keys."))}))
     save_run(run_dir, tensors, spec)
