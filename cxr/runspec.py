@@ -196,19 +196,26 @@ class RunSpec:
         return f"{self.architecture.backbone}-{self.stage}"
 
 
+# Every key the v1 writer (before RunSpec) wrote, by section. Fixed: fields added to RunSpec later
+# have defaults and are not looked for in a v1 run.
+V1_KEYS = {
+    "": ("cxr_version", "stage", "created", "architecture", "targets", "refined", "vocabulary",
+         "preprocessing", "calibration", "thresholds", "threshold_rule", "localization", "validation",
+         "train_config", "pretrained", "data", "seed"),
+    "preprocessing": ("image_size", "crop", "mean", "std", "stretch"),
+    "architecture": ("backbone", "num_classes", "in_chans", "image_dim", "rnn", "rnn_hidden", "rnn_embed",
+                     "vocab_size", "num_labels", "max_tokens"),
+    "localization": ("threshold", "max_boxes", "min_area"),
+    "calibration": ("method", "params"),
+    "data": ("spec", "views", "split_seed", "fractions", "patients", "counts", "unreadable", "label_counts"),
+}
+
+
 def from_v1(d: dict, where: str = "config.json") -> RunSpec:
     """A run written before RunSpec (`cxr-run/1`). Its writer stored the same keys, so the
-    conversion is the v2 reading with every key required: a v1 run lacking one (an early run
+    conversion is the v2 reading with every v1 key required: a v1 run lacking one (an early run
     without `stretch` or `max_tokens`, whose readers guessed) is refused, never guessed."""
-    required = {
-        "": [f.name for f in dataclasses.fields(RunSpec)],
-        "preprocessing": ["image_size", "crop", "mean", "std", "stretch"],
-        # fields with a default came after v1 (the default describes the v1 runs)
-        "architecture": [f.name for f in dataclasses.fields(Architecture)
-                         if f.default is dataclasses.MISSING],
-        "localization": [f.name for f in dataclasses.fields(LocalizeParams)],
-    }
-    for section, keys in required.items():
+    for section, keys in V1_KEYS.items():
         part = d.get(section) if section else d
         lacking = [k for k in keys if not isinstance(part, dict) or k not in part]
         if lacking:

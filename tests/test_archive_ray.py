@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 
 # Ray runs in a child process: the test starts the local instance there, then runs `cxr index
@@ -28,15 +27,16 @@ sys.exit(code)
 """
 
 
-def test_ray_index_matches_the_local_run(tiny_run, shared_data, tmp_path):
-    pytest.importorskip("ray")
+def test_ray_index_matches_the_local_run(tiny_run, radiographs, tmp_path):
+    import ray  # noqa: F401  (the `ray` extra, part of `.[test]`: missing is a broken install)
+
     from cxr.archive.db import Archive
     from cxr.archive.index import index_images, iter_inputs
     from cxr.reader import Reader
 
     folder = tmp_path / "in" / "sub"
     folder.mkdir(parents=True)
-    for png in sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[:7]:
+    for png in radiographs[:7]:
         shutil.copy(png, folder / png.name)
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
 

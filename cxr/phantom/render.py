@@ -47,8 +47,9 @@ from .ct import LUNG_REF, MU_WATER, N_SLABS, Anatomy, CtSource, PlaneGrid, plane
 from .detector import detect, display, window_levels
 from .findings import add_patch, plan_findings
 from .spec import FindingSpec
-from .variation import Variation, draw_variation
+from .variation import Variation, ap_view, draw_variation
 
+VIEWS = ("PA", "AP", "lateral")
 FOV_MM = 330.0        # nominal field of view (square), before the per-image magnification
 TOP_MARGIN_MM = 25.0
 LEVEL_SIZE = 64        # size of the finding-free rendering the window is measured on  # nominal top of the field above the CT's top slice (neck/shoulders)
@@ -111,6 +112,7 @@ class Phantom:
         self.source = source
         self.anatomy = source.anatomy()
         self._layouts: dict[tuple[int, str], Layout] = {}
+        self._lateral = None
 
     @classmethod
     def load(cls, ct=None, labels=None, structures=None) -> "Phantom":
@@ -135,18 +137,43 @@ class Phantom:
         return self.render(findings, seed, size, geometry).raw
 
     def render(self, findings: list[FindingSpec] = (), seed: int = 0, size: int = 256,
-               geometry: str = "parallel") -> Rendering:
-        """One PA radiograph of this patient with `findings`, fully determined by `seed`."""
+               geometry: str = "parallel", view: str = "PA") -> Rendering:
+        """One radiograph of this patient with `findings`, fully determined by `seed`.
+        view: "PA" (default), "AP" (a supine/portable frontal: heart magnified, lordotic tilt,
+        displayed like a PA) or "lateral" (see lateral.py; no findings)."""
+        if view not in VIEWS:
+            raise CxrError(f"unknown view {view!r}; use one of {', '.join(VIEWS)}")
         prev = torch.get_num_threads()
         torch.set_num_threads(1)  # small ops: extra threads only contend (restored after)
         try:
-            return self._render(list(findings), int(seed), size, geometry)
+            if view == "lateral":
+                return self._render_lateral(list(findings), int(seed), size)
+            return self._render(list(findings), int(seed), size, geometry, view)
         finally:
             torch.set_num_threads(prev)
 
-    def _render(self, findings, seed, size, geometry) -> Rendering:
+    def _render_lateral(self, findings, seed, size) -> Rendering:
+        from .lateral import LateralMaps, render_lateral
+
+        if findings:
+            raise CxrError("findings are inserted in frontal (PA/AP) views only, not in laterals")
+        self.layout(size)  # validates the size
+        if self._lateral is None:
+            self._lateral = LateralMaps(self.anatomy)
+        var = draw_variation(np.random.default_rng([seed, 0]))
+        var.yaw_deg = var.pitch_deg = 0.0  # not modelled in this view
+        image, raw, pixel = render_lateral(self._lateral, var, seed, int(size), TOP_MARGIN_MM)
+        meta = {"seed": seed, "size": int(size), "geometry": "parallel", "view": "lateral",
+                "pixel_mm": pixel, "variation": var.to_dict(), "findings": [],
+                "phantom": self.anatomy.key,
+                "orientation": "left lateral, anterior on image left, row 0 superior"}
+        return Rendering(image=image, boxes=[], masks=[], meta=meta, raw=raw)
+
+    def _render(self, findings, seed, size, geometry, view="PA") -> Rendering:
         lay = self.layout(size, geometry)
         var = draw_variation(np.random.default_rng([seed, 0]))
+        if view == "AP":
+            ap_view(var, np.random.default_rng([seed, 2]))
         base_var = copy.deepcopy(var)
         inserts = plan_findings(findings, var, self.anatomy, lay, seed)
         var.heart_scale = var.ctr / lay.ctr0
@@ -162,7 +189,7 @@ class Phantom:
             masks.append(mask)
             boxes.append(_box(mask, ins.label))
         image = display(raw, var, pixel, levels)
-        meta = {"seed": seed, "size": int(size), "geometry": geometry, "view": "PA",
+        meta = {"seed": seed, "size": int(size), "geometry": geometry, "view": view,
                 "pixel_mm": pixel, "ctr": round(var.ctr, 4),
                 "diaphragm_mm": {k: round(v + var.diaphragm_local_mm.get(k, 0.0), 2)
                                  for k, v in var.diaphragm_mm.items()},
