@@ -201,6 +201,15 @@ def test_reader_reads_a_rotated_film_upright(reader, files):
     assert inverted.quality.inverted and inverted.scores == pytest.approx(upright.scores, abs=0.02)
 
 
+def test_embeddings_are_of_the_upright_film_as_read(reader, files):
+    """`embed` (what `cxr search --like FILE` uses) turns a film as reading does, so a film on its
+    side finds what its upright copy finds; it refuses nothing."""
+    upright = reader(files["upright"]).embedding
+    turned, noise = reader.embed([files["rotated90"], files["noise"]])
+    np.testing.assert_allclose(turned, upright, atol=1e-5)
+    assert np.isfinite(noise).all()
+
+
 def test_reader_without_the_gate(tiny_run, files):
     from cxr.reader import Reader
 
