@@ -14,8 +14,8 @@ not a finding but sets `meta["indexed"] = False`); the MTI `<automatic>` terms a
 
 Images are the report's `<parentImage id=...>` (e.g. `CXR1000_IM-0003-1001`). Their view comes
 from `View Position` in `nlmcxr_dicom_metadata.csv[.gz]` (found automatically beside the reports
-or in the folder; 2,586 of its 7,469 rows leave it empty -> view None). The header value is
-taken as is, though it is not always right: in 1,084 two-image reports both images say `PA`, one
+or in the folder; many rows leave it empty -> view None). The header value is taken as is,
+though it is not always right: in many two-image reports both images say `PA`, one
 with the acquisition-device processing code 60025 and one with 60003 (`Image.meta["processing_code"]`); the
 image order and the single-image reports (mostly 60025) suggest 60003 is the lateral, but
 without pixels to check we leave the header alone. A path is set when
