@@ -182,6 +182,8 @@ def timing(gate_full, films, repeats: int) -> dict:
 def main(argv=None) -> int:
     import torch
 
+    from PIL import Image
+
     from cxr.images import load_image
     from cxr.metrics import markdown_table
     from cxr.phantom.render import Phantom
@@ -225,6 +227,9 @@ def main(argv=None) -> int:
     res["held_out_mix"] = pool_metrics(gate, src, args.pool, TEST_SEEDS + 2)
     print(f"held-out mix done ({time.time() - t0:.0f} s)", flush=True)
     res["timing"] = timing(gate_full, films, args.timing_images)
+    big = [np.asarray(Image.fromarray(f).resize((1024, 1024), Image.BILINEAR)) for f in
+           films[:args.timing_images]]
+    res["timing_1024"] = timing(gate_full, big, args.timing_images)
 
     nih, mix, tm = res["nih_held_out"], res["held_out_mix"], res["timing"]
     rows = [
@@ -240,12 +245,14 @@ def main(argv=None) -> int:
         ["Held-out augmented mix: inverted accuracy", mix["inverted"]["accuracy"], ""],
         ["Held-out augmented mix: kind accuracy", mix["kind"]["accuracy"], ""],
         *[[f"Calibration error (ECE), {h}", mix[h]["ece"], ""] for h in ("kind", "rotation", "inverted", "mirrored")],
-        ["Gate time per image / Reader time per image", tm["ratio"], "<= 0.10"],
+        ["Gate time per image / Reader time per image (256 px films)", tm["ratio"], "<= 0.10"],
+        ["Gate time per image / Reader time per image (1024 px films)", res["timing_1024"]["ratio"], "<= 0.10"],
     ]
     print()
     print(markdown_table(["measure", "value", "target"], rows, digits=3))
-    print(f"\ngate {tm['gate_ms_median']:.1f} ms, Reader {tm['reader_ms_median']:.1f} ms per "
-          f"{tm['input'][0]} px image ({tm['threads']} threads)")
+    for t in (tm, res["timing_1024"]):
+        print(f"gate {t['gate_ms_median']:.1f} ms, Reader {t['reader_ms_median']:.1f} ms per "
+              f"{t['input'][0]} px image ({t['threads']} threads)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1))
     return 0
