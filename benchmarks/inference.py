@@ -91,7 +91,8 @@ def measure(job: dict) -> dict:
     if job["kind"] == "reader":
         from cxr.reader import Reader
 
-        reader = Reader.load(job["run"], device=device)
+        # the cascade alone (benchmarks/quality.py measures what the quality gate adds)
+        reader = Reader.load(job["run"], device=device, gate=False)
 
         def step():
             out = reader(images if batch > 1 else images[0], batch_size=batch)

@@ -153,7 +153,8 @@ def _ensure(*groups: str) -> Path:
             try:
                 fetch_file(known)
             except CxrError as exc:
-                _failed[known.key] = exc.problem.split(". Offline")[0]
+                # "could not fetch KEY; SOURCE: PROBLEM. Offline or ...": keep the last PROBLEM
+                _failed[known.key] = exc.problem.split(". Offline")[0].split("; ")[-1].split(": ", 1)[-1]
     failed = [f.key for f in expand(list(groups)) if f.key in _failed]
     if failed:
         skip_or_fail(f"{', '.join(failed)} not fetched: {_failed[failed[0]]}")
@@ -196,7 +197,7 @@ def radiographs(tmp_path_factory) -> list[Path]:
     _ensure("openi", "phantom")
     from cxr.phantom.simulate import simulate
 
-    out = simulate(tmp_path_factory.mktemp("radiographs"), n=64, size=128, seed=3, workers=1,
+    out = simulate(tmp_path_factory.mktemp("radiographs"), n=64, size=256, seed=3, workers=1,
                    progress=False)
     return sorted((Path(out) / "images").glob("*.png"))
 
@@ -220,3 +221,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def chest_film(n: int = 0, shape: tuple[int, int] | None = None):
+    """A chest film, float32 (H, W) in [0, 1], resized to `shape`: the n-th real NIH radiograph
+    where the sample is present, else a phantom radiograph (seed n). For tests that need some
+    chest film: the quality gate in front of every read refuses drawings that are no radiograph."""
+    from cxr.images import load_image, resize
+
+    films = sorted((NIH_SAMPLE / "images").glob("*.png"))
+    if films:
+        film = load_image(films[n % len(films)])
+    else:
+        _ensure("openi", "phantom")
+        from cxr.phantom.render import Phantom
+
+        film = Phantom.load().render([], seed=n, size=128).image
+    return resize(film, shape) if shape else film

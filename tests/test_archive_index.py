@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import chest_film
+
 from cxr.cli import main
 
 PATIENT_NAME = "Doe^Jane"
@@ -22,11 +24,10 @@ PATIENT_ID = "PID-837261"
 
 
 def write_chest_dicom(path: Path, seed: int, **kwargs) -> Path:
+    """A DICOM of a real NIH film (another one per seed; the quality gate refuses drawings)."""
     from cxr.dicom import write_dicom
 
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:96, 0:96] / 96
-    image = (0.3 + 0.3 * np.exp(-((xx - 0.5) ** 2) / 0.03) + 0.05 * rng.random((96, 96)))
+    image = chest_film(200 + seed, (96, 96))
     return write_dicom(path, image.astype(np.float32), patient_id=PATIENT_ID,
                        extra={"PatientName": PATIENT_NAME, "PatientBirthDate": "19500101"},
                        **kwargs)

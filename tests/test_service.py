@@ -10,19 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import chest_film
 from service_helpers import run_asserting_every_finding
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+import httpx  # the `service` extra, part of `.[test]`: missing is a broken install, not a skip
 
 
 def chest_dicom(path: Path, shape=(96, 120), **kwargs) -> Path:
+    """A DICOM of a chest film (the quality gate refuses drawings)."""
     from cxr.dicom import write_dicom
 
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    image = 0.3 + 0.3 * np.exp(-((xx / shape[1] - 0.5) ** 2) / 0.03) + 0.05 * np.sin(yy / 7)
-    return write_dicom(path, image.astype(np.float32), **kwargs)
+    return write_dicom(path, chest_film(300, shape), **kwargs)
 
 
 def png_size(data_url: str) -> tuple[int, int]:
@@ -72,6 +70,7 @@ def test_health_openapi_docs_and_page(client, service):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model_id"] == service[1].model_id
     assert health["targets"] == service[1].targets and health["archive"]["images"] == 7
+    assert health["quality_gate"] == service[1].gate.model_id
     spec = client.get("/openapi.json").json()
     assert {"/annotate", "/studies", "/studies/{image_id}", "/studies/{image_id}/image", "/search",
             "/health"} <= set(spec["paths"])
@@ -119,9 +118,12 @@ def test_heatmap_image_and_embedding_on_request(client, service, radiographs):
 def test_heatmaps_of_a_large_image_are_shrunk_to_512(client, radiographs):
     from PIL import Image
 
+    from cxr.images import load_image
+
     png = radiographs[22]
     buf = io.BytesIO()
-    Image.open(png).convert("L").resize((768, 640)).save(buf, format="PNG")
+    film = (load_image(png) * 255).round().astype(np.uint8)  # 8-bit, whatever the file's depth
+    Image.fromarray(film).resize((768, 640)).save(buf, format="PNG")
     r = client.post("/annotate", params={"heatmap": "true"}, files={"file": ("big.png", buf.getvalue())})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -169,6 +171,46 @@ def test_bad_uploads_get_a_4xx_with_the_reason(client, radiographs, tmp_path, ca
     assert all(w.lower() in detail.lower() for w in words), detail
     assert "/tmp" not in detail and "cxr-upload" not in detail  # the server's temp file stays private
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_refused_upload_gets_422_with_the_reason_and_force_reads_it(client):
+    from PIL import Image
+    from skimage.data import astronaut
+
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)).save(noise, "PNG")
+    photo = io.BytesIO()
+    Image.fromarray(astronaut()).save(photo, "JPEG")
+    for name, data, why in (("noise.png", noise.getvalue(), "looks like noise"),
+                            ("photo.jpg", photo.getvalue(), "a colour picture")):
+        r = client.post("/annotate", files={"file": (name, data)})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith(f"{name}: not read: {why}")
+    r = client.post("/annotate", params={"force": "true"}, files={"file": ("noise.png", noise.getvalue())})
+    assert r.status_code == 200, r.text
+    quality = r.json()["quality"]
+    assert quality["forced"] and not quality["accepted"] and quality["reasons"][0].startswith("looks like noise")
+    assert r.json()["scores"]
+
+
+def test_a_film_stored_on_its_side_is_read_stored_and_served_upright(client, radiographs):
+    from PIL import Image
+
+    from cxr.images import load_image
+
+    film = (load_image(radiographs[33]) * 255).round().astype(np.uint8)  # 8 or 16-bit PNG
+    buf = io.BytesIO()
+    Image.fromarray(np.rot90(film).copy()).save(buf, "PNG")
+    r = client.post("/annotate", params={"store": "true", "image": "true"},
+                    files={"file": ("turned.png", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["quality"]["rotation"] == 90 and "turned back" in body["quality"]["notes"][0]
+    assert body["image_size"] == list(film.shape) and png_size(body["image"]) == film.shape
+    record = client.get(f"/studies/{body['id']}").json()
+    assert record["quality"]["rotation"] == 90
+    served = np.asarray(Image.open(io.BytesIO(client.get(f"/studies/{body['id']}/image").content)))
+    assert served.shape == film.shape and np.abs(served.astype(int) - film).max() <= 1
 
 
 def test_oversized_upload_is_refused_with_413(client):

@@ -70,6 +70,71 @@ def test_openi_tgz(openi, shared_data):
     assert len({x.patient_id for x in openi}) == 3955
 
 
+def test_openi_views_from_the_whole_header(openi):
+    """Laterals tagged PA and views of images with an empty View Position, from the real metadata
+    (cxr/sources/openi_views.py gives the measured evidence for each rule)."""
+    import collections
+
+    images = [im for s in openi for im in s.images]
+    by = collections.Counter((im.view, im.meta["view_class"]) for im in images)
+    assert by[("PA", "lateral")] == 1361 and by[("PA", "frontal")] == 2230
+    code_60003 = [im for im in images if im.meta.get("processing_code") == "60003"]
+    assert len(code_60003) == 1366 and all(not im.frontal for im in code_60003)
+    assert all(im.meta["view_class"] == "lateral" for im in images
+               if im.view in ("LL", "RL", "LATERAL", "LARGE LATERAL"))
+    empty = [im for im in images if im.view is None]
+    decided = collections.Counter(im.meta["view_class"] for im in empty)
+    assert len(empty) == 2589 and decided["lateral"] == 1164 and decided["frontal"] == 1116
+    assert sum(im.frontal for im in images) == 2230 + 422 + 1116 + decided[None]
+    one = {im.id: im for im in images}["CXR1000_IM-0003-2001"]  # PA in the header, 60003
+    assert one.view == "PA" and one.meta["view_evidence"] == "processing code 60003" and not one.frontal
+
+
+def test_openi_view_rules_agree_with_the_header_where_it_is_known(shared_data, openi):
+    """Hide View Position where it is PA/AP/lateral (60003/60025 aside: their PA is the value in
+    question) and decide from the rest of the header: the rules must agree with it."""
+    from dataclasses import replace
+
+    from cxr.sources.openi import read_headers
+    from cxr.sources.openi_views import FRONTAL_POSITIONS, LATERAL_POSITIONS, infer_views
+
+    headers = read_headers(shared_data / "openi" / "nlmcxr_dicom_metadata.csv.gz")
+    agree = disagree = 0
+    for study in openi:
+        hs = [headers.get(im.id) for im in study.images]
+        hidden = [replace(h, position=None) if h else None for h in hs]
+        for h, (view, _) in zip(hs, infer_views(hidden)):
+            if h is None or h.code in ("60003", "60025") or view is None:
+                continue
+            truth = ("frontal" if h.position in FRONTAL_POSITIONS else
+                     "lateral" if h.position in LATERAL_POSITIONS else None)
+            if truth:
+                agree += view == truth
+                disagree += view != truth
+    assert agree >= 1500 and disagree / (agree + disagree) < 0.01, (agree, disagree)
+
+
+def test_the_gate_decides_open_i_views_the_header_leaves_open(openi_folder, nih_sample):
+    """CXR10's two images: an empty View Position, and no metadata row at all. With their files
+    present (a real frontal film, a phantom lateral) the quality gate's model decides."""
+    from cxr.images import load_image
+    from cxr.phantom.render import Phantom
+
+    film = load_image(sorted((nih_sample / "images").glob("*.png"))[0])
+    lateral = Phantom.load().render([], seed=5, size=128, view="lateral").image
+    for name, pixels in (("sub/10_IM-0002-1001.png", film), ("CXR10_IM-0002-2001.png", lateral)):
+        PILImage.fromarray((pixels * 255).round().astype(np.uint8)).save(openi_folder / "images" / name)
+    before = {im.id: im for s in read_openi(openi_folder, gate=False) for im in s.images}
+    assert before["CXR10_IM-0002-1001"].meta["view_class"] is None
+    assert before["CXR10_IM-0002-2001"].meta["view_evidence"] == "no header in the metadata"
+    images = {im.id: im for s in read_openi(openi_folder) for im in s.images}
+    frontal, side = images["CXR10_IM-0002-1001"], images["CXR10_IM-0002-2001"]
+    assert frontal.view is None and frontal.meta["view_class"] == "frontal" and frontal.frontal
+    assert side.meta["view_class"] == "lateral" and not side.frontal
+    assert side.meta["view_evidence"].startswith("quality gate (p ")
+    assert images["CXR1_1_IM-0001-4001"].meta["view_evidence"] == "View Position LL"
+
+
 def test_openi_folder_layout_images_and_views(openi_folder, shared_data):
     studies = read_openi(openi_folder)
     assert [s.id for s in studies] == ["CXR1", "CXR10", "CXR1776"]
@@ -126,8 +191,9 @@ def test_openi_bad_inputs(shared_data, tmp_path):
 
 # --- NIH ---
 
-def test_nih_boxes_scaled_to_real_256_images(shared_data):
-    d = shared_data / "nih" / "bbox256"
+def test_nih_boxes_scaled_to_real_256_images(nih_sample):
+    d = nih_sample
+    assert len(open_source(f"nih:{d}")) == 656
     studies = read_nih(d / "Data_Entry_2017_v2020.csv", d / "BBox_List_2017.csv", d / "images")
     assert len(studies) == 656 and all(s.images[0].path.is_file() for s in studies)
     official = read_nih(d / "Data_Entry_2017_v2020.csv", d / "BBox_List_2017.csv")  # no images
@@ -149,8 +215,8 @@ def test_nih_boxes_scaled_to_real_256_images(shared_data):
     assert "Infiltration" in labels and "Infiltrate" not in labels
 
 
-def test_nih_any_size_gz_and_normal(shared_data, tmp_path):
-    d = shared_data / "nih" / "bbox256"
+def test_nih_any_size_gz_and_normal(nih_sample, tmp_path):
+    d = nih_sample
     with open(d / "Data_Entry_2017_v2020.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     keep = rows[0:1] + rows[1:4]
@@ -274,7 +340,6 @@ def test_open_source_specs(shared_data, tmp_path):
     assert len(open_source("openi")) == 3955  # from the cache ($CXR_DATA_DIR)
     assert len(open_source(f"openi:{shared_data / 'openi'}")) == 3955
     assert len(open_source(str(shared_data / "openi" / "NLMCXR_reports.tgz"))) == 3955
-    assert len(open_source(f"nih:{shared_data / 'nih' / 'bbox256'}")) == 656
     for spec, message in [("", "empty data spec"), ("mimic:/x", "unknown data source"),
                           ("folder:", "needs a path"), (f"openi:{tmp_path / 'x'}", "not found"),
                           (f"openi:{tmp_path}", "no Open-i reports")]:
@@ -284,19 +349,26 @@ def test_open_source_specs(shared_data, tmp_path):
 
 # --- splits ---
 
-def test_split_by_patient(openi, shared_data):
-    nih = read_nih(shared_data / "nih" / "bbox256" / "Data_Entry_2017_v2020.csv")
+def _check_split(studies) -> None:
+    splits = split_by_patient(studies, seed=3)
+    patients = [{s.patient_id for s in splits[k]} for k in ("train", "val", "test")]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    assert sum(len(v) for v in splits.values()) == len(studies)
+    n = len(set().union(*patients))
+    assert [len(p) for p in patients] == pytest.approx([0.7 * n, 0.1 * n, 0.2 * n], abs=1)
+    again = split_by_patient(list(reversed(studies)), seed=3)
+    assert {k: {s.id for s in v} for k, v in again.items()} == \
+           {k: {s.id for s in v} for k, v in splits.items()}
+
+
+def test_split_keeps_a_patients_images_together(nih_sample):
+    nih = read_nih(nih_sample / "Data_Entry_2017_v2020.csv")
     assert len({s.patient_id for s in nih}) < len(nih)  # patients with several images
-    for studies in (openi, nih):
-        splits = split_by_patient(studies, seed=3)
-        patients = [{s.patient_id for s in splits[k]} for k in ("train", "val", "test")]
-        assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
-        assert sum(len(v) for v in splits.values()) == len(studies)
-        n = len(set().union(*patients))
-        assert [len(p) for p in patients] == pytest.approx([0.7 * n, 0.1 * n, 0.2 * n], abs=1)
-        again = split_by_patient(list(reversed(studies)), seed=3)
-        assert {k: {s.id for s in v} for k, v in again.items()} == \
-               {k: {s.id for s in v} for k, v in splits.items()}
+    _check_split(nih)
+
+
+def test_split_by_patient(openi):
+    _check_split(openi)
     other = split_by_patient(openi, seed=4)
     assert {s.id for s in other["test"]} != {s.id for s in split_by_patient(openi, seed=3)["test"]}
     tiny = split_by_patient(openi[:3])
