@@ -4,6 +4,7 @@ page are tested in test_service.py and test_web.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,12 +139,15 @@ def test_cxr_check_answers_one_line_per_file(files, tmp_path, capsys):
         head = f"{files[name]}: "
         assert line.startswith(head + EXPECTED[name]), line
     assert "stored rotated 90 degrees" in lines[1] and "turned back" in lines[1]
+    assert "  [kind frontal " in lines[0] and ", rotation 90 " in lines[1]  # every head's answer
+    assert "[" not in lines[4]  # noise: refused before the network ran
     assert "stored rotated 180 degrees" in lines[2]
     assert "inverted polarity" in lines[3]
     assert lines[-1] == f"{tmp_path / 'missing.png'}: cannot read: file not found"
     reports = json.loads((tmp_path / "gate.json").read_text())
     assert [r["accepted"] for r in reports] == [True] * 4 + [False] * 7
     assert reports[1]["rotation"] == 90 and reports[3]["inverted"] is True
+    assert reports[0]["gate_model"].startswith("gate-v") and len({r.get("gate_model") for r in reports[:-1]}) == 1
     assert set(reports[0]["probabilities"]) == {"kind", "rotation", "inverted", "mirrored"}
     assert abs(sum(reports[0]["probabilities"]["kind"].values()) - 1) < 1e-3
     assert reports[5]["checks"]["blank"]["passed"] is False and reports[5]["probabilities"] == {}
@@ -198,6 +202,15 @@ def test_reader_reads_a_rotated_film_upright(reader, files):
     assert inverted.quality.inverted and inverted.scores == pytest.approx(upright.scores, abs=0.02)
 
 
+def test_embeddings_are_of_the_upright_film_as_read(reader, files):
+    """`embed` (what `cxr search --like FILE` uses) turns a film as reading does, so a film on its
+    side finds what its upright copy finds; it refuses nothing."""
+    upright = reader(files["upright"]).embedding
+    turned, noise = reader.embed([files["rotated90"], files["noise"]])
+    np.testing.assert_allclose(turned, upright, atol=1e-5)
+    assert np.isfinite(noise).all()
+
+
 def test_reader_without_the_gate(tiny_run, files):
     from cxr.reader import Reader
 
@@ -243,6 +256,14 @@ def test_index_records_refused_files_with_the_reason(tiny_run, files, tmp_path, 
     out = capsys.readouterr().out
     assert "failed: not read: looks like noise" in out
     assert "failed: not read: a colour picture" in out
+    from cxr.archive.db import Archive
+
+    with Archive(db) as archive:
+        stored = {Path(r.path).name: r for r in [*archive.search(limit=10),
+                                                  *archive.search(status="failed", limit=10)]}
+    assert stored["rotated90.png"].quality["rotation"] == 90  # its boxes refer to the upright film
+    assert stored["upright.png"].quality["accepted"] and stored["upright.png"].quality["rotation"] == 0
+    assert stored["noise.png"].quality["checks"]["noise"]["passed"] is False
     # a second run does not read them again
     assert main(["index", str(tiny_run), str(folder), "--db", db, "--quiet", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == 4

@@ -193,6 +193,26 @@ def test_a_refused_upload_gets_422_with_the_reason_and_force_reads_it(client):
     assert r.json()["scores"]
 
 
+def test_a_film_stored_on_its_side_is_read_stored_and_served_upright(client, radiographs):
+    from PIL import Image
+
+    from cxr.images import load_image
+
+    film = (load_image(radiographs[33]) * 255).round().astype(np.uint8)  # 8 or 16-bit PNG
+    buf = io.BytesIO()
+    Image.fromarray(np.rot90(film).copy()).save(buf, "PNG")
+    r = client.post("/annotate", params={"store": "true", "image": "true"},
+                    files={"file": ("turned.png", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["quality"]["rotation"] == 90 and "turned back" in body["quality"]["notes"][0]
+    assert body["image_size"] == list(film.shape) and png_size(body["image"]) == film.shape
+    record = client.get(f"/studies/{body['id']}").json()
+    assert record["quality"]["rotation"] == 90
+    served = np.asarray(Image.open(io.BytesIO(client.get(f"/studies/{body['id']}/image").content)))
+    assert served.shape == film.shape and np.abs(served.astype(int) - film).max() <= 1
+
+
 def test_oversized_upload_is_refused_with_413(client):
     big = np.random.default_rng(0).bytes(int(1.5 * 2**20))
     r = client.post("/annotate", files={"file": ("big.png", big, "image/png")})

@@ -144,7 +144,9 @@ def test_a_film_stored_upside_down_is_read_upright_and_the_page_says_so(page, ra
     from PIL import Image
     from playwright.sync_api import expect
 
-    film = np.asarray(Image.open(radiographs[60]).convert("L"))
+    from cxr.images import load_image
+
+    film = (load_image(radiographs[60]) * 255).round().astype(np.uint8)  # 8 or 16-bit PNG
     turned = tmp_path / "upside_down.png"
     Image.fromarray(np.rot90(film, 2).copy()).save(turned)
     page.set_input_files("#file", str(turned))

@@ -192,8 +192,9 @@ def process_batch(reader, model_id: str, paths: list[str],
             if result.model_id and result.model_id != model_id:
                 raise CxrError(f"the Reader returned model {result.model_id!r}, "
                                f"expected {model_id!r}")
-            if result.refused:
+            if result.refused:  # not read: no result, the reason and the gate's report
                 batch.entries[i].error = f"{REFUSED}{'; '.join(result.quality.reasons)}"
+                batch.entries[i].quality = result.quality.to_dict()
             else:
                 batch.entries[i].result = result
         else:

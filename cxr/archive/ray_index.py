@@ -19,7 +19,8 @@ from ..errors import CxrError
 from .db import Archive, Entry
 from .index import IndexStats, process_batch, result_from_dict, upright
 
-RECORD_FIELDS = ("path", "sha256", "model_id", "error", "study_uid", "series_uid", "sop_uid", "view")
+RECORD_FIELDS = ("path", "sha256", "model_id", "error", "study_uid", "series_uid", "sop_uid", "view",
+                 "quality")
 
 
 def _known_digests(archive: Archive, model_id: str, status: str | None) -> np.ndarray:
