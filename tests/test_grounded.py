@@ -182,3 +182,25 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
     label = ed.truth_boxes(boxed)[0].label
     for source in ("cam", "attention", "word"):
         assert set(reader.localise(ed.prep.paths[boxed], [label], source=source)) == {label}
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "nin", "googlenet"])  # densenet121: 18 s to build here
+def test_every_backbone_keeps_a_map_of_stride_16_or_finer(backbone, one_torch_thread):
+    cnn = create_cnn(backbone, 3).eval()
+    with torch.no_grad():
+        maps = cnn.forward_features(torch.zeros(1, 1, 128, 128))
+        assert maps.shape[2] >= 128 // 16 and maps.shape[3] >= 128 // 16
+        assert cnn.pool(maps).shape == (1, cnn.num_features)  # the search embedding
+
+
+def test_chestxray8_lse_pooling_sits_between_mean_and_max(one_torch_thread):
+    from cxr.models.cnn import lse_pool
+
+    maps = torch.rand(2, 3, 5, 5)
+    mean, top = maps.mean((2, 3)), maps.amax((2, 3))
+    soft, hard = lse_pool(maps, 0.01), lse_pool(maps, 1000.0)
+    assert torch.allclose(soft, mean, atol=1e-2) and torch.allclose(hard, top, atol=1e-2)
+    mid = lse_pool(maps, 5.0)
+    assert ((mid > mean) & (mid < top)).all()
+    cnn = create_cnn("tiny", 4, pooling="lse", lse_r=5.0, transition=32)
+    assert cnn(torch.rand(2, 1, 64, 64)).shape == (2, 4) and cnn.num_features == 32
