@@ -13,9 +13,8 @@ Two levels, both chosen on the validation patients and stored in the run:
   MIN_POSITIVES positives it is the prior. So a rare finding with a handful of validation
   positives cannot end at .02, which made every film abnormal.
 
-Every rate is read from a kernel-smoothed ROC (each validation score spread by a Gaussian in
-logit space, Silverman's bandwidth), so a target such as sensitivity .9 interpolates between the
-few scores near it instead of jumping on one of them. Pure numpy/scipy: the Reader uses it too.
+A target such as sensitivity .9 is read from the validation ROC interpolated between
+neighbouring scores, so it does not jump on one score. Pure numpy/scipy: the Reader uses it too.
 """
 from __future__ import annotations
 
@@ -70,102 +69,78 @@ class OperatingPoint:
         return self.kind if self.value is None else f"{self.kind}={self.value:g}"
 
 
-# ------------------------------------------------------------------------ smoothed rates
-def _bandwidth(z: np.ndarray) -> float:
-    """Silverman's rule on logit scores (robust spread), never below 0.05 logit."""
-    if len(z) < 2:
-        return 0.5
-    iqr = np.subtract(*np.percentile(z, [75, 25]))
-    sigma = min(np.std(z), iqr / 1.349) if iqr > 0 else np.std(z)
-    return float(max(0.9 * sigma * len(z) ** -0.2, 0.05))
-
-
-def smoothed_above(z: np.ndarray, t, h: float | None = None) -> np.ndarray:
-    """Smoothed count of logit scores `z` at or above each threshold in `t` (logits)."""
-    from scipy.special import ndtr
-
-    z = np.asarray(z, dtype=np.float64)
-    t = np.atleast_1d(np.asarray(t, dtype=np.float64))
-    if len(z) == 0:
-        return np.zeros_like(t)
-    h = _bandwidth(z) if h is None else h
-    return ndtr((z[None, :] - t[:, None]) / h).sum(1)
-
-
-def _grid(*zs: np.ndarray) -> np.ndarray:
-    lo = min((z.min() for z in zs if len(z)), default=-5.0) - 3
-    hi = max((z.max() for z in zs if len(z)), default=5.0) + 3
-    return np.linspace(lo, hi, 801)
+# --------------------------------------------------------------------------------- rates
+def _max_f1(pos: np.ndarray, neg: np.ndarray, n_pos: int) -> float:
+    """The logit threshold with the highest F1, halfway between neighbouring validation scores
+    (not on a score itself); `n_pos` counts every positive, also those no threshold can reach."""
+    cand = np.unique(np.concatenate([pos, neg]))
+    cand = np.concatenate([[cand[0] - 1], (cand[1:] + cand[:-1]) / 2]) if len(cand) > 1 else cand - 1
+    tp = (pos[None, :] >= cand[:, None]).sum(1)
+    fp = (neg[None, :] >= cand[:, None]).sum(1)
+    return float(cand[int(np.argmax(2 * tp / (2 * tp + fp + (n_pos - tp))))])
 
 
 def threshold_for(scores, truth, point: OperatingPoint) -> float:
     """The probability threshold on `scores` (calibrated, one column) that meets `point` on the
-    smoothed validation ROC: the highest threshold whose sensitivity reaches the target, the
-    lowest whose specificity does, or the one with the highest F1."""
+    validation studies: the (1 - s) quantile of the abnormal studies' scores for sensitivity s,
+    the s quantile of the normal studies' for specificity s (both linearly interpolated between
+    neighbouring scores, so a target falls between them instead of jumping on one), or max F1."""
     z, y = _logit(scores), np.asarray(truth) > 0
     pos, neg = z[y], z[~y]
     if len(pos) == 0 or len(neg) == 0:
         raise CxrError("the validation split needs both normal and abnormal studies to choose an "
                        f"operating point ({len(pos)} abnormal, {len(neg)} normal)")
-    grid = _grid(pos, neg)
-    sens = smoothed_above(pos, grid) / len(pos)
-    spec = 1 - smoothed_above(neg, grid) / len(neg)
     if point.kind == "sensitivity":
-        ok = np.flatnonzero(sens >= point.value)
-        t = grid[ok[-1]] if len(ok) else grid[0]
+        t = np.quantile(pos, 1 - point.value)
     elif point.kind == "specificity":
-        ok = np.flatnonzero(spec >= point.value)
-        t = grid[ok[0]] if len(ok) else grid[-1]
+        t = np.quantile(neg, point.value)
     else:
-        tp, fp = sens * len(pos), (1 - spec) * len(neg)
-        t = grid[int(np.argmax(2 * tp / (2 * tp + fp + (len(pos) - tp))))]
+        t = _max_f1(pos, neg, len(pos))
     return float(_sigmoid(t))
 
 
 def finding_threshold(scores, truth, eligible=None, prior: float = PRIOR,
                       prior_positives: float = PRIOR_POSITIVES, min_positives: int = MIN_POSITIVES) -> float:
-    """One finding's threshold: smoothed max F1 over the `eligible` rows (those the study gate
-    calls abnormal; a positive outside them is a miss whatever its score), shrunk toward `prior`
-    in logit space by n_pos / (n_pos + prior_positives); `prior` alone below `min_positives`."""
+    """One finding's threshold: max F1 over the `eligible` rows (those the study gate calls
+    abnormal; a positive outside them is a miss whatever its score), shrunk toward `prior` in
+    logit space by n_pos / (n_pos + prior_positives); `prior` alone below `min_positives`."""
     z, y = _logit(scores), np.asarray(truth) > 0
     eligible = np.ones(len(z), bool) if eligible is None else np.asarray(eligible, bool)
     n_pos = int(y.sum())
-    if n_pos < min_positives:
-        return float(prior)
     pos, neg = z[y & eligible], z[~y & eligible]
-    if len(pos) == 0:
+    if n_pos < min_positives or len(pos) == 0:
         return float(prior)
-    grid = _grid(pos, neg)
-    tp = smoothed_above(pos, grid)
-    fp = smoothed_above(neg, grid) if len(neg) else np.zeros_like(grid)
-    best = grid[int(np.argmax(2 * tp / (2 * tp + fp + (n_pos - tp))))]
     w = n_pos / (n_pos + prior_positives)
-    return float(_sigmoid(w * best + (1 - w) * _logit(prior)))
+    return float(_sigmoid(w * _max_f1(pos, neg, n_pos) + (1 - w) * _logit(prior)))
 
 
 # ------------------------------------------------------------------------------ the gate
 @dataclass
 class StudyGate:
     """The study-level answer of a run: which score says abnormal, its Platt calibration, and the
-    threshold chosen for `operating_point` (with what it gave on the validation patients)."""
+    threshold chosen for `operating_point` (with what it gave on the validation patients).
 
-    signal: str                        # "normal" (1 - normal) | "max_disease"
+    Signals, on the calibrated per-target scores: "normal" (the `normal` target, sign flipped) or
+    "max_disease" (the highest disease score: small findings that barely move the `normal` output
+    still raise it). Training keeps whichever ranks the validation studies better."""
+
+    signal: str                        # "normal" | "max_disease"
     platt: tuple[float, float]         # on the signal's logit (abnormal direction)
     threshold: float                   # on the calibrated abnormal probability
     operating_point: str = "sensitivity=0.9"
     validation: dict | None = None
 
-    def raw_logit(self, raw_probs: np.ndarray, targets: list[str]) -> np.ndarray:
-        """The uncalibrated abnormal logit of each row of per-target probabilities (B, T)."""
-        raw_probs = np.asarray(raw_probs, dtype=np.float64)
+    def signal_logit(self, scores: np.ndarray, targets: list[str]) -> np.ndarray:
+        """The uncalibrated abnormal logit of each row of calibrated per-target scores (B, T)."""
+        scores = np.asarray(scores, dtype=np.float64)
         if self.signal == "normal":
-            return -_logit(raw_probs[:, targets.index(NORMAL)])
+            return -_logit(scores[:, targets.index(NORMAL)])
         cols = [k for k, t in enumerate(targets) if t != NORMAL]
-        return _logit(raw_probs[:, cols].max(1))
+        return _logit(scores[:, cols].max(1))
 
-    def probability(self, raw_probs: np.ndarray, targets: list[str]) -> np.ndarray:
+    def probability(self, scores: np.ndarray, targets: list[str]) -> np.ndarray:
         a, b = self.platt
-        return _sigmoid(a * self.raw_logit(raw_probs, targets) + b).astype(np.float32)
+        return _sigmoid(a * self.signal_logit(scores, targets) + b).astype(np.float32)
 
     def to_dict(self) -> dict:
         return {"signal": self.signal, "platt": list(self.platt), "threshold": self.threshold,
@@ -185,33 +160,41 @@ def abnormal_truth(labels: np.ndarray, targets: list[str]) -> np.ndarray:
     return labels.any(1).astype(np.float32)
 
 
-def choose(raw_probs: np.ndarray, labels: np.ndarray, targets: list[str],
-           point: OperatingPoint, calibrated: np.ndarray) -> tuple[StudyGate, dict[str, float]]:
-    """The gate and the per-finding thresholds from validation scores.
+def _auc(y: np.ndarray, s: np.ndarray) -> float:
+    from scipy.stats import rankdata
 
-    `raw_probs` (N, T): uncalibrated per-target probabilities; `calibrated` (N, T): the same after
-    the per-target Platt scaling; `labels` (N, T) the truth. The `normal` threshold is stored as
-    the complement of the gate's (normal is reported exactly when the study is called normal)."""
-    from .training.calibration import fit_platt
+    y = y > 0
+    r = rankdata(s)
+    return float((r[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum()))
 
+
+def choose(scores: np.ndarray, labels: np.ndarray, targets: list[str], point: OperatingPoint,
+           fit_platt) -> tuple[StudyGate, dict[str, float]]:
+    """The gate and the per-finding thresholds from validation data: `scores` (N, T) calibrated
+    per-target scores, `labels` (N, T) the truth, `fit_platt(z (N, 1), y (N, 1)) -> [(a, b)]`
+    (training's Platt fit). The `normal` threshold is stored as the complement of the gate's
+    (`normal` is reported exactly when the study is called normal)."""
     y = abnormal_truth(labels, targets)
-    signal = NORMAL if NORMAL in targets else "max_disease"
-    gate = StudyGate(signal, (1.0, 0.0), 0.5, str(point))
-    z = gate.raw_logit(raw_probs, targets)
-    (a, b), = fit_platt(z[:, None], y[:, None])
-    gate.platt = (a, b)
-    p = gate.probability(raw_probs, targets)
+    if y.all() or not y.any():
+        raise CxrError("the validation split needs both normal and abnormal studies to choose an "
+                       f"operating point ({int(y.sum())} abnormal, {int((1 - y).sum())} normal)")
+    signals = [s for s, ok in (("normal", NORMAL in targets), ("max_disease", any(t != NORMAL for t in targets)))
+               if ok]
+    aucs = {s: _auc(y, StudyGate(s, (1.0, 0.0), 0.5).signal_logit(scores, targets)) for s in signals}
+    gate = StudyGate(max(signals, key=lambda s: aucs[s]), (1.0, 0.0), 0.5, str(point))
+    (a, b), = fit_platt(gate.signal_logit(scores, targets)[:, None], y[:, None])
+    gate.platt = (float(a), float(b))
+    p = gate.probability(scores, targets)
     gate.threshold = threshold_for(p, y, point)
     called = p >= gate.threshold
-    yb = y > 0
-    gate.validation = {"abnormal": int(yb.sum()), "normal": int((~yb).sum()),
-                       "sensitivity": float(called[yb].mean()), "specificity": float((~called[~yb]).mean())}
+    gate.validation = {"abnormal": int(y.sum()), "normal": int((1 - y).sum()), "auc": aucs,
+                       **{k: v for k, v in confusion(y, called).items() if k in ("sensitivity", "specificity")}}
     thresholds = {}
     for k, t in enumerate(targets):
         if t == NORMAL:
             thresholds[t] = float(1 - gate.threshold)
         else:
-            thresholds[t] = finding_threshold(calibrated[:, k], labels[:, k], eligible=called)
+            thresholds[t] = finding_threshold(scores[:, k], labels[:, k], eligible=called)
     return gate, thresholds
 
 
