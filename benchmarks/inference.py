@@ -37,28 +37,35 @@ def random_run(out: Path, backbone: str, image_size: int) -> Path:
 
     from cxr.checkpoint import prefixed, save_run
     from cxr.models.annotator import Annotator
+    from cxr.models.cascade import RefinedLabels
     from cxr.models.cnn import create_cnn
+    from cxr.preprocess import MEAN, STD, STRETCH
+    from cxr.records import MAX_TOKENS
+    from cxr.runspec import Architecture, Calibration, DataSpec, LocalizeParams, Preprocessing, RunSpec
 
     torch.manual_seed(0)
     cnn = create_cnn(backbone, len(TARGETS))
     rnn = Annotator(len(WORDS), len(TARGETS), cnn.num_features, 512, 256, "gru")
-    config = {
-        "stage": "random", "cxr_version": "bench",
-        "architecture": {"backbone": backbone, "num_classes": len(TARGETS), "in_chans": 1,
-                         "image_dim": cnn.num_features, "rnn": "gru", "rnn_hidden": 512,
-                         "rnn_embed": 256, "vocab_size": len(WORDS), "num_labels": len(TARGETS),
-                         "max_tokens": 5},
-        "targets": TARGETS,
-        "refined": {"names": TARGETS, "parents": list(range(len(TARGETS)))},
-        "vocabulary": WORDS,
-        "preprocessing": {"image_size": image_size, "crop": image_size, "mean": 0.5, "std": 0.25},
-        "calibration": {"method": "platt", "params": {t: [1.0, 0.0] for t in TARGETS}},
-        "thresholds": {t: 0.0 for t in TARGETS},  # every disease detected: the worst case
-        "localization": {"threshold": 0.5, "max_boxes": 2, "min_area": 0.002},
-        "data": {"spec": "", "patients": {"train": [], "val": [], "test": []}},
-    }
+    spec = RunSpec(
+        stage="random", cxr_version="bench", created="", seed=0,
+        architecture=Architecture(backbone=backbone, num_classes=len(TARGETS), in_chans=1,
+                                  image_dim=cnn.num_features, rnn="gru", rnn_hidden=512, rnn_embed=256,
+                                  vocab_size=len(WORDS), num_labels=len(TARGETS), max_tokens=MAX_TOKENS),
+        targets=TARGETS,
+        refined=RefinedLabels.identity(TARGETS),
+        vocabulary=WORDS,
+        preprocessing=Preprocessing(image_size=image_size, crop=image_size, mean=MEAN, std=STD, stretch=STRETCH),
+        calibration=Calibration(method="platt", params={t: [1.0, 0.0] for t in TARGETS}),
+        thresholds={t: 0.0 for t in TARGETS},  # every disease detected: the worst case
+        threshold_rule="all 0: every disease detected",
+        localization=LocalizeParams(threshold=0.5, max_boxes=2, min_area=0.002),
+        validation={}, train_config={}, pretrained=None,
+        data=DataSpec(spec="", views="frontal", split_seed=0, fractions=[1.0, 0.0, 0.0],
+                      patients={"train": [], "val": [], "test": []}, counts={}, unreadable={},
+                      label_counts={}),
+    )
     return save_run(out, {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())},
-                    config)
+                    spec)
 
 
 def _peak_mb(device) -> float:
@@ -130,11 +137,11 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else random_run(Path(tmp) / "run", args.backbone, args.image_size)
-        from cxr.checkpoint import load_config
+        from cxr.checkpoint import load_spec
 
-        cfg = load_config(run)
-        size = int(cfg["preprocessing"]["image_size"])
-        backbone = cfg["architecture"]["backbone"]
+        spec = load_spec(run)
+        size = spec.preprocessing.image_size
+        backbone = spec.architecture.backbone
         ctx = mp.get_context("spawn")
         rows, results = [], []
         for batch in args.batches:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr.data import locate  # noqa: E402
 from cxr.errors import CxrError  # noqa: E402
+from cxr.fetch import locate  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 from cxr.metrics import context_accuracy, markdown_table, precision_recall_f1  # noqa: E402

@@ -98,17 +98,16 @@ def phantom_pretraining(args, work: Path) -> tuple[Path, dict]:
                           min_label_count=20, epochs=args.pretrain_epochs)
         run = train(cfg, work / "phantom-run")
         info = {"from": f"trained here on phantom:{data}", "epochs": args.pretrain_epochs}
-    from cxr.checkpoint import load_config
+    from cxr.checkpoint import load_spec
 
-    arch = load_config(run)["architecture"]
-    if arch["backbone"] != args.backbone:
-        raise SystemExit(f"the phantom run is a {arch['backbone']} network, not {args.backbone}")
+    arch = load_spec(run).architecture
+    if arch.backbone != args.backbone:
+        raise SystemExit(f"the phantom run is a {arch.backbone} network, not {args.backbone}")
     info["seconds"] = round(time.time() - t0, 1)
     return cnn_weights(run, work / "phantom-cnn.safetensors"), info
 
 
 def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained: Path | None) -> dict:
-    from cxr.commands.evaluate import localise_targets
     from cxr.images import load_image
     from cxr.reader import Reader
     from cxr.training import train
@@ -134,7 +133,7 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
                     scores[i, c] = result.scores[t]
             truth = [b for b in studies[i].images[0].boxes if b.label in reader.targets]
             labels = sorted({b.label for b in truth})
-            boxes = localise_targets(reader, image, labels)
+            boxes = reader.localise(image, labels)
             loc_pairs.append((truth, [b for t in labels for b in boxes[t]]))
         y = labels_matrix([studies[i] for i in test_rows])
         fold_auc = M.auc_per_label(y, np.nan_to_num(scores[test_rows], nan=0.0), FINDINGS)

@@ -35,8 +35,20 @@ def replacing(path: str | Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write bytes to `path` atomically."""
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write bytes (or text, as UTF-8) to `path` atomically."""
     with replacing(path) as tmp:
-        tmp.write_bytes(data)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log (JSON lines) in a single write on an O_APPEND descriptor: a
+    reader sees whole lines, and an interrupted run leaves at most its last line missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (line.rstrip("\n") + "\n").encode())
+    finally:
+        os.close(fd)

@@ -2,7 +2,7 @@
 
 A run directory (what `cxr train` writes and `Reader.load` reads):
 
-    RUN/config.json          everything needed to rebuild and use the model (keys below)
+    RUN/config.json          everything needed to rebuild and use the model (a RunSpec)
     RUN/weights.safetensors  tensors "cnn.*" (classifier) and "rnn.*" (annotator)
     RUN/stage1/              the same pair for the model before the cascade (when the cascade ran)
     RUN/history.jsonl        one line per epoch: phase, epoch, losses, val AUC
@@ -10,45 +10,29 @@ A run directory (what `cxr train` writes and `Reader.load` reads):
                              .safetensors are deleted once the run has finished), .lock
     RUN/cache/               decoded images (uint16 .npy), unless TrainConfig.cache_dir says elsewhere
 
-config.json keys: format, cxr_version, stage ("stage1" | "cascade"), architecture {backbone,
-num_classes, rnn, rnn_hidden, rnn_embed, image_dim}, targets (original labels, the output keys),
-refined {names, parents} (the CNN's outputs -> target index), vocabulary (token list, ids = index,
-specials first), preprocessing {image_size, crop, mean, std, stretch}, calibration {method,
-params {target: [a, b]}} (Platt on logits), thresholds {target: t}, localization {threshold,
-max_boxes, min_area}, validation {val_images, val_auc}, train_config (the TrainConfig), pretrained
-(load report or null), data {spec, views, split_seed, fractions, patients {train, val, test},
-counts, label_counts, unreadable}, seed, created.
+config.json is a `cxr.runspec.RunSpec` as JSON (see that module for its fields and their
+meaning); `load_spec` reads it, `load_run` reads both files.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from .atomic import replacing, write_atomic
 from .errors import CxrError
+from .hashing import file_sha256
+from .runspec import FORMAT, RunSpec
 
-FORMAT = "cxr-run/1"
 WEIGHTS, CONFIG = "weights.safetensors", "config.json"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(clean, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(clean, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -63,41 +47,31 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CxrError(f"cannot read safetensors weights: {exc}", path) from None
 
 
-def save_run(run_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write weights then config (config last: a run with a config.json is complete)."""
+def save_run(run_dir: str | Path, tensors: dict[str, torch.Tensor], spec: RunSpec) -> Path:
+    """Write weights then the spec (config.json last: a run with a config.json is complete)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(run_dir / WEIGHTS, tensors, {"format": FORMAT})
-    config = {"format": FORMAT, **config}
-    _atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=1, sort_keys=False))
+    write_atomic(run_dir / CONFIG, spec.to_json())
     return run_dir
 
 
-def load_config(run_dir: str | Path) -> dict:
+def load_spec(run_dir: str | Path) -> RunSpec:
+    """The RunSpec of a run directory (a clear CxrError when it is missing, not JSON, or not a run)."""
     run_dir = Path(run_dir).expanduser()
     path = run_dir / CONFIG
     if not path.exists():
         raise CxrError("not a trained run (no config.json); train one with `cxr train`", run_dir)
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CxrError(f"config.json is not valid JSON: {exc}", path) from None
-    if config.get("format") != FORMAT:
-        raise CxrError(f"unknown checkpoint format {config.get('format')!r} (expected {FORMAT})", path)
-    return config
+    return RunSpec.from_json(path.read_text(), str(path))
 
 
-def load_run(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config = load_config(run_dir)
-    return config, load_tensors(Path(run_dir).expanduser() / WEIGHTS)
+def load_run(run_dir: str | Path) -> tuple[RunSpec, dict[str, torch.Tensor]]:
+    spec = load_spec(run_dir)
+    return spec, load_tensors(Path(run_dir).expanduser() / WEIGHTS)
 
 
 def weights_hash(run_dir: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(run_dir) / WEIGHTS, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(Path(run_dir) / WEIGHTS)
 
 
 def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

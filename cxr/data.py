@@ -1,10 +1,10 @@
-"""Where data files live: a user-given path, else the cache (`$CXR_DATA_DIR` or ~/.cache/cxr),
-laid out like the project's shared data folder (openi/..., nih/..., phantom/...), else fetched
-from the file's public home (see `cxr.fetch`), unless `CXR_OFFLINE=1`.
+"""The catalogue of data files: where the cache is (`$CXR_DATA_DIR` or ~/.cache/cxr, laid out like
+the project's shared data folder: openi/..., nih/..., phantom/...) and which public files `cxr`
+knows how to get.
 
-`KNOWN` lists every public file `cxr` knows how to get, keyed by its path in that layout, with
-its sha256 and where it is published. Fetched files are checked against the sha256; a file the
-user points at (`path=`) is taken as given, so users may bring their own versions.
+`KNOWN` lists every such file, keyed by its path in that layout, with its sha256 and where it is
+published. Getting a file (a user-given path, else the cache, else a download unless
+`CXR_OFFLINE=1`) is `cxr.fetch.locate`, which builds on this module and not the other way round.
 """
 from __future__ import annotations
 
@@ -124,51 +124,3 @@ def lookup(name_or_key: str) -> DataFile:
         names = ", ".join(list(BY_NAME) + list(GROUPS))
         raise CxrError(f"unknown data file {name_or_key!r}; known: {names}")
     return found
-
-
-def locate(key: str, path: str | Path | None = None, fetch: bool = True) -> Path:
-    """The local path of data file `key` (a cache key like "openi/NLMCXR_reports.tgz", or a
-    short name like "openi-reports").
-
-    1. `path` given by the user: must exist and be non-empty (a folder holding the file by its
-       usual name, or the layout path under it, is accepted too); taken as is.
-    2. the cache, `data_dir()/key`.
-    3. fetched into the cache from its public home (unless `fetch=False` or `CXR_OFFLINE=1`,
-       which give a CxrError saying which `cxr fetch` command or local path to use).
-    """
-    known = BY_NAME.get(key) or KNOWN.get(key)
-    key = known.key if known else key
-    if path is not None:
-        return _check_user_path(Path(path).expanduser(), key)
-    cached = data_dir() / key
-    if cached.is_file() and cached.stat().st_size > 0:
-        return cached
-    if known is None:
-        raise CxrError(f"{key} is not in the data cache {data_dir()} and cxr does not know a public "
-                       "home for it: give its path", cached)
-    how = (f"run `cxr fetch {known.name}` (needs internet), or "
-           f"`cxr fetch {known.name} --path /your/copy/{known.filename}` to put a copy you have "
-           f"into the cache, or give that path to the command (--path)")
-    if not fetch:
-        raise CxrError(f"{key} is not in the data cache {data_dir()}: {how}")
-    if offline():
-        raise CxrError(f"{key} is not in the data cache {data_dir()} and CXR_OFFLINE=1: {how}")
-    from .fetch import fetch_file
-    return fetch_file(known)
-
-
-def _check_user_path(path: Path, key: str) -> Path:
-    if path.is_dir():
-        for candidate in (path / key, path / key.rsplit("/", 1)[-1]):
-            if candidate.is_file():
-                path = candidate
-                break
-        else:
-            raise CxrError(f"folder holds neither {key} nor {key.rsplit('/', 1)[-1]}", path)
-    if not path.exists():
-        raise CxrError("file not found", path)
-    if not path.is_file():
-        raise CxrError("not a regular file", path)
-    if path.stat().st_size == 0:
-        raise CxrError("file is empty", path)
-    return path

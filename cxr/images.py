@@ -4,7 +4,9 @@ bright = dense (as a radiologist sees it, DICOM MONOCHROME2).
 Normalisation lives here only, by these rules:
 
 * PNG / JPEG / TIFF: value / (2**bit_depth - 1) of the file's own sample depth (8-bit -> /255,
-  16-bit -> /65535), as the PNG spec defines sample values; colour is converted to luma first.
+  16-bit -> /65535), as the PNG spec defines sample values; colour is converted to luma first,
+  and `meta["colour_fraction"]` keeps how much real colour the source had (`colour_fraction`),
+  so the quality gate can refuse a photograph that luma alone would pass off as a film.
 * DICOM: stored values -> modality LUT (Rescale Slope/Intercept or Modality LUT Sequence) ->
   VOI: the first VOI LUT Sequence item if present, else the first Window Center/Width pair
   (VOI LUT Function LINEAR, LINEAR_EXACT or SIGMOID), whose output range maps to [0, 1]; with no
@@ -22,9 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import replacing
 from .errors import CxrError
 
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+# The file names `load_image` reads, for every part of cxr that looks for images in a folder.
+# Order = preference where one image comes in several forms (PNG first, DICOM last).
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 
 # Header values worth carrying along; none of them identifies the patient.
 DICOM_META_KEYWORDS = (
@@ -85,6 +92,7 @@ def _read_raster(path: Path) -> LoadedImage:
                 if fmt in ("JPEG", "MPO", "TIFF"):
                     im = ImageOps.exif_transpose(im)
                 mode = im.mode
+                colour = colour_fraction(np.asarray(im.convert("RGB"))) if _has_chroma(mode) else 0.0
                 array, depth = _raster_to_array(im)
     except UnidentifiedImageError:
         if _looks_like_dicom_without_preamble(path):
@@ -102,9 +110,33 @@ def _read_raster(path: Path) -> LoadedImage:
     else:  # integers within 0..2**depth-1 by construction: no clip needed
         pixels = array.astype(np.float32)
         pixels *= np.float32(1.0 / (2**depth - 1))
-    meta = {"format": fmt, "mode": mode, "BitDepth": depth,
+    meta = {"format": fmt, "mode": mode, "BitDepth": depth, "colour_fraction": colour,
             "Rows": int(pixels.shape[0]), "Columns": int(pixels.shape[1])}
     return LoadedImage(pixels=pixels, view=None, meta=meta, path=str(path))
+
+
+# A pixel counts as coloured when its channels spread by more than this (of full scale): well
+# above JPEG chroma noise on a grey picture (a few levels of 255), well below any real colour.
+CHROMA_SPREAD = 24 / 255
+COLOUR_SAMPLE_SIDE = 256  # colour is judged on a grid of at most this many pixels a side: cheap
+
+
+def _has_chroma(mode: str) -> bool:
+    return mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "P", "PA", "LAB", "HSV")
+
+
+def colour_fraction(rgb: np.ndarray) -> float:
+    """Fraction of pixels whose R, G, B spread by more than CHROMA_SPREAD (0 for a grey picture
+    stored as RGB; a colour photograph, most of its pixels), on a subsampled grid."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] < 3 or rgb.size == 0:
+        return 0.0
+    step = max(1, max(rgb.shape[:2]) // COLOUR_SAMPLE_SIDE)
+    sample = rgb[::step, ::step, :3].astype(np.float32)
+    if rgb.dtype.kind in "ui":
+        sample /= float(np.iinfo(rgb.dtype).max)
+    spread = sample.max(-1) - sample.min(-1)
+    return round(float((spread > CHROMA_SPREAD).mean()), 4)
 
 
 def _raster_to_array(im) -> tuple[np.ndarray, int | None]:
@@ -159,7 +191,7 @@ def _read_dicom(path: Path, has_preamble: bool) -> LoadedImage:
     file_meta = getattr(ds, "file_meta", None)
     tsyntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     try:
-        frame = _decode_first_frame(ds)
+        frame, colour = _decode_first_frame(ds)
     except Exception as exc:
         name = getattr(tsyntax, "name", tsyntax) or "unknown transfer syntax"
         raise CxrError(f"cannot decode DICOM pixel data ({name}): {_explain(exc)}", path) from None
@@ -171,7 +203,8 @@ def _read_dicom(path: Path, has_preamble: bool) -> LoadedImage:
         raise CxrError(f"cannot apply the DICOM modality / VOI LUT: {_explain(exc)}", path) from None
 
     view = str(ds.get("ViewPosition", "") or "").strip().upper() or None
-    meta = {"format": "DICOM", "TransferSyntaxUID": str(tsyntax) if tsyntax else None}
+    meta = {"format": "DICOM", "TransferSyntaxUID": str(tsyntax) if tsyntax else None,
+            "colour_fraction": colour}
     for keyword in DICOM_META_KEYWORDS:
         if keyword in ds and ds[keyword].value not in (None, ""):
             meta[keyword] = _plain(ds[keyword].value)
@@ -205,9 +238,9 @@ def _ensure_transfer_syntax(ds) -> None:
                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def _decode_first_frame(ds) -> np.ndarray:
-    """Stored values of frame 0 (BitsStored and signedness respected by pydicom); colour
-    images come back as RGB and are reduced to luma."""
+def _decode_first_frame(ds) -> tuple[np.ndarray, float]:
+    """Stored values of frame 0 (BitsStored and signedness respected by pydicom) and the
+    colour fraction; colour images come back as RGB and are reduced to luma."""
     from pydicom.pixels import pixel_array
 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -219,8 +252,10 @@ def _decode_first_frame(ds) -> np.ndarray:
         from pydicom.pixels import apply_color_lut
         array = apply_color_lut(array, ds)
     if array.ndim == 3:  # RGB (YBR already converted by pydicom)
+        colour = colour_fraction(array)
         array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return array
+        return array, colour
+    return array, 0.0
 
 
 def _dicom_to_unit(frame: np.ndarray, ds, photometric: str) -> np.ndarray:
@@ -371,14 +406,15 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def save_png16(path: str | Path, image: np.ndarray) -> Path:
-    """Write a float image in [0, 1] as a 16-bit greyscale PNG (values clipped, rounded)."""
+    """Write a float image in [0, 1] as a 16-bit greyscale PNG (values clipped, rounded),
+    atomically."""
     from PIL import Image
 
     path = Path(path)
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise ValueError(f"save_png16: expected a 2-D grey image, got shape {image.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = np.rint(np.nan_to_num(image).clip(0.0, 1.0) * 65535.0).astype(np.uint16)
-    Image.fromarray(array).save(path, format="PNG")  # uint16 -> mode I;16
+    with replacing(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")  # uint16 -> mode I;16
     return path

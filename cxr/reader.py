@@ -9,65 +9,75 @@ back: max over a disease's sub-labels); the targets above their stored operating
 findings, each with a generated annotation (the RNN, conditioned on that disease), its context
 fields parsed back from the tokens, CAM boxes and a heatmap at the input size; and the image
 embedding. `normal` is reported as a finding only when no disease is.
+
+    reader.localise(image, ["Cardiomegaly"])        # boxes of named targets, detected or not
+    feats = reader.forward(images); scores, _ = reader.scores(feats.logits)   # the raw steps
+
+Everything the Reader knows about the run is its `RunSpec` (`reader.spec`); it imports nothing
+from `cxr.training`.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from .calibration import apply_platt, logit
 from .checkpoint import load_run, unprefixed, weights_hash
-from .dataset import normalise, preprocess
 from .errors import CxrError
 from .models.annotator import Annotator, decode
-from .models.cascade import RefinedLabels
 from .models.cnn import create_cnn
-from .models.localize import LocalizeParams, boxes_from_heatmap, class_activation_maps, to_heatmap
+from .models.localize import boxes_from_heatmap, class_activation_maps, to_heatmap
+from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
-from .training.calibration import apply_platt, logit
+from .runspec import RunSpec
 
 NORMAL = "normal"
 
 
+class Features(NamedTuple):
+    """What one forward pass of the CNN gives for a batch: feature maps (B, C, h, w) for CAMs,
+    raw logits (B, refined labels), pooled embeddings (B, D)."""
+
+    maps: torch.Tensor
+    logits: torch.Tensor
+    embeddings: torch.Tensor
+
+
 class Reader:
-    def __init__(self, config: dict, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
+    """A trained run, ready to read images. Everything it knows about the run is `spec` (a
+    `cxr.runspec.RunSpec`); `tensors` are the run's weights ("cnn.*", "rnn.*")."""
+
+    def __init__(self, spec: RunSpec, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
                  model_id: str = "", amp: bool = True):
-        self.config = config
+        self.spec = spec
         self.amp = amp  # mixed precision for the CNN trunk on CUDA (head, CAM and RNN stay float32)
-        arch = config["architecture"]
+        arch = spec.architecture
         self.device = torch.device(device) if device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        self.targets: list[str] = list(config["targets"])
-        self.refined = RefinedLabels.from_dict(config["refined"])
-        self.words: list[str] = list(config["vocabulary"])
-        self.image_size = int(config["preprocessing"]["image_size"])
-        self.mean = float(config["preprocessing"].get("mean", 0.5))
-        self.std = float(config["preprocessing"].get("std", 0.25))
-        self.stretch = bool(config["preprocessing"].get("stretch", False))
-        self.thresholds = np.array([config["thresholds"][t] for t in self.targets], dtype=np.float32)
-        self.platt = [tuple(config["calibration"]["params"][t]) for t in self.targets]
-        self.localization = LocalizeParams.from_dict(config.get("localization"))
-        self.max_tokens = int(arch.get("max_tokens", 5))
-        self.cnn = create_cnn(arch["backbone"], arch["num_classes"], arch.get("in_chans", 1))
+        self.targets: list[str] = list(spec.targets)
+        self.words: list[str] = list(spec.vocabulary)
+        self.image_size = spec.preprocessing.image_size
+        self.thresholds = np.array([spec.thresholds[t] for t in self.targets], dtype=np.float32)
+        self.platt = [tuple(spec.calibration.params[t]) for t in self.targets]
+        self.cnn = create_cnn(arch.backbone, arch.num_classes, arch.in_chans)
         self.cnn.load_state_dict(unprefixed("cnn", tensors))
-        self.rnn = Annotator(arch["vocab_size"], arch["num_labels"], arch["image_dim"], arch["rnn_hidden"],
-                             arch["rnn_embed"], arch["rnn"])
+        self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
+                             arch.rnn_embed, arch.rnn)
         self.rnn.load_state_dict(unprefixed("rnn", tensors))
         self.cnn.to(self.device).eval()
         self.rnn.to(self.device).eval()
-        self.model_id = model_id or f"{arch['backbone']}-{config.get('stage', 'run')}"
+        self.model_id = model_id or spec.model_name
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None, amp: bool = True) -> "Reader":
         """Load a run directory (config.json + weights.safetensors; nothing is unpickled)."""
         run_dir = Path(run_dir).expanduser()
-        config, tensors = load_run(run_dir)
-        arch = config["architecture"]
-        model_id = f"{arch['backbone']}-{config.get('stage', 'run')}-{weights_hash(run_dir)[:12]}"
-        return cls(config, tensors, device, model_id, amp)
+        spec, tensors = load_run(run_dir)
+        return cls(spec, tensors, device, f"{spec.model_name}-{weights_hash(run_dir)[:12]}", amp)
 
     # ------------------------------------------------------------------ inputs
 
@@ -92,9 +102,12 @@ class Reader:
     # ------------------------------------------------------------------ model
 
     @torch.no_grad()
-    def _forward(self, images: list[np.ndarray]):
-        x = np.stack([preprocess(im, self.image_size, self.stretch) for im in images])[:, None]
-        x = normalise(torch.from_numpy(x).to(self.device), self.mean, self.std)
+    def forward(self, images: list[np.ndarray]) -> Features:
+        """The CNN on a batch of loaded images (float32 (H, W) in [0, 1]), preprocessed as the
+        run's spec says."""
+        pre = self.spec.preprocessing
+        x = np.stack([preprocess(im, pre.image_size, pre.stretch) for im in images])[:, None]
+        x = normalise(torch.from_numpy(x).to(self.device), pre.mean, pre.std)
         if self.device.type == "cuda" and self.amp:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             with torch.autocast("cuda", dtype=dtype):
@@ -103,28 +116,58 @@ class Reader:
             maps = self.cnn.forward_features(x)
         maps = maps.float()
         logits = self.cnn.forward_head(maps).float()
-        return maps, logits, self.cnn.pool(maps)
+        return Features(maps, logits, self.cnn.pool(maps))
 
-    def _scores(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated per-target scores (B, T) and, per target, the refined label carrying it."""
+    def scores(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated per-target scores (B, T) from logits, and, per target, the refined label
+        carrying it (its highest-probability sub-label: the one whose CAM localises it)."""
         probs = torch.sigmoid(logits).cpu().numpy()
         per_target = np.zeros((probs.shape[0], len(self.targets)), dtype=np.float32)
         best = np.zeros((probs.shape[0], len(self.targets)), dtype=np.int64)
         for t in range(len(self.targets)):
-            kids = self.refined.children(t)
+            kids = self.spec.refined.children(t)
             sub = probs[:, kids]
             best[:, t] = np.asarray(kids)[sub.argmax(1)]
             per_target[:, t] = sub.max(1)
         return apply_platt(logit(per_target), self.platt), best
+
+    def _cams(self, maps: torch.Tensor, best: np.ndarray, targets: list[int]) -> torch.Tensor:
+        """CAMs (N, h, w) of one image's maps (1, C, h, w) for target indices, each through the
+        refined label carrying it (`best`, that image's row of `scores`)."""
+        classes = torch.tensor([[int(best[t]) for t in targets]], device=maps.device)
+        return class_activation_maps(maps, self.cnn.head.weight, classes)[0]
+
+    def _boxes(self, cam: torch.Tensor, target: str, h: int, w: int) -> list[Box]:
+        """Boxes of one CAM, found at the model's input size, in (h, w) image pixels."""
+        size = self.image_size
+        small = to_heatmap(cam, (size, size))
+        return [b.scaled(w / size, h / size) for b in boxes_from_heatmap(small, target, self.spec.localization)]
+
+    @torch.no_grad()
+    def localise(self, image, targets: Sequence[str]) -> dict[str, list[Box]]:
+        """Boxes from the CAM of each named target on one image (path or array), whether the
+        target is detected or not: the ChestX-ray8 protocol localises the disease an image is
+        known to have. Boxes of detected findings come with `reader(image)` already."""
+        if not targets:
+            return {}
+        unknown = [t for t in targets if t not in self.targets]
+        if unknown:
+            raise CxrError(f"not a target of this run: {', '.join(unknown)}")
+        image = self._load(image)
+        maps, logits, _ = self.forward([image])
+        _, best = self.scores(logits)
+        cams = self._cams(maps, best[0], [self.targets.index(t) for t in targets])
+        h, w = image.shape[:2]
+        return {t: self._boxes(cams[k], t, h, w) for k, t in enumerate(targets)}
 
     def annotate(self, embeddings: torch.Tensor, labels: torch.Tensor, beams: int = 1) -> list[list[str]]:
         """Token sequences for (embedding, target index) pairs: greedy (beams=1) or beam search."""
         if len(labels) == 0:
             return []
         emb, lab = embeddings.to(self.device), labels.to(self.device)
-        n = self.max_tokens + 1
+        n = self.spec.architecture.max_tokens + 1
         ids = self.rnn.greedy(emb, lab, n) if beams <= 1 else self.rnn.beam(emb, lab, beams, n)
-        return [decode(s, self.words)[:self.max_tokens] for s in ids]
+        return [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in ids]
 
     def __call__(self, images, heatmaps: bool = True, beams: int = 1, batch_size: int = 16):
         """One image (path or array) -> Result; a list -> list[Result]."""
@@ -139,8 +182,8 @@ class Reader:
     def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int) -> list[Result]:
         from .reports.mesh import parse_term
 
-        maps, logits, emb = self._forward(images)
-        scores, best = self._scores(logits)
+        maps, logits, emb = self.forward(images)
+        scores, best = self.scores(logits)
         detected = []
         normal = self.targets.index(NORMAL) if NORMAL in self.targets else None
         for b in range(len(images)):
@@ -159,18 +202,14 @@ class Reader:
             cams = None
             disease_hits = [t for t in detected[b] if t != normal]
             if disease_hits:
-                cams = class_activation_maps(maps[b:b + 1], self.cnn.head.weight,
-                                             torch.tensor([[int(best[b, t]) for t in disease_hits]],
-                                                          device=maps.device))[0]
+                cams = self._cams(maps[b:b + 1], best[b], disease_hits)
             for t in detected[b]:
                 target, toks = self.targets[t], words.get((b, t), [])
                 parsed = parse_term("/".join(toks)) if toks else None
                 boxes: list[Box] = []
                 if cams is not None and t != normal:
                     cam = cams[disease_hits.index(t)]
-                    small = to_heatmap(cam, (self.image_size, self.image_size))
-                    sx, sy = w / self.image_size, h / self.image_size
-                    boxes = [bx.scaled(sx, sy) for bx in boxes_from_heatmap(small, target, self.localization)]
+                    boxes = self._boxes(cam, target, h, w)
                     if heatmaps:
                         maps_out[target] = to_heatmap(cam, (h, w))
                 findings.append(DetectedFinding(
@@ -192,7 +231,7 @@ class Reader:
         items = [images] if _single(images) else list(images)
         out = []
         for s in range(0, len(items), batch_size):
-            _, _, emb = self._forward([self._load(it) for it in items[s:s + batch_size]])
+            _, _, emb = self.forward([self._load(it) for it in items[s:s + batch_size]])
             out.append(emb.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 

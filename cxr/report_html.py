@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from .atomic import write_atomic
 from .metrics import fmt
 from .records import Box
 from .results import Result
@@ -228,8 +229,4 @@ def write_report(path: str | Path, title: str, summary: Sequence[tuple[str, obje
            f'<div class="banner">Research use only: not a medical device.</div><main>'
            f'<div class="cards">{cards}</div><h2>Metrics</h2><div class="tables">{tables_html}</div>'
            f"{cal}{ex_html}{notes_html}</main></body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, doc)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .records import Box
+
+if TYPE_CHECKING:
+    from .quality.gate import QualityReport
 
 
 @dataclass
@@ -46,8 +50,16 @@ class Result:
     embedding: np.ndarray | None = None
     model_id: str = ""
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the input image
+    quality: "QualityReport | None" = None
+
+    @property
+    def refused(self) -> bool:
+        """The gate refused the image and it was not read (no scores, no findings)."""
+        return self.quality is not None and not self.quality.accepted and not self.quality.forced
 
     def __repr__(self) -> str:  # short: the embedding and heatmaps are large arrays
+        if self.refused:
+            return f"Result(not read: {self.quality.reason})"
         found = ", ".join(f"{f.disease} {f.score:.2f}" for f in self.findings) or "nothing"
         return f"Result({self.model_id or 'model'}: {found}; {len(self.scores)} scores, {len(self.heatmaps)} heatmaps)"
 
@@ -62,6 +74,8 @@ class Result:
             "scores": {k: float(v) for k, v in self.scores.items()},
             "findings": [f.to_dict() for f in self.findings],
         }
+        if self.quality is not None:
+            d["quality"] = self.quality.to_dict()
         if embedding and self.embedding is not None:
             d["embedding"] = [float(x) for x in self.embedding]
         return d

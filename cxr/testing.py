@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import replacing
 from .records import Box, Image, Study
 
 # (MeSH-style term, disease) of the synthetic findings: a blob at a side of the lung base,
@@ -52,7 +53,8 @@ def synthetic_studies(out_dir: str | Path, n: int = 32, size: int = 64, seed: in
             boxes.append(Box("Cardiomegaly", (0.5 - 1.3 * r) * size, (0.55 - r) * size, 2.6 * r * size,
                              2 * r * size))
         path = out_dir / f"syn{i:04d}.png"
-        PILImage.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+        with replacing(path) as tmp:
+            PILImage.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
         studies.append(Study(id=f"syn{i:04d}", patient_id=f"p{i:04d}",
                              images=[Image(id=f"syn{i:04d}", path=path, view="PA", boxes=boxes)],
                              findings=findings, source="synthetic"))

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image as PILImage
 
 from cxr.commands import demo
-from cxr.commands.evaluate import evaluate_run
 from cxr.errors import CxrError
+from cxr.evaluation import evaluate_run
 from cxr.records import Box
 from cxr.report_html import overlay
 
@@ -75,9 +75,9 @@ def test_overlay_draws_heat_and_boxes():
 
 def test_report_on_the_tiny_run(tiny_run, tmp_path):
     from cxr.sources import open_source
-    from cxr.checkpoint import load_config
+    from cxr.checkpoint import load_spec
 
-    spec = load_config(tiny_run)["data"]["spec"]
+    spec = load_spec(tiny_run).data.spec
     studies = open_source(spec)
     m = evaluate_run(tiny_run, split="all", out=tmp_path, progress=False, studies=studies,
                      bleu_splits=("test",))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cxr.cli import main
-from cxr.commands import evaluate as ev
+from cxr import evaluation as ev
 from cxr.records import Box
 
 

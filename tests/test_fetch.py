@@ -12,8 +12,9 @@ import pytest
 
 from cxr import data, fetch
 from cxr.cli import main as cli_main
-from cxr.data import KNOWN, DataFile, Url, WheelMember, locate
+from cxr.data import KNOWN, DataFile, Url, WheelMember
 from cxr.errors import CxrError
+from cxr.fetch import locate
 
 
 def _sha(payload: bytes) -> str:
@@ -83,7 +84,7 @@ def test_fetch_from_url_checks_sha_and_never_fetches_twice(tmp_path, empty_cache
     with pytest.raises(CxrError, match="sha256 mismatch"):
         fetch.fetch_file(wrong)
     target = empty_cache / "phantom" / "structures.csv"
-    assert not target.exists() and not list(target.parent.glob("*.part"))  # nothing half-kept
+    assert not target.exists() and not list(target.parent.iterdir())  # nothing half-kept
 
     good = DataFile("phantom/structures.csv", "structures", _sha(payload),
                     (Url((tmp_path / "missing.csv").as_uri()), Url(source.as_uri())), "MIT", "t")

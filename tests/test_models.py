@@ -9,7 +9,8 @@ from cxr.errors import CxrError
 from cxr.models.annotator import END, START, Annotator, decode, encode, pad_batch
 from cxr.models.cascade import RefinedLabels, refine, to_original
 from cxr.models.cnn import BACKBONES, create_cnn, load_pretrained
-from cxr.models.localize import LocalizeParams, boxes_from_heatmap, class_activation_maps, to_heatmap
+from cxr.models.localize import boxes_from_heatmap, class_activation_maps, to_heatmap
+from cxr.runspec import LocalizeParams
 
 
 
@@ -201,7 +202,8 @@ def test_data_dropout_keeps_expected_fraction():
 
 
 def test_platt_and_thresholds():
-    from cxr.training.calibration import apply_platt, fit_platt, max_f1_thresholds
+    from cxr.calibration import apply_platt
+    from cxr.training.calibration import fit_platt, max_f1_thresholds
 
     rng = np.random.default_rng(0)
     true_logit = rng.normal(0, 2, 4000)

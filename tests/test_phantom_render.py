@@ -207,3 +207,32 @@ def test_bad_input_is_a_cxr_error(phantom, tmp_path):
     with pytest.raises(CxrError) as e:
         Phantom.load(ct=bad).render([], seed=0, size=64)
     assert str(bad) in str(e.value)
+
+
+def test_lateral_view(phantom, normal):
+    """A lateral is the same patient seen from the side: deterministic, a film's value range,
+    a narrower body than on the PA (the chest is ~26 cm deep, ~31 cm wide), the spine behind,
+    and no findings in this view."""
+    lat = phantom.render([], seed=SEED, size=128, view="lateral")
+    again = phantom.render([], seed=SEED, size=128, view="lateral")
+    assert np.array_equal(lat.image, again.image) and lat.meta["view"] == "lateral"
+    assert lat.image.shape == (128, 128) and 0.0 <= lat.image.min() and lat.image.max() <= 1.0
+    pa = phantom.render([], seed=SEED, size=128)
+    mid = slice(40, 90)
+    assert (lat.image[mid] > 0.05).mean() < (pa.image[mid] > 0.05).mean()
+    # the spine (posterior, image right) is denser than the retrosternal space (anterior, left)
+    row = lat.image[45:60]
+    body = np.nonzero(row.mean(axis=0) > 0.05)[0]
+    front, back = body[0], body[-1]
+    depth = back - front
+    assert row[:, back - depth // 5:back].mean() > row[:, front + depth // 10:front + depth // 4].mean()
+    with pytest.raises(CxrError):
+        phantom.render([FindingSpec("effusion", side="left")], seed=1, size=128, view="lateral")
+    with pytest.raises(CxrError):
+        phantom.render([], seed=1, size=128, view="oblique")
+
+
+def test_ap_view_magnifies_the_heart(phantom):
+    pa = phantom.render([], seed=SEED, size=128)
+    ap = phantom.render([], seed=SEED, size=128, view="AP")
+    assert ap.meta["view"] == "AP" and ap.meta["ctr"] > pa.meta["ctr"] + 0.03

@@ -1,6 +1,7 @@
 """Reader on the tiny trained run: contract of Result, checkpoint round trip, inputs, batching."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -49,15 +50,15 @@ def test_findings_follow_thresholds(tiny_run):
     from cxr.checkpoint import load_run
     from cxr.reader import Reader
 
-    config, tensors = load_run(tiny_run)
-    config["thresholds"] = {t: 0.0 for t in config["targets"]}
-    result = Reader(config, tensors, "cpu")(_image())
-    diseases = [t for t in config["targets"] if t != "normal"]
+    spec, tensors = load_run(tiny_run)
+    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets})
+    result = Reader(spec, tensors, "cpu")(_image())
+    diseases = [t for t in spec.targets if t != "normal"]
     assert sorted(f.disease for f in result.findings) == sorted(diseases)
     assert set(result.heatmaps) == set(diseases)
     assert all(f.annotation for f in result.findings)
-    config["thresholds"] = {t: 1.1 for t in config["targets"]}
-    assert Reader(config, tensors, "cpu")(_image()).findings == []
+    spec = dataclasses.replace(spec, thresholds={t: 1.1 for t in spec.targets})
+    assert Reader(spec, tensors, "cpu")(_image()).findings == []
 
 
 def test_round_trip_same_outputs(reader, tiny_run):
@@ -115,3 +116,22 @@ def test_stage1_is_a_loadable_run(tiny_run):
     assert stage1.targets == cxr.Reader.load(tiny_run, device="cpu").targets
     assert stage1.model_id.startswith("tiny-stage1-")
     assert set(stage1(_image()).scores) == set(stage1.targets)
+
+
+def test_localise_matches_the_boxes_of_findings(tiny_run):
+    """`localise` gives the boxes of any named target; for a detected finding they are the boxes
+    the Reader reports."""
+    from cxr.checkpoint import load_run
+    from cxr.reader import Reader
+
+    spec, tensors = load_run(tiny_run)
+    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets})
+    reader = Reader(spec, tensors, "cpu")
+    image = _image()
+    diseases = [t for t in spec.targets if t != "normal"]
+    boxes = reader.localise(image, diseases)
+    assert set(boxes) == set(diseases)
+    found = {f.disease: f.boxes for f in reader(image).findings}
+    assert boxes == found and any(found.values())
+    with pytest.raises(CxrError, match="not a target"):
+        reader.localise(image, ["Unicorn"])

@@ -115,7 +115,7 @@ def test_heatmap_image_and_embedding_on_request(client, service, shared_data):
     assert sorted(body["heatmaps"]) == sorted(diseases)
     assert all(png_size(h) == (256, 256) for h in body["heatmaps"].values())
     assert png_size(body["image"]) == (256, 256)
-    assert len(body["embedding"]) == service[1]._forward([np.zeros((64, 64), np.float32)])[2].shape[1]
+    assert len(body["embedding"]) == service[1].spec.architecture.image_dim
     assert all(b["w"] > 0 and b["h"] > 0 for f in body["findings"] for b in f["boxes"])
 
 
@@ -331,3 +331,6 @@ def test_serve_start_up_errors_are_one_line(tiny_run, tmp_path, capsys):
             assert main(["serve", str(tiny_run), *extra]) == 2, words
             err = capsys.readouterr().err
             assert words in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert main(["serve", str(tmp_path), "--port", "0"]) == 2  # a folder that is not a run
+    err = capsys.readouterr().err
+    assert "not a trained run" in err and str(tmp_path) in err and err.count("\n") == 1, err

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from cxr.checkpoint import load_spec
 from cxr.errors import CxrError
 from cxr.testing import synthetic_studies, tiny_config
 from cxr.training import TrainConfig, split_studies, train
@@ -82,7 +83,7 @@ def test_interrupted_run_resumes_and_finishes(tmp_path, studies):
     with pytest.raises(CxrError, match="already holds a trained run"):
         train(_config(), out, studies=studies)
 
-    splits = split_studies(config, studies)
+    splits = split_studies(load_spec(out), studies)
     assert {s.patient_id for s in splits["test"]} == set(patients["test"])
     assert sum(len(v) for v in splits.values()) == len(studies)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..atomic import write_atomic
 from ..errors import CxrError
 from .db import DEFAULT_URL
 
@@ -78,5 +79,5 @@ def run(args: argparse.Namespace) -> int:
         if args.json == "-":
             print(text)
         else:
-            Path(args.json).write_text(text + "\n")
+            write_atomic(args.json, text + "\n")
     return 0

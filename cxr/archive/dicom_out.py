@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import replacing
 from ..errors import CxrError
 from ..results import Result
 
@@ -74,7 +75,7 @@ def _source_dataset(image, out_dir: Path, name: str):
         manufacturer=MANUFACTURER, patient_orientation=("L", "F"),
         series_description=f"source image {Path(path).name if path else ''}"[:64])
     target = out_dir / f"{name}.source.dcm"
-    sc.save_as(target)
+    _save(sc, target)
     return sc, target
 
 
@@ -131,7 +132,7 @@ def write_overlay(result: Result, pixels: np.ndarray, source, out_path: Path):
         series_description="cxr findings overlay (research use only)", **kwargs)
     sc.ImageComments = _summary(result)[:10240]
     sc.BurnedInAnnotation = "YES"
-    sc.save_as(out_path)
+    _save(sc, out_path)
     return sc
 
 
@@ -226,7 +227,7 @@ def write_result_dicom(result: Result, image, out_dir: str | Path,
         source, source_path = _source_dataset(image, out_dir, name)
         paths = {"overlay": out_dir / f"{name}.overlay.dcm", "sr": out_dir / f"{name}.sr.dcm"}
         write_overlay(result, image.pixels, source, paths["overlay"])
-        build_sr(result, source).save_as(paths["sr"])
+        _save(build_sr(result, source), paths["sr"])
     except CxrError:
         raise
     except Exception as exc:
@@ -234,3 +235,9 @@ def write_result_dicom(result: Result, image, out_dir: str | Path,
     if source_path is not None:
         paths["source"] = source_path
     return paths
+
+
+def _save(dataset, path: Path) -> None:
+    """A DICOM file written atomically (a PACS watching the folder never picks up half a file)."""
+    with replacing(path) as tmp:
+        dataset.save_as(tmp)

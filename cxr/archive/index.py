@@ -18,12 +18,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import CxrError
+from ..hashing import file_sha256
+from ..images import IMAGE_SUFFIXES
 from ..records import Box
 from ..results import DetectedFinding, Result
-from ..hashing import file_sha256
 from .db import Archive, Entry
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic"}
 
 
 @dataclass

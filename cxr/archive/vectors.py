@@ -16,13 +16,14 @@ committed out of id order).
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..atomic import replacing, write_atomic
 
 
 def _slug(model_id: str) -> str:
@@ -87,14 +88,9 @@ class VectorIndex:
         if self.path is None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-            self.index.save(str(tmp))
-            os.replace(tmp, self.path)
-            side = self.path.with_suffix(".json")
-            tmp_side = side.with_name(side.name + f".tmp{os.getpid()}")
-            tmp_side.write_text(json.dumps(self.state.__dict__))
-            os.replace(tmp_side, side)
+            with replacing(self.path) as tmp:
+                self.index.save(str(tmp))
+            write_atomic(self.path.with_suffix(".json"), json.dumps(self.state.__dict__))
         except OSError as exc:  # read-only place: keep it in memory, rebuilt per process
             warnings.warn(f"cannot save the vector index to {self.path} ({exc}); "
                           "it stays in memory (set vector_dir)", stacklevel=2)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
+from ..atomic import replacing, write_atomic
+from ..images import IMAGE_SUFFIXES
+
 COLOURS = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (80, 220, 120), (220, 90, 255), (255, 140, 0)]
 
 
@@ -33,7 +35,7 @@ def expand(paths: list[Path]) -> list[Path]:
     for p in paths:
         p = p.expanduser()
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in (*IMAGE_SUFFIXES, "")
                           and not q.name.startswith("."))
         else:
             out.append(p)
@@ -76,8 +78,8 @@ def overlay(image: np.ndarray, result, path: Path, min_side: int = 512) -> Path:
         draw.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], fill=(0, 0, 0))
         draw.text((6, y), text, fill=colour, font=font)
         y = box[3] + 4
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, compress_level=1)
+    with replacing(path) as tmp:
+        canvas.save(tmp, format="PNG", compress_level=1)
     return path
 
 
@@ -124,8 +126,7 @@ def run(args) -> int:
     if args.json is None or str(args.json) == "-":
         print(text)
     else:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+        write_atomic(args.json, text)
         print(f"annotated {len(files) - failed} of {len(files)} images -> {args.json}", file=sys.stderr)
     if failed == len(files):
         raise CxrError(f"none of the {len(files)} images could be read")

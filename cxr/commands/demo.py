@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..atomic import write_atomic
 from ..errors import CxrError
 
 # The default demo: chosen so that the whole run takes ~10 min on 2 CPU cores and the detector is
@@ -97,16 +98,14 @@ def run_demo(out: str | Path, settings: dict, workers: int = 1, examples: int = 
     times = state.setdefault("seconds", {})
 
     def save() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(state_path)
+        write_atomic(state_path, json.dumps(state, indent=1))
 
     save()
     t_all = time.time()
     from ..phantom.simulate import simulate
     from ..sources import open_source
     from ..training import TrainConfig, train
-    from .evaluate import evaluate_run, write_metrics
+    from ..evaluation import evaluate_run, write_metrics
 
     _stage(1, f"simulating {settings['n']} chest radiographs ({settings['size']} px) from the CT "
               f"into {out / 'data'}")
@@ -163,14 +162,13 @@ def run_demo(out: str | Path, settings: dict, workers: int = 1, examples: int = 
 def annotate_examples(run_dir: Path, studies, n: int, device: str | None = None) -> list:
     """Up to `n` test-split images, chosen to show several kinds of finding and a normal one,
     annotated by the Reader with heatmaps."""
-    from ..checkpoint import load_config
+    from ..checkpoint import load_spec
     from ..images import load_image
     from ..reader import Reader
     from ..report_html import Example
-    from .evaluate import EvalData
+    from ..evaluation import EvalData
 
-    config = load_config(run_dir)
-    ed = EvalData(config, studies)
+    ed = EvalData(load_spec(run_dir), studies)
     test = ed.indices("test")
     picked, seen = [], set()
     # first one image per disease (most findings first), then a normal one, then the rest
@@ -199,7 +197,7 @@ def annotate_examples(run_dir: Path, studies, n: int, device: str | None = None)
 def write_demo_report(path: Path, m: dict, examples) -> Path:
     from .. import metrics as M
     from ..report_html import write_report
-    from .evaluate import metric_tables
+    from ..evaluation import metric_tables
 
     demo = m.get("demo", {})
     s, secs = demo.get("settings", {}), demo.get("seconds", {})
@@ -233,7 +231,7 @@ def write_demo_report(path: Path, m: dict, examples) -> Path:
         "drawn from the statistics of the real Open-i reports, so the truth (disease, side, site, "
         "severity, box) is known exactly. Figures on it show the system works end to end; they "
         "are not figures on real patients.",
-        "Published reference (DESIGN.md): Wang et al. 2017 (ChestX-ray8, 108,948 real images, "
+        "Published reference: Wang et al., ChestX-ray8 (CVPR 2017; 108,948 real images, "
         "ResNet-50): mean AUC of 8 findings .696; Shin et al. 2016 report BLEU of their "
         "annotations on Open-i before and after the cascade.",
         f"metrics.json and metrics.md beside this file hold every number. {M.BLEU_SMOOTHING}.",

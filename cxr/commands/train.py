@@ -94,6 +94,7 @@ def _phantom_default(n: int, size: int, seed: int) -> str:
 
 
 def run(args) -> int:
+    from ..checkpoint import load_spec
     from ..errors import CxrError
     from ..training import TrainConfig, train
 
@@ -103,7 +104,10 @@ def run(args) -> int:
             settings = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CxrError(f"cannot read the config: {exc}", args.config) from None
-        settings = settings.get("train_config", settings)  # a run's config.json works too
+        if isinstance(settings, dict) and "format" in settings:  # a run's config.json works too
+            from ..runspec import RunSpec
+
+            settings = dict(RunSpec.from_dict(settings, args.config).train_config)
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -113,9 +117,9 @@ def run(args) -> int:
     if config.data.strip() == "phantom":
         config.data = _phantom_default(args.phantom_n, config.image_size, config.seed)
     out = train(config, args.out, resume=not args.fresh)
-    run_config = json.loads((out / "config.json").read_text())
+    spec = load_spec(out)
     val = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
-                    for k, v in (run_config.get("validation") or {}).items())
-    print(f"trained {out}: {len(run_config['targets'])} targets "
-          f"({len(run_config['refined']['names'])} refined); validation: {val or 'none'}")
+                    for k, v in spec.validation.items())
+    print(f"trained {out}: {len(spec.targets)} targets "
+          f"({len(spec.refined.names)} refined); validation: {val or 'none'}")
     return 0

@@ -7,31 +7,13 @@ component; so do we.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
 from ..records import Box
-
-
-@dataclass
-class LocalizeParams:
-    """Stored in the checkpoint. `threshold` on the [0, 1] heatmap; components smaller than
-    `min_area` (fraction of the image) are dropped; at most `max_boxes` per finding, by CAM mass."""
-
-    threshold: float = 0.5
-    max_boxes: int = 2
-    min_area: float = 0.002
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "LocalizeParams":
-        return cls(**(d or {}))
+from ..runspec import LocalizeParams
 
 
 def class_activation_maps(maps: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -299,7 +299,7 @@ class CaseGenerator:
     def from_openi(cls, path: str | Path | None = None, **kwargs) -> "CaseGenerator":
         """Build from Open-i reports: the NLMCXR_reports.tgz or a folder of ecgen-radiology XML
         (default: the data cache's `openi/NLMCXR_reports.tgz`, fetched once if missing)."""
-        from ..data import locate
+        from ..fetch import locate
         from ..sources.openi import read_openi
 
         if path is None:

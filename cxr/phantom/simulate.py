@@ -32,12 +32,13 @@ from typing import Iterable
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..errors import CxrError
 from ..hashing import file_sha256 as sha256
-from .cases import CaseGenerator, DrawnCase
-from ..atomic import replacing, write_atomic
-from .reports import image_id, report_xml
+from ..images import save_png16
 from ..reports.mesh import parse_term
+from .cases import CaseGenerator, DrawnCase
+from .reports import image_id, report_xml
 
 FORMAT = 1  # layout version of a simulated set
 REPORTS_DIR, IMAGES_DIR, RECORDS_DIR = "ecgen-radiology", "images", "records"
@@ -108,7 +109,7 @@ def simulate(out: str | Path, n: int, size: int = 256, seed: int = 0, workers: i
 # --- inputs and the settings lock ---
 
 def _inputs(ct, labels, reports) -> tuple[Path, Path, Path]:
-    from ..data import locate
+    from ..fetch import locate
 
     ct_path = locate("phantom/chest_ct.nii.gz", ct)
     labels_path = locate("phantom/chest_ct_labels.nii.gz", labels)
@@ -237,7 +238,7 @@ class _Job:
         spacing = float(meta.get("pixel_mm") or FIELD_OF_VIEW_MM / s["size"])
         iid = image_id(case)
         files = {"png": f"{IMAGES_DIR}/{iid}.png"}
-        _save_png_atomic(self.out / files["png"], image)
+        save_png16(self.out / files["png"], image)
         if s["dicom"]:
             files["dicom"] = f"{IMAGES_DIR}/{iid}.dcm"
             _save_dicom(self.out / files["dicom"], image, case, spacing, s["photometric"])
@@ -307,13 +308,6 @@ def _run(job: _Job, todo: list[int], n: int, workers: int, progress: bool) -> No
                 raise
     finally:
         bar.close()
-
-
-def _save_png_atomic(path: Path, image: np.ndarray) -> None:
-    from ..images import save_png16
-
-    with replacing(path) as tmp:
-        save_png16(tmp, image)
 
 
 def _mask_png(mask: np.ndarray) -> bytes:

@@ -70,3 +70,16 @@ def draw_variation(rng: np.random.Generator) -> Variation:
         detail=float(u(0.3, 0.9)),
         window=(float(u(0.2, 0.32)), float(u(0.86, 0.95))),
     )
+
+
+def ap_view(var: Variation, rng: np.random.Generator) -> None:
+    """Turn a PA draw into an AP (portable, often supine) film: the heart lies far from the
+    detector and is magnified (cardiothoracic ratio ~0.05-0.1 larger), the patient leans back
+    (lordotic tilt), breathes less deeply, and the exposure is lower with more scatter (no grid).
+    Drawn from its own generator so the PA draw of the same seed is unchanged."""
+    var.ctr = float(min(var.ctr + rng.uniform(0.04, 0.1), 0.62))
+    var.pitch_deg = float(var.pitch_deg + rng.uniform(3, 10))
+    var.diaphragm_mm = {k: float(v - rng.uniform(5, 15)) for k, v in var.diaphragm_mm.items()}
+    var.lung_density = float(var.lung_density * rng.uniform(1.0, 1.1))
+    var.photons = float(var.photons * rng.uniform(0.4, 1.0))
+    var.scatter = float(min(var.scatter * rng.uniform(1.3, 2.0), 0.6))

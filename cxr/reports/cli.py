@@ -36,7 +36,7 @@ def configure(parser) -> None:
 
 
 def _reports_path(arg: str | None) -> Path:
-    from ..data import locate
+    from ..fetch import locate
 
     if arg is None:
         return locate(OPENI_REPORTS)

@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..errors import CxrError
 from ..records import Finding, Study, term_tokens
 from .mesh import NO_INDEXING, NORMAL, canonical_heading, term_parts
@@ -182,7 +183,7 @@ class LabelSpace:
             raise CxrError(f"not a label space: {exc}") from exc
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "LabelSpace":
@@ -266,7 +267,7 @@ class Vocabulary:
         return cls(list(d["tokens"]))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":

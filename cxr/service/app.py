@@ -26,7 +26,6 @@ import hashlib
 import io
 import os
 import tempfile
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,12 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..atomic import write_atomic
 from ..errors import CxrError
+from ..images import IMAGE_SUFFIXES
 from .batching import MicroBatcher
 
 STATIC = Path(__file__).resolve().parent / "static"
-UPLOAD_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".tif", ".tiff"}
 DISCLAIMER = "Research use only - not for diagnosis."
 HEATMAP_SIDE = 512  # longest side of a heatmap PNG
 
@@ -109,7 +109,7 @@ def _safe_name(filename: str | None) -> str:
 
 def _suffix(filename: str | None) -> str:
     suffix = Path(_safe_name(filename)).suffix.lower()
-    return suffix if suffix in UPLOAD_SUFFIXES else ""
+    return suffix if suffix in IMAGE_SUFFIXES else ""
 
 
 def decode_upload(data: bytes, filename: str | None):
@@ -413,9 +413,7 @@ def _store(state, data: bytes, filename: str | None, loaded, result) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{sha}{_suffix(filename) or '.img'}"
     if not path.exists():
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.part")  # two uploads at once
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)  # a unique temporary name: two uploads at once are safe
     meta = loaded.meta or {}
     uid = lambda key: str(meta[key])[:64] if meta.get(key) else None  # noqa: E731
     model_id = state.reader.model_id

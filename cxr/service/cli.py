@@ -34,14 +34,14 @@ def run(args) -> int:
     import uvicorn
 
     from ..archive.db import Archive
+    from ..checkpoint import load_spec
     from ..errors import CxrError
     from ..reader import Reader
     from .app import create_app
 
     if args.max_batch < 1 or args.max_upload_mb <= 0:
         raise CxrError("--max-batch and --max-upload-mb must be positive")
-    if not (Path(args.run).expanduser() / "config.json").exists():
-        raise CxrError("not a trained run (no config.json; see cxr train --out)", args.run)
+    load_spec(args.run)  # a bad run is one line before the port is checked and the model loaded
     if args.upload_dir is not None and args.upload_dir.exists() and not args.upload_dir.is_dir():
         raise CxrError("--upload-dir is a file, not a folder", args.upload_dir)
     _check_listen(args.host, args.port)

@@ -109,10 +109,8 @@ def _existing(path: str) -> Path:
 
 
 def _locate(key: str, required: bool = True) -> Path | None:
-    try:
-        from ..data import locate
-    except ImportError:  # older layout: locate lived in cxr.fetch
-        from ..fetch import locate  # type: ignore[no-redef]
+    from ..fetch import locate
+
     try:
         return locate(key)
     except CxrError:

@@ -32,10 +32,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import CxrError
+from ..images import IMAGE_SUFFIXES
 from ..records import Image, Study
 from ..reports.mesh import parse_term
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff")
 NORMAL_WORDS = {"normal", "no finding"}
 KNOWN = {"path", "patient_id", "labels", "view", "report", "findings", "impression", "study_id"}
 

@@ -26,8 +26,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import CxrError
+from ..images import DICOM_SUFFIXES, IMAGE_SUFFIXES
 from ..records import Box, Finding, Image, Study
-from .openi import IMAGE_SUFFIXES
 
 RELEASE_SIZE = 1024
 NO_FINDING = "No Finding"
@@ -91,7 +91,7 @@ def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header without decoding pixels (PNG/JPEG via PIL,
     DICOM via pydicom)."""
     try:
-        if path.suffix.lower() in (".dcm", ".dicom"):
+        if path.suffix.lower() in DICOM_SUFFIXES:
             import pydicom
 
             ds = pydicom.dcmread(path, stop_before_pixels=True)

@@ -35,11 +35,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import CxrError
+from ..images import IMAGE_SUFFIXES
 from ..records import Image, Study
 from ..reports.mesh import NO_INDEXING, canonical_heading, parse_term, term_parts
 
 SECTIONS = ("COMPARISON", "INDICATION", "FINDINGS", "IMPRESSION")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 METADATA_NAMES = ("nlmcxr_dicom_metadata.csv.gz", "nlmcxr_dicom_metadata.csv")
 XML_DIR = "ecgen-radiology"
 PROCESSING_CODE = "Acquisition Device Processing Code"

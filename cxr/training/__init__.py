@@ -2,8 +2,13 @@
 run's patient split (for evaluation on exactly its test patients)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..records import Study
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..runspec import RunSpec
 
 __all__ = ["TrainConfig", "train", "split_studies"]
 
@@ -15,10 +20,10 @@ def __getattr__(name):  # lazy: `cxr train -h` needs only the config, not torch
     raise AttributeError(name)
 
 
-def split_studies(run_config: dict, studies: list[Study]) -> dict[str, list[Study]]:
+def split_studies(spec: RunSpec, studies: list[Study]) -> dict[str, list[Study]]:
     """The studies of each split ("train", "val", "test") of a trained run, by its stored patient
-    lists (`config.json` -> data.patients). Patients the run never saw go to "unseen"."""
-    patients = run_config["data"]["patients"]
+    lists (`RunSpec.data.patients`). Patients the run never saw go to "unseen"."""
+    patients = spec.data.patients
     where = {p: name for name, ps in patients.items() for p in ps}
     out: dict[str, list[Study]] = {"train": [], "val": [], "test": [], "unseen": []}
     for s in studies:

@@ -1,20 +1,10 @@
-"""What a score means: Platt scaling per target on the validation split, then an operating
-threshold per target (max F1 on validation). Both are stored in the checkpoint."""
+"""What a score means, fitted: Platt scaling per target on the validation split, then an operating
+threshold per target (max F1 on validation). Both are stored in the run's RunSpec; applying them
+(`apply_platt`, `logit`) lives in `cxr.calibration`, which inference imports."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p) - np.log1p(-p)
-
-
-def apply_platt(raw_logits: np.ndarray, params: list[tuple[float, float]]) -> np.ndarray:
-    a = np.array([p[0] for p in params], dtype=np.float64)
-    b = np.array([p[1] for p in params], dtype=np.float64)
-    return (1 / (1 + np.exp(-(raw_logits * a + b)))).astype(np.float32)
 
 
 def fit_platt(raw_logits: np.ndarray, y: np.ndarray, prior: float = 1.0) -> list[tuple[float, float]]:

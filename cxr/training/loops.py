@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..atomic import append_line, write_atomic
 from ..checkpoint import load_tensors, optimizer_tensors, prefixed, restore_optimizer, save_tensors, unprefixed
-from ..dataset import XrayDataset, augment, data_dropout_indices, normalise
+from ..dataset import XrayDataset, augment, data_dropout_indices
 from ..models.annotator import Annotator, encode, pad_batch
+from ..preprocess import MEAN, STD, normalise
 from .config import TrainConfig
 
 
@@ -44,15 +45,11 @@ class Context:
 
     def save_progress(self) -> None:
         if self.main:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_dir / f".progress.json.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(self.progress, indent=1))
-            os.replace(tmp, self.state_dir / "progress.json")
+            write_atomic(self.state_dir / "progress.json", json.dumps(self.progress, indent=1))
 
     def log(self, record: dict) -> None:
         if self.main:
-            with open(self.out / "history.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.out / "history.jsonl", json.dumps(record))
 
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.amp:
@@ -122,7 +119,7 @@ def infer(ctx: Context, model, idx: np.ndarray, batch_size: int | None = None):
         rows = np.sort(idx[s:s + bs])
         order = np.argsort(np.argsort(idx[s:s + bs]))
         x = torch.from_numpy(np.asarray(ctx.images[rows], dtype=np.float32) / 65535.0)[:, None]
-        x = normalise(x.to(ctx.device))
+        x = normalise(x.to(ctx.device), MEAN, STD)
         with ctx.autocast():
             maps = model.forward_features(x)
             lg = model.forward_head(maps)
@@ -200,7 +197,7 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
                    disable=not (cfg.progress and ctx.main))
         for x, y, _ in bar:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen))
+            x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
             with ctx.autocast():
                 logits = net(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)

@@ -23,14 +23,16 @@ import torch
 
 from .. import __version__
 from ..checkpoint import prefixed, save_run
-from ..dataset import MEAN, STD, build_cache
+from ..dataset import build_cache
 from ..errors import CxrError
 from ..models.annotator import Annotator
 from ..models.cascade import RefinedLabels, refine, to_original
 from ..models.cnn import create_cnn, load_pretrained
-from ..models.localize import LocalizeParams
-from ..records import Study
-from .calibration import apply_platt, fit_platt, logit, max_f1_thresholds
+from ..preprocess import MEAN, STD, STRETCH
+from ..records import MAX_TOKENS, Study
+from ..runspec import Architecture, Calibration, DataSpec, LocalizeParams, Preprocessing, RunSpec
+from ..calibration import apply_platt, logit
+from .calibration import fit_platt, max_f1_thresholds
 from .config import TrainConfig
 from .loops import (Context, infer, load_phase_weights, mean_auc, phase_done, sequences, train_cnn,
                     train_rnn)
@@ -298,32 +300,31 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         return
     counts = {name: int((prep.split == i).sum()) for i, name in enumerate(("train", "val", "test"))}
     train_rows = prep.split == 0
-    config = {
-        "cxr_version": __version__,
-        "stage": stage,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "architecture": {"backbone": cfg.backbone, "num_classes": len(refined.names), "in_chans": 1,
-                         "image_dim": cnn.num_features, "rnn": cfg.rnn, "rnn_hidden": cfg.rnn_hidden,
-                         "rnn_embed": cfg.rnn_embed, "vocab_size": len(prep.words),
-                         "num_labels": len(prep.targets), "max_tokens": 5},
-        "targets": prep.targets,
-        "refined": refined.to_dict(),
-        "vocabulary": prep.words,
-        "preprocessing": {"image_size": cfg.image_size, "crop": cfg.crop, "mean": MEAN, "std": STD, "stretch": True,
-                          "input": "float32 (H, W) in [0, 1], bright = dense; resized to image_size (area), "
-                                   "0.5-99.5th percentiles stretched to [0, 1], then (x - mean) / std"},
-        "calibration": {"method": "platt", "params": calibration},
-        "thresholds": thresholds,
-        "threshold_rule": "max F1 on the validation split (calibrated scores)",
-        "localization": LocalizeParams(cfg.localize_threshold, cfg.max_boxes).to_dict(),
-        "validation": metrics,
-        "train_config": cfg.to_dict(),
-        "pretrained": ctx.progress.get("pretrained"),
-        "data": {"spec": cfg.data, "views": cfg.views, "split_seed": cfg.seed,
-                 "fractions": list(cfg.fractions), "patients": prep.patient_split, "counts": counts,
-                 "unreadable": prep.unreadable,
-                 "label_counts": {t: int(prep.labels[train_rows, k].sum()) for k, t in enumerate(prep.targets)}},
-        "seed": cfg.seed,
-    }
+    spec = RunSpec(
+        cxr_version=__version__,
+        stage=stage,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        architecture=Architecture(backbone=cfg.backbone, num_classes=len(refined.names), in_chans=1,
+                                  image_dim=cnn.num_features, rnn=cfg.rnn, rnn_hidden=cfg.rnn_hidden,
+                                  rnn_embed=cfg.rnn_embed, vocab_size=len(prep.words),
+                                  num_labels=len(prep.targets), max_tokens=MAX_TOKENS),
+        targets=list(prep.targets),
+        refined=refined,
+        vocabulary=list(prep.words),
+        preprocessing=Preprocessing(image_size=cfg.image_size, crop=cfg.crop, mean=MEAN, std=STD,
+                                    stretch=STRETCH),
+        calibration=Calibration(method="platt", params=calibration),
+        thresholds=thresholds,
+        threshold_rule="max F1 on the validation split (calibrated scores)",
+        localization=LocalizeParams(cfg.localize_threshold, cfg.max_boxes),
+        validation=metrics,
+        train_config=cfg.to_dict(),
+        pretrained=ctx.progress.get("pretrained"),
+        data=DataSpec(spec=cfg.data, views=cfg.views, split_seed=cfg.seed, fractions=list(cfg.fractions),
+                      patients=prep.patient_split, counts=counts, unreadable=prep.unreadable,
+                      label_counts={t: int(prep.labels[train_rows, k].sum())
+                                    for k, t in enumerate(prep.targets)}),
+        seed=cfg.seed,
+    )
     tensors = {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())}
-    save_run(run_dir, tensors, config)
+    save_run(run_dir, tensors, spec)

@@ -1,0 +1,393 @@
+"""How good is a trained run? `evaluate_run(RUN)` (the library behind `cxr evaluate`).
+
+Runs the run's `Reader` over one split of its data (by default the run's own data source and its
+stored patient split) and writes `metrics.json` and `metrics.md` (also printed):
+
+- detection: ROC AUC per target and mean; precision/recall/F1 at the stored operating thresholds;
+- annotation: BLEU-1..4 on train/val/test for the model before the cascade (RUN/stage1) and after
+  (RUN), as Shin et al. 2016 report it; twice: "given disease" (the RNN writes the sequence of
+  each true finding, conditioned on its disease: the annotator alone) and "end to end" (the
+  sequence of each detected finding against all true sequences of its image);
+- context: accuracy of side, location and severity of detected findings, where the truth states
+  them (the phantom's complete terms, Open-i MeSH terms);
+- localisation: ChestX-ray8 accuracy at T(IoBB) and T(IoU) in {0.1, 0.25, 0.5, 0.75, 0.9}
+  against the boxes the source provides, with the CAM of the true disease (Wang et al.'s
+  protocol) and with what the Reader outputs (boxes of detected findings only);
+- calibration: ECE and reliability-diagram data of the calibrated scores; the thresholds in use.
+
+Published figures (Wang et al., ChestX-ray8, CVPR 2017: `cxr.metrics.WANG2017_*`) sit beside
+ours where the labels match.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import metrics as M
+from .atomic import write_atomic
+from .errors import CxrError
+from .records import Box, Study
+from .report_html import Table
+from .runspec import RunSpec
+
+SPLITS = ("train", "val", "test")
+
+
+# ------------------------------------------------------------------------------ the data
+class EvalData:
+    """The run's view of a data source: which images, their split, truth labels, findings, boxes."""
+
+    def __init__(self, spec: RunSpec, studies: list[Study]):
+        import dataclasses
+
+        from .training.prepare import finding_sequences, prepare
+
+        self.lookup = target_lookup(list(spec.targets))
+        # another source's names for the run's targets (NIH "Effusion" = Open-i "Pleural Effusion")
+        studies = [dataclasses.replace(s, findings=[
+            dataclasses.replace(f, disease=self.lookup.get(f.disease.lower(), f.disease))
+            for f in s.findings]) for s in studies]
+        self.prep = prepare(studies, spec.data.views, patient_split=spec.data.patients,
+                            targets=list(spec.targets), words=list(spec.vocabulary))
+        self.targets = self.prep.targets
+        by_image = {}
+        for s in studies:
+            for im in s.images:
+                by_image[(s.id, im.id)] = (s, im)
+        self.studies = [by_image[(sid, iid)][0]
+                        for sid, iid in zip(self.prep.study_ids, self.prep.image_ids)]
+        self.images = [by_image[(sid, iid)][1]
+                       for sid, iid in zip(self.prep.study_ids, self.prep.image_ids)]
+        # true annotation sequences per (image, target): what the RNN was trained to write
+        self.sequences: dict[tuple[int, int], list[list[str]]] = defaultdict(list)
+        for i, t, tokens in self.prep.pairs:
+            self.sequences[(i, t)].append(list(tokens))
+        self.image_sequences = [[list(tok) for _, tok in finding_sequences(s)] for s in self.studies]
+
+    def indices(self, split: str, max_images: int | None = None) -> np.ndarray:
+        idx = np.arange(len(self.prep.paths)) if split == "all" else self.prep.indices(split)
+        return idx[:max_images] if max_images else idx
+
+    def truth_findings(self, i: int) -> list:
+        """Positive findings of image i whose disease is a target (what the model can detect)."""
+        names = {t.lower() for t in self.targets if t != "normal"}
+        return [f for f in self.studies[i].positive if f.disease.lower() in names]
+
+    def truth_boxes(self, i: int) -> list[Box]:
+        """Boxes of image i relabelled with the target they belong to (boxes of other labels
+        are dropped)."""
+        out = []
+        for b in self.images[i].boxes:
+            target = self.lookup.get(box_disease(b.label).lower())
+            if target:
+                out.append(Box(target, b.x, b.y, b.w, b.h))
+        return out
+
+
+def target_lookup(targets: list[str]) -> dict[str, str]:
+    """Lower-cased disease name -> target, including the NIH and Open-i MeSH names of the same
+    finding, so a run trained on one source can be scored on the other."""
+    from .reports.mesh import MESH_TO_NIH, NIH_TO_MESH
+
+    out = {t.lower(): t for t in targets}
+    for a, b in [*NIH_TO_MESH.items(), *MESH_TO_NIH.items()]:
+        if b in targets and a.lower() not in out:
+            out[a.lower()] = b
+    return out
+
+
+def box_disease(label: str) -> str:
+    """The disease a box label names: a MeSH term's heading ('Opacity/lung/base/left' ->
+    'Opacity'; the phantom labels boxes with terms), or the label itself (NIH)."""
+    if "/" not in label:
+        return label
+    from .reports.mesh import parse_term
+
+    return parse_term(label).disease or label
+
+
+# -------------------------------------------------------------------------- model outputs
+class Outputs:
+    """A Reader's results over some images of an EvalData, computed once per (model, split)."""
+
+    def __init__(self, reader, data: EvalData, idx: np.ndarray, batch_size: int, beams: int,
+                 progress: bool, desc: str):
+        from tqdm.auto import tqdm
+
+        self.reader, self.idx = reader, idx
+        self.results = []
+        bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not progress, leave=False,
+                   file=sys.stderr)
+        for s in range(0, len(idx), batch_size):
+            chunk = [data.prep.paths[i] for i in idx[s:s + batch_size]]
+            self.results.extend(reader(chunk, heatmaps=False, beams=beams, batch_size=batch_size))
+            bar.update(len(chunk))
+        bar.close()
+        targets = data.targets
+        self.scores = np.array([[r.scores[t] for t in targets] for r in self.results],
+                               dtype=np.float64).reshape(len(idx), len(targets))
+        self.embeddings = np.stack([r.embedding for r in self.results]) if self.results else None
+
+
+# ---------------------------------------------------------------------------- the metrics
+def _bleu(out: Outputs, data: EvalData, vocabulary: Sequence[str], beams: int) -> dict:
+    """BLEU given the true disease, and end to end (detected findings vs the image's truth)."""
+    import torch
+
+    rows = {int(i): k for k, i in enumerate(out.idx)}
+    pairs = [(i, t) for (i, t) in data.sequences if i in rows]
+    given = {"n": 0}
+    if pairs and out.embeddings is not None:
+        emb = torch.from_numpy(out.embeddings[[rows[i] for i, _ in pairs]])
+        labels = torch.tensor([t for _, t in pairs], dtype=torch.long)
+        hyps = []
+        for s in range(0, len(pairs), 256):
+            hyps += out.reader.annotate(emb[s:s + 256], labels[s:s + 256], beams)
+        refs = [data.sequences[p] for p in pairs]
+        given = M.bleu_scores(refs, [M.annotation_tokens(h, vocabulary) for h in hyps])
+    refs, hyps = [], []
+    for k, i in enumerate(out.idx):
+        for f in out.results[k].findings:
+            refs.append(data.image_sequences[i])
+            hyps.append(M.annotation_tokens(f.annotation, vocabulary))
+    return {"given_disease": given, "end_to_end": M.bleu_scores(refs, hyps)}
+
+
+def _detection(out: Outputs, data: EvalData, y: np.ndarray, thresholds: dict) -> dict:
+    gold = [{t for t, v in zip(data.targets, row) if v > 0} for row in y]
+    pred = [{f.disease for f in r.findings} for r in out.results]
+    prf = M.precision_recall_f1(gold, pred, labels=data.targets)
+    return {"thresholds": {t: thresholds.get(t) for t in data.targets}, **prf}
+
+
+def _localisation(out: Outputs, data: EvalData, progress: bool) -> dict | None:
+    from tqdm.auto import tqdm
+
+    from .images import load_image
+
+    with_boxes = [(k, i) for k, i in enumerate(out.idx) if data.truth_boxes(i)]
+    if not with_boxes:
+        return None
+    given, detected = [], []
+    for k, i in tqdm(with_boxes, desc="localising", unit="img", disable=not progress, leave=False,
+                     file=sys.stderr):
+        truth = data.truth_boxes(i)
+        labels = sorted({b.label for b in truth})
+        image = load_image(data.prep.paths[i])
+        boxes = out.reader.localise(image, labels)
+        given.append((truth, [b for t in labels for b in boxes[t]]))
+        detected.append((truth, out.results[k].boxes))
+    return {"protocol_given_disease": M.localisation_accuracy(given),
+            "reader_output": M.localisation_accuracy(detected),
+            "n_images": len(with_boxes)}
+
+
+def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
+                 out: str | Path | None = None, bleu_splits: Sequence[str] = SPLITS,
+                 batch_size: int = 32, beams: int = 1, device: str | None = None,
+                 max_images: int | None = None, progress: bool = True,
+                 studies: list[Study] | None = None) -> dict:
+    """Evaluate a run (see the module docstring); writes OUT/metrics.json and OUT/metrics.md and
+    returns the metrics dict. `studies` skips reading the source again (the demo has them)."""
+    from .checkpoint import load_spec
+    from .reader import Reader
+
+    t0 = time.time()
+    run = Path(run).expanduser()
+    run_spec = load_spec(run)
+    spec = data or run_spec.data.spec
+    if studies is None:
+        if not spec:
+            raise CxrError("the run does not record its data source; give --data SOURCE[:PATH]", run)
+        from .sources import open_source
+
+        studies = open_source(spec)
+    ed = EvalData(run_spec, studies)
+    idx = ed.indices(split, max_images)
+    if len(idx) == 0:
+        raise CxrError(f"no images in the {split!r} split of {spec}", run)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    say(f"evaluating {run} on {spec} ({split}: {len(idx)} images)")
+
+    final = Reader.load(run, device=device)
+    stage1_dir = run / "stage1"
+    models = {"cascade" if stage1_dir.exists() else "final": final}
+    if stage1_dir.exists():
+        models = {"stage1": Reader.load(stage1_dir, device=device), **models}
+
+    cache: dict[tuple[str, str], Outputs] = {}
+
+    def outputs(model: str, name: str) -> Outputs:
+        key = (model, name)
+        if key not in cache:
+            ids = idx if name == split else ed.indices(name, max_images)
+            cache[key] = Outputs(models[model], ed, ids, batch_size, beams, progress,
+                                 f"{model} {name}")
+        return cache[key]
+
+    main_model = list(models)[-1]
+    main = outputs(main_model, split)
+    y = ed.prep.labels[idx]
+    thresholds = dict(run_spec.thresholds)
+    auc = M.auc_per_label(y, main.scores, ed.targets)
+    auc["reference_wang2017"] = {t: M.reference_for(t, M.WANG2017_AUC) for t in ed.targets}
+
+    bleu: dict = {}
+    for model in models:
+        bleu[model] = {}
+        for name in bleu_splits:
+            if len(ed.indices(name, max_images)) == 0:
+                continue
+            bleu[model][name] = _bleu(outputs(model, name), ed, final.words, beams)
+
+    context = None
+    if any(f.side or f.location or f.severity for i in idx for f in ed.truth_findings(i)):
+        context = M.context_accuracy(
+            (ed.truth_findings(i), [f for f in main.results[k].findings if f.disease != "normal"])
+            for k, i in enumerate(idx))
+
+    loc = _localisation(main, ed, progress)
+    if loc:
+        loc["reference_wang2017_iobb_0.5"] = {
+            t: M.reference_for(t, M.WANG2017_IOBB_05)
+            for t in loc["protocol_given_disease"]["n"]}
+
+    result = {
+        "run": str(run), "model_id": final.model_id, "models": {m: r.model_id for m, r in models.items()},
+        "data": spec, "split": split, "n_images": int(len(idx)),
+        "split_counts": {s: int(len(ed.indices(s))) for s in SPLITS},
+        "targets": ed.targets,
+        "backbone": run_spec.architecture.backbone, "rnn": run_spec.architecture.rnn,
+        "cascade": {"refined_labels": len(run_spec.refined.names),
+                    "clusters": {t: len(run_spec.refined.children(k))
+                                 for k, t in enumerate(ed.targets)}},
+        "auc": auc,
+        "detection": _detection(main, ed, y, thresholds),
+        "threshold_rule": run_spec.threshold_rule,
+        "calibration": {"method": run_spec.calibration.method,
+                        **M.reliability(y, main.scores)},
+        "bleu": bleu, "bleu_smoothing": M.BLEU_SMOOTHING,
+        "context": context,
+        "localisation": loc,
+        "beams": beams,
+        "seconds": round(time.time() - t0, 1),
+    }
+    out_dir = Path(out).expanduser() if out else run / "eval"
+    write_metrics(result, out_dir)
+    say(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'} ({result['seconds']} s)")
+    return result
+
+
+def write_metrics(result: dict, out_dir: Path) -> None:
+    write_atomic(out_dir / "metrics.json", json.dumps(result, indent=1, default=_json_default) + "\n")
+    write_atomic(out_dir / "metrics.md", metrics_markdown(result))
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o))
+
+
+# ------------------------------------------------------------------------------ tables
+def metric_tables(m: dict) -> list[Table]:
+    """The tables of a metrics dict, shared by metrics.md and the HTML report."""
+    tables = []
+    auc, det = m["auc"], m["detection"]
+    rows = []
+    for t in m["targets"]:
+        d = det["per_label"].get(t, {})
+        rows.append([t, auc["positives"].get(t), auc["per_label"].get(t),
+                     auc["reference_wang2017"].get(t), det["thresholds"].get(t),
+                     d.get("precision"), d.get("recall"), d.get("f1")])
+    rows.append(["mean / micro", sum(auc["positives"].values()), auc["mean"], None, None,
+                 det["micro"]["precision"], det["micro"]["recall"], det["micro"]["f1"]])
+    skipped = "; ".join(f"{k}: {v}" for k, v in auc["skipped"].items())
+    tables.append(Table(
+        f"Detection ({m['split']} split, {m['n_images']} images)",
+        ["target", "positives", "AUC", "Wang 2017 AUC", "threshold", "precision", "recall", "F1"],
+        rows,
+        "AUC of the calibrated scores; mean over targets with both classes present"
+        + (f" (no AUC for {skipped})" if skipped else "")
+        + f". P/R/F1 at the stored operating thresholds ({m.get('threshold_rule') or 'stored'})."
+        " Wang et al. 2017 figures are on ChestX-ray8 (108,948 real images), not this data."))
+    rows = []
+    for model, per_split in m["bleu"].items():
+        for split, b in per_split.items():
+            for kind in ("given_disease", "end_to_end"):
+                v = b[kind]
+                rows.append([model, split, kind.replace("_", " "), v.get("n")]
+                            + [v.get(f"bleu{n}") for n in range(1, 5)])
+    if rows:
+        tables.append(Table(
+            "Annotation BLEU before (stage1) and after the cascade", 
+            ["model", "split", "how", "sequences", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"], rows,
+            "given disease: the RNN writes each true finding's sequence, conditioned on its disease "
+            "(the annotator alone); end to end: each detected finding's sequence against all true "
+            "sequences of its image. Tokens are MeSH term parts. " + m.get("bleu_smoothing", "")))
+    ctx = m.get("context")
+    if ctx:
+        rows = [[f, v["accuracy"], v["n"]] for f, v in ctx["fields"].items()]
+        rows += [["all three fields", ctx["exact"], ctx["n_matched"]],
+                 ["true findings detected", ctx["detected"], ctx["n_true"]]]
+        tables.append(Table(
+            "Context of detected findings", ["field", "accuracy", "n"], rows,
+            "A true finding is paired with a detected finding of the same disease; a field is "
+            "scored where the truth states it."))
+    loc = m.get("localisation")
+    if loc:
+        for key, title in (("protocol_given_disease", "CAM of the true disease (ChestX-ray8 protocol)"),
+                           ("reader_output", "boxes the Reader outputs (detected findings only)")):
+            la = loc[key]
+            ths = [str(t) for t in la["thresholds"]]
+            for measure in (("iobb", "iou") if key == "protocol_given_disease" else ("iobb",)):
+                rows = []
+                for label, n in la["n"].items():
+                    row = [label, n] + [la[measure]["accuracy"][label][t] for t in ths]
+                    if measure == "iobb" and key == "protocol_given_disease":
+                        row.append(loc["reference_wang2017_iobb_0.5"].get(label))
+                    rows.append(row)
+                rows.append(["mean", sum(la["n"].values())] + [la[measure]["mean"][t] for t in ths]
+                            + ([None] if measure == "iobb" and key == "protocol_given_disease" else []))
+                name = {"iobb": "IoBB", "iou": "IoU"}[measure]
+                DEFINITION = {"iobb": "IoBB = overlap / predicted box area.",
+                              "iou": "IoU = overlap / area of the union of the two boxes."}
+                headers = ["label", "images"] + [f"T({name})={t}" for t in ths]
+                if measure == "iobb" and key == "protocol_given_disease":
+                    headers.append("Wang 2017 @0.5")
+                tables.append(Table(f"Localisation accuracy by {name}: {title}",
+                                    headers, rows,
+                                    "Share of (image, label) pairs with a true box where some "
+                                    "predicted box of that label overlaps a true box by more "
+                                    f"than T. {DEFINITION[measure]}"))
+    cal = m["calibration"]
+    rows = [[f"{b['lo']:.2f}-{b['hi']:.2f}", b["count"], b["confidence"], b["frequency"]]
+            for b in cal["bins"] if b["count"]]
+    tables.append(Table(
+        f"Calibration: ECE {M.fmt(cal['ece'])} ({cal['n']} scores)",
+        ["score bin", "scores", "mean score", "share positive"], rows,
+        f"{cal.get('method') or ''} calibration fitted on the validation split; ECE over "
+        f"{cal['n_bins']} equal-width bins of all (image, target) scores."))
+    return tables
+
+
+def metrics_markdown(m: dict) -> str:
+    head = [f"# Evaluation of `{m['run']}`", "",
+            f"- data: `{m['data']}`, split `{m['split']}` ({m['n_images']} images; "
+            f"train/val/test {m['split_counts']['train']}/{m['split_counts']['val']}/"
+            f"{m['split_counts']['test']})",
+            f"- model: `{m['model_id']}` ({m['backbone']} + {m['rnn']}; "
+            f"{m['cascade']['refined_labels']} refined labels over {len(m['targets'])} targets)",
+            f"- mean AUC {M.fmt(m['auc']['mean'])}, ECE {M.fmt(m['calibration']['ece'])}", ""]
+    body = []
+    for t in metric_tables(m):
+        body += [f"## {t.title}", "", M.markdown_table(t.headers, t.rows, t.digits), ""]
+        if t.note:
+            body += [t.note, ""]
+    return "\n".join(head + body).rstrip() + "\n"
