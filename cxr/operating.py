@@ -29,6 +29,7 @@ PRIOR = 0.5              # a finding's threshold when its validation split says 
 PRIOR_POSITIVES = 10     # how many validation positives weigh as much as the prior
 MIN_POSITIVES = 5        # below this, the prior alone
 KINDS = ("sensitivity", "specificity", "f1")
+SIGNALS = ("normal", "max_disease")
 
 
 def _logit(p) -> np.ndarray:
@@ -115,7 +116,7 @@ def finding_threshold(scores, truth, eligible=None, prior: float = PRIOR,
 
 
 # ------------------------------------------------------------------------------ the gate
-@dataclass
+@dataclass(frozen=True)
 class StudyGate:
     """The study-level answer of a run: which score says abnormal, its Platt calibration, and the
     threshold chosen for `operating_point` (with what it gave on the validation patients).
@@ -125,10 +126,14 @@ class StudyGate:
     still raise it). Training keeps whichever ranks the validation studies better."""
 
     signal: str                        # "normal" | "max_disease"
-    platt: tuple[float, float]         # on the signal's logit (abnormal direction)
+    platt: list[float]                 # [a, b] on the signal's logit (abnormal direction)
     threshold: float                   # on the calibrated abnormal probability
     operating_point: str = "sensitivity=0.9"
-    validation: dict | None = None
+    validation: dict | None = None     # counts, AUC of each signal, sensitivity and specificity
+
+    def __post_init__(self):
+        if self.signal not in SIGNALS:
+            raise CxrError(f"unknown study signal {self.signal!r}; expected {' or '.join(SIGNALS)}")
 
     def signal_logit(self, scores: np.ndarray, targets: list[str]) -> np.ndarray:
         """The uncalibrated abnormal logit of each row of calibrated per-target scores (B, T)."""
@@ -142,14 +147,8 @@ class StudyGate:
         a, b = self.platt
         return _sigmoid(a * self.signal_logit(scores, targets) + b).astype(np.float32)
 
-    def to_dict(self) -> dict:
-        return {"signal": self.signal, "platt": list(self.platt), "threshold": self.threshold,
-                "operating_point": self.operating_point, "validation": self.validation}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StudyGate":
-        return cls(d["signal"], tuple(d["platt"]), float(d["threshold"]), d.get("operating_point", ""),
-                   d.get("validation"))
+    def called(self, abnormal: np.ndarray) -> np.ndarray:
+        return np.asarray(abnormal) >= self.threshold
 
 
 def abnormal_truth(labels: np.ndarray, targets: list[str]) -> np.ndarray:
@@ -180,19 +179,20 @@ def choose(scores: np.ndarray, labels: np.ndarray, targets: list[str], point: Op
                        f"operating point ({int(y.sum())} abnormal, {int((1 - y).sum())} normal)")
     signals = [s for s, ok in (("normal", NORMAL in targets), ("max_disease", any(t != NORMAL for t in targets)))
                if ok]
-    aucs = {s: _auc(y, StudyGate(s, (1.0, 0.0), 0.5).signal_logit(scores, targets)) for s in signals}
-    gate = StudyGate(max(signals, key=lambda s: aucs[s]), (1.0, 0.0), 0.5, str(point))
-    (a, b), = fit_platt(gate.signal_logit(scores, targets)[:, None], y[:, None])
-    gate.platt = (float(a), float(b))
-    p = gate.probability(scores, targets)
-    gate.threshold = threshold_for(p, y, point)
-    called = p >= gate.threshold
-    gate.validation = {"abnormal": int(y.sum()), "normal": int((1 - y).sum()), "auc": aucs,
-                       **{k: v for k, v in confusion(y, called).items() if k in ("sensitivity", "specificity")}}
+    aucs = {s: _auc(y, StudyGate(s, [1.0, 0.0], 0.5).signal_logit(scores, targets)) for s in signals}
+    signal = max(signals, key=lambda s: aucs[s])
+    (a, b), = fit_platt(StudyGate(signal, [1.0, 0.0], 0.5).signal_logit(scores, targets)[:, None], y[:, None])
+    p = StudyGate(signal, [float(a), float(b)], 0.5).probability(scores, targets)
+    threshold = threshold_for(p, y, point)
+    called = p >= threshold
+    rates = confusion(y, called)
+    gate = StudyGate(signal, [float(a), float(b)], threshold, str(point),
+                     {"abnormal": int(y.sum()), "normal": int((1 - y).sum()), "auc": aucs,
+                      "sensitivity": rates["sensitivity"], "specificity": rates["specificity"]})
     thresholds = {}
     for k, t in enumerate(targets):
         if t == NORMAL:
-            thresholds[t] = float(1 - gate.threshold)
+            thresholds[t] = float(1 - threshold)
         else:
             thresholds[t] = finding_threshold(scores[:, k], labels[:, k], eligible=called)
     return gate, thresholds

@@ -5,10 +5,14 @@
     results = reader(["a.png", "b.dcm"], beams=3)    # a list in, a list out
 
 For each image: calibrated scores for every original target (refined cascade labels are folded
-back: max over a disease's sub-labels); the targets above their stored operating thresholds as
-findings, each with a generated annotation (the RNN, conditioned on that disease), its context
-fields parsed back from the tokens, CAM boxes and a heatmap at the input size; and the image
-embedding. `normal` is reported as a finding only when no disease is.
+back: max over a disease's sub-labels, their sum for a softmax run); the study-level answer
+(`abnormal`, the calibrated probability that the study has any finding, and `call`, normal or
+abnormal at the run's stored operating point); the findings: in a study called abnormal, the
+diseases at or above their stored thresholds, each with a generated annotation (the RNN,
+conditioned on that disease), its context fields parsed back from the tokens, CAM boxes and a
+heatmap at the input size; in a study called normal, `normal` alone; and the image embedding.
+(A run without a study-level answer reports the diseases above their thresholds, and `normal`
+only when no disease is.)
 
     reader.localise(image, ["Cardiomegaly"])        # boxes of named targets, detected or not
     feats = reader.forward(images); scores, _ = reader.scores(feats.logits)   # the raw steps
@@ -28,11 +32,13 @@ from .calibration import apply_platt, logit
 from .checkpoint import load_run, unprefixed, weights_hash
 from .errors import CxrError
 from .models.annotator import Annotator, decode
+from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
 from .models.localize import boxes_from_heatmap, class_activation_maps, to_heatmap
 from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
+from .operating import decide
 from .runspec import RunSpec
 
 NORMAL = "normal"
@@ -63,7 +69,7 @@ class Reader:
         self.image_size = spec.preprocessing.image_size
         self.thresholds = np.array([spec.thresholds[t] for t in self.targets], dtype=np.float32)
         self.platt = [tuple(spec.calibration.params[t]) for t in self.targets]
-        self.cnn = create_cnn(arch.backbone, arch.num_classes, arch.in_chans)
+        self.cnn = create_cnn(arch.backbone, arch.num_classes, arch.in_chans, batch_norm=arch.batch_norm)
         self.cnn.load_state_dict(unprefixed("cnn", tensors))
         self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
                              arch.rnn_embed, arch.rnn)
@@ -121,14 +127,15 @@ class Reader:
     def scores(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated per-target scores (B, T) from logits, and, per target, the refined label
         carrying it (its highest-probability sub-label: the one whose CAM localises it)."""
-        probs = torch.sigmoid(logits).cpu().numpy()
+        softmax = self.spec.architecture.head == "softmax"
+        probs = output_probabilities(logits, self.spec.architecture.head)
         per_target = np.zeros((probs.shape[0], len(self.targets)), dtype=np.float32)
         best = np.zeros((probs.shape[0], len(self.targets)), dtype=np.int64)
         for t in range(len(self.targets)):
             kids = self.spec.refined.children(t)
             sub = probs[:, kids]
             best[:, t] = np.asarray(kids)[sub.argmax(1)]
-            per_target[:, t] = sub.max(1)
+            per_target[:, t] = sub.sum(1) if softmax else sub.max(1)
         return apply_platt(logit(per_target), self.platt), best
 
     def _cams(self, maps: torch.Tensor, best: np.ndarray, targets: list[int]) -> torch.Tensor:
@@ -184,13 +191,18 @@ class Reader:
 
         maps, logits, emb = self.forward(images)
         scores, best = self.scores(logits)
-        detected = []
         normal = self.targets.index(NORMAL) if NORMAL in self.targets else None
-        for b in range(len(images)):
-            hits = [t for t in range(len(self.targets)) if t != normal and scores[b, t] >= self.thresholds[t]]
-            if not hits and normal is not None and scores[b, normal] >= self.thresholds[normal]:
-                hits = [normal]
-            detected.append(hits)
+        gate = self.spec.study
+        abnormal = gate.probability(scores, self.targets) if gate is not None else None
+        if gate is not None:
+            detected = decide(abnormal, scores, self.targets, gate.threshold, self.thresholds)
+        else:
+            detected = []
+            for b in range(len(images)):
+                hits = [t for t in range(len(self.targets)) if t != normal and scores[b, t] >= self.thresholds[t]]
+                if not hits and normal is not None and scores[b, normal] >= self.thresholds[normal]:
+                    hits = [normal]
+                detected.append(hits)
         pairs = [(b, t) for b, hits in enumerate(detected) for t in hits]
         tokens = self.annotate(emb[[b for b, _ in pairs]] if pairs else emb[:0],
                                torch.tensor([t for _, t in pairs], dtype=torch.long), beams)
@@ -222,7 +234,9 @@ class Reader:
             results.append(Result(
                 scores={t: float(scores[b, k]) for k, t in enumerate(self.targets)}, findings=findings,
                 heatmaps=maps_out, embedding=emb[b].cpu().numpy().astype(np.float32),
-                model_id=self.model_id, image_size=(int(h), int(w))))
+                model_id=self.model_id, image_size=(int(h), int(w)),
+                abnormal=None if abnormal is None else float(abnormal[b]),
+                call=None if abnormal is None else ("abnormal" if abnormal[b] >= gate.threshold else "normal")))
         return results
 
     @torch.no_grad()

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from .errors import CxrError
 from .models.cascade import RefinedLabels
+from .operating import StudyGate
 
 FORMAT = "cxr-run/2"
 V1_FORMAT = "cxr-run/1"
@@ -87,6 +88,8 @@ class Architecture:
     vocab_size: int
     num_labels: int
     max_tokens: int
+    batch_norm: bool = True            # False: batch norms replaced by per-channel scale and shift
+    head: str = "sigmoid"              # sigmoid: multi-label | softmax: one pattern per image (shin2016)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -135,6 +138,8 @@ class RunSpec:
     pretrained: dict | None                    # what loading the pretrained CNN reported, or None
     data: DataSpec
     seed: int
+    study: StudyGate | None = None             # the study-level answer (abnormal probability, its
+                                               # threshold); None: a run from before it existed
 
     def __post_init__(self):
         problems = []

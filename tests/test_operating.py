@@ -106,7 +106,10 @@ def test_gate_and_decisions():
             assert 0 not in ds
     normal_recall = np.mean([d == [0] for d, nm in zip(decisions, normal) if nm])
     assert normal_recall > 0.5
-    again = O.StudyGate.from_dict(gate.to_dict())
+    import dataclasses
+    import json
+
+    again = O.StudyGate(**json.loads(json.dumps(dataclasses.asdict(gate))))
     assert np.allclose(again.probability(raw, targets), p)
 
 

@@ -276,4 +276,4 @@ def result_from_dict(d: dict, embedding: np.ndarray | None = None) -> Result:
     size = d.get("image_size") or (0, 0)
     return Result(scores={k: float(v) for k, v in d.get("scores", {}).items()}, findings=findings,
                   embedding=embedding, model_id=d.get("model_id", ""),
-                  image_size=(int(size[0]), int(size[1])))
+                  image_size=(int(size[0]), int(size[1])), abnormal=d.get("abnormal"), call=d.get("call"))
