@@ -252,11 +252,12 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     say(f"evaluating {run} on {spec} ({split}: {len(idx)} images)")
 
-    final = Reader.load(run, device=device)
+    # no quality gate: evaluation measures the model on its labelled split, every image of it
+    final = Reader.load(run, device=device, gate=False)
     stage1_dir = run / "stage1"
     models = {"cascade" if stage1_dir.exists() else "final": final}
     if stage1_dir.exists():
-        models = {"stage1": Reader.load(stage1_dir, device=device), **models}
+        models = {"stage1": Reader.load(stage1_dir, device=device, gate=False), **models}
 
     cache: dict[tuple[str, str], Outputs] = {}
 

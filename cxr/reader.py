@@ -3,6 +3,13 @@
     reader = cxr.Reader.load("runs/openi")
     result = reader("chest.dcm")                    # or a float32 (H, W) array in [0, 1]
     results = reader(["a.png", "b.dcm"], beams=3)    # a list in, a list out
+    result.quality                                   # the quality gate's report (cxr.quality)
+
+Before reading, the quality gate (`cxr.quality.QualityGate`, loaded once per Reader) checks each
+image: one that is no chest radiograph, or of a view the run does not read, gives a Result with
+`quality.accepted` False and no findings (a bad image in a batch never raises); a film stored
+rotated or with inverted polarity is turned back first, and `quality` says so (boxes and heatmaps
+then refer to the upright film). `force=True` reads refused images anyway; `gate=False` skips it.
 
 For each image: calibrated scores for every original target (refined cascade labels are folded
 back: max over a disease's sub-labels, their sum for a softmax run); the study-level answer
@@ -55,11 +62,14 @@ class Features(NamedTuple):
 
 class Reader:
     """A trained run, ready to read images. Everything it knows about the run is `spec` (a
-    `cxr.runspec.RunSpec`); `tensors` are the run's weights ("cnn.*", "rnn.*")."""
+    `cxr.runspec.RunSpec`); `tensors` are the run's weights ("cnn.*", "rnn.*"). `gate`: True for
+    the shipped quality gate (loaded once, on first use), a `QualityGate` to use that one, False
+    for none."""
 
     def __init__(self, spec: RunSpec, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
-                 model_id: str = "", amp: bool = True):
+                 model_id: str = "", amp: bool = True, gate=True):
         self.spec = spec
+        self._gate = gate
         self.amp = amp  # mixed precision for the CNN trunk on CUDA (head, CAM and RNN stay float32)
         arch = spec.architecture
         self.device = torch.device(device) if device else torch.device(
@@ -79,19 +89,39 @@ class Reader:
         self.model_id = model_id or spec.model_name
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device | None = None, amp: bool = True) -> "Reader":
+    def load(cls, run_dir: str | Path, device: str | torch.device | None = None, amp: bool = True,
+             gate=True) -> "Reader":
         """Load a run directory (config.json + weights.safetensors; nothing is unpickled)."""
         run_dir = Path(run_dir).expanduser()
         spec, tensors = load_run(run_dir)
-        return cls(spec, tensors, device, f"{spec.model_name}-{weights_hash(run_dir)[:12]}", amp)
+        return cls(spec, tensors, device, f"{spec.model_name}-{weights_hash(run_dir)[:12]}", amp, gate)
+
+    @property
+    def read_views(self) -> tuple[str, ...]:
+        """The views this run was trained to read (its data spec: frontal, lateral or all)."""
+        views = self.spec.data.views or "frontal"
+        return ("frontal", "lateral") if views == "all" else (str(views),)
+
+    @property
+    def gate(self):
+        """The quality gate (loaded once, on first use), or None when switched off."""
+        if self._gate is True:
+            from .quality.gate import QualityGate
+
+            self._gate = QualityGate.load(device=self.device, read_views=self.read_views)
+        return self._gate or None
 
     # ------------------------------------------------------------------ inputs
 
-    def _load(self, item) -> np.ndarray:
-        if isinstance(item, (str, Path)):
-            from .images import load_image
+    def _load(self, item):
+        """A path -> its LoadedImage (pixels and what the file says, e.g. colour); a
+        LoadedImage as it is; an array -> checked float32 pixels."""
+        from .images import LoadedImage, read_image
 
-            return load_image(item)
+        if isinstance(item, (str, Path)):
+            return read_image(item)
+        if isinstance(item, LoadedImage):
+            return item
         if isinstance(item, torch.Tensor):
             item = item.detach().cpu().numpy()
         arr = np.asarray(item)
@@ -160,7 +190,7 @@ class Reader:
         unknown = [t for t in targets if t not in self.targets]
         if unknown:
             raise CxrError(f"not a target of this run: {', '.join(unknown)}")
-        image = self._load(image)
+        image = _pixels(self._load(image))
         maps, logits, _ = self.forward([image])
         _, best = self.scores(logits)
         cams = self._cams(maps, best[0], [self.targets.index(t) for t in targets])
@@ -176,14 +206,34 @@ class Reader:
         ids = self.rnn.greedy(emb, lab, n) if beams <= 1 else self.rnn.beam(emb, lab, beams, n)
         return [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in ids]
 
-    def __call__(self, images, heatmaps: bool = True, beams: int = 1, batch_size: int = 16):
-        """One image (path or array) -> Result; a list -> list[Result]."""
+    def __call__(self, images, heatmaps: bool = True, beams: int = 1, batch_size: int = 16,
+                 force: bool = False):
+        """One image (path, LoadedImage or array) -> Result; a list -> list[Result]. Each image
+        passes the quality gate first (see the module docstring); `force` reads refused ones."""
         single = _single(images)
         items: Sequence = [images] if single else list(images)
         results: list[Result] = []
         for s in range(0, len(items), max(batch_size, 1)):
-            results.extend(self._batch([self._load(it) for it in items[s:s + batch_size]], heatmaps, beams))
+            results.extend(self._gated([self._load(it) for it in items[s:s + batch_size]], heatmaps,
+                                       beams, force))
         return results[0] if single else results
+
+    def _gated(self, loaded: list, heatmaps: bool, beams: int, force: bool) -> list[Result]:
+        """The gate on a batch, then the cascade on what it lets through (turned upright)."""
+        pixels = [_pixels(im) for im in loaded]
+        gate = self.gate
+        if gate is None:
+            return self._batch(pixels, heatmaps, beams)
+        reports = gate.check(loaded)
+        todo = [i for i, r in enumerate(reports) if r.accepted or force]
+        read = self._batch([gate.correct(pixels[i], reports[i]) for i in todo], heatmaps, beams) if todo else []
+        out = [Result(scores={}, model_id=self.model_id, image_size=tuple(np.shape(p)[:2]), quality=r)
+               for p, r in zip(pixels, reports)]
+        for i, result in zip(todo, read):
+            reports[i].forced = not reports[i].accepted
+            result.quality = reports[i]
+            out[i] = result
+        return out
 
     @torch.no_grad()
     def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int) -> list[Result]:
@@ -192,10 +242,10 @@ class Reader:
         maps, logits, emb = self.forward(images)
         scores, best = self.scores(logits)
         normal = self.targets.index(NORMAL) if NORMAL in self.targets else None
-        gate = self.spec.study
-        abnormal = gate.probability(scores, self.targets) if gate is not None else None
-        if gate is not None:
-            detected = decide(abnormal, scores, self.targets, gate.threshold, self.thresholds)
+        study = self.spec.study
+        abnormal = study.probability(scores, self.targets) if study is not None else None
+        if study is not None:
+            detected = decide(abnormal, scores, self.targets, study.threshold, self.thresholds)
         else:
             detected = []
             for b in range(len(images)):
@@ -236,7 +286,7 @@ class Reader:
                 heatmaps=maps_out, embedding=emb[b].cpu().numpy().astype(np.float32),
                 model_id=self.model_id, image_size=(int(h), int(w)),
                 abnormal=None if abnormal is None else float(abnormal[b]),
-                call=None if abnormal is None else ("abnormal" if abnormal[b] >= gate.threshold else "normal")))
+                call=None if abnormal is None else ("abnormal" if abnormal[b] >= study.threshold else "normal")))
         return results
 
     @torch.no_grad()
@@ -245,15 +295,20 @@ class Reader:
         items = [images] if _single(images) else list(images)
         out = []
         for s in range(0, len(items), batch_size):
-            _, _, emb = self.forward([self._load(it) for it in items[s:s + batch_size]])
+            _, _, emb = self.forward([_pixels(self._load(it)) for it in items[s:s + batch_size]])
             out.append(emb.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
 
+def _pixels(image) -> np.ndarray:
+    """The pixels of a LoadedImage, or the array itself."""
+    return getattr(image, "pixels", image)
+
+
 def _single(images) -> bool:
-    """A path, a 2-D array, or an (H, W, 3|4) colour array is one image; lists, tuples and
-    (N, H, W) stacks are many."""
-    if isinstance(images, (str, Path)):
+    """A path, a LoadedImage, a 2-D array, or an (H, W, 3|4) colour array is one image; lists,
+    tuples and (N, H, W) stacks are many."""
+    if isinstance(images, (str, Path)) or hasattr(images, "pixels"):
         return True
     ndim = getattr(images, "ndim", None)
     if ndim == 2:

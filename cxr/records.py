@@ -98,6 +98,12 @@ class Image:
 
     @property
     def frontal(self) -> bool:
+        """A frontal film: as decided from the whole header or by the quality gate when a source
+        did (`meta["view_class"]`, see sources/openi_views.py), else by View Position (empty
+        counts as frontal)."""
+        decided = self.meta.get("view_class")
+        if decided in ("frontal", "lateral"):
+            return decided == "frontal"
         return (self.view or "").upper() in ("PA", "AP", "")
 
 

@@ -6,10 +6,6 @@ import shutil
 from pathlib import Path
 
 
-def nih_pngs(shared_data: Path, n: int, skip: int = 0) -> list[Path]:
-    return sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[skip:skip + n]
-
-
 def run_asserting_every_finding(run: Path, out: Path) -> Path:
     """A copy of the tiny run whose operating thresholds are 0 for every disease, so that every
     image has findings (with heatmaps and boxes) whatever the tiny model happened to learn."""

@@ -15,33 +15,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import chest_film
+
 from cxr.cli import main
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-837261"
 
 
-def nih_pngs(shared_data: Path, n: int) -> list[Path]:
-    return sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[:n]
-
-
 def write_chest_dicom(path: Path, seed: int, **kwargs) -> Path:
+    """A DICOM of a real NIH film (another one per seed; the quality gate refuses drawings)."""
     from cxr.dicom import write_dicom
 
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:96, 0:96] / 96
-    image = (0.3 + 0.3 * np.exp(-((xx - 0.5) ** 2) / 0.03) + 0.05 * rng.random((96, 96)))
+    image = chest_film(200 + seed, (96, 96))
     return write_dicom(path, image.astype(np.float32), patient_id=PATIENT_ID,
                        extra={"PatientName": PATIENT_NAME, "PatientBirthDate": "19500101"},
                        **kwargs)
 
 
 @pytest.fixture
-def archive_folder(tmp_path, shared_data):
+def archive_folder(tmp_path, radiographs):
     """a/ 3 PNG; a/b/ 2 PNG, a DICOM, a DICOM without suffix; a corrupt PNG; a text file."""
     root = tmp_path / "pacs"
     (root / "a" / "b").mkdir(parents=True)
-    pngs = nih_pngs(shared_data, 5)
+    pngs = radiographs[:5]
     for i, png in enumerate(pngs):
         shutil.copy(png, root / "a" / ("b" if i >= 3 else "") / png.name)
     write_chest_dicom(root / "a" / "b" / "chest.dcm", 1)
@@ -128,12 +125,12 @@ def nih_pngs_name(root: Path) -> str:
     return sorted(p.name for p in (root / "a").glob("*.png") if p.name != "broken.png")[0]
 
 
-def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tiny_run, shared_data, tmp_path):
+def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tiny_run, radiographs, tmp_path):
     from cxr.archive.db import Archive
 
     folder = tmp_path / "many"
     folder.mkdir()
-    pngs = nih_pngs(shared_data, 24)
+    pngs = radiographs[:24]
     for png in pngs:
         shutil.copy(png, folder / png.name)
     db = tmp_path / "crash.db"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import needs_in_ci
+from service_helpers import run_asserting_every_finding
 
 
 def _pg_bin() -> Path | None:
@@ -58,7 +59,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_index_and_search_on_postgresql(postgres_url, tiny_run, shared_data, tmp_path):
+def test_index_and_search_on_postgresql(postgres_url, tiny_run, radiographs, tmp_path):
     from cxr.archive.db import Archive, Entry
     from cxr.archive.index import index_images, iter_inputs
     from cxr.dicom import write_dicom
@@ -66,13 +67,13 @@ def test_index_and_search_on_postgresql(postgres_url, tiny_run, shared_data, tmp
 
     folder = tmp_path / "in" / "nested"
     folder.mkdir(parents=True)
-    for png in sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[:4]:
+    for png in radiographs[:4]:
         shutil.copy(png, folder / png.name)
     write_dicom(folder / "x.dcm", np.random.default_rng(0).random((64, 64)).astype(np.float32),
                 extra={"PatientName": "Doe^Jane"})
     (folder / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x01\x02")
 
-    reader = Reader.load(tiny_run)
+    reader = Reader.load(run_asserting_every_finding(tiny_run, tmp_path / "run"))  # findings to search
     archive = Archive(postgres_url, vector_dir=tmp_path / "vectors")
     assert archive.engine.dialect.name == "postgresql"
     stats = index_images(archive, reader, iter_inputs(tmp_path / "in"), batch_size=2,
@@ -89,11 +90,12 @@ def test_index_and_search_on_postgresql(postgres_url, tiny_run, shared_data, tmp
 
     hits = archive.search(limit=100)
     assert len(hits) == 5 and all(h.scores for h in hits)
-    finding = next((f for h in hits for f in h.findings), None)
-    if finding is not None:
+    assert all(h.findings for h in hits)
+    for finding in {(f.disease, f.side): f for h in hits for f in h.findings}.values():
         found = archive.search(finding=finding.disease, side=finding.side, limit=100)
-        assert found and all(any(f.disease == finding.disease and f.side == (finding.side or f.side)
-                                 for f in h.findings) for h in found)
+        expected = {h.id for h in hits if any(f.disease == finding.disease and f.side == (finding.side or f.side)
+                                              for f in h.findings)}
+        assert {h.id for h in found} == expected
     target = sorted(hits[0].scores)[0]
     above = archive.search(scores={target: 0.5}, limit=100)  # JSON path on PostgreSQL
     assert {h.id for h in above} == {h.id for h in hits if h.scores[target] >= 0.5}

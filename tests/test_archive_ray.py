@@ -28,7 +28,7 @@ sys.exit(code)
 """
 
 
-def test_ray_index_matches_the_local_run(tiny_run, shared_data, tmp_path):
+def test_ray_index_matches_the_local_run(tiny_run, radiographs, tmp_path):
     pytest.importorskip("ray")
     from cxr.archive.db import Archive
     from cxr.archive.index import index_images, iter_inputs
@@ -36,7 +36,7 @@ def test_ray_index_matches_the_local_run(tiny_run, shared_data, tmp_path):
 
     folder = tmp_path / "in" / "sub"
     folder.mkdir(parents=True)
-    for png in sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))[:7]:
+    for png in radiographs[:7]:
         shutil.copy(png, folder / png.name)
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
 

@@ -1,19 +1,58 @@
 """The `cxr` entry point: command table, one-line errors for what the OS refuses."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cxr.cli import COMMANDS, main
 from cxr.results import DetectedFinding, Result
 
 
-def test_every_command_has_help(capsys):
+# What the README promises of each command: its positional arguments and options. Written out here,
+# not taken from the code, so that a command that loses an option, or a new command with no entry,
+# fails.
+PROMISED = {
+    "demo": ["--out", "--quick", "--backbone", "--device"],
+    "fetch": ["NAME", "--path", "--force", "--list"],
+    "mine": ["reports", "--json", "--text"],
+    "labels": ["reports", "--json", "--min-count", "--parts"],
+    "simulate": ["--out", "--n", "--size", "--seed", "--workers", "--dicom", "--masks", "--ct", "--labels",
+                 "--reports", "--terms", "--normal-share", "--geometry"],
+    "train": ["--data", "--out", "--backbone", "--rnn", "--pretrained", "--min-cluster-members",
+              "--images-per-cluster", "--data-dropout", "--class-weighted"],
+    "evaluate": ["run", "--split", "--out", "--data"],
+    "annotate": ["run", "images", "--json", "--overlay", "--beams"],
+    "check": ["images", "--json", "--views", "--gate"],
+    "index": ["run", "source", "--db", "--ray", "--dicom-out", "--retry-failed"],
+    "search": ["--db", "--severity", "--min-score", "--and", "--like", "--limit", "--json", "--failed"],
+    "serve": ["run", "--db", "--port", "--host"],
+}
+
+
+def test_the_command_list_names_every_command(capsys):
+    assert set(PROMISED) == set(COMMANDS)
     assert main([]) == 0
     listed = capsys.readouterr().out
-    assert all(name in listed for name in COMMANDS)
+    for name in PROMISED:
+        assert f"\n  {name} " in listed, name
+
+
+@pytest.mark.parametrize("name", sorted(PROMISED))
+def test_command_help(name, capsys):
+    """`cxr NAME -h` exits 0 and prints a usage line, a description and every promised option."""
+    with pytest.raises(SystemExit) as done:
+        main([name, "-h"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: cxr {name} ") and "\noptions:\n" in text
+    assert COMMANDS[name][1] in " ".join(text.split())
+    missing = [arg for arg in PROMISED[name]
+               if not re.search(rf"^\s+{arg}( |,|$)" if arg.startswith("--") else rf"\b{arg}\b", text, re.M)]
+    assert not missing, f"cxr {name} -h lacks {missing}"
 
 
 def _run_command(body: str) -> subprocess.CompletedProcess:

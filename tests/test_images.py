@@ -181,8 +181,8 @@ def test_jpeg_and_colour(tmp_path):
     assert load_image(tmp_path / "c.jpg").ndim == 2
 
 
-def test_real_nih_radiographs(shared_data):
-    folder = shared_data / "nih" / "bbox256" / "images"
+def test_real_nih_radiographs(nih_sample):
+    folder = nih_sample / "images"
     rgba = read_image(folder / "00001369_000.png")  # one of the RGBA files
     assert rgba.meta["mode"] == "RGBA"
     grey = read_image(folder / "00000003_000.png") if (folder / "00000003_000.png").exists() \

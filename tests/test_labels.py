@@ -54,8 +54,8 @@ def openi(shared_data):
 
 
 @pytest.fixture(scope="module")
-def released(shared_data):
-    d = shared_data / "openi" / "shin2016"
+def released(all_data):
+    d = all_data / "openi" / "shin2016"
     return _read_released(d / "openi.mesh"), _read_released(d / "openi.mesh.top")
 
 
@@ -178,7 +178,7 @@ def test_cli_prints_table_and_writes_json(shared_data, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_patterns_of_mined_and_nih_findings(shared_data, tmp_path):
+def test_patterns_of_mined_and_nih_findings(nih_sample, tmp_path):
     mined = Study(id="t", patient_id="t", images=[Image(id="t")], findings=[
         Finding(disease="Pleural Effusion", side="right", severity="small", raw="small right effusion",
                 source="text"),
@@ -187,7 +187,7 @@ def test_patterns_of_mined_and_nih_findings(shared_data, tmp_path):
     assert study_pattern(mined) == "Pleural Effusion"
     from cxr.sources.nih import read_nih
 
-    nih = read_nih(shared_data / "nih" / "bbox256" / "Data_Entry_2017_v2020.csv")
+    nih = read_nih(nih_sample / "Data_Entry_2017_v2020.csv")
     table = count_patterns(nih)
     assert sum(n for n, _ in table.values()) == 656 and "Atelectasis" in table
     csv_file = tmp_path / "Data_Entry_2017.csv"

@@ -14,8 +14,6 @@ SEED = 11
 
 @pytest.fixture(scope="module")
 def phantom(shared_data):
-    if not (shared_data / "phantom" / "chest_ct.nii.gz").exists():
-        pytest.skip("phantom CT not in the shared data")
     from cxr.phantom.render import Phantom
 
     return Phantom.load()

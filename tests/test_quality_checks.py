@@ -10,8 +10,8 @@ from cxr.quality.checks import failures, run_checks
 from cxr.quality.gate import QualityGate, QualityReport, decide
 
 
-def _nih(shared_data, n=None, step=1):
-    files = sorted((shared_data / "nih" / "bbox256" / "images").glob("*.png"))
+def _nih(nih_sample, n=None, step=1):
+    files = sorted((nih_sample / "images").glob("*.png"))
     return files[::step][:n]
 
 
@@ -19,18 +19,14 @@ def _failed(pixels, colour=None) -> list[str]:
     return [c.name for c in run_checks(pixels, colour) if not c.passed]
 
 
-def test_real_films_pass_every_cheap_check(shared_data):
+def test_real_films_pass_every_cheap_check(nih_sample):
     """Loose thresholds: every one of the real NIH films (8-bit, some RGBA) passes."""
-    for path in _nih(shared_data, step=3):
+    for path in _nih(nih_sample, step=3):
         loaded = read_image(path)
         assert failures(run_checks(loaded.pixels, loaded.meta["colour_fraction"])) == [], path
 
 
-def test_phantom_render_passes_every_cheap_check():
-    from cxr.data import data_dir
-
-    if not (data_dir() / "phantom" / "chest_ct.nii.gz").exists():
-        pytest.skip("phantom CT not available")
+def test_phantom_render_passes_every_cheap_check(shared_data):
     from cxr.phantom.render import Phantom
 
     for size in (64, 256):
@@ -55,8 +51,8 @@ def test_refusals(name, make, check):
     assert check in failed, (name, failed)
 
 
-def test_real_film_stretched_ten_to_one_is_refused(shared_data):
-    film = read_image(_nih(shared_data, 1)[0]).pixels
+def test_real_film_stretched_ten_to_one_is_refused(nih_sample):
+    film = read_image(_nih(nih_sample, 1)[0]).pixels
     assert _failed(film) == []
     failed = _failed(resize(film, (256, 2560)))
     assert failed == ["aspect"]
@@ -64,7 +60,7 @@ def test_real_film_stretched_ten_to_one_is_refused(shared_data):
     assert reason.startswith("aspect ratio 10.0:1")
 
 
-def test_colour_photographs_are_refused_grey_films_in_colour_files_are_not(shared_data, tmp_path):
+def test_colour_photographs_are_refused_grey_films_in_colour_files_are_not(nih_sample, tmp_path):
     from PIL import Image
     from skimage.data import astronaut
 
@@ -74,7 +70,7 @@ def test_colour_photographs_are_refused_grey_films_in_colour_files_are_not(share
     assert "colour" in _failed(photo.pixels, photo.meta["colour_fraction"])
     assert "colour" in _failed(astronaut() / 255.0)  # a colour array handed in from Python
 
-    grey = np.asarray(Image.open(_nih(shared_data, 1)[0]).convert("L"))
+    grey = np.asarray(Image.open(_nih(nih_sample, 1)[0]).convert("L"))
     rgb = np.stack([grey] * 3, -1)
     Image.fromarray(rgb).save(tmp_path / "film.jpg", quality=75)  # JPEG chroma noise
     Image.fromarray(rgb).save(tmp_path / "film.png")
@@ -122,8 +118,8 @@ def test_decision_turns_back_rotation_and_polarity_reports_mirroring():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_correct_undoes_the_stored_rotation_and_polarity(shared_data, k):
-    upright = read_image(_nih(shared_data, 1)[0]).pixels
+def test_correct_undoes_the_stored_rotation_and_polarity(nih_sample, k):
+    upright = read_image(_nih(nih_sample, 1)[0]).pixels
     stored = 1.0 - np.rot90(upright, k)
     report = QualityReport(accepted=True, rotation=90 * k, inverted=True)
     np.testing.assert_allclose(QualityGate.correct(stored, report), upright, atol=1e-6)

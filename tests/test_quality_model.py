@@ -45,12 +45,12 @@ def test_probabilities_for_any_size(gate):
         gate.predict([np.zeros((4, 4, 3), np.float32)])
 
 
-def test_real_films_turned_by_software_are_recognised(gate, shared_data):
+def test_real_films_turned_by_software_are_recognised(gate, nih_sample):
     """Four films of patients the gate never saw, in every rotation and both polarities."""
     from cxr.images import load_image
     from cxr.quality.train import nih_split
 
-    test = nih_split(shared_data / "nih" / "bbox256", gate.meta["training"]["seed"])["test"]
+    test = nih_split(nih_sample, gate.meta["training"]["seed"])["test"]
     films = [load_image(p) for p in test[:4]]
     images, truth = [], []
     for film in films:

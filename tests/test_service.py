@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from service_helpers import nih_pngs, run_asserting_every_finding
+from conftest import chest_film
+from service_helpers import run_asserting_every_finding
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -18,11 +19,10 @@ pytest.importorskip("uvicorn")
 
 
 def chest_dicom(path: Path, shape=(96, 120), **kwargs) -> Path:
+    """A DICOM of a chest film (the quality gate refuses drawings)."""
     from cxr.dicom import write_dicom
 
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    image = 0.3 + 0.3 * np.exp(-((xx / shape[1] - 0.5) ** 2) / 0.03) + 0.05 * np.sin(yy / 7)
-    return write_dicom(path, image.astype(np.float32), **kwargs)
+    return write_dicom(path, chest_film(300, shape), **kwargs)
 
 
 def png_size(data_url: str) -> tuple[int, int]:
@@ -35,7 +35,7 @@ def png_size(data_url: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_run, shared_data, tmp_path_factory):
+def service(tiny_run, radiographs, tmp_path_factory):
     """(base URL, the Reader, indexed NIH paths): 6 NIH PNGs and a DICOM indexed first; the
     server opens the run and the archive itself at start-up (lifespan)."""
     from cxr.archive.db import Archive
@@ -47,7 +47,7 @@ def service(tiny_run, shared_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("service")
     folder = tmp / "pacs"
     folder.mkdir()
-    for png in nih_pngs(shared_data, 6):
+    for png in radiographs[:6]:
         shutil.copy(png, folder / png.name)
     chest_dicom(folder / "chest.dcm")
     url = f"sqlite:///{tmp / 'archive.db'}"
@@ -72,25 +72,23 @@ def test_health_openapi_docs_and_page(client, service):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model_id"] == service[1].model_id
     assert health["targets"] == service[1].targets and health["archive"]["images"] == 7
+    assert health["quality_gate"] == service[1].gate.model_id
     spec = client.get("/openapi.json").json()
     assert {"/annotate", "/studies", "/studies/{image_id}", "/studies/{image_id}/image", "/search",
             "/health"} <= set(spec["paths"])
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger-ui" in docs.text
-    try:
-        import swagger_ui_bundle  # noqa: F401
-        assert "cdn" not in docs.text and client.get("/docs-static/swagger-ui-bundle.js").status_code == 200
-    except ImportError:
-        pass
+    # swagger-ui-bundle-v2 is a declared dependency of the service extra: /docs works offline
+    assert "cdn" not in docs.text and client.get("/docs-static/swagger-ui-bundle.js").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "Research use only" in page.text
     assert client.get("/static/app.js").status_code == 200
 
 
-def test_annotate_png_matches_the_reader(client, service, shared_data):
+def test_annotate_png_matches_the_reader(client, service, radiographs):
     from cxr.images import load_image
 
-    png = nih_pngs(shared_data, 1, skip=20)[0]
+    png = radiographs[20]
     r = client.post("/annotate", files={"file": (png.name, png.read_bytes(), "image/png")})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -104,8 +102,8 @@ def test_annotate_png_matches_the_reader(client, service, shared_data):
     assert "Research use only" in body["disclaimer"]
 
 
-def test_heatmap_image_and_embedding_on_request(client, service, shared_data):
-    png = nih_pngs(shared_data, 1, skip=21)[0]
+def test_heatmap_image_and_embedding_on_request(client, service, radiographs):
+    png = radiographs[21]
     r = client.post("/annotate", params={"heatmap": "true", "image": "true", "embedding": "true"},
                     files={"file": (png.name, png.read_bytes())})
     assert r.status_code == 200, r.text
@@ -119,10 +117,10 @@ def test_heatmap_image_and_embedding_on_request(client, service, shared_data):
     assert all(b["w"] > 0 and b["h"] > 0 for f in body["findings"] for b in f["boxes"])
 
 
-def test_heatmaps_of_a_large_image_are_shrunk_to_512(client, shared_data):
+def test_heatmaps_of_a_large_image_are_shrunk_to_512(client, radiographs):
     from PIL import Image
 
-    png = nih_pngs(shared_data, 1, skip=22)[0]
+    png = radiographs[22]
     buf = io.BytesIO()
     Image.open(png).convert("L").resize((768, 640)).save(buf, format="PNG")
     r = client.post("/annotate", params={"heatmap": "true"}, files={"file": ("big.png", buf.getvalue())})
@@ -158,8 +156,8 @@ def dicom_without_pixels(path: Path) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["truncated", "text", "empty", "no-pixels"])
-def test_bad_uploads_get_a_4xx_with_the_reason(client, shared_data, tmp_path, case):
-    png = nih_pngs(shared_data, 1)[0].read_bytes()
+def test_bad_uploads_get_a_4xx_with_the_reason(client, radiographs, tmp_path, case):
+    png = radiographs[0].read_bytes()
     name, data, words = {
         "truncated": ("cut.png", png[:len(png) // 3], ("cut.png",)),
         "text": ("notes.png", b"this is a radiology report, not an image\n" * 20, ("notes.png",)),
@@ -172,6 +170,26 @@ def test_bad_uploads_get_a_4xx_with_the_reason(client, shared_data, tmp_path, ca
     assert all(w.lower() in detail.lower() for w in words), detail
     assert "/tmp" not in detail and "cxr-upload" not in detail  # the server's temp file stays private
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_refused_upload_gets_422_with_the_reason_and_force_reads_it(client):
+    from PIL import Image
+    from skimage.data import astronaut
+
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128), dtype=np.uint8)).save(noise, "PNG")
+    photo = io.BytesIO()
+    Image.fromarray(astronaut()).save(photo, "JPEG")
+    for name, data, why in (("noise.png", noise.getvalue(), "looks like noise"),
+                            ("photo.jpg", photo.getvalue(), "a colour picture")):
+        r = client.post("/annotate", files={"file": (name, data)})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"].startswith(f"{name}: not read: {why}")
+    r = client.post("/annotate", params={"force": "true"}, files={"file": ("noise.png", noise.getvalue())})
+    assert r.status_code == 200, r.text
+    quality = r.json()["quality"]
+    assert quality["forced"] and not quality["accepted"] and quality["reasons"][0].startswith("looks like noise")
+    assert r.json()["scores"]
 
 
 def test_oversized_upload_is_refused_with_413(client):
@@ -236,9 +254,9 @@ def test_studies_image_and_search(client, service):
     assert finding["disease"] in vocab["diseases"]
 
 
-def test_store_indexes_the_upload_under_the_server_folder(client, service, shared_data):
+def test_store_indexes_the_upload_under_the_server_folder(client, service, radiographs):
     base, reader, tmp = service
-    png = nih_pngs(shared_data, 1, skip=30)[0]
+    png = radiographs[30]
     before = client.get("/health").json()["archive"]["images"]
     # a path-like name is only a name: nothing is read or written there
     r = client.post("/annotate", params={"store": "true", "embedding": "true"},
@@ -257,11 +275,11 @@ def test_store_indexes_the_upload_under_the_server_folder(client, service, share
     assert like[0]["id"] == body["id"] and like[0]["distance"] < 1e-3
 
 
-def test_concurrent_requests_are_batched_and_answered_correctly(client, service, shared_data):
+def test_concurrent_requests_are_batched_and_answered_correctly(client, service, radiographs):
     from cxr.images import load_image
 
     base, reader, _ = service
-    pngs = nih_pngs(shared_data, 8, skip=40)
+    pngs = radiographs[40:48]
     before = client.get("/health").json()["batching"]
 
     async def post_all():

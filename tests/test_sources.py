@@ -70,6 +70,50 @@ def test_openi_tgz(openi, shared_data):
     assert len({x.patient_id for x in openi}) == 3955
 
 
+def test_openi_views_from_the_whole_header(openi):
+    """Laterals tagged PA and views of images with an empty View Position, from the real metadata
+    (cxr/sources/openi_views.py gives the measured evidence for each rule)."""
+    import collections
+
+    images = [im for s in openi for im in s.images]
+    by = collections.Counter((im.view, im.meta["view_class"]) for im in images)
+    assert by[("PA", "lateral")] == 1361 and by[("PA", "frontal")] == 2230
+    code_60003 = [im for im in images if im.meta.get("processing_code") == "60003"]
+    assert len(code_60003) == 1366 and all(not im.frontal for im in code_60003)
+    assert all(im.meta["view_class"] == "lateral" for im in images
+               if im.view in ("LL", "RL", "LATERAL", "LARGE LATERAL"))
+    empty = [im for im in images if im.view is None]
+    decided = collections.Counter(im.meta["view_class"] for im in empty)
+    assert len(empty) == 2589 and decided["lateral"] == 1164 and decided["frontal"] == 1116
+    assert sum(im.frontal for im in images) == 2230 + 422 + 1116 + decided[None]
+    one = {im.id: im for im in images}["CXR1000_IM-0003-2001"]  # PA in the header, 60003
+    assert one.view == "PA" and one.meta["view_evidence"] == "processing code 60003" and not one.frontal
+
+
+def test_openi_view_rules_agree_with_the_header_where_it_is_known(shared_data, openi):
+    """Hide View Position where it is PA/AP/lateral (60003/60025 aside: their PA is the value in
+    question) and decide from the rest of the header: the rules must agree with it."""
+    from dataclasses import replace
+
+    from cxr.sources.openi import read_headers
+    from cxr.sources.openi_views import FRONTAL_POSITIONS, LATERAL_POSITIONS, infer_views
+
+    headers = read_headers(shared_data / "openi" / "nlmcxr_dicom_metadata.csv.gz")
+    agree = disagree = 0
+    for study in openi:
+        hs = [headers.get(im.id) for im in study.images]
+        hidden = [replace(h, position=None) if h else None for h in hs]
+        for h, (view, _) in zip(hs, infer_views(hidden)):
+            if h is None or h.code in ("60003", "60025") or view is None:
+                continue
+            truth = ("frontal" if h.position in FRONTAL_POSITIONS else
+                     "lateral" if h.position in LATERAL_POSITIONS else None)
+            if truth:
+                agree += view == truth
+                disagree += view != truth
+    assert agree >= 1500 and disagree / (agree + disagree) < 0.01, (agree, disagree)
+
+
 def test_openi_folder_layout_images_and_views(openi_folder, shared_data):
     studies = read_openi(openi_folder)
     assert [s.id for s in studies] == ["CXR1", "CXR10", "CXR1776"]

@@ -160,24 +160,40 @@ def test_train_cli_on_a_folder(tmp_path, studies):
 
 
 DDP_SCRIPT = """
-import os, sys, json, torch
+import hashlib, os, sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
 from cxr.testing import synthetic_studies, tiny_config
 from cxr.training import train
+
+wrapped = []  # the modules cxr hands to DistributedDataParallel, to read their weights per rank
+class Recording(torch.nn.parallel.DistributedDataParallel):
+    def __init__(self, module, *args, **kwargs):
+        super().__init__(module, *args, **kwargs)
+        wrapped.append(module)
+torch.nn.parallel.DistributedDataParallel = Recording
+
+def digest():
+    h = hashlib.sha256()
+    for p in wrapped[-1].parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
 out = Path(sys.argv[1])
 studies = synthetic_studies(out / ("data" + os.environ["RANK"]), n=16, size=40)
-seen = []
+def on_epoch(phase, epoch, record):
+    print("RESULT", os.environ["RANK"], torch.distributed.get_world_size(), phase, epoch,
+          record.get("images"), round(record.get("train_loss", 0.0), 6), digest(), flush=True)
 train(tiny_config(data="folder:synthetic", image_size=40, crop=32, epochs=1, rnn_epochs=1, cascade=False,
                   fractions=(0.75, 0.25, 0.0)),
-      out / "run", studies=studies, on_epoch=lambda p, e, r: seen.append(r.get("images")))
-print("RESULT", os.environ["RANK"], torch.distributed.get_world_size(), seen[0])
+      out / "run", studies=studies, on_epoch=on_epoch)
 """
 
 
 @pytest.mark.slow
 def test_distributed_data_parallel_on_cpu(tmp_path):
-    """torchrun with 2 processes, gloo backend: each process trains on its half of the epoch."""
+    """torchrun with 2 processes, gloo backend: each rank trains on its own half of the epoch (its
+    loss differs), yet after the step every rank holds the same weights: gradients are averaged."""
     import os
     import subprocess
     import sys
@@ -189,9 +205,16 @@ def test_distributed_data_parallel_on_cpu(tmp_path):
                            "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT"))
-    assert [r[:2] for r in results] == [["0", "2"], ["1", "2"]]
-    assert results[0][2] == results[1][2]  # equal shares of the epoch
+    rows = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    by_rank = {rank: {(phase, epoch): (images, loss, weights) for _, _, phase, epoch, images, loss, weights
+                      in (r for r in rows if r[0] == rank)} for rank in ("0", "1")}
+    assert {r[1] for r in rows} == {"2"} and by_rank["0"] and by_rank["0"].keys() == by_rank["1"].keys()
+    for step, (images, loss, weights) in by_rank["0"].items():
+        other = by_rank["1"][step]
+        assert images == other[0], step                 # equal shares of the epoch
+        assert weights == other[2], step                # the same weights on both ranks
+    cnn = [step for step in by_rank["0"] if by_rank["0"][step][1] != by_rank["1"][step][1]]
+    assert cnn, "the ranks saw the same data: equal weights would prove nothing"
     assert (tmp_path / "run" / "config.json").exists()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_in_ci
-from service_helpers import nih_pngs, run_asserting_every_finding
+from service_helpers import run_asserting_every_finding
 
 CHROMIUM = os.environ.get("CXR_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -17,7 +17,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
 
 
 @pytest.fixture(scope="module")
-def site(tiny_run, shared_data, tmp_path_factory):
+def site(tiny_run, radiographs, tmp_path_factory):
     """Base URL of a served archive of 6 NIH radiographs."""
     from cxr.archive.db import Archive
     from cxr.archive.index import index_images
@@ -28,7 +28,7 @@ def site(tiny_run, shared_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
     folder = tmp / "pacs"
     folder.mkdir()
-    for png in nih_pngs(shared_data, 6):
+    for png in radiographs[:6]:
         shutil.copy(png, folder / png.name)
     url = f"sqlite:///{tmp / 'archive.db'}"
     run = run_asserting_every_finding(tiny_run, tmp / "run")
@@ -58,7 +58,7 @@ def page(site):
             browser.close()
 
 
-def test_upload_see_findings_slide_opacity_search_and_more_like_this(page, shared_data, tmp_path):
+def test_upload_see_findings_slide_opacity_search_and_more_like_this(page, radiographs, tmp_path):
     from playwright.sync_api import expect
 
     expect(page.locator("#banner")).to_contain_text("Research use only")
@@ -69,7 +69,7 @@ def test_upload_see_findings_slide_opacity_search_and_more_like_this(page, share
     expect(page.locator("#stage")).to_be_hidden()
 
     # upload: findings with scores and annotations, the image, a drawn heatmap, boxes
-    png = nih_pngs(shared_data, 1, skip=50)[0]
+    png = radiographs[50]
     page.set_input_files("#file", str(png))
     page.click("#annotate")
     expect(page.locator("#status")).to_contain_text("finding(s) in " + png.name)
@@ -123,6 +123,19 @@ def test_a_bad_upload_shows_the_reason(page, tmp_path):
     page.set_input_files("#file", str(bad))
     page.click("#annotate")
     expect(page.locator("#status")).to_contain_text("broken.png")
+    expect(page.locator("#status")).to_have_class("error")
+
+
+def test_a_refused_upload_shows_the_gate_s_reason(page, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+    from skimage.data import astronaut
+
+    photo = tmp_path / "holiday.jpg"
+    Image.fromarray(astronaut()).save(photo)
+    page.set_input_files("#file", str(photo))
+    page.click("#annotate")
+    expect(page.locator("#status")).to_contain_text("holiday.jpg: not read: a colour picture")
     expect(page.locator("#status")).to_have_class("error")
 
 

@@ -30,6 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "per newly indexed image into DIR")
     parser.add_argument("--retry-failed", action="store_true",
                         help="read again the images recorded as failed")
+    parser.add_argument("--force", action="store_true",
+                        help="read images the quality gate refuses (otherwise they are recorded "
+                        "as failed with the reason: cxr search --failed)")
     parser.add_argument("--vector-dir", default=None,
                         help="where the similar-image index lives (default: beside a SQLite "
                         "file, else in the cxr cache)")
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             stats = index_with_ray(archive, args.run, iter_inputs(args.source),
                                    address=args.ray, batch_size=args.batch_size,
                                    num_actors=args.ray_actors, dicom_out=args.dicom_out,
-                                   progress=not args.quiet, retry_failed=args.retry_failed)
+                                   progress=not args.quiet, retry_failed=args.retry_failed,
+                                   force=args.force)
         else:
             from ..reader import Reader
 
@@ -66,9 +70,11 @@ def run(args: argparse.Namespace) -> int:
             archive.remember_run(reader.model_id, args.run)
             stats = index_images(archive, reader, iter_inputs(args.source),
                                  batch_size=args.batch_size, dicom_out=args.dicom_out,
-                                 progress=not args.quiet, retry_failed=args.retry_failed)
+                                 progress=not args.quiet, retry_failed=args.retry_failed,
+                                 force=args.force)
         total = archive.count()
-    line = (f"indexed {stats.indexed}, failed {stats.failed}, skipped {stats.skipped} already "
+    line = (f"indexed {stats.indexed}, failed {stats.failed} (of which {stats.refused} refused by "
+            f"the quality gate), skipped {stats.skipped} already "
             f"indexed, {stats.duplicates} duplicate content; {total} images in the archive "
             f"({stats.images_per_second:.1f} images/s)")
     print(line, file=sys.stderr)

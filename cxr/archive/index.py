@@ -1,5 +1,7 @@
 """The indexing run: walk a folder (or a source adapter) lazily, read each image, run the Reader
-in batches and store every image in the archive, ok or failed.
+in batches and store every image in the archive, ok or failed. An image the quality gate refuses
+(no chest radiograph, a view the run does not read) is stored as failed with the reason,
+`not read: ...`, so `cxr search --failed` lists it and a later run does not read it again.
 
 Resumable and idempotent by construction: an image's identity is (content sha256, model id); a
 batch is committed in one transaction; before reading a batch the run asks the archive which of
@@ -24,12 +26,14 @@ from ..records import Box
 from ..results import DetectedFinding, Result
 from .db import Archive, Entry
 
+REFUSED = "not read: "  # the reason's prefix for an image the quality gate refused
 
 @dataclass
 class IndexStats:
     seen: int = 0
     indexed: int = 0
     failed: int = 0
+    refused: int = 0  # of the failed: not read, the quality gate refused them
     skipped: int = 0  # already in the archive (this model, same content)
     duplicates: int = 0  # same content met twice in this run
     seconds: float = 0.0
@@ -41,6 +45,7 @@ class IndexStats:
 
     def to_dict(self) -> dict:
         return {"seen": self.seen, "indexed": self.indexed, "failed": self.failed,
+                "refused": self.refused,
                 "skipped": self.skipped, "duplicates": self.duplicates,
                 "seconds": round(self.seconds, 3),
                 "images_per_second": round(self.images_per_second, 2),
@@ -52,6 +57,7 @@ class IndexStats:
                 self.duplicates += 1
             elif e.error:
                 self.failed += 1
+                self.refused += e.error.startswith(REFUSED)
                 if len(self.failures) < 20:
                     self.failures.append((e.path, e.error))
             else:
@@ -144,7 +150,8 @@ class Batch:
 
 
 def process_batch(reader, model_id: str, paths: list[str],
-                  known: Callable[[list[str]], set[str]], heatmaps: bool = False) -> Batch:
+                  known: Callable[[list[str]], set[str]], heatmaps: bool = False,
+                  force: bool = False) -> Batch:
     """Hash, skip what `known` says is stored, read and run the Reader on the rest. A file that
     cannot be read, or on which the Reader fails, becomes a failed entry; the batch goes on."""
     from ..images import read_image
@@ -180,27 +187,32 @@ def process_batch(reader, model_id: str, paths: list[str],
             view=loaded.view))
         batch.images.append(loaded)
     todo = [i for i, im in enumerate(batch.images) if im is not None]
-    for i, result in zip(todo, run_reader(reader, [batch.images[i].pixels for i in todo], heatmaps)):
+    for i, result in zip(todo, run_reader(reader, [batch.images[i] for i in todo], heatmaps, force)):
         if isinstance(result, Result):
             if result.model_id and result.model_id != model_id:
                 raise CxrError(f"the Reader returned model {result.model_id!r}, "
                                f"expected {model_id!r}")
-            batch.entries[i].result = result
+            if result.refused:
+                batch.entries[i].error = f"{REFUSED}{'; '.join(result.quality.reasons)}"
+            else:
+                batch.entries[i].result = result
         else:
             batch.entries[i].error = result
     return batch
 
 
-def run_reader(reader, pixels: list[np.ndarray], heatmaps: bool = False) -> list[Result | str]:
-    """The Reader on a batch (full-size heatmaps only when asked: the archive stores boxes, not
-    maps); if the batch fails, image by image, so one bad image costs only itself (its entry
-    gets the reason)."""
+def run_reader(reader, pixels: list, heatmaps: bool = False,
+               force: bool = False) -> list[Result | str]:
+    """The Reader on a batch of LoadedImages or arrays (full-size heatmaps only when asked: the
+    archive stores boxes, not maps); if the batch fails, image by image, so one bad image costs
+    only itself (its entry gets the reason)."""
     if not pixels:
         return []
 
     def call(items):
+        options = dict(heatmaps=heatmaps, batch_size=max(len(items), 1))
         try:
-            return reader(items, heatmaps=heatmaps, batch_size=max(len(items), 1))
+            return reader(items, **options, force=True) if force else reader(items, **options)
         except TypeError:  # a Reader without these options
             return reader(items)
 
@@ -227,7 +239,7 @@ def _uid(meta: dict, key: str) -> str | None:
 # -- the run ----------------------------------------------------------------------------------
 def index_images(archive: Archive, reader, paths: Iterable[str], *, batch_size: int = 32,
                  dicom_out: str | Path | None = None, progress: bool = True,
-                 retry_failed: bool = False) -> IndexStats:
+                 retry_failed: bool = False, force: bool = False) -> IndexStats:
     """Index `paths` with `reader` into `archive`, one committed transaction per batch."""
     from tqdm import tqdm
 
@@ -239,7 +251,8 @@ def index_images(archive: Archive, reader, paths: Iterable[str], *, batch_size: 
     bar = tqdm(desc="indexing", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         for paths_batch in batched(paths, batch_size):
-            batch = process_batch(reader, model_id, paths_batch, known, heatmaps=bool(dicom_out))
+            batch = process_batch(reader, model_id, paths_batch, known, heatmaps=bool(dicom_out),
+                                  force=force)
             ids = archive.add_results(batch.entries, replace_failed=retry_failed)
             stats.seen += len(paths_batch)
             stats.skipped += batch.skipped
@@ -263,7 +276,19 @@ def _write_dicom_outputs(batch: Batch, ids: list[int | None], out_dir) -> None:
 
     for e, image, i in zip(batch.entries, batch.images, ids):
         if i is not None and e.result is not None and image is not None:
-            write_result_dicom(e.result, image, out_dir, name=f"{i:08d}")
+            write_result_dicom(e.result, upright(image, e.result), out_dir, name=f"{i:08d}")
+
+
+def upright(image, result: Result):
+    """The LoadedImage as the Reader read it (turned back when the gate corrected it), so boxes
+    and heatmaps drawn on it fall in place."""
+    if result.quality is None or not result.quality.corrected:
+        return image
+    from dataclasses import replace
+
+    from ..quality.gate import QualityGate
+
+    return replace(image, pixels=QualityGate.correct(image.pixels, result.quality))
 
 
 # -- Result <-> plain data (for Ray and JSON) --------------------------------------------------
@@ -274,6 +299,12 @@ def result_from_dict(d: dict, embedding: np.ndarray | None = None) -> Result:
         severity=f.get("severity"), boxes=[Box(**b) for b in f.get("boxes") or []])
         for f in d.get("findings", [])]
     size = d.get("image_size") or (0, 0)
+    quality = None
+    if d.get("quality"):
+        from ..quality.gate import QualityReport
+
+        quality = QualityReport.from_dict(d["quality"])
     return Result(scores={k: float(v) for k, v in d.get("scores", {}).items()}, findings=findings,
                   embedding=embedding, model_id=d.get("model_id", ""),
-                  image_size=(int(size[0]), int(size[1])), abnormal=d.get("abnormal"), call=d.get("call"))
+                  image_size=(int(size[0]), int(size[1])), quality=quality, abnormal=d.get("abnormal"),
+                  call=d.get("call"))

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CxrError
 from .db import Archive, Entry
-from .index import IndexStats, process_batch, result_from_dict
+from .index import IndexStats, process_batch, result_from_dict, upright
 
 RECORD_FIELDS = ("path", "sha256", "model_id", "error", "study_uid", "series_uid", "sop_uid", "view")
 
@@ -38,7 +38,8 @@ def _known_digests(archive: Archive, model_id: str, status: str | None) -> np.nd
 class ReaderActor:
     """One Reader per actor, loaded once; turns a batch of paths into storable records."""
 
-    def __init__(self, run_dir: str, known: np.ndarray, dicom_out: str | None = None):
+    def __init__(self, run_dir: str, known: np.ndarray, dicom_out: str | None = None,
+                 force: bool = False):
         from ..reader import Reader
         from .index import reader_model_id
 
@@ -46,6 +47,7 @@ class ReaderActor:
         self.model_id = reader_model_id(self.reader)
         self.known = known
         self.dicom_out = dicom_out
+        self.force = force
 
     def _stored(self, hashes: list[str]) -> set[str]:
         if len(self.known) == 0:
@@ -57,7 +59,7 @@ class ReaderActor:
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
         out = process_batch(self.reader, self.model_id, paths, self._stored,
-                            heatmaps=bool(self.dicom_out))
+                            heatmaps=bool(self.dicom_out), force=self.force)
         records, embeddings = [], []
         for e, image in zip(out.entries, out.images):
             rec = {k: getattr(e, k) for k in RECORD_FIELDS}
@@ -67,7 +69,8 @@ class ReaderActor:
             if self.dicom_out and e.result is not None and image is not None:
                 from .dicom_out import write_result_dicom
 
-                write_result_dicom(e.result, image, self.dicom_out, name=e.sha256[:16])
+                write_result_dicom(e.result, upright(image, e.result), self.dicom_out,
+                                   name=e.sha256[:16])
             records.append(json.dumps(rec))
         # counts ride along on the first row (a batch may have no rows at all)
         counts = json.dumps({"seen": len(paths), "skipped": out.skipped,
@@ -113,7 +116,8 @@ def connect(address: str | None) -> None:
 def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], *,
                    address: str | None = "auto", batch_size: int = 32,
                    num_actors: int | None = None, dicom_out: str | Path | None = None,
-                   progress: bool = True, retry_failed: bool = False) -> IndexStats:
+                   progress: bool = True, retry_failed: bool = False,
+                   force: bool = False) -> IndexStats:
     """Index `paths` with Readers of `run_dir` on Ray; the caller's process writes the archive."""
     import ray
     from tqdm import tqdm
@@ -138,7 +142,8 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
     ds = ray.data.from_items(items, override_num_blocks=max(1, (len(items) + batch_size - 1)
                                                              // batch_size))
     ds = ds.map_batches(ReaderActor, fn_constructor_args=(run_dir, known,
-                                                          str(dicom_out) if dicom_out else None),
+                                                          str(dicom_out) if dicom_out else None,
+                                                          force),
                         batch_size=batch_size, batch_format="numpy", concurrency=num_actors,
                         num_cpus=1)
     bar = tqdm(total=len(items), desc="indexing (ray)", unit="img", disable=not progress)

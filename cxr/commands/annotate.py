@@ -4,6 +4,11 @@ Writes a JSON list (one entry per image: path + the Result) and, with --overlay,
 with the heatmap of the top finding, every box and the generated annotations drawn on it. A bad
 file is reported (stderr and an "error" entry) and the others go on; the exit status is 1 when
 any file failed.
+
+Each image passes the quality gate first (`cxr check` runs it alone): one that is no chest
+radiograph, or of a view the run does not read, is not read: `FILE: not read: <reason>` on stderr,
+its entry carries `quality` and no findings, and the exit status is 1 (`--force` reads it anyway).
+A film stored rotated or inverted is turned back and read; its `quality` says so.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ def configure(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--beams", type=int, default=1, help="beam width for the annotations (1 = greedy)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
+    parser.add_argument("--force", action="store_true",
+                        help="read images the quality gate refuses (their quality still says why)")
 
 
 def expand(paths: list[Path]) -> list[Path]:
@@ -85,7 +92,7 @@ def overlay(image: np.ndarray, result, path: Path, min_side: int = 512) -> Path:
 
 def run(args) -> int:
     from ..errors import CxrError
-    from ..images import load_image
+    from ..images import read_image
     from ..reader import Reader
 
     if args.batch_size < 1 or args.beams < 1:
@@ -94,7 +101,7 @@ def run(args) -> int:
     files = expand(args.images)
     if not files:
         raise CxrError("no image files given")
-    entries, failed, used_names = [], 0, set()
+    entries, failed, refused, used_names = [], 0, 0, set()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(files), desc="annotating", unit="img", disable=args.json is not None
@@ -103,17 +110,27 @@ def run(args) -> int:
         chunk, images = [], []
         for f in files[s:s + args.batch_size]:
             try:
-                images.append(load_image(f))
+                images.append(read_image(f))
                 chunk.append(f)
             except CxrError as exc:
                 failed += 1
                 print(f"cxr annotate: skipped {exc}", file=sys.stderr)
                 entries.append({"path": str(f), "error": exc.problem})
         results = reader(images, heatmaps=args.overlay is not None, beams=args.beams,
-                         batch_size=args.batch_size) if images else []
+                         batch_size=args.batch_size, force=args.force) if images else []
         for f, image, result in zip(chunk, images, results):
             entry = {"path": str(f), **result.to_dict()}
+            quality = result.quality
+            if quality is not None and not quality.accepted:
+                refused += 1
+                print(f"{f}: {quality.summary()}", file=sys.stderr)
+                if not quality.forced:
+                    entries.append(entry)
+                    continue
+            elif quality is not None and quality.notes:
+                print(f"{f}: {'; '.join(quality.notes)}", file=sys.stderr)
             if args.overlay:
+                image = reader.gate.correct(image.pixels, quality) if quality else image.pixels
                 name = f.stem or f.name
                 while name in used_names:
                     name += "_"
@@ -127,7 +144,8 @@ def run(args) -> int:
         print(text)
     else:
         write_atomic(args.json, text)
-        print(f"annotated {len(files) - failed} of {len(files)} images -> {args.json}", file=sys.stderr)
+        read = len(files) - failed - (0 if args.force else refused)
+        print(f"annotated {read} of {len(files)} images -> {args.json}", file=sys.stderr)
     if failed == len(files):
         raise CxrError(f"none of the {len(files)} images could be read")
-    return 1 if failed else 0
+    return 1 if failed or (refused and not args.force) else 0

@@ -187,7 +187,7 @@ def annotate_examples(run_dir: Path, studies, n: int, device: str | None = None)
     out = []
     for i in picked:
         image = load_image(ed.prep.paths[i])
-        result = reader(image, heatmaps=True)
+        result = reader(image, heatmaps=True, force=True)  # every example shown; quality reported
         truth = [f.term for f in ed.studies[i].positive] or []
         out.append(Example(id=ed.prep.image_ids[i], image=image, result=result, truth=truth,
                            truth_boxes=[b for b in ed.images[i].boxes]))

@@ -74,8 +74,7 @@ class QualityReport:
     def summary(self) -> str:
         """One line for a terminal: the verdict, the view and what was done."""
         if not self.accepted:
-            head = f"not read: {'; '.join(self.reasons)}"
-            return head + (" (read anyway: --force)" if self.forced else "")
+            return f"{'refused, read anyway' if self.forced else 'not read'}: {'; '.join(self.reasons)}"
         kind = self.probabilities.get("kind", {})
         head = f"ok: {self.view} (p {kind.get(self.view, 0):.2f})" if self.view else "ok"
         return "; ".join([head, *self.notes])

@@ -3,7 +3,11 @@
     POST /annotate            upload PNG / JPEG / DICOM -> findings, scores, annotations, boxes
                               (?heatmap=true: heatmaps as 8-bit grey PNG, base64, at most 512 px
                               on the long side, to stretch over image_size; ?image=true: the
-                              normalised image as PNG; ?embedding=true; ?store=true: index it)
+                              normalised image as PNG, turned upright if the gate turned it;
+                              ?embedding=true; ?store=true: index it). The quality gate runs
+                              first: an image it refuses gets 422 with the reason
+                              ("FILE: not read: ..."), unless ?force=true; `quality` says what
+                              it found and whether the film was turned back before reading.
     GET  /studies             indexed images, newest first, paged
     GET  /studies/{id}        one indexed image (?heatmap=true re-runs the model for heatmaps)
     GET  /studies/{id}/image  its pixels as PNG (the server reads the path it stored itself)
@@ -199,6 +203,8 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
             from ..reader import Reader
 
             state.reader = await run_in_threadpool(Reader.load, settings.run_dir, settings.device)
+        # the quality gate's model loads now, once, not on the first upload
+        state.gate = await run_in_threadpool(lambda: getattr(state.reader, "gate", None))
         state.archive = archive
         if state.archive is None:
             from ..archive.db import Archive
@@ -244,15 +250,17 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
     @app.post("/annotate", summary="Read one chest radiograph (PNG, JPEG or DICOM)")
     async def annotate(request: Request, file: UploadFile = File(..., description="the image"),
                        heatmap: bool = False, image: bool = False, embedding: bool = False,
-                       store: bool = False):
+                       store: bool = False, force: bool = False):
         state = request.app.state
         data = await file.read()
         loaded = await run_in_threadpool(decode_upload, data, file.filename)
-        result = await _read(state.batcher, loaded.pixels, heatmap)
+        result = await _read(state.batcher, loaded, heatmap, force)
+        if result.refused:
+            raise HTTPException(422, f"{_safe_name(file.filename)}: {result.quality.summary()}")
         out = {"filename": _safe_name(file.filename), "view": loaded.view,
                **await run_in_threadpool(result_json, result, heatmap)}
         if image:
-            out["image"] = await run_in_threadpool(png_base64, loaded.pixels)
+            out["image"] = await run_in_threadpool(png_base64, _upright(loaded.pixels, result))
         if embedding and result.embedding is not None:
             out["embedding"] = [float(x) for x in result.embedding]
         if store:
@@ -276,7 +284,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         out = record_json(record)
         if heatmap:
             loaded = await run_in_threadpool(_read_stored, record)
-            result = await _read(state.batcher, loaded.pixels, True)
+            result = await _read(state.batcher, loaded, True, True)  # it was read when indexed
             out["heatmaps"] = await run_in_threadpool(heatmaps_json, result.heatmaps)
             out["heatmap_model_id"] = result.model_id
         return out
@@ -326,6 +334,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         reader_ = state.reader
         return {"status": "ok", "model_id": reader_.model_id, "targets": list(reader_.targets),
                 "device": str(reader_.device), "threads": settings.threads,
+                "quality_gate": getattr(state.gate, "model_id", None),
                 "archive": {"images": state.archive.count(status="ok")},
                 "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms,
                              **state.batcher.stats.to_dict()},
@@ -348,20 +357,38 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
-def _run_reader(reader, items: list[tuple[np.ndarray, bool]]):
-    """One Reader call for a micro-batch; heatmaps only for the requests that asked."""
-    results = reader([pixels for pixels, _ in items], heatmaps=any(h for _, h in items),
-                     batch_size=max(len(items), 1))
-    for (_, wants), result in zip(items, results):
-        if not wants:
-            result.heatmaps = {}
+def _run_reader(reader, items: list[tuple]):
+    """Reader calls for a micro-batch of (image, heatmap, force): one call for the usual requests,
+    one more for those that force reading past the quality gate; heatmaps only for the requests
+    that asked."""
+    results: list = [None] * len(items)
+    for force in (False, True):
+        todo = [i for i, item in enumerate(items) if item[2] == force]
+        if not todo:
+            continue
+        out = reader([items[i][0] for i in todo], heatmaps=any(items[i][1] for i in todo),
+                     batch_size=max(len(todo), 1), force=force)
+        for i, result in zip(todo, out):
+            if not items[i][1]:
+                result.heatmaps = {}
+            results[i] = result
     return results
 
 
-async def _read(batcher, pixels: np.ndarray, heatmap: bool):
-    """The Reader on one image through the micro-batcher; a model failure is a 500 that says so."""
+def _upright(pixels: np.ndarray, result) -> np.ndarray:
+    """The image as the Reader read it (turned back if the gate did), so boxes fall in place."""
+    if result.quality is None or not result.quality.corrected:
+        return pixels
+    from ..quality.gate import QualityGate
+
+    return QualityGate.correct(pixels, result.quality)
+
+
+async def _read(batcher, image, heatmap: bool, force: bool = False):
+    """The Reader on one image (a LoadedImage) through the micro-batcher; a model failure is a
+    500 that says so."""
     try:
-        return await batcher.submit((pixels, heatmap))
+        return await batcher.submit((image, heatmap, force))
     except CxrError:
         raise
     except Exception as exc:

@@ -14,11 +14,12 @@ not a finding but sets `meta["indexed"] = False`); the MTI `<automatic>` terms a
 
 Images are the report's `<parentImage id=...>` (e.g. `CXR1000_IM-0003-1001`). Their view comes
 from `View Position` in `nlmcxr_dicom_metadata.csv[.gz]` (found automatically beside the reports
-or in the folder; 2,586 of its 7,469 rows leave it empty -> view None). The header value is
-taken as is, though it is not always right: in 1,084 two-image reports both images say `PA`, one
-with the acquisition-device processing code 60025 and one with 60003 (`Image.meta["processing_code"]`); the
-image order and the single-image reports (mostly 60025) suggest 60003 is the lateral, but
-without pixels to check we leave the header alone. A path is set when
+or in the folder; many rows leave it empty -> view None), kept as the header says. Whether an
+image is frontal or lateral is decided from the whole header (`openi_views`: patient orientation,
+processing code, exposure within the report; many laterals are tagged PA) into
+`Image.meta["view_class"]` ("frontal" | "lateral" | None) with `meta["view_evidence"]`, which
+`Image.frontal` follows; images the header leaves undecided are decided by the quality gate's
+model when their file is present (`gate_views`). A path is set when
 `<id>.png|.jpg|.jpeg|.dcm` exists anywhere under the image folder; Shin et al.'s file names
 without the `CXR` prefix (`1000_IM-0003-1001.png`) are matched too.
 """
@@ -38,6 +39,7 @@ from ..errors import CxrError
 from ..images import IMAGE_SUFFIXES
 from ..records import Image, Study
 from ..reports.mesh import NO_INDEXING, canonical_heading, parse_term, term_parts
+from .openi_views import Header, gate_views, infer_views
 
 SECTIONS = ("COMPARISON", "INDICATION", "FINDINGS", "IMPRESSION")
 METADATA_NAMES = ("nlmcxr_dicom_metadata.csv.gz", "nlmcxr_dicom_metadata.csv")
@@ -49,8 +51,11 @@ def read_openi(
     reports: str | Path,
     images: str | Path | None = None,
     metadata: str | Path | None = None,
+    gate: bool = True,
 ) -> list[Study]:
-    """Read Open-i reports (tgz or folder) into Studies, sorted by report number."""
+    """Read Open-i reports (tgz or folder) into Studies, sorted by report number. With `gate`,
+    images whose header leaves the view undecided and whose file is present are shown to the
+    quality gate's model (only then is it loaded)."""
     reports = Path(reports).expanduser()
     if not reports.exists():
         raise CxrError("Open-i reports not found (expected NLMCXR_reports.tgz or a folder of "
@@ -70,9 +75,13 @@ def read_openi(
         metadata = next((home / n for n in METADATA_NAMES if (home / n).is_file()), None)
     views = read_views(metadata) if metadata is not None else {}
     codes = _processing_codes(metadata) if metadata is not None else {}
+    headers = read_headers(metadata) if metadata is not None else {}
     files = index_images(images) if images is not None else {}
     parsed = _parse_reports(str(reports.resolve()), _stamp(reports))
-    return [_study(rec, views, files, codes) for rec in parsed]
+    studies = [_study(rec, views, files, codes, headers) for rec in parsed]
+    if gate and files:
+        gate_views([im for s in studies for im in s.images])
+    return studies
 
 
 def read_views(metadata: str | Path) -> dict[str, str | None]:
@@ -80,16 +89,22 @@ def read_views(metadata: str | Path) -> dict[str, str | None]:
     path = Path(metadata).expanduser()
     if not path.is_file():
         raise CxrError("Open-i DICOM metadata file not found", path)
-    return {i: v for i, v, _ in _read_views(str(path.resolve()), path.stat().st_mtime_ns)}
+    return {i: v for i, v, _, _ in _read_views(str(path.resolve()), path.stat().st_mtime_ns)}
+
+
+def read_headers(metadata: str | Path) -> dict[str, Header]:
+    """image id -> the header fields that tell its view (see `openi_views`)."""
+    path = Path(metadata).expanduser()
+    return {i: h for i, _, _, h in _read_views(str(path.resolve()), path.stat().st_mtime_ns)}
 
 
 def _processing_codes(metadata: str | Path) -> dict[str, str]:
     path = Path(metadata).expanduser()
-    return {i: c for i, _, c in _read_views(str(path.resolve()), path.stat().st_mtime_ns) if c}
+    return {i: c for i, _, c, _ in _read_views(str(path.resolve()), path.stat().st_mtime_ns) if c}
 
 
 @lru_cache(maxsize=4)
-def _read_views(path: str, _mtime: int) -> tuple[tuple[str, str | None, str], ...]:
+def _read_views(path: str, _mtime: int) -> tuple[tuple[str, str | None, str, Header], ...]:
     try:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", newline="", encoding="utf-8") as fh:
@@ -98,7 +113,8 @@ def _read_views(path: str, _mtime: int) -> tuple[tuple[str, str | None, str], ..
             if missing:
                 raise CxrError(f"metadata CSV lacks column(s) {sorted(missing)}", path)
             return tuple((row["imageid"].strip(), (row["View Position"] or "").strip() or None,
-                          (row.get(PROCESSING_CODE) or "").strip()) for row in reader)
+                          (row.get(PROCESSING_CODE) or "").strip(), Header.from_row(row))
+                         for row in reader)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise CxrError(f"cannot read metadata CSV: {exc}", path) from exc
 
@@ -201,13 +217,16 @@ def _number(rid: str) -> tuple[int, str]:
     return (int(m.group()) if m else -1, rid)
 
 
-def _study(rec: dict, views: dict, files: dict, codes: dict) -> Study:
+def _study(rec: dict, views: dict, files: dict, codes: dict, headers: dict) -> Study:
     majors = [t for t in rec["major"] if term_parts(t)]
     heads = [canonical_heading(term_parts(t)[0]) for t in majors]
     findings = [parse_term(t) for t, h in zip(majors, heads) if h != NO_INDEXING]
-    images = [Image(id=i, path=files.get(i), view=views.get(i),
-                    meta={"processing_code": codes[i]} if i in codes else {})
-              for i in rec["images"]]
+    inferred = infer_views([headers.get(i) for i in rec["images"]])
+    images = []
+    for i, (view_class, evidence) in zip(rec["images"], inferred):
+        meta = {"processing_code": codes[i]} if i in codes else {}
+        meta["view_class"], meta["view_evidence"] = view_class, evidence
+        images.append(Image(id=i, path=files.get(i), view=views.get(i), meta=meta))
     return Study(
         id=rec["id"],
         patient_id=rec["id"],

@@ -138,7 +138,9 @@ async function annotate(event) {
                         { method: "POST", body: form });
     show(r, r.image, r.filename);
     markActive(r.id);
-    setStatus(`${r.findings.length} finding(s) in ${r.filename}` + (store ? ` (archive id ${r.id})` : ""));
+    const notes = (r.quality && r.quality.notes) || [];
+    setStatus(`${r.findings.length} finding(s) in ${r.filename}` + (store ? ` (archive id ${r.id})` : "")
+              + (notes.length ? ` — ${notes.join("; ")}` : ""));
     if (store) { loadStudies(); loadVocabulary(); }
   } catch (e) {
     setStatus(e.message, true);
