@@ -20,7 +20,8 @@ the annotator given the true disease (Shin et al.'s measure of the cascade). The
 compared with its control, every other arm with the base.
 
 Data: the demo's phantom set (1,500 studies at 256 px, seed 0; simulated once into the data cache)
-and its kind of patient split (70/10/20, seeded by the run seed).
+and its kind of patient split (70/10/20, seeded by the run seed). `--reduced` takes its first 600
+studies at 48 px, 4 epochs, and leaves DenseNet-121 out; the JSON's `settings` say what ran.
 """
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ ARMS = {
     "cascade": {"cascade": True},
 }
 BASELINE_OF = {arm: ("control" if arm == "cascade" else "base") for arm in ARMS if arm != "base"}
-FULL = dict(n=1500, image_size=64, epochs=8, rnn_epochs=20, seeds=3,
+FULL = dict(n=1500, max_images=None, image_size=64, epochs=8, rnn_epochs=20, seeds=3,
             arms=list(ARMS))
-REDUCED = dict(n=1500, image_size=48, epochs=4, rnn_epochs=10, seeds=3,
+REDUCED = dict(n=1500, max_images=600, image_size=48, epochs=4, rnn_epochs=10, seeds=3,
                arms=["base", "googlenet", "no_batch_norm", "no_data_dropout", "class_weighted", "lstm",
                      "control", "cascade"])
 
@@ -73,13 +74,13 @@ def measure(run_dir: Path, studies) -> dict:
     true disease (the final model of the run)."""
     import torch
 
-    from cxr.checkpoint import load_config
+    from cxr.checkpoint import load_spec
     from cxr.reader import Reader
     from cxr.training.prepare import prepare
 
-    config = load_config(run_dir)
-    prep = prepare(studies, patient_split=config["data"]["patients"], targets=config["targets"],
-                   words=config["vocabulary"])
+    spec = load_spec(run_dir)
+    prep = prepare(studies, patient_split=spec.data.patients, targets=list(spec.targets),
+                   words=list(spec.vocabulary))
     test = prep.indices("test")
     reader = Reader.load(run_dir, device="cpu", gate=False)  # phantom films: the quality gate is not the question here
     scores, embs = [], []
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, default=Path("ablation-runs"), help="runs (resumable)")
-    ap.add_argument("--reduced", action="store_true", help="smaller input, fewer epochs, no DenseNet")
+    ap.add_argument("--reduced", action="store_true",
+                    help="the first 600 studies, 48 px, 4 epochs, no DenseNet (what a busy 2-core machine allows)")
     ap.add_argument("--arms", help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--seeds", type=int)
     ap.add_argument("--epochs", type=int)
@@ -156,6 +158,8 @@ def main(argv=None) -> int:
 
         data = _phantom_default(s["n"], 256, 0)
     studies = open_source(data)
+    if s["max_images"]:
+        studies = studies[:s["max_images"]]  # the test split is then that subset's test patients
     work = args.work.expanduser()
     out = {"settings": s, "data": data, "threads": torch.get_num_threads(), "arms": s["arms"],
            "baseline_of": {a: BASELINE_OF[a] for a in s["arms"] if a in BASELINE_OF},
