@@ -30,6 +30,7 @@ PROMISED = {
     "index": ["run", "source", "--db", "--ray", "--dicom-out", "--retry-failed"],
     "search": ["--db", "--severity", "--min-score", "--and", "--like", "--limit", "--json", "--failed"],
     "serve": ["run", "--db", "--port", "--host"],
+    "listen": ["run", "--ae-title", "--port", "--allow", "--send-to", "--db", "--spool"],
 }
 
 
