@@ -179,7 +179,7 @@ def _detection(out: Outputs, data: EvalData, y: np.ndarray, thresholds: dict) ->
 def _study(out: Outputs, data: EvalData, y: np.ndarray, gate) -> dict | None:
     """The study-level answer against the truth (abnormal = not normal): AUC of `abnormal`, the
     call's sensitivity/specificity/PPV/NPV, and `normal` recall (normal studies reported normal)."""
-    from .operating import abnormal_truth, confusion
+    from .operating import OperatingPoint, abnormal_truth, best_specificity, confusion
 
     if gate is None:
         return None
@@ -193,6 +193,9 @@ def _study(out: Outputs, data: EvalData, y: np.ndarray, gate) -> dict | None:
             "auc": auc, "abnormal": int(truth.sum()), "normal": int((~truth).sum()),
             **confusion(truth, called),
             "normal_recall": float(normal_reported[~truth].mean()) if (~truth).any() else None,
+            "best_specificity_at_target": (
+                best_specificity(truth, prob, OperatingPoint.parse(gate.operating_point).value)
+                if gate.operating_point.startswith("sensitivity") else None),
             "validation": gate.validation}
 
 
@@ -347,6 +350,9 @@ def metric_tables(m: dict) -> list[Table]:
                 ["specificity (normal studies called normal)", st["specificity"]],
                 ["PPV", st["ppv"]], ["NPV", st["npv"]], ["normal recall", st["normal_recall"]],
                 ["studies abnormal / normal", f"{st['abnormal']} / {st['normal']}"]]
+        if st.get("best_specificity_at_target") is not None:
+            rows.append(["best specificity any threshold gives at the target sensitivity, on this split",
+                         st["best_specificity_at_target"]])
         val = st.get("validation") or {}
         tables.append(Table(
             f"Study level: normal or abnormal ({m['split']} split, operating point {st['operating_point']})",

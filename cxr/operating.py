@@ -212,6 +212,17 @@ def decide(abnormal: np.ndarray, calibrated: np.ndarray, targets: list[str], gat
     return out
 
 
+def best_specificity(truth, scores, sensitivity: float) -> float | None:
+    """The highest specificity any threshold on `scores` reaches while keeping at least
+    `sensitivity` on these studies: how far the ranking allows, whatever the rule chose."""
+    y, s = np.asarray(truth) > 0, np.asarray(scores, dtype=np.float64)
+    if not y.any() or y.all():
+        return None
+    pos = np.sort(s[y])
+    t = pos[int(np.floor((1 - sensitivity) * len(pos) + 1e-9))]  # keeps >= sensitivity of positives
+    return float((s[~y] < t).mean())
+
+
 def confusion(truth, called) -> dict:
     """Sensitivity, specificity, PPV, NPV and the four counts of yes/no calls against the truth
     (None where a rate has no denominator)."""

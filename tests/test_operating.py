@@ -133,3 +133,10 @@ def test_confusion():
     assert (c["tp"], c["fn"], c["fp"], c["tn"]) == (2, 1, 1, 1)
     assert c["sensitivity"] == pytest.approx(2 / 3) and c["specificity"] == 0.5 and c["ppv"] == pytest.approx(2 / 3)
     assert O.confusion([0, 0], [0, 0])["sensitivity"] is None
+
+
+def test_best_specificity():
+    truth = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    scores = np.array([.9, .8, .7, .2, .75, .3, .1, .05])
+    assert O.best_specificity(truth, scores, 0.75) == 0.75   # threshold .7: 3 of 4 abnormal kept, one normal above it
+    assert O.best_specificity(truth, scores, 1.0) == 0.5     # threshold .2 lets .75 and .3 through
