@@ -175,16 +175,24 @@ def main(argv=None) -> int:
             out["results"].setdefault(arm, {})[str(seed)] = record
             print(f"seed {seed} {arm:16s} AUC {M.fmt(record['mean_auc'])} BLEU-4 {M.fmt(record['bleu4'])} "
                   f"({record['seconds']:.0f} s)", flush=True)
+            _finish(out, s, args.json, t_all, done=False)  # what has run so far survives a stop
+    _finish(out, s, args.json, t_all, done=True)
+    print(table(out))
+    return 0
+
+
+def _finish(out: dict, s: dict, path: Path | None, t_all: float, done: bool) -> None:
     for arm in s["arms"]:
         base = BASELINE_OF.get(arm)
-        if base and base in out["results"]:
+        if base and base in out["results"] and arm in out["results"]:
             out["differences"][arm] = {k: paired(out["results"], arm, base, k) for k in ("mean_auc", "bleu4")}
     out["seconds"] = round(time.time() - t_all, 1)
-    print(table(out))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
-    return 0
+    out["complete"] = done
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(path)
 
 
 if __name__ == "__main__":
