@@ -16,10 +16,17 @@ back: max over a disease's sub-labels, their sum for a softmax run); the study-l
 (`abnormal`, the calibrated probability that the study has any finding, and `call`, normal or
 abnormal at the run's stored operating point); the findings: in a study called abnormal, the
 diseases at or above their stored thresholds, each with a generated annotation (the RNN,
-conditioned on that disease), its context fields parsed back from the tokens, CAM boxes and a
+conditioned on that disease), its context fields parsed back from the tokens, boxes and a
 heatmap at the input size; in a study called normal, `normal` alone; and the image embedding.
 (A run without a study-level answer reports the diseases above their thresholds, and `normal`
 only when no disease is.)
+
+A run with the grounded annotator (`cxr.models.grounded`, the default) writes each finding's
+words from the CNN's feature map: `heatmaps["Opacity"]` is its finding map (where it says the
+finding is; the boxes come from it) and `heatmaps["Opacity:left"]` the map it attended to while
+writing "left". Older runs (Shin's annotator on the pooled embedding) give CAM heatmaps and boxes.
+Either way a finding's boxes lie on the side its words name (PA display: the patient's left is
+the image's right), so words and boxes never contradict each other.
 
     reader.localise(image, ["Cardiomegaly"])        # boxes of named targets, detected or not
     feats = reader.forward(images); scores, _ = reader.scores(feats.logits)   # the raw steps
@@ -41,7 +48,7 @@ from .errors import CxrError
 from .models.annotator import Annotator, decode
 from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
-from .models.localize import boxes_from_heatmap, class_activation_maps, to_heatmap
+from .models.localize import boxes_from_heatmap, class_activation_maps, side_consistent, to_heatmap
 from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
@@ -79,8 +86,19 @@ class Reader:
         self.image_size = spec.preprocessing.image_size
         self.thresholds = np.array([spec.thresholds[t] for t in self.targets], dtype=np.float32)
         self.platt = [tuple(spec.calibration.params[t]) for t in self.targets]
-        self.cnn = create_cnn(arch.backbone, arch.num_classes, arch.in_chans, batch_norm=arch.batch_norm)
+        self.cnn = create_cnn(arch.backbone, arch.num_classes, arch.in_chans, pooling=arch.pooling,
+                              lse_r=arch.lse_r, transition=arch.transition, batch_norm=arch.batch_norm)
         self.cnn.load_state_dict(unprefixed("cnn", tensors))
+        # the grounded annotator (attends over the feature map; cxr.models.grounded), if the run has one
+        self.ground = None
+        if arch.annotator == "grounded":
+            from .models.grounded import GroundedAnnotator, field_word_ids
+
+            self.ground = GroundedAnnotator(arch.vocab_size, arch.num_labels, arch.image_dim,
+                                            field_word_ids(self.words), arch.rnn_hidden, arch.rnn_embed,
+                                            arch.rnn, arch.attn_dim)
+            self.ground.load_state_dict(unprefixed("ground", tensors))
+            self.ground.to(self.device).eval()
         self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
                              arch.rnn_embed, arch.rnn)
         self.rnn.load_state_dict(unprefixed("rnn", tensors))
@@ -174,33 +192,63 @@ class Reader:
         classes = torch.tensor([[int(best[t]) for t in targets]], device=maps.device)
         return class_activation_maps(maps, self.cnn.head.weight, classes)[0]
 
-    def _boxes(self, cam: torch.Tensor, target: str, h: int, w: int) -> list[Box]:
-        """Boxes of one CAM, found at the model's input size, in (h, w) image pixels."""
+    def _boxes(self, cam: torch.Tensor, target: str, h: int, w: int, side: str | None = None) -> list[Box]:
+        """Boxes of one CAM (or attention map), found at the model's input size, in (h, w) image
+        pixels; with a `side` word, only on that side of the patient."""
         size = self.image_size
-        small = to_heatmap(cam, (size, size))
+        small = side_consistent(to_heatmap(cam, (size, size)), side)
         return [b.scaled(w / size, h / size) for b in boxes_from_heatmap(small, target, self.spec.localization)]
 
+    SOURCES = ("cam", "attention", "word")
+
     @torch.no_grad()
-    def localise(self, image, targets: Sequence[str]) -> dict[str, list[Box]]:
-        """Boxes from the CAM of each named target on one image (path or array), whether the
-        target is detected or not: the ChestX-ray8 protocol localises the disease an image is
-        known to have. Boxes of detected findings come with `reader(image)` already."""
+    def localise(self, image, targets: Sequence[str], source: str = "cam") -> dict[str, list[Box]]:
+        """Boxes of each named target on one image (path or array), whether the target is
+        detected or not: the ChestX-ray8 protocol localises the disease an image is known to
+        have. Boxes of detected findings come with `reader(image)` already. `source`: "cam"
+        (class activation map), "attention" (the grounded annotator's finding map, the image
+        branch taught by the report cross-attention) or "word" (its map while writing the
+        finding's word); the last two need a grounded run."""
         if not targets:
             return {}
         unknown = [t for t in targets if t not in self.targets]
         if unknown:
             raise CxrError(f"not a target of this run: {', '.join(unknown)}")
+        if source not in self.SOURCES:
+            raise CxrError(f"unknown localisation source {source!r}; choose {', '.join(self.SOURCES)}")
+        if source != "cam" and self.ground is None:
+            raise CxrError(f"this run has no grounded annotator: no {source!r} maps (use source='cam')")
         image = _pixels(self._load(image))
         maps, logits, _ = self.forward([image])
-        _, best = self.scores(logits)
-        cams = self._cams(maps, best[0], [self.targets.index(t) for t in targets])
         h, w = image.shape[:2]
-        return {t: self._boxes(cams[k], t, h, w) for k, t in enumerate(targets)}
+        cols = [self.targets.index(t) for t in targets]
+        if source == "cam":
+            _, best = self.scores(logits)
+            grids = self._cams(maps, best[0], cols)
+        else:
+            g = self._ground([0] * len(cols), cols, maps)
+            grids = g["finding"] if source == "attention" else torch.stack(
+                [m[0] if len(m) else f for m, f in zip(g["words"], g["finding"])])
+        return {t: self._boxes(grids[k], t, h, w) for k, t in enumerate(targets)}
 
-    def annotate(self, embeddings: torch.Tensor, labels: torch.Tensor, beams: int = 1) -> list[list[str]]:
-        """Token sequences for (embedding, target index) pairs: greedy (beams=1) or beam search."""
+    def _ground(self, rows: list[int], labels: list[int], maps: torch.Tensor) -> dict:
+        """The grounded annotator on (image row, target) pairs: token lists, word maps and
+        finding maps as (h, w) grids."""
+        h, w = maps.shape[2:]
+        lab = torch.tensor(labels, dtype=torch.long, device=maps.device)
+        n = self.spec.architecture.max_tokens + 1
+        seqs, wmaps, finding, _ = self.ground.generate(maps[rows], lab, n)
+        return {"tokens": [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in seqs],
+                "words": [m.reshape(-1, h, w) for m in wmaps], "finding": finding.reshape(-1, h, w)}
+
+    def annotate(self, embeddings: torch.Tensor, labels: torch.Tensor, beams: int = 1,
+                 maps: torch.Tensor | None = None) -> list[list[str]]:
+        """Token sequences for (embedding, target index) pairs: greedy (beams=1) or beam search.
+        A grounded run writes from the pairs' feature `maps` (B, C, h, w) instead (greedy)."""
         if len(labels) == 0:
             return []
+        if self.ground is not None and maps is not None:
+            return self._ground(list(range(len(labels))), [int(t) for t in labels], maps.to(self.device))["tokens"]
         emb, lab = embeddings.to(self.device), labels.to(self.device)
         n = self.spec.architecture.max_tokens + 1
         ids = self.rnn.greedy(emb, lab, n) if beams <= 1 else self.rnn.beam(emb, lab, beams, n)
@@ -254,8 +302,14 @@ class Reader:
                     hits = [normal]
                 detected.append(hits)
         pairs = [(b, t) for b, hits in enumerate(detected) for t in hits]
-        tokens = self.annotate(emb[[b for b, _ in pairs]] if pairs else emb[:0],
-                               torch.tensor([t for _, t in pairs], dtype=torch.long), beams)
+        grounded = {}
+        if self.ground is not None and pairs:
+            g = self._ground([b for b, _ in pairs], [t for _, t in pairs], maps)
+            tokens = g["tokens"]
+            grounded = {p: (g["finding"][k], g["words"][k]) for k, p in enumerate(pairs)}
+        else:
+            tokens = self.annotate(emb[[b for b, _ in pairs]] if pairs else emb[:0],
+                                   torch.tensor([t for _, t in pairs], dtype=torch.long), beams)
         words = dict(zip(pairs, tokens))
         results = []
         for b, image in enumerate(images):
@@ -269,9 +323,17 @@ class Reader:
                 target, toks = self.targets[t], words.get((b, t), [])
                 parsed = parse_term("/".join(toks)) if toks else None
                 boxes: list[Box] = []
-                if cams is not None and t != normal:
+                if (b, t) in grounded and t != normal:
+                    # where it looked: boxes from the finding map, on the side its words name
+                    finding_map, word_maps = grounded[(b, t)]
+                    boxes = self._boxes(finding_map, target, h, w, parsed.side if parsed else None)
+                    if heatmaps:
+                        maps_out[target] = to_heatmap(finding_map, (h, w))
+                        for word, m in zip(toks, word_maps):
+                            maps_out[f"{target}:{word}"] = to_heatmap(m, (h, w))
+                elif cams is not None and t != normal:
                     cam = cams[disease_hits.index(t)]
-                    boxes = self._boxes(cam, target, h, w)
+                    boxes = self._boxes(cam, target, h, w, parsed.side if parsed else None)
                     if heatmaps:
                         maps_out[target] = to_heatmap(cam, (h, w))
                 findings.append(DetectedFinding(

@@ -45,6 +45,14 @@ HELP = {
     "batch_norm": "batch norm in the CNN (off: a per-channel scale and shift instead)",
     "operating_point": "what the study-level normal/abnormal threshold is chosen for on the validation "
                        "patients: sensitivity=S, specificity=S or f1",
+    "pooling": "CNN head pooling: avg (CAM) | lse (ChestX-ray8 log-sum-exp)",
+    "lse_r": "sharpness of LSE pooling (small: average, large: max)",
+    "transition": "ChestX-ray8 transition layer width before pooling (0: none)",
+    "annotator": "grounded (attends over the feature map; words from where it looks) | global (Shin's)",
+    "ground_epochs": "epochs of the joint CNN + grounded annotator phase",
+    "ground_lr": "learning rate of that phase",
+    "attn_dim": "width of the grounded annotator's regions and attention",
+    "report_text": "teach the grounded annotator with report cross-attention (training only)",
 }
 SKIP = {"progress"}
 

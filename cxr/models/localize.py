@@ -53,3 +53,23 @@ def boxes_from_heatmap(heatmap: np.ndarray, label: str, params: LocalizeParams |
         if len(boxes) >= params.max_boxes:
             break
     return boxes
+
+
+def side_consistent(heatmap: np.ndarray, side: str | None) -> np.ndarray:
+    """The heatmap with the half of the image that contradicts the side word set to 0, so that a
+    "left" finding never gets a right-sided box. On a PA/AP film the patient faces the viewer:
+    the patient's LEFT is the IMAGE's RIGHT. "bilateral" or no side: unchanged."""
+    if side not in ("left", "right"):
+        return heatmap
+    out = heatmap.copy()
+    mid = heatmap.shape[1] // 2
+    if side == "left":
+        out[:, :mid] = 0
+    else:
+        out[:, heatmap.shape[1] - mid:] = 0
+    return out
+
+
+def side_of_box(box: Box, width: float) -> str:
+    """The patient's side a box's centre lies on (PA display: image right = patient left)."""
+    return "left" if box.x + box.w / 2 >= width / 2 else "right"
