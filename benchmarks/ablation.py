@@ -5,7 +5,7 @@ base, per seed) with their spread say what helps.
     python benchmarks/ablation.py --json benchmarks/results/ablation.json          # the full run
     python benchmarks/ablation.py --reduced --json benchmarks/results/ablation.json  # what fits a busy machine
 
-Arms (base: NIN with batch norm, data dropout, no class weighting, GRU annotator, no cascade):
+Arms (base: NIN with batch norm, data dropout, no class weighting, Shin's global GRU annotator, no cascade):
   googlenet, densenet121      the CNN (at the small input the base uses)
   no_batch_norm               every batch norm replaced by a per-channel scale and shift
   no_data_dropout             every training image once per epoch, no normal dropped, none repeated
@@ -60,7 +60,7 @@ def base_config(s: dict, data: str, seed: int, cache: Path, **arm):
     from cxr.training import TrainConfig
 
     size = s["image_size"]
-    settings = dict(data=data, backbone="nin", rnn="gru", image_size=size, crop=size - size // 8,
+    settings = dict(data=data, backbone="nin", rnn="gru", annotator="global", image_size=size, crop=size - size // 8,
                     epochs=s["epochs"], rnn_epochs=s["rnn_epochs"], batch_size=32, lr=3e-3, rnn_lr=5e-3,
                     rnn_hidden=128, rnn_embed=64, min_label_count=20, min_cluster_members=120,
                     images_per_cluster=60, cascade=False, seed=seed, num_workers=0, progress=False,
