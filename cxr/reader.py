@@ -353,11 +353,17 @@ class Reader:
 
     @torch.no_grad()
     def embed(self, images, batch_size: int = 32) -> np.ndarray:
-        """Image embeddings (N, D) only (what the archive's vector index stores)."""
+        """Image embeddings (N, D) only (what the archive's vector index stores), of each image
+        as the Reader reads it: turned upright when the gate would turn it (no image is refused
+        here: an embedding is a search key, not a reading)."""
         items = [images] if _single(images) else list(images)
         out = []
         for s in range(0, len(items), batch_size):
-            _, _, emb = self.forward([_pixels(self._load(it)) for it in items[s:s + batch_size]])
+            loaded = [self._load(it) for it in items[s:s + batch_size]]
+            pixels = [_pixels(im) for im in loaded]
+            if self.gate is not None:
+                pixels = [self.gate.correct(p, r) for p, r in zip(pixels, self.gate.check(loaded))]
+            _, _, emb = self.forward(pixels)
             out.append(emb.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 

@@ -9,8 +9,9 @@
 
 Every stage resumes: simulation and training continue where they stopped, and finished stages
 are not redone, so an interrupted demo is finished by running the same command again. The
-defaults are sized for about 10 minutes on 2 CPU cores (a small CNN at 128 pixels); `--quick`
-is a smoke test of a minute or two, not a result.
+defaults are sized for minutes, not hours, on 2 CPU cores (a small CNN at 128 pixels; measured
+times in benchmarks/results/demo.json, written by benchmarks/demo.py); `--quick` is a smoke test,
+not a result.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from ..atomic import write_atomic
 from ..errors import CxrError
 
-# The default demo: chosen so that the whole run takes ~10 min on 2 CPU cores and the detector is
+# The default demo: chosen so that the whole run takes minutes on 2 CPU cores and the detector is
 # clearly better than chance on the phantom's test patients (see the report for the figures).
 DEFAULTS = dict(n=1500, size=256, image_size=128, crop=112, backbone="tiny", epochs=10,
                 cascade_epochs=5, rnn_epochs=40, batch_size=32, min_label_count=20,
