@@ -154,14 +154,18 @@ def test_trained_without_boxes_it_localises_a_phantom_nodule(phantom, one_torch_
 def test_reader_words_maps_and_boxes_agree(tiny_run):
     """A trained grounded run: each detected finding has its finding map and one map per word,
     its boxes lie on the side its words name, and the maps can be asked for by source."""
-    from cxr.checkpoint import load_spec
     from cxr.evaluation import EvalData
     from cxr.reader import Reader
     from cxr.sources import open_source
 
-    spec = load_spec(tiny_run)
+    import dataclasses
+
+    from cxr.checkpoint import load_run
+
+    spec, tensors = load_run(tiny_run)
     assert spec.architecture.annotator == "grounded"
-    reader = Reader.load(tiny_run, device="cpu")
+    # every finding reported, so that every one is checked
+    reader = Reader(dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets}), tensors, "cpu")
     ed = EvalData(spec, open_source(spec.data.spec))
     results = reader([ed.prep.paths[i] for i in range(len(ed.prep.paths))], heatmaps=True)
     seen_words = 0
