@@ -2,6 +2,7 @@
 (CLI `annotate`, archive index, REST service)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,12 +42,13 @@ class Result:
 
     `scores` covers every target (keyed by the checkpoint's names); `findings` only those above
     their stored operating threshold. `heatmaps` are (H, W) float32 in [0, 1] at the input
-    image's size, one per detected finding; `embedding` is the CNN image embedding.
+    image's size, one per detected finding (a mapping: the Reader's `Heatmaps` makes each when it
+    is first read); `embedding` is the CNN image embedding.
     """
 
     scores: dict[str, float]
     findings: list[DetectedFinding] = field(default_factory=list)
-    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    heatmaps: Mapping[str, np.ndarray] = field(default_factory=dict)
     embedding: np.ndarray | None = None
     model_id: str = ""
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the input image
