@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr.data import locate  # noqa: E402
 from cxr.errors import CxrError  # noqa: E402
+from cxr.fetch import locate  # noqa: E402
 from cxr.reports.labels import LabelSpace, count_patterns, study_pattern  # noqa: E402
 from cxr.sources.openi import read_openi  # noqa: E402
 

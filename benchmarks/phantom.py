@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     for r in rows:
         cpu = "" if r["cpu_ms_per_image"] is None else f"{r['cpu_ms_per_image']:.1f}"
         print(f"{r['size']:>5} {r['processes']:>5} {r['images_per_s']:>9.1f} {r['ms_per_image']:>8.1f} {cpu:>10} "
-              f"{r['baseline_images_per_s']:>11.2f} {r['speedup_vs_baseline']:>8.0f}x "
+              f"{r['baseline_images_per_s']:>11.2f} {r['speedup_vs_baseline']:>8.1f}x "
               f"{r['baseline_with_pose_images_per_s']:>10.3f} {r['speedup_vs_baseline_with_pose']:>8.0f}x")
     print(f"precompute/cache load {prep_s:.1f} s (baseline's HU->mu {baseline_prep_s:.1f} s); memory {out['memory']}; "
           f"load average {out['machine']['loadavg_at_end']}")

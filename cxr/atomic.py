@@ -19,10 +19,11 @@ UMASK = _umask()
 
 
 @contextmanager
-def replacing(path: str | Path) -> Iterator[Path]:
+def replacing(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix, so writers that go by the extension
     work); when the block ends without error it gets a normal new file's permissions (mkstemp
-    makes 0600) and is renamed over `path`; otherwise it is removed."""
+    makes 0600) and is renamed over `path`; otherwise it is removed. `durable`: the file and the
+    rename are on disk (fsync) before this returns, for a receipt acknowledged to a sender."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
@@ -30,9 +31,21 @@ def replacing(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:

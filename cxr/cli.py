@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("cxr.archive.cli_index", "index an image archive into a searchable database"),
     "search": ("cxr.archive.cli_search", "search an indexed archive by finding or by image"),
     "serve": ("cxr.service.cli", "serve the REST API and web viewer"),
+    "listen": ("cxr.net.cli_listen", "a DICOM node: receive films by C-STORE, read, send SR back"),
 }
 
 

@@ -153,7 +153,8 @@ def _ensure(*groups: str) -> Path:
             try:
                 fetch_file(known)
             except CxrError as exc:
-                _failed[known.key] = exc.problem.split(". Offline")[0]
+                # "could not fetch KEY; SOURCE: PROBLEM. Offline or ...": keep the last PROBLEM
+                _failed[known.key] = exc.problem.split(". Offline")[0].split("; ")[-1].split(": ", 1)[-1]
     failed = [f.key for f in expand(list(groups)) if f.key in _failed]
     if failed:
         skip_or_fail(f"{', '.join(failed)} not fetched: {_failed[failed[0]]}")
@@ -196,7 +197,7 @@ def radiographs(tmp_path_factory) -> list[Path]:
     _ensure("openi", "phantom")
     from cxr.phantom.simulate import simulate
 
-    out = simulate(tmp_path_factory.mktemp("radiographs"), n=64, size=128, seed=3, workers=1,
+    out = simulate(tmp_path_factory.mktemp("radiographs"), n=64, size=256, seed=3, workers=1,
                    progress=False)
     return sorted((Path(out) / "images").glob("*.png"))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from cxr.archive.db import Archive, Entry
+from cxr.archive.db import HEAD_REVISION, MIGRATIONS, Archive, Entry
 from cxr.archive.vectors import VectorIndex, brute_force, normalise
 from cxr.errors import CxrError
 from cxr.records import Box
@@ -65,18 +65,41 @@ def names(archive, hits):
     return [by_id[h.id] for h in hits]
 
 
+def test_an_archive_of_the_first_schema_is_upgraded_keeping_its_rows(tmp_path):
+    """0001 -> 0002 adds images.quality (the gate's report); rows indexed before keep theirs NULL."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("insert into images (sha256, model_id, path, status, indexed_at) values "
+                          "('" + "a" * 64 + "', 'm', '/old.png', 'failed', '2026-01-01')"))
+    engine.dispose()
+    archive = Archive(url)
+    with archive.engine.connect() as conn:
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
+    (old,) = archive.search(status="failed")
+    assert old.path == "/old.png" and old.quality is None
+    assert archive.add_results([Entry("/new.png", "b" * 64, MODEL, result=result([], np.ones(4)))])
+    archive.close()
+
+
 def test_schema_comes_from_the_migration_and_survives_reopening(tmp_path):
     url = f"sqlite:///{tmp_path / 'a.db'}"
     first = Archive(url)
     with first.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == HEAD_REVISION
     first.close()
     again = Archive(url)
     assert again.uuid == first.uuid and again.count() == 0
     from alembic.script import ScriptDirectory
     from alembic.config import Config
-
-    from cxr.archive.db import HEAD_REVISION, MIGRATIONS
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))

@@ -32,6 +32,7 @@ PROMISED = {
     "search": ["--db", "--severity", "--min-score", "--and", "--like", "--limit", "--json", "--failed"],
     "serve": ["run", "--db", "--port", "--host", "--engine", "--tokens", "--tls-cert", "--tls-key",
               "--audit-log"],
+    "listen": ["run", "--ae-title", "--port", "--allow", "--send-to", "--db", "--spool"],
 }
 
 

@@ -110,9 +110,11 @@ def test_decision_refuses_other_and_lateral():
 
 
 def test_decision_turns_back_rotation_and_polarity_reports_mirroring():
-    r = decide(_probs(rotation=(0.1, 0.05, 0.8, 0.05), inverted=0.9, mirrored=0.7))
+    r = decide(_probs(rotation=(0.1, 0.05, 0.8, 0.05), inverted=0.9, mirrored=0.95))
     assert r.accepted and r.rotation == 180 and r.inverted and r.mirrored and r.corrected
-    assert len(r.notes) == 3 and "180" in r.notes[0]
+    assert len(r.notes) == 3 and "180" in r.notes[0] and "mirrored" in r.notes[2]
+    assert not decide(_probs(mirrored=0.7)).mirrored  # a note only when confident
+    assert not decide(_probs(kind=(0.05, 0.9, 0.05), mirrored=0.95)).mirrored  # laterals face either way
     unsure = decide(_probs(rotation=(0.4, 0.35, 0.2, 0.05), inverted=0.45))
     assert unsure.rotation == 0 and not unsure.inverted  # below p .5: left as stored
 

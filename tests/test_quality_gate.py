@@ -4,6 +4,7 @@ page are tested in test_service.py and test_web.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,6 +244,14 @@ def test_index_records_refused_files_with_the_reason(tiny_run, files, tmp_path, 
     out = capsys.readouterr().out
     assert "failed: not read: looks like noise" in out
     assert "failed: not read: a colour picture" in out
+    from cxr.archive.db import Archive
+
+    with Archive(db) as archive:
+        stored = {Path(r.path).name: r for r in [*archive.search(limit=10),
+                                                  *archive.search(status="failed", limit=10)]}
+    assert stored["rotated90.png"].quality["rotation"] == 90  # its boxes refer to the upright film
+    assert stored["upright.png"].quality["accepted"] and stored["upright.png"].quality["rotation"] == 0
+    assert stored["noise.png"].quality["checks"]["noise"]["passed"] is False
     # a second run does not read them again
     assert main(["index", str(tiny_run), str(folder), "--db", db, "--quiet", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == 4

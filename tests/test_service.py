@@ -14,9 +14,7 @@ import pytest
 from conftest import chest_film
 from service_helpers import run_asserting_every_finding
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+import httpx  # the `service` extra, part of `.[test]`: missing is a broken install, not a skip
 
 
 def chest_dicom(path: Path, shape=(96, 120), **kwargs) -> Path:
@@ -121,9 +119,12 @@ def test_heatmap_image_and_embedding_on_request(client, service, radiographs):
 def test_heatmaps_of_a_large_image_are_shrunk_to_512(client, radiographs):
     from PIL import Image
 
+    from cxr.images import load_image
+
     png = radiographs[22]
     buf = io.BytesIO()
-    Image.open(png).convert("L").resize((768, 640)).save(buf, format="PNG")
+    film = (load_image(png) * 255).round().astype(np.uint8)  # 8-bit, whatever the file's depth
+    Image.fromarray(film).resize((768, 640)).save(buf, format="PNG")
     r = client.post("/annotate", params={"heatmap": "true"}, files={"file": ("big.png", buf.getvalue())})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -191,6 +192,26 @@ def test_a_refused_upload_gets_422_with_the_reason_and_force_reads_it(client):
     quality = r.json()["quality"]
     assert quality["forced"] and not quality["accepted"] and quality["reasons"][0].startswith("looks like noise")
     assert r.json()["scores"]
+
+
+def test_a_film_stored_on_its_side_is_read_stored_and_served_upright(client, radiographs):
+    from PIL import Image
+
+    from cxr.images import load_image
+
+    film = (load_image(radiographs[33]) * 255).round().astype(np.uint8)  # 8 or 16-bit PNG
+    buf = io.BytesIO()
+    Image.fromarray(np.rot90(film).copy()).save(buf, "PNG")
+    r = client.post("/annotate", params={"store": "true", "image": "true"},
+                    files={"file": ("turned.png", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["quality"]["rotation"] == 90 and "turned back" in body["quality"]["notes"][0]
+    assert body["image_size"] == list(film.shape) and png_size(body["image"]) == film.shape
+    record = client.get(f"/studies/{body['id']}").json()
+    assert record["quality"]["rotation"] == 90
+    served = np.asarray(Image.open(io.BytesIO(client.get(f"/studies/{body['id']}/image").content)))
+    assert served.shape == film.shape and np.abs(served.astype(int) - film).max() <= 1
 
 
 def test_oversized_upload_is_refused_with_413(client):

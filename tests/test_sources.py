@@ -114,6 +114,27 @@ def test_openi_view_rules_agree_with_the_header_where_it_is_known(shared_data, o
     assert agree >= 1500 and disagree / (agree + disagree) < 0.01, (agree, disagree)
 
 
+def test_the_gate_decides_open_i_views_the_header_leaves_open(openi_folder, nih_sample):
+    """CXR10's two images: an empty View Position, and no metadata row at all. With their files
+    present (a real frontal film, a phantom lateral) the quality gate's model decides."""
+    from cxr.images import load_image
+    from cxr.phantom.render import Phantom
+
+    film = load_image(sorted((nih_sample / "images").glob("*.png"))[0])
+    lateral = Phantom.load().render([], seed=5, size=128, view="lateral").image
+    for name, pixels in (("sub/10_IM-0002-1001.png", film), ("CXR10_IM-0002-2001.png", lateral)):
+        PILImage.fromarray((pixels * 255).round().astype(np.uint8)).save(openi_folder / "images" / name)
+    before = {im.id: im for s in read_openi(openi_folder, gate=False) for im in s.images}
+    assert before["CXR10_IM-0002-1001"].meta["view_class"] is None
+    assert before["CXR10_IM-0002-2001"].meta["view_evidence"] == "no header in the metadata"
+    images = {im.id: im for s in read_openi(openi_folder) for im in s.images}
+    frontal, side = images["CXR10_IM-0002-1001"], images["CXR10_IM-0002-2001"]
+    assert frontal.view is None and frontal.meta["view_class"] == "frontal" and frontal.frontal
+    assert side.meta["view_class"] == "lateral" and not side.frontal
+    assert side.meta["view_evidence"].startswith("quality gate (p ")
+    assert images["CXR1_1_IM-0001-4001"].meta["view_evidence"] == "View Position LL"
+
+
 def test_openi_folder_layout_images_and_views(openi_folder, shared_data):
     studies = read_openi(openi_folder)
     assert [s.id for s in studies] == ["CXR1", "CXR10", "CXR1776"]
@@ -170,8 +191,9 @@ def test_openi_bad_inputs(shared_data, tmp_path):
 
 # --- NIH ---
 
-def test_nih_boxes_scaled_to_real_256_images(shared_data):
-    d = shared_data / "nih" / "bbox256"
+def test_nih_boxes_scaled_to_real_256_images(nih_sample):
+    d = nih_sample
+    assert len(open_source(f"nih:{d}")) == 656
     studies = read_nih(d / "Data_Entry_2017_v2020.csv", d / "BBox_List_2017.csv", d / "images")
     assert len(studies) == 656 and all(s.images[0].path.is_file() for s in studies)
     official = read_nih(d / "Data_Entry_2017_v2020.csv", d / "BBox_List_2017.csv")  # no images
@@ -193,8 +215,8 @@ def test_nih_boxes_scaled_to_real_256_images(shared_data):
     assert "Infiltration" in labels and "Infiltrate" not in labels
 
 
-def test_nih_any_size_gz_and_normal(shared_data, tmp_path):
-    d = shared_data / "nih" / "bbox256"
+def test_nih_any_size_gz_and_normal(nih_sample, tmp_path):
+    d = nih_sample
     with open(d / "Data_Entry_2017_v2020.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     keep = rows[0:1] + rows[1:4]
@@ -318,7 +340,6 @@ def test_open_source_specs(shared_data, tmp_path):
     assert len(open_source("openi")) == 3955  # from the cache ($CXR_DATA_DIR)
     assert len(open_source(f"openi:{shared_data / 'openi'}")) == 3955
     assert len(open_source(str(shared_data / "openi" / "NLMCXR_reports.tgz"))) == 3955
-    assert len(open_source(f"nih:{shared_data / 'nih' / 'bbox256'}")) == 656
     for spec, message in [("", "empty data spec"), ("mimic:/x", "unknown data source"),
                           ("folder:", "needs a path"), (f"openi:{tmp_path / 'x'}", "not found"),
                           (f"openi:{tmp_path}", "no Open-i reports")]:
@@ -328,19 +349,26 @@ def test_open_source_specs(shared_data, tmp_path):
 
 # --- splits ---
 
-def test_split_by_patient(openi, shared_data):
-    nih = read_nih(shared_data / "nih" / "bbox256" / "Data_Entry_2017_v2020.csv")
+def _check_split(studies) -> None:
+    splits = split_by_patient(studies, seed=3)
+    patients = [{s.patient_id for s in splits[k]} for k in ("train", "val", "test")]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    assert sum(len(v) for v in splits.values()) == len(studies)
+    n = len(set().union(*patients))
+    assert [len(p) for p in patients] == pytest.approx([0.7 * n, 0.1 * n, 0.2 * n], abs=1)
+    again = split_by_patient(list(reversed(studies)), seed=3)
+    assert {k: {s.id for s in v} for k, v in again.items()} == \
+           {k: {s.id for s in v} for k, v in splits.items()}
+
+
+def test_split_keeps_a_patients_images_together(nih_sample):
+    nih = read_nih(nih_sample / "Data_Entry_2017_v2020.csv")
     assert len({s.patient_id for s in nih}) < len(nih)  # patients with several images
-    for studies in (openi, nih):
-        splits = split_by_patient(studies, seed=3)
-        patients = [{s.patient_id for s in splits[k]} for k in ("train", "val", "test")]
-        assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
-        assert sum(len(v) for v in splits.values()) == len(studies)
-        n = len(set().union(*patients))
-        assert [len(p) for p in patients] == pytest.approx([0.7 * n, 0.1 * n, 0.2 * n], abs=1)
-        again = split_by_patient(list(reversed(studies)), seed=3)
-        assert {k: {s.id for s in v} for k, v in again.items()} == \
-               {k: {s.id for s in v} for k, v in splits.items()}
+    _check_split(nih)
+
+
+def test_split_by_patient(openi):
+    _check_split(openi)
     other = split_by_patient(openi, seed=4)
     assert {s.id for s in other["test"]} != {s.id for s in split_by_patient(openi, seed=3)["test"]}
     tiny = split_by_patient(openi[:3])

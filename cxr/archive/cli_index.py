@@ -1,5 +1,7 @@
 """`cxr index RUN SOURCE --db URL`: read every image of a folder or source with a trained run and
-store the results in a searchable archive. Run it again to resume: stored images are skipped."""
+store the results in a searchable archive. Run it again to resume: stored images are skipped.
+`SOURCE` may be a PACS: `dicomweb:URL` fetches its chest films (QIDO-RS/WADO-RS) and STOWs the SR
+and overlay of each back (`cxr.net.dicomweb`)."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +15,9 @@ from .db import DEFAULT_URL
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="trained run folder (checkpoint) whose Reader indexes")
-    parser.add_argument("source", help="folder of PNG/JPEG/DICOM (nested), one image file, or a "
-                        "source spec such as nih:/data/nih")
+    parser.add_argument("source", help="folder of PNG/JPEG/DICOM (nested), one image file, a "
+                        "source spec such as nih:/data/nih, or a PACS: dicomweb:http://HOST/PATH "
+                        "(results go back by STOW-RS)")
     parser.add_argument("--db", default=DEFAULT_URL,
                         help=f"database URL (default {DEFAULT_URL}; postgresql://user@host/db)")
     parser.add_argument("--batch-size", type=int, default=32,
@@ -39,6 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vector-dir", default=None,
                         help="where the similar-image index lives (default: beside a SQLite "
                         "file, else in the cxr cache)")
+    parser.add_argument("--spool", metavar="DIR", default=None,
+                        help="dicomweb: where fetched films and results waiting to be stored "
+                        "live (default: in the cxr cache, per server)")
     parser.add_argument("--json", metavar="OUT", default=None,
                         help="write the run's counts as JSON ('-' for stdout)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -57,8 +63,22 @@ def run(args: argparse.Namespace) -> int:
     source_path = Path(args.source).expanduser()
     if ":" not in args.source and not source_path.exists():
         raise CxrError("no such file or folder", args.source)
+    stowed = None
+    dicomweb = args.source.startswith("dicomweb:")
+    if dicomweb and (args.ray or args.dicom_out):
+        raise CxrError("a dicomweb: source is read here and its results go back to the server: "
+                       "leave out --ray and --dicom-out")
     with Archive(args.db, vector_dir=args.vector_dir) as archive:
-        if args.ray:
+        if dicomweb:
+            from ..net.dicomweb import index_dicomweb
+            from ..reader import Reader
+
+            reader = Reader.load(args.run)
+            archive.remember_run(reader.model_id, args.run)
+            stats, stowed = index_dicomweb(archive, reader, args.source, spool=args.spool,
+                                           batch_size=args.batch_size, progress=not args.quiet,
+                                           retry_failed=args.retry_failed, force=args.force)
+        elif args.ray:
             from .ray_index import index_with_ray
 
             stats = index_with_ray(archive, args.run, iter_inputs(args.source),
@@ -80,11 +100,14 @@ def run(args: argparse.Namespace) -> int:
             f"the quality gate), skipped {stats.skipped} already "
             f"indexed, {stats.duplicates} duplicate content; {total} images in the archive "
             f"({stats.images_per_second:.1f} images/s)")
+    if stowed is not None:
+        line += f"; {stowed} result objects (SR, overlay) stored back by STOW-RS"
     print(line, file=sys.stderr)
     for path, reason in stats.failures[:5]:
         print(f"  failed: {path}: {reason}", file=sys.stderr)
     if args.json:
-        text = json.dumps(stats.to_dict() | {"archive_images": total}, indent=2)
+        extra = {"archive_images": total} | ({"stowed": stowed} if stowed is not None else {})
+        text = json.dumps(stats.to_dict() | extra, indent=2)
         if args.json == "-":
             print(text)
         else:

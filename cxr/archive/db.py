@@ -34,7 +34,7 @@ from .vectors import VectorIndex
 
 DEFAULT_URL = "sqlite:///cxr-archive.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0001"  # newest file in migrations/versions (a test checks they agree)
+HEAD_REVISION = "0002"  # newest file in migrations/versions (a test checks they agree)
 VOCABULARY_TTL_S = 30.0
 
 
@@ -71,6 +71,7 @@ class ImageRecord:
     scores: dict[str, float] = field(default_factory=dict)
     findings: list[DetectedFinding] = field(default_factory=list)
     indexed_at: datetime | None = None
+    quality: dict | None = None  # the quality gate's report (QualityReport.to_dict())
     score: float | None = None  # search: score of the finding that matched the first clause
     distance: float | None = None  # similar: cosine distance to the query (0 = same direction)
 
@@ -82,7 +83,7 @@ class ImageRecord:
             "image_size": list(self.image_size) if self.image_size else None,
             "scores": self.scores, "findings": [f.to_dict() for f in self.findings],
             "indexed_at": self.indexed_at.isoformat() if self.indexed_at else None,
-            "score": self.score, "distance": self.distance,
+            "quality": self.quality, "score": self.score, "distance": self.distance,
         }
 
 
@@ -272,6 +273,7 @@ class Archive:
             scores={k: float(v) for k, v in r.scores.items()} if r else None,
             embedding=(np.asarray(r.embedding, dtype=np.float32).reshape(-1).tobytes()
                        if r is not None and r.embedding is not None else None),
+            quality=r.quality.to_dict() if r is not None and r.quality is not None else None,
             indexed_at=datetime.now().astimezone(),
         )
         stmt = insert(ImageRow).values(**values).on_conflict_do_nothing(
@@ -474,7 +476,7 @@ def _record(r: ImageRow) -> ImageRecord:
         id=r.id, path=r.path, sha256=r.sha256, model_id=r.model_id, status=r.status,
         reason=r.reason, study_uid=r.study_uid, series_uid=r.series_uid, sop_uid=r.sop_uid,
         view=r.view, image_size=(r.height, r.width) if r.height else None,
-        scores=dict(r.scores or {}), indexed_at=r.indexed_at,
+        scores=dict(r.scores or {}), indexed_at=r.indexed_at, quality=r.quality,
         findings=[DetectedFinding(
             disease=f.disease, score=f.score, annotation=f.annotation, organ=f.organ,
             location=decode_location(f.location), side=f.side, severity=f.severity,

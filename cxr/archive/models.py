@@ -52,6 +52,9 @@ class ImageRow(Base):
     width: Mapped[int | None] = mapped_column(Integer, nullable=True)
     scores: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 bytes
+    # the quality gate's report (QualityReport.to_dict()): why refused, or how it was turned
+    # upright before reading (the stored boxes refer to the upright film); migration 0002
+    quality: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     indexed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
     findings: Mapped[list["FindingRow"]] = relationship(

@@ -66,7 +66,7 @@ class ReaderActor:
             rec["result"] = e.result.to_dict() if e.result is not None else None
             emb = e.result.embedding if e.result is not None else None
             embeddings.append(b"" if emb is None else np.asarray(emb, np.float32).tobytes())
-            if self.dicom_out and e.result is not None and image is not None:
+            if self.dicom_out and e.result is not None and e.error is None and image is not None:
                 from .dicom_out import write_result_dicom
 
                 write_result_dicom(e.result, upright(image, e.result), self.dicom_out,

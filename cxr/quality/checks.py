@@ -6,6 +6,8 @@ at most `SAMPLE_SIDE` pixels a side) and catch what a network should not have to
 a blank frame, a thumbnail, a strip, noise. The thresholds are deliberately loose: a real film,
 however poor, must pass them all (the NIH films and the phantom renders do, see the tests);
 what is left for the gate's model is the hard part (is it a chest, which view, which way up).
+There is no saturation check: real films carry large clipped areas (black padding, collimation,
+burned-out air), so a share of pixels at 0 or 1 tells a bad film from a good one too poorly.
 """
 from __future__ import annotations
 

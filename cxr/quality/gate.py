@@ -11,10 +11,11 @@ The rule, in order:
 3. p(kind = lateral) > P_VIEW and the reader reads frontal films only (today's case) -> refused;
 4. rotation: the most likely of 90/180/270 with p > P_ROTATED is turned back before reading;
    polarity: p(inverted) > P_INVERTED is inverted back; both are said in `notes`;
-5. mirroring is reported (`mirrored`, a note), never corrected: a left-right flipped PA film and
-   a true one of a patient with dextrocardia differ only by the side marker, so a wrong
-   "correction" would swap the side of every finding silently; a note lets a person look at
-   the marker. The reader's side words (left/right) are then to be read with care.
+5. mirroring of a frontal film is reported when p > P_MIRRORED (`mirrored`, a note), never
+   corrected: a left-right flipped PA film and a true one of a patient with dextrocardia differ
+   only by the side marker, so a wrong "correction" would swap the side of every finding
+   silently; a note lets a person look at the marker. The reader's side words (left/right) are
+   then to be read with care.
 
 Probabilities are the gate model's calibrated ones, every head, in the report.
 """
@@ -35,7 +36,12 @@ P_OTHER = 0.5
 P_VIEW = 0.5
 P_ROTATED = 0.5
 P_INVERTED = 0.5
-P_MIRRORED = 0.5
+# Mirroring is only ever a note, so it must be likely to be worth a person's attention: a note on
+# many upright films would be ignored, and a missed one costs nothing the gate would have done.
+# It is also the weakest head (a flipped PA film differs from an upright one by the heart's side
+# and the marker only), so it speaks only when confident, and only of frontal films (a lateral
+# may face either way).
+P_MIRRORED = 0.9
 READ_VIEWS = ("frontal",)  # the views today's runs read (trained on PA/AP films)
 MODEL_BATCH = 32
 
@@ -123,7 +129,7 @@ def decide(probabilities: dict[str, dict[str, float]], read_views: Sequence[str]
         report.inverted = True
         report.notes.append(f"inverted polarity (p {p_inverted:.2f}): turned back")
     p_mirrored = probabilities.get("mirrored", {}).get("yes", 0.0)
-    if p_mirrored > P_MIRRORED:
+    if view == "frontal" and p_mirrored > P_MIRRORED:
         report.mirrored = True
         report.notes.append(f"looks mirrored left-right (p {p_mirrored:.2f}): not changed, "
                             "check the side marker before trusting left/right")

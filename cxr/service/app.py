@@ -10,7 +10,8 @@
                               it found and whether the film was turned back before reading.
     GET  /studies             indexed images, newest first, paged
     GET  /studies/{id}        one indexed image (?heatmap=true re-runs the model for heatmaps)
-    GET  /studies/{id}/image  its pixels as PNG (the server reads the path it stored itself)
+    GET  /studies/{id}/image  its pixels as PNG (the server reads the path it stored itself), turned
+                              upright if the quality gate turned it before reading
     GET  /search              structured filters, or like_id= for similar images
     POST /search/similar      similar images to an embedding (from /annotate?embedding=true)
     GET  /vocabulary          diseases, sides, locations, severities present in the archive
@@ -309,6 +310,10 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
     def study_image(request: Request, image_id: int):
         record = _get(request.app.state.archive, image_id)
         pixels = _read_stored(record).pixels
+        if record.quality:  # as it was read: turned upright if the gate did (its boxes are)
+            from ..quality.gate import QualityGate, QualityReport
+
+            pixels = QualityGate.correct(pixels, QualityReport.from_dict(record.quality))
         return Response(png_bytes(pixels), media_type="image/png",
                         headers={"Cache-Control": "private, max-age=300"})
 
