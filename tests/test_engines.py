@@ -16,8 +16,8 @@ from cxr.models.localize import Heatmaps, heatmaps_at, to_heatmap
 from cxr.reader import Reader
 from conftest import chest_film
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx", reason="the `fast` extra (onnx, onnxruntime) is not installed")
+pytest.importorskip("onnxruntime", reason="the `fast` extra (onnx, onnxruntime) is not installed")
 
 
 @pytest.fixture(scope="module")

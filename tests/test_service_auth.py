@@ -13,14 +13,11 @@ from service_helpers import run_asserting_every_finding
 
 from cxr.errors import CxrError
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+import httpx  # the `service` extra, part of `.[test]`: missing is a broken install, not a skip
+from fastapi.routing import APIRoute
 
-from fastapi.routing import APIRoute  # noqa: E402
-
-from cxr.service.app import create_app  # noqa: E402
-from cxr.service.auth import PUBLIC_PATHS, ROLES, RULES, Tokens  # noqa: E402
+from cxr.service.app import create_app
+from cxr.service.auth import PUBLIC_PATHS, ROLES, RULES, Tokens
 
 TOKENS = {"read": "r-token-0123456789abcdef", "annotate": "a-token-0123456789abcdef",
           "admin": "x-token-0123456789abcdef"}
