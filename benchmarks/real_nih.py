@@ -111,7 +111,7 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
 
     n = len(studies)
     scores = np.full((n, len(FINDINGS)), np.nan)
-    loc_pairs, per_fold = [], []
+    loc_pairs, per_fold, src_pairs = [], [], {}
     t0 = time.time()
     for k in range(args.folds):
         tf = time.time()
@@ -132,6 +132,10 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
             labels = sorted({b.label for b in truth})
             boxes = reader.localise(image, labels)
             loc_pairs.append((truth, [b for t in labels for b in boxes[t]]))
+            if reader.ground is not None:  # the grounded annotator's maps, same images and labels
+                for src in ("attention", "word"):
+                    boxes = reader.localise(image, labels, source=src)
+                    src_pairs.setdefault(src, []).append((truth, [b for t in labels for b in boxes[t]]))
         y = labels_matrix([studies[i] for i in test_rows])
         fold_auc = M.auc_per_label(y, np.nan_to_num(scores[test_rows], nan=0.0), FINDINGS)
         per_fold.append({"fold": k, "test_images": len(test_rows), "mean_auc": fold_auc["mean"],
@@ -145,6 +149,8 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
             "mean_auc_over_folds": float(np.mean(fold_means)) if fold_means else None,
             "sd_auc_over_folds": float(np.std(fold_means)) if fold_means else None,
             "localisation": M.localisation_accuracy(loc_pairs),
+            "localisation_sources": {"cam": M.localisation_accuracy(loc_pairs),
+                                     **{src: M.localisation_accuracy(p) for src, p in src_pairs.items()}},
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -181,6 +187,11 @@ def tables(result: dict) -> str:
     headers = (["finding", "positives", "boxed"] + [f"AUC {m}" for m in modes] + ["AUC Wang 2017"]
                + [f"IoBB>0.5 {m}" for m in modes] + ["IoBB>0.5 Wang 2017"])
     out = [M.markdown_table(headers, rows), ""]
+    rows = [[m, src, la["iobb"]["mean"]["0.5"], la["iou"]["mean"]["0.5"]]
+            for m in modes for src, la in (result["modes"][m].get("localisation_sources") or {}).items()]
+    if rows:
+        out += ["Localisation by source (mean over findings, T = 0.5):", "",
+                M.markdown_table(["mode", "source", "T(IoBB)=0.5", "T(IoU)=0.5"], rows), ""]
     for m in modes:
         la = result["modes"][m]["localisation"]
         ths = [str(t) for t in la["thresholds"]]

@@ -14,13 +14,20 @@ then refer to the upright film). `force=True` reads refused images anyway; `gate
 For each image: calibrated scores for every original target (refined cascade labels are folded
 back: max over a disease's sub-labels); the targets above their stored operating thresholds as
 findings, each with a generated annotation (the RNN, conditioned on that disease), its context
-fields parsed back from the tokens, CAM boxes and a heatmap at the input size (made when first
-read: `cxr.models.localize.Heatmaps`); and the image embedding. `normal` is reported as a finding
-only when no disease is.
+fields parsed back from the tokens, boxes and a heatmap at the input size (made when first read:
+`cxr.models.localize.Heatmaps`); and the image embedding. `normal` is reported as a finding only
+when no disease is.
 
 `engine` runs the CNN with PyTorch ("torch", the default) or runs the graph `cxr export RUN
 --onnx` wrote with ONNX Runtime ("onnxruntime") or OpenVINO ("openvino"), see `cxr.engines`;
-everything after the CNN (calibration, CAMs, boxes, the RNN annotator) is the same code for all.
+everything after the CNN (calibration, CAMs, boxes, the annotator RNN) is the same code for all.
+
+A run with the grounded annotator (`cxr.models.grounded`, the default) writes each finding's
+words from the CNN's feature map: `heatmaps["Opacity"]` is its finding map (where it says the
+finding is; the boxes come from it) and `heatmaps["Opacity:left"]` the map it attended to while
+writing "left". Older runs (Shin's annotator on the pooled embedding) give CAM heatmaps and boxes.
+Either way a finding's boxes lie on the side its words name (PA display: the patient's left is
+the image's right), so words and boxes never contradict each other.
 
     reader.localise(image, ["Cardiomegaly"])        # boxes of named targets, detected or not
     feats = reader.forward(images); scores, _ = reader.scores(feats.logits)   # the raw steps
@@ -41,7 +48,8 @@ from .checkpoint import load_run, unprefixed, weights_hash
 from .errors import CxrError
 from .models.annotator import Annotator, decode
 from .models.cnn import create_cnn
-from .models.localize import Heatmaps, boxes_from_heatmap, class_activation_maps, heatmaps_at, to_heatmap
+from .models.localize import (Heatmaps, boxes_from_heatmap, class_activation_maps, heatmaps_at,
+                              side_consistent, to_heatmap)
 from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
@@ -79,8 +87,19 @@ class Reader:
         self.image_size = spec.preprocessing.image_size
         self.thresholds = np.array([spec.thresholds[t] for t in self.targets], dtype=np.float32)
         self.platt = [tuple(spec.calibration.params[t]) for t in self.targets]
-        self.cnn = create_cnn(arch.backbone, arch.num_classes, arch.in_chans)
+        self.cnn = create_cnn(arch.backbone, arch.num_classes, arch.in_chans, pooling=arch.pooling,
+                              lse_r=arch.lse_r, transition=arch.transition)
         self.cnn.load_state_dict(unprefixed("cnn", tensors))
+        # the grounded annotator (attends over the feature map; cxr.models.grounded), if the run has one
+        self.ground = None
+        if arch.annotator == "grounded":
+            from .models.grounded import GroundedAnnotator, field_word_ids
+
+            self.ground = GroundedAnnotator(arch.vocab_size, arch.num_labels, arch.image_dim,
+                                            field_word_ids(self.words), arch.rnn_hidden, arch.rnn_embed,
+                                            arch.rnn, arch.attn_dim)
+            self.ground.load_state_dict(unprefixed("ground", tensors))
+            self.ground.to(self.device).eval()
         self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
                              arch.rnn_embed, arch.rnn)
         self.rnn.load_state_dict(unprefixed("rnn", tensors))
@@ -211,33 +230,63 @@ class Reader:
             out[rows] = (self._head[classes] @ flat[b]).reshape(len(rows), h, w)
         return out
 
-    def _boxes(self, cam: torch.Tensor, target: str, h: int, w: int) -> list[Box]:
-        """Boxes of one CAM, found at the model's input size, in (h, w) image pixels."""
+    def _boxes(self, cam: torch.Tensor, target: str, h: int, w: int, side: str | None = None) -> list[Box]:
+        """Boxes of one CAM (or attention map), found at the model's input size, in (h, w) image
+        pixels; with a `side` word, only on that side of the patient."""
         size = self.image_size
-        small = to_heatmap(cam, (size, size))
+        small = side_consistent(to_heatmap(cam, (size, size)), side)
         return [b.scaled(w / size, h / size) for b in boxes_from_heatmap(small, target, self.spec.localization)]
 
+    SOURCES = ("cam", "attention", "word")
+
     @torch.no_grad()
-    def localise(self, image, targets: Sequence[str]) -> dict[str, list[Box]]:
-        """Boxes from the CAM of each named target on one image (path or array), whether the
-        target is detected or not: the ChestX-ray8 protocol localises the disease an image is
-        known to have. Boxes of detected findings come with `reader(image)` already."""
+    def localise(self, image, targets: Sequence[str], source: str = "cam") -> dict[str, list[Box]]:
+        """Boxes of each named target on one image (path or array), whether the target is
+        detected or not: the ChestX-ray8 protocol localises the disease an image is known to
+        have. Boxes of detected findings come with `reader(image)` already. `source`: "cam"
+        (class activation map), "attention" (the grounded annotator's finding map, the image
+        branch taught by the report cross-attention) or "word" (its map while writing the
+        finding's word); the last two need a grounded run."""
         if not targets:
             return {}
         unknown = [t for t in targets if t not in self.targets]
         if unknown:
             raise CxrError(f"not a target of this run: {', '.join(unknown)}")
+        if source not in self.SOURCES:
+            raise CxrError(f"unknown localisation source {source!r}; choose {', '.join(self.SOURCES)}")
+        if source != "cam" and self.ground is None:
+            raise CxrError(f"this run has no grounded annotator: no {source!r} maps (use source='cam')")
         image = _pixels(self._load(image))
         maps, logits, _ = self.forward([image])
-        _, best = self.scores(logits)
-        cams = self._cams(maps, best[0], [self.targets.index(t) for t in targets])
         h, w = image.shape[:2]
-        return {t: self._boxes(cams[k], t, h, w) for k, t in enumerate(targets)}
+        cols = [self.targets.index(t) for t in targets]
+        if source == "cam":
+            _, best = self.scores(logits)
+            grids = self._cams(maps, best[0], cols)
+        else:
+            g = self._ground([0] * len(cols), cols, maps)
+            grids = g["finding"] if source == "attention" else torch.stack(
+                [m[0] if len(m) else f for m, f in zip(g["words"], g["finding"])])
+        return {t: self._boxes(grids[k], t, h, w) for k, t in enumerate(targets)}
 
-    def annotate(self, embeddings: torch.Tensor, labels: torch.Tensor, beams: int = 1) -> list[list[str]]:
-        """Token sequences for (embedding, target index) pairs: greedy (beams=1) or beam search."""
+    def _ground(self, rows: list[int], labels: list[int], maps: torch.Tensor) -> dict:
+        """The grounded annotator on (image row, target) pairs: token lists, word maps and
+        finding maps as (h, w) grids."""
+        h, w = maps.shape[2:]
+        lab = torch.tensor(labels, dtype=torch.long, device=maps.device)
+        n = self.spec.architecture.max_tokens + 1
+        seqs, wmaps, finding, _ = self.ground.generate(maps[rows], lab, n)
+        return {"tokens": [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in seqs],
+                "words": [m.reshape(-1, h, w) for m in wmaps], "finding": finding.reshape(-1, h, w)}
+
+    def annotate(self, embeddings: torch.Tensor, labels: torch.Tensor, beams: int = 1,
+                 maps: torch.Tensor | None = None) -> list[list[str]]:
+        """Token sequences for (embedding, target index) pairs: greedy (beams=1) or beam search.
+        A grounded run writes from the pairs' feature `maps` (B, C, h, w) instead (greedy)."""
         if len(labels) == 0:
             return []
+        if self.ground is not None and maps is not None:
+            return self._ground(list(range(len(labels))), [int(t) for t in labels], maps.to(self.device))["tokens"]
         emb, lab = embeddings.to(self.device), labels.to(self.device)
         n = self.spec.architecture.max_tokens + 1
         ids = self.rnn.greedy(emb, lab, n) if beams <= 1 else self.rnn.beam(emb, lab, beams, n)
@@ -286,29 +335,44 @@ class Reader:
                 hits = [normal]
             detected.append(hits)
         pairs = [(b, t) for b, hits in enumerate(detected) for t in hits]
-        tokens = self.annotate(emb[[b for b, _ in pairs]] if pairs else emb[:0],
-                               torch.tensor([t for _, t in pairs], dtype=torch.long), beams)
+        grounded = {}
+        if self.ground is not None and pairs:
+            g = self._ground([b for b, _ in pairs], [t for _, t in pairs], maps)
+            tokens = g["tokens"]
+            grounded = {p: (g["finding"][k], g["words"][k]) for k, p in enumerate(pairs)}
+        else:
+            tokens = self.annotate(emb[[b for b, _ in pairs]] if pairs else emb[:0],
+                                   torch.tensor([t for _, t in pairs], dtype=torch.long), beams)
         words = dict(zip(pairs, tokens))
-        # CAMs of every detected disease in the batch, and their heatmaps at the model's input
-        # size (where boxes are found), in a few array operations for the whole batch
+        # each detected disease's map (the grounded annotator's finding map, else its CAM), all
+        # brought to the model's input size (where boxes are found) at once for the whole batch;
+        # full-size heatmaps are made only when read (`Heatmaps`)
         located = [(b, t) for b, t in pairs if t != normal]
-        cams = self._batch_cams(maps, best, located)
+        if grounded:
+            small_maps = np.stack([_numpy(grounded[p][0]) for p in located]) if located else None
+        else:
+            small_maps = self._batch_cams(maps, best, located)
         size = self.image_size
-        small = heatmaps_at(cams, (size, size)) if located else None
+        at_input = heatmaps_at(small_maps, (size, size)) if located else None
         where = {pair: i for i, pair in enumerate(located)}
         results = []
         for b, image in enumerate(images):
             h, w = image.shape[:2]
-            findings, cams_out = [], {}
+            findings, maps_out = [], {}
             for t in detected[b]:
                 target, toks = self.targets[t], words.get((b, t), [])
                 parsed = parse_term("/".join(toks)) if toks else None
                 boxes: list[Box] = []
                 if (b, t) in where:
                     i = where[(b, t)]
+                    # on the side its words name (a grounded finding map: where it looked)
+                    small = side_consistent(at_input[i], parsed.side if parsed else None)
                     boxes = [box.scaled(w / size, h / size)
-                             for box in boxes_from_heatmap(small[i], target, self.spec.localization)]
-                    cams_out[target] = cams[i]
+                             for box in boxes_from_heatmap(small, target, self.spec.localization)]
+                    maps_out[target] = small_maps[i]
+                    if (b, t) in grounded:
+                        for word, m in zip(toks, grounded[(b, t)][1]):
+                            maps_out[f"{target}:{word}"] = _numpy(m)
                 findings.append(DetectedFinding(
                     disease=target, score=float(scores[b, t]), annotation=" ".join(toks),
                     organ=parsed.organ if parsed else None,
@@ -318,20 +382,33 @@ class Reader:
             findings.sort(key=lambda f: -f.score)
             results.append(Result(
                 scores={t: float(scores[b, k]) for k, t in enumerate(self.targets)}, findings=findings,
-                heatmaps=Heatmaps(cams_out if heatmaps else {}, (h, w)),
+                heatmaps=Heatmaps(maps_out if heatmaps else {}, (h, w)),
                 embedding=emb[b].cpu().numpy().astype(np.float32),
                 model_id=self.model_id, image_size=(int(h), int(w))))
         return results
 
     @torch.no_grad()
     def embed(self, images, batch_size: int = 32) -> np.ndarray:
-        """Image embeddings (N, D) only (what the archive's vector index stores)."""
+        """Image embeddings (N, D) only (what the archive's vector index stores), of each image
+        as the Reader reads it: turned upright when the gate would turn it (no image is refused
+        here: an embedding is a search key, not a reading)."""
         items = [images] if _single(images) else list(images)
         out = []
         for s in range(0, len(items), batch_size):
-            _, _, emb = self.forward([_pixels(self._load(it)) for it in items[s:s + batch_size]])
+            loaded = [self._load(it) for it in items[s:s + batch_size]]
+            pixels = [_pixels(im) for im in loaded]
+            if self.gate is not None:
+                pixels = [self.gate.correct(p, r) for p, r in zip(pixels, self.gate.check(loaded))]
+            _, _, emb = self.forward(pixels)
             out.append(emb.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
+
+
+def _numpy(x) -> np.ndarray:
+    """A map as float32 NumPy (a tensor is detached and moved to the CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
 
 
 def _pixels(image) -> np.ndarray:

@@ -171,7 +171,23 @@ def example_html(ex: Example, width: int = 300) -> str:
             f'<img alt="{html.escape(ex.id)} with heatmap and boxes" src="{over}"></div>'
             f'<div class="lists"><div><h5>cxr says</h5><ul>{found}</ul></div>'
             f'<div><h5>truth</h5><ul>{truth}</ul></div></div>'
+            f'{word_maps_html(ex)}'
             f'<p class="note">top scores: {scores}</p></div>')
+
+
+def word_maps_html(ex: Example, width: int = 96) -> str:
+    """Where the annotator looked while writing each word (heatmaps keyed "Disease:word"), one
+    small strip per detected finding; empty for runs without the grounded annotator."""
+    rows = []
+    for f in ex.result.findings:
+        keys = [k for k in ex.result.heatmaps if k.startswith(f.disease + ":")]
+        if not keys:
+            continue
+        cells = "".join(
+            f'<figure><img alt="{html.escape(k)}" src="{png_data_uri(overlay(ex.image, ex.result.heatmaps[k], width=width))}">'
+            f'<figcaption>{html.escape(k.split(":", 1)[1])}</figcaption></figure>' for k in keys)
+        rows.append(f'<div class="words"><span>{html.escape(f.disease)}</span>{cells}</div>')
+    return "".join(rows)
 
 
 CSS = """
@@ -196,6 +212,8 @@ th{background:#f3f5f7}td:first-child,th:first-child,td.text{text-align:left}
 .lists h5{margin:6px 0 0;font-size:13px}code{font-size:12px;background:#f3f5f7;padding:0 3px}
 .swatch{display:inline-block;width:10px;height:10px;margin-right:4px;border:1px solid #999}
 .legend{font-size:12px;color:#555}
+.words{display:flex;align-items:center;gap:4px;font-size:12px;margin-top:4px}.words span{width:90px}
+.words figure{margin:0;text-align:center}.words img{width:96px}.words figcaption{font-size:11px}
 """
 
 
@@ -219,7 +237,8 @@ def write_report(path: str | Path, title: str, summary: Sequence[tuple[str, obje
     if examples:
         ex_html = ("<h2>Held-out examples</h2><p class=\"legend\">Left: the image. Right: heatmap of "
                    "the top detected finding, the boxes of all detected findings (coloured as in the list) and the true boxes "
-                   "(green). Generated annotations next to the true MeSH-style terms.</p>"
+                   "(green). Generated annotations next to the true MeSH-style terms; below, where the annotator "
+                   "looked while writing each word.</p>"
                    f'<div class="examples">{"".join(example_html(e) for e in examples)}</div>')
     meta_html = "<br>".join(html.escape(m) for m in meta)
     notes_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)

@@ -87,6 +87,11 @@ class Architecture:
     vocab_size: int
     num_labels: int
     max_tokens: int
+    pooling: str = "avg"          # the CNN head's pooling: avg | lse (ChestX-ray8)
+    lse_r: float = 10.0
+    transition: int = 0           # ChestX-ray8 transition layer width (0: none)
+    annotator: str = "global"     # global (Shin's RNN on the pooled embedding) | grounded
+    attn_dim: int = 0             # the grounded annotator's width (weights "ground.*")
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -80,7 +80,8 @@ def tiny_config(**overrides):
     settings = dict(backbone="tiny", rnn="gru", image_size=64, crop=56, epochs=2, rnn_epochs=30,
                     batch_size=8, rnn_batch_size=16, lr=3e-3, rnn_lr=1e-2, rnn_hidden=32, rnn_embed=16,
                     min_label_count=2, min_cluster_members=6, images_per_cluster=4, num_workers=0,
-                    fractions=(0.6, 0.2, 0.2), seed=0, progress=False, localize_threshold=0.5)
+                    fractions=(0.6, 0.2, 0.2), seed=0, progress=False, localize_threshold=0.5,
+                    ground_epochs=3, attn_dim=16)
     settings.update(overrides)
     return TrainConfig(**settings)
 

@@ -139,6 +139,8 @@ def test_cxr_check_answers_one_line_per_file(files, tmp_path, capsys):
         head = f"{files[name]}: "
         assert line.startswith(head + EXPECTED[name]), line
     assert "stored rotated 90 degrees" in lines[1] and "turned back" in lines[1]
+    assert "  [kind frontal " in lines[0] and ", rotation 90 " in lines[1]  # every head's answer
+    assert "[" not in lines[4]  # noise: refused before the network ran
     assert "stored rotated 180 degrees" in lines[2]
     assert "inverted polarity" in lines[3]
     assert lines[-1] == f"{tmp_path / 'missing.png'}: cannot read: file not found"

@@ -9,6 +9,7 @@ import pytest
 
 import cxr
 from cxr.errors import CxrError
+from cxr.models.localize import side_of_box
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,8 @@ def test_result_contract(eager, tiny_run):
 
 
 def test_findings_follow_thresholds(tiny_run):
-    """With every threshold at 0 all diseases are reported, each with heatmap and annotation."""
+    """With every threshold at 0 all diseases are reported, each with heatmap and annotation (and,
+    the run being grounded, one map per written word, keyed "Disease:word")."""
     from cxr.checkpoint import load_run
     from cxr.reader import Reader
 
@@ -70,8 +72,11 @@ def test_findings_follow_thresholds(tiny_run):
     result = Reader(spec, tensors, "cpu", gate=False)(_image())
     diseases = [t for t in spec.targets if t != "normal"]
     assert sorted(f.disease for f in result.findings) == sorted(diseases)
-    assert set(result.heatmaps) == set(diseases)
+    assert {k for k in result.heatmaps if ":" not in k} == set(diseases)
     assert all(f.annotation for f in result.findings)
+    for f in result.findings:
+        words = [k.split(":", 1)[1] for k in result.heatmaps if k.startswith(f.disease + ":")]
+        assert words and " ".join(words) == f.annotation
     spec = dataclasses.replace(spec, thresholds={t: 1.1 for t in spec.targets})
     assert Reader(spec, tensors, "cpu", gate=False)(_image()).findings == []
 
@@ -136,7 +141,8 @@ def test_stage1_is_a_loadable_run(tiny_run):
 
 def test_localise_matches_the_boxes_of_findings(tiny_run):
     """`localise` gives the boxes of any named target; for a detected finding they are the boxes
-    the Reader reports."""
+    the Reader reports (from the grounded finding map; for a finding said to be left or right,
+    those of them on that side)."""
     from cxr.checkpoint import load_run
     from cxr.reader import Reader
 
@@ -145,9 +151,16 @@ def test_localise_matches_the_boxes_of_findings(tiny_run):
     reader = Reader(spec, tensors, "cpu", gate=False)
     image = _image()
     diseases = [t for t in spec.targets if t != "normal"]
-    boxes = reader.localise(image, diseases)
-    assert set(boxes) == set(diseases)
-    found = {f.disease: f.boxes for f in reader(image).findings}
-    assert boxes == found and any(found.values())
+    assert set(reader.localise(image, diseases)) == set(diseases)  # CAM
+    boxes = reader.localise(image, diseases, source="attention")
+    findings = reader(image).findings
+    assert any(f.boxes for f in findings)
+    for f in findings:
+        if f.side in ("left", "right"):
+            assert all(side_of_box(b, image.shape[1]) == f.side for b in f.boxes)
+        else:
+            assert f.boxes == boxes[f.disease]
     with pytest.raises(CxrError, match="not a target"):
         reader.localise(image, ["Unicorn"])
+    with pytest.raises(CxrError, match="unknown localisation source"):
+        reader.localise(image, diseases, source="guess")

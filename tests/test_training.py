@@ -52,7 +52,7 @@ def test_interrupted_run_resumes_and_finishes(tmp_path, studies):
     resumed = []
     train(_config(), out, studies=studies, on_epoch=lambda p, e, r: resumed.append((p, e)))
     assert resumed[0] == ("cnn1", 2)  # epoch 1 was not redone
-    assert {p for p, _ in resumed} == {"cnn1", "rnn1", "cnn2", "rnn2"}
+    assert {p for p, _ in resumed} == {"cnn1", "rnn1", "cnn2", "ground", "rnn2"}
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [(h["phase"], h["epoch"]) for h in history if h["phase"] == "cnn1"] == [("cnn1", 1), ("cnn1", 2)]
 

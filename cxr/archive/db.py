@@ -51,6 +51,7 @@ class Entry:
     series_uid: str | None = None
     sop_uid: str | None = None
     view: str | None = None
+    quality: dict | None = None  # the gate's report of an image it refused (no result)
 
 
 @dataclass
@@ -273,7 +274,7 @@ class Archive:
             scores={k: float(v) for k, v in r.scores.items()} if r else None,
             embedding=(np.asarray(r.embedding, dtype=np.float32).reshape(-1).tobytes()
                        if r is not None and r.embedding is not None else None),
-            quality=r.quality.to_dict() if r is not None and r.quality is not None else None,
+            quality=(r.quality.to_dict() if r is not None and r.quality is not None else e.quality),
             indexed_at=datetime.now().astimezone(),
         )
         stmt = insert(ImageRow).values(**values).on_conflict_do_nothing(

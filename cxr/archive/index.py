@@ -192,9 +192,11 @@ def process_batch(reader, model_id: str, paths: list[str],
             if result.model_id and result.model_id != model_id:
                 raise CxrError(f"the Reader returned model {result.model_id!r}, "
                                f"expected {model_id!r}")
-            batch.entries[i].result = result  # a refused one too: its quality is stored
-            if result.refused:
+            if result.refused:  # not read: no result, the reason and the gate's report
                 batch.entries[i].error = f"{REFUSED}{'; '.join(result.quality.reasons)}"
+                batch.entries[i].quality = result.quality.to_dict()
+            else:
+                batch.entries[i].result = result
         else:
             batch.entries[i].error = result
     return batch
@@ -274,7 +276,7 @@ def _write_dicom_outputs(batch: Batch, ids: list[int | None], out_dir) -> None:
     from .dicom_out import write_result_dicom
 
     for e, image, i in zip(batch.entries, batch.images, ids):
-        if i is not None and e.result is not None and e.error is None and image is not None:
+        if i is not None and e.result is not None and image is not None:
             write_result_dicom(e.result, upright(image, e.result), out_dir, name=f"{i:08d}")
 
 

@@ -19,7 +19,8 @@ from ..errors import CxrError
 from .db import Archive, Entry
 from .index import IndexStats, process_batch, result_from_dict, upright
 
-RECORD_FIELDS = ("path", "sha256", "model_id", "error", "study_uid", "series_uid", "sop_uid", "view")
+RECORD_FIELDS = ("path", "sha256", "model_id", "error", "study_uid", "series_uid", "sop_uid", "view",
+                 "quality")
 
 
 def _known_digests(archive: Archive, model_id: str, status: str | None) -> np.ndarray:
@@ -66,7 +67,7 @@ class ReaderActor:
             rec["result"] = e.result.to_dict() if e.result is not None else None
             emb = e.result.embedding if e.result is not None else None
             embeddings.append(b"" if emb is None else np.asarray(emb, np.float32).tobytes())
-            if self.dicom_out and e.result is not None and e.error is None and image is not None:
+            if self.dicom_out and e.result is not None and image is not None:
                 from .dicom_out import write_result_dicom
 
                 write_result_dicom(e.result, upright(image, e.result), self.dicom_out,

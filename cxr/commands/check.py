@@ -1,8 +1,9 @@
 """`cxr check FILE...`: the quality gate alone, no trained run needed.
 
 One line per file: `FILE: ok: frontal (p 0.98)[; what would be turned back]` or
-`FILE: not read: <reason>`; with --json, every report (probabilities of every head, the cheap
-checks). Exit status 1 when any file is refused or cannot be read, so scripts can filter an
+`FILE: not read: <reason>`, then the network's most likely answer on each head with its
+probability (when it ran); with --json, every report (probabilities of every value of every
+head, the cheap checks). Exit status 1 when any file is refused or cannot be read, so scripts can filter an
 archive before reading it.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ def run(args) -> int:
                 continue
             report = reports[f]
             refused += not report.accepted
-            print(f"{f}: {report.summary()}", file=out)
+            print(f"{f}: {report.summary()}{_heads(report)}", file=out)
             entries.append({"path": str(f), **report.to_dict()})
     if args.json is not None:
         text = json.dumps(entries, indent=1)
@@ -67,3 +68,12 @@ def run(args) -> int:
         else:
             write_atomic(args.json, text + "\n")
     return 1 if refused else 0
+
+
+def _heads(report) -> str:
+    """The network's answer on every head, most likely value and its probability (nothing when
+    a cheap check refused the image before the network ran)."""
+    if not report.probabilities:
+        return ""
+    tops = [f"{head} {max(p, key=p.get)} {max(p.values()):.2f}" for head, p in report.probabilities.items()]
+    return f"  [{', '.join(tops)}]"

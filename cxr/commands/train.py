@@ -39,6 +39,14 @@ HELP = {
     "cache_dir": "where the decoded image cache goes (default RUN/cache)",
     "max_images": "use only the first N studies (quick trials)",
     "fractions": "train val test fractions, by patient",
+    "pooling": "CNN head pooling: avg (CAM) | lse (ChestX-ray8 log-sum-exp)",
+    "lse_r": "sharpness of LSE pooling (small: average, large: max)",
+    "transition": "ChestX-ray8 transition layer width before pooling (0: none)",
+    "annotator": "grounded (attends over the feature map; words from where it looks) | global (Shin's)",
+    "ground_epochs": "epochs of the joint CNN + grounded annotator phase",
+    "ground_lr": "learning rate of that phase",
+    "attn_dim": "width of the grounded annotator's regions and attention",
+    "report_text": "teach the grounded annotator with report cross-attention (training only)",
 }
 SKIP = {"progress"}
 

@@ -1,12 +1,17 @@
 """CNN backbones for 1-channel radiographs, all behind one interface (timm-like).
 
-Every network here ends in feature maps -> global average pooling -> one linear layer, because
-class activation maps (CAM, used for localisation) need exactly that head. Backbones by name:
+Every network here ends in feature maps -> global pooling -> one linear layer, because class
+activation maps (CAM, used for localisation) need exactly that head. The last feature map has a
+stride of at most 16 (16x16 or finer at 256 px): the localisation heatmaps and the grounded
+annotator's attention are only as fine as this map, so the ImageNet layouts' last 2x pooling is
+left out (an Identity keeps the parameter names, so pretrained weights still load). Pooling is
+average (CAM's) or ChestX-ray8's log-sum-exp (`pooling="lse"`, sharpness `lse_r`, after a
+`transition` 3x3 conv layer). Backbones by name:
 
 - ``nin``: Network-in-Network (Lin et al. 2014) with batch norm, as Shin et al. 2016 used.
 - ``googlenet``: GoogLeNet / Inception v1 with batch norm (Shin et al.'s stronger model).
 - ``densenet121``: MONAI's DenseNet-121 (CheXNet's network), 2-D, 1 input channel.
-- ``tiny``: four conv blocks, for tests and the CPU demo.
+- ``tiny``: four conv blocks, for tests and the CPU demo (stride 8).
 
 All are trained from scratch by default; `load_pretrained` takes a user-given state dict.
 """
@@ -50,7 +55,7 @@ class NINFeatures(nn.Sequential):
         super().__init__(
             mlpconv(in_chans, 96, 11, 4, 5), nn.MaxPool2d(3, 2, ceil_mode=True),
             mlpconv(96, 256, 5, 1, 2), nn.MaxPool2d(3, 2, ceil_mode=True),
-            mlpconv(256, 384, 3, 1, 1), nn.MaxPool2d(3, 2, ceil_mode=True),
+            mlpconv(256, 384, 3, 1, 1), nn.Identity(),  # ImageNet NIN pools here: stride 32
             nn.Dropout(0.5), mlpconv(384, 1024, 3, 1, 1))
         self.num_features = 1024
 
@@ -80,7 +85,7 @@ class GoogLeNetFeatures(nn.Sequential):
             nn.MaxPool2d(3, 2, ceil_mode=True),
             Inception(480, 192, 96, 208, 16, 48, 64), Inception(512, 160, 112, 224, 24, 64, 64),
             Inception(512, 128, 128, 256, 24, 64, 64), Inception(512, 112, 144, 288, 32, 64, 64),
-            Inception(528, 256, 160, 320, 32, 128, 128), nn.MaxPool2d(3, 2, ceil_mode=True),
+            Inception(528, 256, 160, 320, 32, 128, 128), nn.Identity(),  # ImageNet: pool, stride 32
             Inception(832, 256, 160, 320, 32, 128, 128), Inception(832, 384, 192, 384, 48, 128, 128))
         self.num_features = 1024
 
@@ -93,6 +98,7 @@ class DenseNet121Features(nn.Module):
         from monai.networks.nets import DenseNet121
 
         self.trunk = DenseNet121(spatial_dims=2, in_channels=in_chans, out_channels=1).features
+        self.trunk.transition3.pool = nn.Identity()  # stride 16, not 32
         self.num_features = 1024
 
     def forward(self, x):
@@ -103,32 +109,56 @@ _FEATURES = {"tiny": TinyFeatures, "nin": NINFeatures, "googlenet": GoogLeNetFea
              "densenet121": DenseNet121Features}
 
 
-class Classifier(nn.Module):
-    """features -> global average pooling -> dropout -> linear: multi-label logits.
+POOLINGS = ("avg", "lse")
 
-    `forward_features(x)` gives the last feature maps (B, C, h, w), `forward_head(maps)` the logits,
-    `embed(x)` the pooled image embedding (B, C) that the annotator and the archive use.
+
+def lse_pool(maps: torch.Tensor, r: float) -> torch.Tensor:
+    """ChestX-ray8's log-sum-exp pooling: (1/r) log(mean exp(r x)); r -> 0 is the mean, r -> inf
+    the max. Computed around the max so that exp never overflows."""
+    flat = maps.flatten(2)
+    top = flat.amax(-1, keepdim=True)
+    return (top + torch.log(torch.exp(r * (flat - top)).mean(-1, keepdim=True)) / r)[..., 0]
+
+
+class Classifier(nn.Module):
+    """features [-> transition] -> global pooling -> dropout -> linear: multi-label logits.
+
+    `forward_features(x)` gives the last feature maps (B, C, h, w) (after the transition layer,
+    if any: the maps CAM weights apply to), `forward_head(maps)` the logits, `pool(maps)` the
+    image embedding (B, C) that the annotator and the archive use (always the average: a search
+    vector should not hinge on one position).
     """
 
-    def __init__(self, backbone: str, num_classes: int, in_chans: int = 1, drop: float = 0.0):
+    def __init__(self, backbone: str, num_classes: int, in_chans: int = 1, drop: float = 0.0,
+                 pooling: str = "avg", lse_r: float = 10.0, transition: int = 0):
         super().__init__()
         if backbone not in _FEATURES:
             raise CxrError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-        self.backbone = backbone
+        if pooling not in POOLINGS:
+            raise CxrError(f"unknown pooling {pooling!r}; choose avg or lse")
+        self.backbone, self.pooling, self.lse_r = backbone, pooling, float(lse_r)
         self.features = _FEATURES[backbone](in_chans)
         self.num_features = self.features.num_features
+        # ChestX-ray8's transition layer: a 3x3 conv to a uniform width before pooling
+        self.transition = conv_bn(self.num_features, transition, 3) if transition else None
+        if transition:
+            self.num_features = transition
         self.drop = nn.Dropout(drop)
         self.head = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        maps = self.features(x)
+        return self.transition(maps) if self.transition is not None else maps
 
     @staticmethod
     def pool(maps: torch.Tensor) -> torch.Tensor:
         return maps.mean(dim=(2, 3))
 
+    def pool_for_head(self, maps: torch.Tensor) -> torch.Tensor:
+        return lse_pool(maps, self.lse_r) if self.pooling == "lse" else self.pool(maps)
+
     def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.pool(maps)))
+        return self.head(self.drop(self.pool_for_head(maps)))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_features(x))
@@ -147,8 +177,9 @@ class Classifier(nn.Module):
                 self.head.bias.copy_(old.bias[parents])
 
 
-def create_cnn(backbone: str, num_classes: int, in_chans: int = 1, drop: float = 0.0) -> Classifier:
-    return Classifier(backbone, num_classes, in_chans, drop)
+def create_cnn(backbone: str, num_classes: int, in_chans: int = 1, drop: float = 0.0,
+               pooling: str = "avg", lse_r: float = 10.0, transition: int = 0) -> Classifier:
+    return Classifier(backbone, num_classes, in_chans, drop, pooling, lse_r, transition)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -57,6 +57,26 @@ def boxes_from_heatmap(heatmap: np.ndarray, label: str, params: LocalizeParams |
     return boxes
 
 
+def side_consistent(heatmap: np.ndarray, side: str | None) -> np.ndarray:
+    """The heatmap with the half of the image that contradicts the side word set to 0, so that a
+    "left" finding never gets a right-sided box. On a PA/AP film the patient faces the viewer:
+    the patient's LEFT is the IMAGE's RIGHT. "bilateral" or no side: unchanged."""
+    if side not in ("left", "right"):
+        return heatmap
+    out = heatmap.copy()
+    mid = heatmap.shape[1] // 2
+    if side == "left":
+        out[:, :mid] = 0
+    else:
+        out[:, heatmap.shape[1] - mid:] = 0
+    return out
+
+
+def side_of_box(box: Box, width: float) -> str:
+    """The patient's side a box's centre lies on (PA display: image right = patient left)."""
+    return "left" if box.x + box.w / 2 >= width / 2 else "right"
+
+
 def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     """(n_out, n_in) weights of 1-D bilinear resampling exactly as `F.interpolate(...,
     mode="bilinear", align_corners=False)` computes it, so a 2-D upsampling is two small matrix

@@ -48,7 +48,15 @@ class TrainConfig:
     pretrained: str | None = None    # a state dict (safetensors / weights-only torch) for the CNN
     rotation: float = 5.0            # augmentation: degrees
     intensity: float = 0.1           # augmentation: gamma/contrast/brightness jitter
-    localize_threshold: float = 0.5  # CAM heatmap threshold for boxes
+    pooling: str = "avg"             # avg (CAM's) | lse (ChestX-ray8's log-sum-exp pooling)
+    lse_r: float = 10.0              # LSE sharpness: small = average, large = max
+    transition: int = 0              # ChestX-ray8 transition layer width before pooling (0: none)
+    annotator: str = "grounded"      # grounded (attends over the feature map) | global (Shin's)
+    ground_epochs: int = 12          # joint CNN + grounded-annotator epochs after the last CNN phase
+    ground_lr: float = 1e-3
+    attn_dim: int = 128              # the grounded annotator's region/attention width
+    report_text: bool = True         # train with report cross-attention (Bhalodia et al. 2021)
+    localize_threshold: float = 0.5  # heatmap threshold for boxes
     max_boxes: int = 2
     cache_dir: str | None = None     # image cache (default RUN/cache)
     progress: bool = True
@@ -60,6 +68,10 @@ class TrainConfig:
             raise CxrError(f"unknown backbone {self.backbone!r}")
         if self.rnn not in ("gru", "lstm"):
             raise CxrError(f"unknown rnn {self.rnn!r}; choose gru or lstm")
+        if self.pooling not in ("avg", "lse"):
+            raise CxrError(f"unknown pooling {self.pooling!r}; choose avg or lse")
+        if self.annotator not in ("grounded", "global"):
+            raise CxrError(f"unknown annotator {self.annotator!r}; choose grounded or global")
         if self.views not in ("frontal", "lateral", "all"):
             raise CxrError(f"unknown views {self.views!r}; choose frontal, lateral or all")
         if self.crop > self.image_size:

@@ -175,7 +175,8 @@ def _run(ctx: Context, prep: Prepared) -> Path:
     normal_col = prep.targets.index(NORMAL) if NORMAL in prep.targets else None
 
     # ---- stage 1: CNN on the mined targets, then the RNN
-    cnn = create_cnn(cfg.backbone, n_t, drop=cfg.dropout)
+    cnn = create_cnn(cfg.backbone, n_t, drop=cfg.dropout, pooling=cfg.pooling, lse_r=cfg.lse_r,
+                     transition=cfg.transition)
     if cfg.pretrained and not ctx.progress["phases"].get("cnn1"):
         report = load_pretrained(cnn, cfg.pretrained)
         ctx.progress["pretrained"] = {"path": str(cfg.pretrained), "loaded": len(report["loaded"]),
@@ -190,11 +191,14 @@ def _run(ctx: Context, prep: Prepared) -> Path:
     identity = RefinedLabels.identity(prep.targets)
     evaluate = _evaluator(ctx, cnn, prep, val_idx, identity)
     train_cnn(ctx, "cnn1", cnn, prep.labels, train_idx, cfg.epochs, evaluate, normal_col)
+    ground = None
+    if not cfg.cascade:
+        ground = _train_grounding(ctx, "ground", cnn, prep.labels, prep, train_idx)
     rnn = Annotator(len(prep.words), n_t, cnn.num_features, cfg.rnn_hidden, cfg.rnn_embed, cfg.rnn)
     rnn = _train_annotator(ctx, "rnn1", cnn, rnn, prep, train_idx, val_idx)
     final_dir = ctx.out / "stage1" if cfg.cascade else ctx.out
     if not (ctx.progress.get("stage1_written") and (final_dir / "config.json").exists()):
-        _write_run(ctx, final_dir, "stage1", cnn, rnn, prep, identity, val_idx)
+        _write_run(ctx, final_dir, "stage1", cnn, rnn, prep, identity, val_idx, ground)
         ctx.progress["stage1_written"] = True
         ctx.save_progress()
 
@@ -214,14 +218,39 @@ def _run(ctx: Context, prep: Prepared) -> Path:
         # data dropout in stage 2 decides on the original targets (normal = all normal sub-labels)
         train_cnn(ctx, "cnn2", cnn, labels2, train_idx, cfg.cascade_epochs or cfg.epochs, evaluate,
                   normal_col, sample_labels=prep.labels)
+        ground = _train_grounding(ctx, "ground", cnn, labels2, prep, train_idx)
         rnn = _train_annotator(ctx, "rnn2", cnn, rnn, prep, train_idx, val_idx)
-        _write_run(ctx, ctx.out, "cascade", cnn, rnn, prep, refined, val_idx)
+        _write_run(ctx, ctx.out, "cascade", cnn, rnn, prep, refined, val_idx, ground)
     ctx.progress["finished"] = True
     ctx.save_progress()
     if ctx.main:  # the phases' weights and optimizer moments are only needed to resume
         for f in ctx.state_dir.glob("*.safetensors"):
             f.unlink()
     return ctx.out
+
+
+def _train_grounding(ctx: Context, phase: str, cnn, labels: np.ndarray, prep: Prepared, train_idx):
+    """The grounded annotator, trained jointly with the CNN (which it fine-tunes) after the last
+    CNN phase; None when the run uses Shin's global annotator."""
+    cfg = ctx.cfg
+    if cfg.annotator != "grounded":
+        return None
+    from ..models.grounded import GroundedAnnotator, field_word_ids
+    from .grounding import finding_text, text_tokens, text_vocabulary, train_joint
+
+    texts = None
+    text_vocab: list[str] = []
+    if cfg.report_text:
+        raw = [finding_text(prep.reports[i], tokens) for i, _, tokens in prep.pairs]
+        rows = set(train_idx.tolist())
+        text_vocab = text_vocabulary([t for (i, _, _), t in zip(prep.pairs, raw) if i in rows])
+        texts = text_tokens(raw, text_vocab)
+    model = GroundedAnnotator(len(prep.words), len(prep.targets), cnn.num_features,
+                              field_word_ids(prep.words), cfg.rnn_hidden, cfg.rnn_embed, cfg.rnn,
+                              cfg.attn_dim, text_vocab_size=len(text_vocab), vocab=prep.words)
+    train_joint(ctx, phase, cnn, model, labels, train_idx, prep.pairs, prep.word_index,
+                cfg.ground_epochs, cfg.ground_lr, texts)
+    return model
 
 
 def _evaluator(ctx: Context, cnn, prep: Prepared, val_idx: np.ndarray, refined: RefinedLabels):
@@ -293,7 +322,7 @@ def _calibrate(ctx: Context, cnn, prep: Prepared, refined: RefinedLabels, val_id
 
 
 def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, prep: Prepared,
-               refined: RefinedLabels, val_idx) -> None:
+               refined: RefinedLabels, val_idx, ground=None) -> None:
     cfg = ctx.cfg
     calibration, thresholds, metrics = _calibrate(ctx, cnn, prep, refined, val_idx)
     if not ctx.main:
@@ -307,7 +336,10 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         architecture=Architecture(backbone=cfg.backbone, num_classes=len(refined.names), in_chans=1,
                                   image_dim=cnn.num_features, rnn=cfg.rnn, rnn_hidden=cfg.rnn_hidden,
                                   rnn_embed=cfg.rnn_embed, vocab_size=len(prep.words),
-                                  num_labels=len(prep.targets), max_tokens=MAX_TOKENS),
+                                  num_labels=len(prep.targets), max_tokens=MAX_TOKENS,
+                                  pooling=cfg.pooling, lse_r=cfg.lse_r, transition=cfg.transition,
+                                  annotator="grounded" if ground is not None else "global",
+                                  attn_dim=cfg.attn_dim if ground is not None else 0),
         targets=list(prep.targets),
         refined=refined,
         vocabulary=list(prep.words),
@@ -327,4 +359,7 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         seed=cfg.seed,
     )
     tensors = {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())}
+    if ground is not None:  # the report-text branch is for training only: not kept
+        tensors.update(prefixed("ground", {k: v for k, v in ground.state_dict().items()
+                                           if not k.startswith(("text.", "text_label.", "text_keys."))}))
     save_run(run_dir, tensors, spec)

@@ -38,6 +38,7 @@ class Prepared:
     words: list[str]                  # SPECIALS + vocabulary (index = token id)
     patient_split: dict[str, list[str]] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)  # path -> problem (left out)
+    reports: list[dict[str, str]] = field(default_factory=list)  # each image's report sections
 
     def indices(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLITS.index(name))
@@ -123,4 +124,5 @@ def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0
         paths=[str(im.path) for _, im in rows], image_ids=[im.id for _, im in rows],
         study_ids=[s.id for s, _ in rows], patients=patients, split=split, targets=list(targets),
         labels=labels, pairs=pairs, words=list(words),
-        patient_split={k: list(v) for k, v in patient_split.items()})
+        patient_split={k: list(v) for k, v in patient_split.items()},
+        reports=[dict(s.report or {}) for s, _ in rows])

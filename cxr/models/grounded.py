@@ -1,0 +1,337 @@
+"""The grounded annotator: it looks at the image's feature map while it writes each word.
+
+The annotator of Shin et al. 2016 starts from a globally pooled embedding, so nothing it writes
+can depend on *where* a finding is. Here (Show, Attend and Tell, Xu et al. 2015, applied to the
+cascade's annotation) the RNN reads the CNN's last feature map, not its average:
+
+- **Regions.** Every position of the (h, w) map becomes a region vector: a 1x1 projection of
+  the CNN features plus three coordinate channels (x, y, |x|: image left = -1). Side and site
+  words are then learnable from where the attention lies; |x| tells "bilateral" (mass on both
+  sides) from "midline".
+- **Finding map.** The finding (the detected disease's embedding) attends over the regions
+  (additive attention). That map is the model's answer to "where is it"; the pooled region
+  vector under it feeds one small head per context field (side, location, severity), trained
+  from the parsed MeSH terms, i.e. from words alone, never from boxes.
+- **Word maps.** At every step the GRU/LSTM attends again, conditioned on the finding and its
+  state; the attended vector enters the cell and the output layer. Every word's map is kept
+  (`Result.heatmaps["Opacity:left"]`).
+- **Grounded words.** When the RNN decides to write a word of a context class (a side word, a
+  site word, a grade word), *which* word of that class comes from the field head, i.e. from the
+  pooled features under the finding map: p(word) = p_rnn(class) * p_head(word | class).
+- **Report cross-attention** (Bhalodia et al. 2021), training only: the finding's report text
+  (its sentence, or the MeSH term's words where there is no text) is encoded by a small GRU;
+  regions x text tokens give a text-conditioned map whose pooled regions must predict the
+  finding and its fields. The image-only finding map is distilled from it (KL), so at test time,
+  with no report, the finding map carries what the text taught.
+
+Token ids follow `cxr.models.annotator` (0 pad, 1 start, 2 end, 3 unk).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .annotator import END, PAD, START
+
+FIELDS = ("side", "location", "severity")
+COORDS = 3  # x, y, |x|
+
+
+def coordinates(h: int, w: int, device=None) -> torch.Tensor:
+    """(3, h, w): x and y of each cell centre in [-1, 1] (image left/top = -1) and |x|."""
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 - 1
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x, y, x.abs()])
+
+
+class Attention(nn.Module):
+    """Additive attention of one query per item over its regions: softmax_r v·tanh(K_r + W q)."""
+
+    def __init__(self, key_dim: int, query_dim: int, dim: int):
+        super().__init__()
+        self.query = nn.Linear(query_dim, dim)
+        self.score = nn.Linear(dim, 1)
+
+    def scores(self, keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """keys (B, R, dim), query (B, query_dim) -> evidence per region (B, R), before softmax."""
+        return self.score(torch.tanh(keys + self.query(query)[:, None])).squeeze(-1)
+
+    def forward(self, keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """keys (B, R, dim), query (B, query_dim) -> weights (B, R) summing to 1."""
+        return torch.softmax(self.scores(keys, query), -1)
+
+
+ZONES = 11  # image halves, thirds from top to bottom, and the six crossings
+
+
+def zone_masks(h: int, w: int, device=None) -> torch.Tensor:
+    """(ZONES, h*w) bool: image-left half, image-right half, upper/middle/lower thirds, and
+    each half x third. The field heads read the finding's evidence per zone, so "left" can only
+    be said where the evidence lies (the patient's left is the image's right on a PA film)."""
+    c = coordinates(h, w, device)
+    x, y = c[0].flatten(), c[1].flatten()
+    halves = [x < 0, x >= 0]
+    thirds = [y < -1 / 3, (y >= -1 / 3) & (y < 1 / 3), y >= 1 / 3]
+    return torch.stack(halves + thirds + [a & b for a in halves for b in thirds])
+
+
+def zone_evidence(scores: torch.Tensor, masks: torch.Tensor, r: float = 4.0) -> torch.Tensor:
+    """Log-mean-exp (sharpness r) of the evidence (B, R) inside each zone, minus the same over
+    the whole image: (B, ZONES), 0 where a zone holds as much evidence as the image."""
+    neg = torch.finfo(scores.dtype).min / 4
+    s = r * scores[:, None, :]
+    inside = torch.where(masks[None], s, torch.full_like(s, neg))
+    zone = torch.logsumexp(inside, -1) - torch.log(masks.sum(-1).clamp(min=1).float())
+    whole = torch.logsumexp(r * scores, -1, keepdim=True) - math.log(scores.shape[-1])
+    return (zone - whole) / r
+
+
+class TextEncoder(nn.Module):
+    """Word embeddings + a bidirectional GRU: one vector per report token (training only)."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.rnn = nn.GRU(dim, dim // 2, batch_first=True, bidirectional=True)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return out
+
+
+class GroundedAnnotator(nn.Module):
+    """See the module docstring. `field_words[f]` lists the vocabulary ids of field f's words
+    (e.g. the ids of left/right/bilateral); a field head predicts one of them."""
+
+    def __init__(self, vocab_size: int, num_labels: int, feat_dim: int,
+                 field_words: dict[str, list[int]], hidden: int = 256, embed_dim: int = 128,
+                 cell: str = "gru", attn_dim: int = 128, dropout: float = 0.1,
+                 text_vocab_size: int = 0, vocab: list[str] | None = None):
+        super().__init__()
+        if cell not in ("gru", "lstm"):
+            from ..errors import CxrError
+            raise CxrError(f"unknown rnn {cell!r}; choose gru or lstm")
+        self.cell, self.hidden, self.vocab_size = cell, hidden, vocab_size
+        self.field_words = {f: list(field_words.get(f, [])) for f in FIELDS}
+        self.region = nn.Conv2d(feat_dim, attn_dim, 1)
+        self.keys = nn.Linear(attn_dim + COORDS, attn_dim)
+        self.label = nn.Embedding(num_labels, attn_dim)
+        self.find_attn = Attention(attn_dim, attn_dim, attn_dim)
+        ctx_dim = attn_dim + COORDS
+        pooled_dim = ctx_dim + attn_dim + ZONES
+        self.heads = nn.ModuleDict({f: nn.Sequential(nn.Linear(pooled_dim, attn_dim), nn.ReLU(),
+                                                     nn.Linear(attn_dim, len(ids)))
+                                    for f, ids in self.field_words.items() if ids})
+        # the zone evidence speaks for side and site words directly (a linear map started from the
+        # anatomy: "left" = evidence in the image's right half on a PA film, "base" = lower third)
+        self.zone_heads = nn.ModuleDict({f: nn.Linear(ZONES, len(ids)) for f, ids in self.field_words.items()
+                                         if ids and f in ("side", "location")})
+        with torch.no_grad():
+            for f, head in self.zone_heads.items():
+                head.weight.copy_(zone_prior([vocab[i] for i in self.field_words[f]]) if vocab
+                                  else torch.zeros_like(head.weight))
+                head.bias.zero_()
+        self.word = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
+        self.init_h = nn.Linear(pooled_dim, hidden)
+        self.init_c = nn.Linear(pooled_dim, hidden) if cell == "lstm" else None
+        self.step_attn = Attention(attn_dim, attn_dim + hidden, attn_dim)
+        self.rnn_cell = (nn.GRUCell if cell == "gru" else nn.LSTMCell)(embed_dim + ctx_dim, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden + ctx_dim, vocab_size)
+        self.text = TextEncoder(text_vocab_size, attn_dim) if text_vocab_size else None
+        self.text_label = nn.Linear(ctx_dim, num_labels) if text_vocab_size else None
+        self.text_keys = nn.Linear(attn_dim, attn_dim) if text_vocab_size else None
+
+    # ------------------------------------------------------------------ regions and maps
+    def regions(self, maps: torch.Tensor):
+        """CNN maps (B, C, h, w) -> (values (B, R, attn+3), keys (B, R, attn))."""
+        b, _, h, w = maps.shape
+        feats = torch.relu(self.region(maps.float()))
+        coords = coordinates(h, w, maps.device).expand(b, -1, -1, -1)
+        values = torch.cat([feats, coords], 1).flatten(2).transpose(1, 2)
+        self._zones = zone_masks(h, w, maps.device)
+        return values, self.keys(values)
+
+    def finding(self, values, keys, labels):
+        """The finding map (B, R) and the vector the field heads read: the regions pooled under
+        the map, the finding's embedding, and its evidence per zone (B, ctx+attn+ZONES)."""
+        q = self.label(labels)
+        scores = self.find_attn.scores(keys, q)
+        alpha = torch.softmax(scores, -1)
+        zones = zone_evidence(scores, self._zones)
+        return alpha, torch.cat([torch.bmm(alpha[:, None], values)[:, 0], q, zones], -1)
+
+    def field_logits(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per field, logits over its words: an MLP of everything pooled (priors, appearance,
+        severity) plus, for side and site, the linear read-out of the zone evidence."""
+        zones = pooled[:, -ZONES:]
+        return {f: head(self.drop(pooled)) + (self.zone_heads[f](zones) if f in self.zone_heads else 0)
+                for f, head in self.heads.items()}
+
+    def _init_state(self, pooled):
+        h = torch.tanh(self.init_h(pooled))
+        if self.cell == "lstm":
+            return h, torch.tanh(self.init_c(pooled))
+        return h
+
+    def _step(self, words, state, values, keys, q):
+        h = state[0] if self.cell == "lstm" else state
+        alpha = self.step_attn(keys, torch.cat([q, h], -1))
+        ctx = torch.bmm(alpha[:, None], values)[:, 0]
+        state = self.rnn_cell(torch.cat([self.drop(self.word(words)), ctx], -1), state)
+        h = state[0] if self.cell == "lstm" else state
+        return self.out(self.drop(torch.cat([h, ctx], -1))), state, alpha
+
+    # ------------------------------------------------------------------ training
+    def forward(self, maps, labels, tokens):
+        """Teacher forcing: word logits (B, T-1, V), word maps (B, T-1, R), finding map (B, R),
+        field logits {field: (B, n_f)}; `tokens` = <start> w1 .. wn <end> <pad>..."""
+        values, keys = self.regions(maps)
+        alpha_f, pooled = self.finding(values, keys, labels)
+        q = self.label(labels)
+        state = self._init_state(pooled)
+        logits, alphas = [], []
+        for t in range(tokens.shape[1] - 1):
+            lg, state, a = self._step(tokens[:, t], state, values, keys, q)
+            logits.append(lg)
+            alphas.append(a)
+        return torch.stack(logits, 1), torch.stack(alphas, 1), alpha_f, self.field_logits(pooled)
+
+    def field_targets(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per field, the index (within the field's words) of the first such word in each
+        sequence, -100 where the sequence has none (ignored by the loss)."""
+        out = {}
+        for f, ids in self.field_words.items():
+            if not ids:
+                continue
+            target = torch.full((tokens.shape[0],), -100, dtype=torch.long, device=tokens.device)
+            for k, wid in reversed(list(enumerate(ids))):
+                hit = (tokens == wid).any(1)
+                target[hit] = k
+            out[f] = target
+        return out
+
+    def loss(self, maps, labels, tokens, text: torch.Tensor | None = None,
+             text_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """Word cross-entropy + field cross-entropy (+ report cross-attention and its distillation
+        into the finding map when `text` (B, L) report tokens are given). Returns (loss, parts)."""
+        logits, _, alpha_f, fields = self(maps, labels, tokens)
+        parts = {"words": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                                          ignore_index=PAD)}
+        targets = self.field_targets(tokens)
+        for f, lg in fields.items():
+            if (targets[f] >= 0).any():
+                parts[f] = F.cross_entropy(lg, targets[f], ignore_index=-100)
+        if text is not None and self.text is not None:
+            values, keys = self.regions(maps)
+            beta, pooled_t = self.text_map(values, keys, text)
+            parts["text_label"] = F.cross_entropy(self.text_label(pooled_t), labels)
+            zones = zone_evidence(torch.log(beta + 1e-8), self._zones)
+            for f, lg in self.field_logits(torch.cat([pooled_t, self.label(labels), zones], -1)).items():
+                if (targets[f] >= 0).any():
+                    parts[f"text_{f}"] = F.cross_entropy(lg, targets[f], ignore_index=-100)
+            # the image-only finding map learns the text-conditioned one (test time has no text)
+            parts["distil"] = F.kl_div(torch.log(alpha_f + 1e-8), beta.detach(), reduction="batchmean")
+            for k in [k for k in parts if k.startswith("text_") or k == "distil"]:
+                parts[k] = parts[k] * text_weight
+        return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+
+    def text_map(self, values, keys, text: torch.Tensor):
+        """Regions x report tokens: each token's attention over the regions (scaled dot
+        product), averaged over the tokens -> the text-conditioned map (B, R) and its pooled
+        region vector (B, ctx). The tokens meet the regions' CONTENT only (no coordinate
+        channels): "left" cannot simply point at the image's right half; the map must find the
+        finding, and the side is then read from where it found it."""
+        tok = self.text(text)  # (B, L, attn)
+        content = self.text_keys(values[..., :-COORDS])
+        scores = torch.einsum("bld,brd->blr", tok, content) / content.shape[-1] ** 0.5
+        per_token = torch.softmax(scores, -1)
+        mask = (text != 0).float()
+        beta = (per_token * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return beta, torch.bmm(beta[:, None], values)[:, 0]
+
+    # ------------------------------------------------------------------ use
+    def _ground(self, logp: torch.Tensor, field_logp: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Within each context class, the field head chooses the word; the RNN keeps the
+        probability that a word of that class comes next."""
+        logp = logp.clone()
+        for f, lp in field_logp.items():
+            ids = self.field_words[f]
+            mass = torch.logsumexp(logp[:, ids], -1, keepdim=True)
+            logp[:, ids] = mass + lp
+        return logp
+
+    @torch.no_grad()
+    def generate(self, maps, labels, max_len: int = 6, grounded: bool = True):
+        """Greedy decoding. Returns (word ids per item, word maps per item (n_words, R),
+        finding map (B, R), field probabilities {field: (B, n_f)})."""
+        values, keys = self.regions(maps)
+        alpha_f, pooled = self.finding(values, keys, labels)
+        field_logp = {f: torch.log_softmax(lg, -1) for f, lg in self.field_logits(pooled).items()}
+        q = self.label(labels)
+        state = self._init_state(pooled)
+        n = maps.shape[0]
+        words = torch.full((n,), START, dtype=torch.long, device=maps.device)
+        seqs: list[list[int]] = [[] for _ in range(n)]
+        wmaps: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        done = torch.zeros(n, dtype=torch.bool, device=maps.device)
+        for step in range(max_len):
+            lg, state, alpha = self._step(words, state, values, keys, q)
+            logp = torch.log_softmax(lg, -1)
+            if grounded:
+                logp = self._ground(logp, field_logp)
+            logp[:, PAD] = logp[:, START] = -float("inf")
+            if step == 0:
+                logp[:, END] = -float("inf")
+            for i, seq in enumerate(seqs):  # a MeSH term never repeats a part
+                if seq:
+                    logp[i, seq] = -float("inf")
+                    # nor names two sides or two grades
+                    for f in ("side", "severity"):
+                        if set(seq) & set(self.field_words[f]):
+                            logp[i, self.field_words[f]] = -float("inf")
+            words = logp.argmax(-1)
+            for i, w in enumerate(words.tolist()):
+                if not done[i] and w != END:
+                    seqs[i].append(w)
+                    wmaps[i].append(alpha[i])
+            done |= words == END
+            if done.all():
+                break
+        maps_out = [torch.stack(m) if m else alpha_f[i:i + 1, :0] for i, m in enumerate(wmaps)]
+        return seqs, maps_out, alpha_f, {f: lp.exp() for f, lp in field_logp.items()}
+
+
+ZONE_WEIGHT = 4.0
+# zone indices (see zone_masks): 0 image-left half, 1 image-right half, 2-4 upper/middle/lower thirds
+_ZONE_OF_WORD = {
+    "left": {1: 1.0, 0: -1.0}, "right": {0: 1.0, 1: -1.0}, "bilateral": {0: 0.5, 1: 0.5},
+    "upper lobe": {2: 1.0}, "apex": {2: 1.0}, "base": {4: 1.0}, "lower lobe": {4: 1.0},
+    "middle lobe": {3: 1.0}, "lingula": {3: 1.0}, "hilum": {3: 1.0},
+}
+
+
+def zone_prior(words: list[str]) -> torch.Tensor:
+    """(len(words), ZONES) starting weights of the zone read-out: the patient's left is the
+    image's right on a PA/AP film; lobes and zones by height. Words without a place start at 0."""
+    w = torch.zeros(len(words), ZONES)
+    for i, word in enumerate(words):
+        for z, v in _ZONE_OF_WORD.get(word, {}).items():
+            w[i, z] = ZONE_WEIGHT * v
+    return w
+
+
+def field_word_ids(words: list[str]) -> dict[str, list[int]]:
+    """Vocabulary ids of each context field's words (side: left/right/bilateral, ...)."""
+    from ..reports.mesh import word_class
+
+    out: dict[str, list[int]] = {f: [] for f in FIELDS}
+    for i, w in enumerate(words):
+        c = word_class(w)
+        if c in out:
+            out[c].append(i)
+    return out
