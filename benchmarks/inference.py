@@ -248,6 +248,8 @@ def main(argv=None) -> int:
                            "stretch": pre.stretch, "mean": pre.mean, "std": pre.std}
                     with ctx.Pool(1) as pool:
                         samples[i].append(pool.apply(measure, (job,)))
+                    print(f"  round {round_ + 1}, batch {batch}: {jobs[i]} "
+                          f"{samples[i][-1]['images_per_s']:.2f} images/s", flush=True)
             by_key = {}
             for i, runs in samples.items():
                 times = [t for r in runs for t in r["times"]]
