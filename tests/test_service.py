@@ -109,7 +109,9 @@ def test_heatmap_image_and_embedding_on_request(client, service, radiographs):
     body = r.json()
     diseases = [f["disease"] for f in body["findings"] if f["disease"] != "normal"]
     assert diseases, "a run with zero thresholds asserts every disease"
-    assert sorted(body["heatmaps"]) == sorted(diseases)
+    # one per disease; a grounded run adds the maps it attended to per word ("Opacity:left")
+    assert set(diseases) <= set(body["heatmaps"])
+    assert {k.split(":")[0] for k in body["heatmaps"]} == set(diseases)
     assert all(png_size(h) == (256, 256) for h in body["heatmaps"].values())
     assert png_size(body["image"]) == (256, 256)
     assert len(body["embedding"]) == service[1].spec.architecture.image_dim
@@ -243,7 +245,8 @@ def test_studies_image_and_search(client, service):
 
     one = client.get(f"/studies/{first['id']}", params={"heatmap": "true"}).json()
     assert one["id"] == first["id"] and "path" not in one and "path" not in first  # ids, not paths
-    assert set(one["heatmaps"]) == {f["disease"] for f in one["findings"] if f["disease"] != "normal"}
+    diseases = {f["disease"] for f in one["findings"] if f["disease"] != "normal"}
+    assert diseases <= set(one["heatmaps"]) and {k.split(":")[0] for k in one["heatmaps"]} == diseases
     image = client.get(f"/studies/{first['id']}/image")
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     from PIL import Image
