@@ -100,9 +100,7 @@ def test_attention_points_at_a_left_basal_blob_and_says_left(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def phantom(shared_data):
-    if not (shared_data / "phantom" / "chest_ct.nii.gz").exists():
-        pytest.skip("phantom CT not in the shared data")
+def phantom(shared_data):  # shared_data holds the CT (fetched once where not given)
     from cxr.phantom.render import Phantom
 
     return Phantom.load()

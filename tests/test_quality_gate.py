@@ -147,6 +147,7 @@ def test_cxr_check_answers_one_line_per_file(files, tmp_path, capsys):
     reports = json.loads((tmp_path / "gate.json").read_text())
     assert [r["accepted"] for r in reports] == [True] * 4 + [False] * 7
     assert reports[1]["rotation"] == 90 and reports[3]["inverted"] is True
+    assert reports[0]["gate_model"].startswith("gate-v") and len({r.get("gate_model") for r in reports[:-1]}) == 1
     assert set(reports[0]["probabilities"]) == {"kind", "rotation", "inverted", "mirrored"}
     assert abs(sum(reports[0]["probabilities"]["kind"].values()) - 1) < 1e-3
     assert reports[5]["checks"]["blank"]["passed"] is False and reports[5]["probabilities"] == {}
@@ -199,6 +200,29 @@ def test_reader_reads_a_rotated_film_upright(reader, files):
     assert rotated.scores == pytest.approx(upright.scores, abs=1e-5)
     inverted = reader(files["inverted"])
     assert inverted.quality.inverted and inverted.scores == pytest.approx(upright.scores, abs=0.02)
+
+
+def test_a_dicom_with_the_wrong_photometric_interpretation_is_read_the_right_way(reader, files, tmp_path):
+    """A MONOCHROME1 film whose header says MONOCHROME2 loads inverted (bone dark): the gate
+    turns it back, and the Reader reads what it reads from the film displayed right."""
+    from cxr.dicom import write_dicom
+
+    film = read_image(files["upright"]).pixels
+    # MONOCHROME1 stores 1 - film; the same stored values under a MONOCHROME2 header
+    right = write_dicom(tmp_path / "right.dcm", film, photometric="MONOCHROME1")
+    wrong = write_dicom(tmp_path / "wrong.dcm", 1.0 - film, photometric="MONOCHROME2")
+    a, b = reader([wrong, right])
+    assert a.quality.inverted and not b.quality.inverted
+    assert a.scores == pytest.approx(b.scores, abs=1e-4)
+
+
+def test_embeddings_are_of_the_upright_film_as_read(reader, files):
+    """`embed` (what `cxr search --like FILE` uses) turns a film as reading does, so a film on its
+    side finds what its upright copy finds; it refuses nothing."""
+    upright = reader(files["upright"]).embedding
+    turned, noise = reader.embed([files["rotated90"], files["noise"]])
+    np.testing.assert_allclose(turned, upright, atol=1e-5)
+    assert np.isfinite(noise).all()
 
 
 def test_reader_without_the_gate(tiny_run, files):

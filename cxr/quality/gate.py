@@ -136,6 +136,16 @@ def decide(probabilities: dict[str, dict[str, float]], read_views: Sequence[str]
     return report
 
 
+def gate_model_id(meta: dict) -> str:
+    """`gate-v<version>-<12 hex>`: the hash of the model's metadata (its calibration temperatures
+    and measured accuracies differ between trainings), so reports say which weights answered."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+    return f"gate-v{meta.get('version', 0)}-{digest[:12]}"
+
+
 def refused_by_checks(checks, gate_model: str = "") -> QualityReport:
     return QualityReport(accepted=False, reasons=failures(checks),
                          checks={c.name: c.to_dict() for c in checks}, gate_model=gate_model)
@@ -147,8 +157,7 @@ class QualityGate:
     def __init__(self, model, read_views: Sequence[str] = READ_VIEWS):
         self.model = model
         self.read_views = tuple(read_views)
-        meta = getattr(model, "meta", None) or {}
-        self.model_id = str(meta.get("name") or meta.get("id") or meta.get("version") or "gate")
+        self.model_id = gate_model_id(getattr(model, "meta", None) or {})
 
     @classmethod
     def load(cls, path: str | Path | None = None, device=None,
