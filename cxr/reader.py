@@ -12,10 +12,14 @@ rotated or with inverted polarity is turned back first, and `quality` says so (b
 then refer to the upright film). `force=True` reads refused images anyway; `gate=False` skips it.
 
 For each image: calibrated scores for every original target (refined cascade labels are folded
-back: max over a disease's sub-labels); the targets above their stored operating thresholds as
-findings, each with a generated annotation (the RNN, conditioned on that disease), its context
-fields parsed back from the tokens, boxes and a heatmap at the input size; and the image
-embedding. `normal` is reported as a finding only when no disease is.
+back: max over a disease's sub-labels, their sum for a softmax run); the study-level answer
+(`abnormal`, the calibrated probability that the study has any finding, and `call`, normal or
+abnormal at the run's stored operating point); the findings: in a study called abnormal, the
+diseases at or above their stored thresholds, each with a generated annotation (the RNN,
+conditioned on that disease), its context fields parsed back from the tokens, boxes and a
+heatmap at the input size; in a study called normal, `normal` alone; and the image embedding.
+(A run without a study-level answer reports the diseases above their thresholds, and `normal`
+only when no disease is.)
 
 A run with the grounded annotator (`cxr.models.grounded`, the default) writes each finding's
 words from the CNN's feature map: `heatmaps["Opacity"]` is its finding map (where it says the
@@ -42,11 +46,13 @@ from .calibration import apply_platt, logit
 from .checkpoint import load_run, unprefixed, weights_hash
 from .errors import CxrError
 from .models.annotator import Annotator, decode
+from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
 from .models.localize import boxes_from_heatmap, class_activation_maps, side_consistent, to_heatmap
 from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
+from .operating import decide
 from .runspec import RunSpec
 
 NORMAL = "normal"
@@ -81,7 +87,7 @@ class Reader:
         self.thresholds = np.array([spec.thresholds[t] for t in self.targets], dtype=np.float32)
         self.platt = [tuple(spec.calibration.params[t]) for t in self.targets]
         self.cnn = create_cnn(arch.backbone, arch.num_classes, arch.in_chans, pooling=arch.pooling,
-                              lse_r=arch.lse_r, transition=arch.transition)
+                              lse_r=arch.lse_r, transition=arch.transition, batch_norm=arch.batch_norm)
         self.cnn.load_state_dict(unprefixed("cnn", tensors))
         # the grounded annotator (attends over the feature map; cxr.models.grounded), if the run has one
         self.ground = None
@@ -169,14 +175,15 @@ class Reader:
     def scores(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated per-target scores (B, T) from logits, and, per target, the refined label
         carrying it (its highest-probability sub-label: the one whose CAM localises it)."""
-        probs = torch.sigmoid(logits).cpu().numpy()
+        softmax = self.spec.architecture.head == "softmax"
+        probs = output_probabilities(logits, self.spec.architecture.head)
         per_target = np.zeros((probs.shape[0], len(self.targets)), dtype=np.float32)
         best = np.zeros((probs.shape[0], len(self.targets)), dtype=np.int64)
         for t in range(len(self.targets)):
             kids = self.spec.refined.children(t)
             sub = probs[:, kids]
             best[:, t] = np.asarray(kids)[sub.argmax(1)]
-            per_target[:, t] = sub.max(1)
+            per_target[:, t] = sub.sum(1) if softmax else sub.max(1)
         return apply_platt(logit(per_target), self.platt), best
 
     def _cams(self, maps: torch.Tensor, best: np.ndarray, targets: list[int]) -> torch.Tensor:
@@ -282,13 +289,18 @@ class Reader:
 
         maps, logits, emb = self.forward(images)
         scores, best = self.scores(logits)
-        detected = []
         normal = self.targets.index(NORMAL) if NORMAL in self.targets else None
-        for b in range(len(images)):
-            hits = [t for t in range(len(self.targets)) if t != normal and scores[b, t] >= self.thresholds[t]]
-            if not hits and normal is not None and scores[b, normal] >= self.thresholds[normal]:
-                hits = [normal]
-            detected.append(hits)
+        study = self.spec.study
+        abnormal = study.probability(scores, self.targets) if study is not None else None
+        if study is not None:
+            detected = decide(abnormal, scores, self.targets, study.threshold, self.thresholds)
+        else:
+            detected = []
+            for b in range(len(images)):
+                hits = [t for t in range(len(self.targets)) if t != normal and scores[b, t] >= self.thresholds[t]]
+                if not hits and normal is not None and scores[b, normal] >= self.thresholds[normal]:
+                    hits = [normal]
+                detected.append(hits)
         pairs = [(b, t) for b, hits in enumerate(detected) for t in hits]
         grounded = {}
         if self.ground is not None and pairs:
@@ -334,7 +346,9 @@ class Reader:
             results.append(Result(
                 scores={t: float(scores[b, k]) for k, t in enumerate(self.targets)}, findings=findings,
                 heatmaps=maps_out, embedding=emb[b].cpu().numpy().astype(np.float32),
-                model_id=self.model_id, image_size=(int(h), int(w))))
+                model_id=self.model_id, image_size=(int(h), int(w)),
+                abnormal=None if abnormal is None else float(abnormal[b]),
+                call=None if abnormal is None else ("abnormal" if abnormal[b] >= study.threshold else "normal")))
         return results
 
     @torch.no_grad()

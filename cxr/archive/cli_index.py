@@ -62,9 +62,13 @@ def run(args: argparse.Namespace) -> int:
         raise CxrError("no such file or folder", args.source)
     stowed = None
     dicomweb = args.source.startswith("dicomweb:")
-    if dicomweb and (args.ray or args.dicom_out):
-        raise CxrError("a dicomweb: source is read here and its results go back to the server: "
-                       "leave out --ray and --dicom-out")
+    if dicomweb:
+        from ..net.dicomweb import parse_url
+
+        parse_url(args.source)  # a bad URL is one line now, not after loading the model
+        if args.ray or args.dicom_out:
+            raise CxrError("a dicomweb: source is read here and its results go back to the "
+                           "server: leave out --ray and --dicom-out")
     with Archive(args.db, vector_dir=args.vector_dir) as archive:
         if dicomweb:
             from ..net.dicomweb import index_dicomweb

@@ -59,12 +59,12 @@ class Worker:
         start = time.perf_counter()
         by_path = {p.path: p for p in batch}
         known = lambda hashes: self.archive.indexed(hashes, self.model_id)  # noqa: E731
-        done = process_batch(self.reader, self.model_id, list(by_path), known, heatmaps=True,
-                             force=self.force)
+        done = process_batch(self.reader, self.model_id, list(by_path), known,
+                             heatmaps=self.destination is not None, force=self.force)
         outboxes: dict[str, str] = {}
         for entry, image in zip(done.entries, done.images):
-            if entry.result is None or image is None:
-                continue
+            if entry.result is None or image is None or self.destination is None:
+                continue  # no destination: the archive is the product (as cxr index)
             p = by_path[entry.path]
             try:
                 outboxes[p.sop_uid] = str(self._write_results(p.sop_uid, entry.result, image))
