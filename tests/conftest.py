@@ -155,6 +155,8 @@ def _ensure(*groups: str) -> Path:
             except CxrError as exc:
                 # "could not fetch KEY; SOURCE: PROBLEM. Offline or ...": keep the last PROBLEM
                 _failed[known.key] = exc.problem.split(". Offline")[0].split("; ")[-1].split(": ", 1)[-1]
+            except OSError as exc:  # a read-only data folder given as $CXR_TEST_DATA, a full disk
+                _failed[known.key] = f"cannot write into {SHARED} ({exc.strerror or exc})"
     failed = [f.key for f in expand(list(groups)) if f.key in _failed]
     if failed:
         skip_or_fail(f"{', '.join(failed)} not fetched: {_failed[failed[0]]}")
