@@ -68,6 +68,12 @@ def readme_block(m: dict) -> str:
         "| --- | --- |",
         f"| mean AUC over {m['auc']['n_labels']} targets | {_f(m['auc']['mean'])} ("
         + ", ".join(f"{k} {_f(auc[k], 2)}" for k in shown) + ") |",
+        *([f"| study level, normal or abnormal (AUC of the abnormal probability) | {_f(m['study']['auc'])} |",
+           f"| study level at the stored operating point ({m['study']['operating_point']} on the validation "
+           f"patients): sensitivity / specificity / normal recall | {_f(m['study']['sensitivity'])} / "
+           f"{_f(m['study']['specificity'])} / {_f(m['study']['normal_recall'])} |",
+           f"| findings reported (micro): PPV / sensitivity | {_f(m['detection']['micro']['precision'])} / "
+           f"{_f(m['detection']['micro']['recall'])} |"] if m.get("study") else []),
         f"| calibration error (ECE, {m['calibration']['n_bins']} bins) | {_f(m['calibration']['ece'])} |",
         "| BLEU-1/2/3/4, annotator given the disease, stage 1 → cascade | "
         f"{b4('stage1', 'test', 'given_disease')} → {b4('cascade', 'test', 'given_disease')} |",

@@ -209,8 +209,11 @@ def write_demo_report(path: Path, m: dict, examples) -> Path:
         return (bleu.get(model, {}).get("test", {}).get("given_disease", {}) or {}).get("bleu4")
 
     loc = (m.get("localisation") or {}).get("protocol_given_disease") or {}
+    study = m.get("study") or {}
     summary = [
         ("mean AUC (test)", m["auc"]["mean"]),
+        (f"study level: sensitivity at {study.get('operating_point', '–')}", study.get("sensitivity")),
+        ("study level: specificity (normal films called normal)", study.get("specificity")),
         ("BLEU-4 before cascade", b4("stage1")),
         ("BLEU-4 after cascade", b4("cascade") if "cascade" in bleu else b4("final")),
         ("context: all 3 fields right", (m.get("context") or {}).get("exact")),
