@@ -141,3 +141,25 @@ def test_index_stores_each_images_report_from_source_items(tiny_run, radiographs
     assert again.skipped == 3
     assert {h.path for h in archive.search(report="cardiomegaly")} == {str(radiographs[0])}
     archive.close()
+
+
+def test_service_search_by_report_and_disagreement(archive, tiny_run, tmp_path):
+    import httpx
+
+    from cxr.service.app import create_app
+    from cxr.service.server import running_server
+
+    app = create_app(tiny_run, archive.url, upload_dir=tmp_path / "uploads",
+                     audit_log=tmp_path / "audit.jsonl")
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        body = client.get("/search", params={"report": "effusion"}).json()
+        assert body["query"] == {"report": "effusion"}
+        assert {h["id"] for h in body["items"]} == {archive.ids["agree_effusion"],
+                                                    archive.ids["report_only_effusion"]}
+        assert all("path" not in h and h["report"] for h in body["items"])
+        body = client.get("/search", params={"disagree": "report-only"}).json()
+        assert [h["id"] for h in body["items"]] == [archive.ids["report_only_effusion"]]
+        body = client.get("/search", params={"disagree": "model-only",
+                                             "finding": "Pneumothorax"}).json()
+        assert body["items"] == []
+        assert client.get("/search", params={"disagree": "sideways"}).status_code == 422
