@@ -7,7 +7,8 @@ block is printed at the end, ready to paste.
 One command, re-run whenever the model or the phantom changes. The demo resumes, so an interrupted
 run is finished by running this again; `--fresh` deletes --out first, for a full measurement (the
 times of a resumed run cover only what was left to do). `--no-run` only condenses the metrics of
-a demo already in --out.
+a demo already in --out. README.md's demo figures (the blocks marked with this file) are rewritten
+from the new metrics unless --no-readme.
 """
 from __future__ import annotations
 
@@ -67,6 +68,12 @@ def readme_block(m: dict) -> str:
         "| --- | --- |",
         f"| mean AUC over {m['auc']['n_labels']} targets | {_f(m['auc']['mean'])} ("
         + ", ".join(f"{k} {_f(auc[k], 2)}" for k in shown) + ") |",
+        *([f"| study level, normal or abnormal (AUC of the abnormal probability) | {_f(m['study']['auc'])} |",
+           f"| study level at the stored operating point ({m['study']['operating_point']} on the validation "
+           f"patients): sensitivity / specificity / normal recall | {_f(m['study']['sensitivity'])} / "
+           f"{_f(m['study']['specificity'])} / {_f(m['study']['normal_recall'])} |",
+           f"| findings reported (micro): PPV / sensitivity | {_f(m['detection']['micro']['precision'])} / "
+           f"{_f(m['detection']['micro']['recall'])} |"] if m.get("study") else []),
         f"| calibration error (ECE, {m['calibration']['n_bins']} bins) | {_f(m['calibration']['ece'])} |",
         "| BLEU-1/2/3/4, annotator given the disease, stage 1 → cascade | "
         f"{b4('stage1', 'test', 'given_disease')} → {b4('cascade', 'test', 'given_disease')} |",
@@ -87,12 +94,32 @@ def readme_block(m: dict) -> str:
     ])
 
 
+MARKER = "<!-- figures: benchmarks/results/demo.json -->"
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Replace the README's demo figures (from the first demo marker to the end of the block after
+    the last one) with `block`; False when the README has no such markers."""
+    text = readme.read_text()
+    first, last = text.find(MARKER), text.rfind(MARKER)
+    if first < 0:
+        return False
+    end = text.find("\n\n", last)
+    end = len(text) if end < 0 else end
+    tmp = readme.with_suffix(".tmp")
+    tmp.write_text(text[:first] + block + text[end:])
+    tmp.replace(readme)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("cxr-demo-bench"), help="the demo's folder")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "demo.json")
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
     ap.add_argument("--no-run", action="store_true", help="only condense the metrics already in --out")
+    ap.add_argument("--no-readme", action="store_true", help="leave README.md alone (default: its demo "
+                    "figures are rewritten from the new metrics)")
     args, extra = ap.parse_known_args(argv)  # anything else goes to `cxr demo` (e.g. --quick)
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
@@ -105,8 +132,11 @@ def main(argv=None) -> int:
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
     tmp.replace(args.json)
+    block = readme_block(result)
     print(f"demo: {result['demo'].get('seconds')}; metrics in {args.json}; the README block:\n")
-    print(readme_block(result))
+    print(block)
+    if not args.no_readme and update_readme(ROOT / "README.md", block):
+        print("\nREADME.md: demo figures updated")
     return 0
 
 

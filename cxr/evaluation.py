@@ -3,7 +3,11 @@
 Runs the run's `Reader` over one split of its data (by default the run's own data source and its
 stored patient split) and writes `metrics.json` and `metrics.md` (also printed):
 
-- detection: ROC AUC per target and mean; precision/recall/F1 at the stored operating thresholds;
+- study level: ROC AUC of the abnormal probability, and sensitivity, specificity, PPV, NPV of the
+  normal/abnormal call at the run's stored operating point (abnormal = any finding);
+- detection: ROC AUC per target and mean; PPV (precision), sensitivity (recall), specificity and
+  F1 of the reported findings at the stored operating thresholds; top-1 accuracy of a one-pattern
+  (shin2016) run, as Shin et al. report it;
 - annotation: BLEU-1..4 on train/val/test for the model before the cascade (RUN/stage1) and after
   (RUN), as Shin et al. 2016 report it; twice: "given disease" (the RNN writes the sequence of
   each true finding, conditioned on its disease: the annotator alone) and "end to end" (the
@@ -12,7 +16,9 @@ stored patient split) and writes `metrics.json` and `metrics.md` (also printed):
   them (the phantom's complete terms, Open-i MeSH terms);
 - localisation: ChestX-ray8 accuracy at T(IoBB) and T(IoU) in {0.1, 0.25, 0.5, 0.75, 0.9}
   against the boxes the source provides, with the CAM of the true disease (Wang et al.'s
-  protocol) and with what the Reader outputs (boxes of detected findings only);
+  protocol) and with what the Reader outputs (boxes of detected findings only); for a grounded
+  run also one table per other source (the finding map, the finding word's attention), each at
+  T(IoBB) and T(IoU), and a summary naming the best source at T(IoBB) = 0.5;
 - calibration: ECE and reliability-diagram data of the calibrated scores; the thresholds in use.
 
 Published figures (Wang et al., ChestX-ray8, CVPR 2017: `cxr.metrics.WANG2017_*`) sit beside
@@ -54,7 +60,8 @@ class EvalData:
             dataclasses.replace(f, disease=self.lookup.get(f.disease.lower(), f.disease))
             for f in s.findings]) for s in studies]
         self.prep = prepare(studies, spec.data.views, patient_split=spec.data.patients,
-                            targets=list(spec.targets), words=list(spec.vocabulary))
+                            targets=list(spec.targets), words=list(spec.vocabulary),
+                            label_space="shin2016" if spec.architecture.head == "softmax" else "diseases")
         self.targets = self.prep.targets
         by_image = {}
         for s in studies:
@@ -176,10 +183,45 @@ def _bleu(out: Outputs, data: EvalData, vocabulary: Sequence[str], beams: int) -
 
 
 def _detection(out: Outputs, data: EvalData, y: np.ndarray, thresholds: dict) -> dict:
+    from .operating import confusion
+
     gold = [{t for t, v in zip(data.targets, row) if v > 0} for row in y]
     pred = [{f.disease for f in r.findings} for r in out.results]
     prf = M.precision_recall_f1(gold, pred, labels=data.targets)
+    for k, t in enumerate(data.targets):
+        c = confusion(y[:, k], [t in p for p in pred])
+        prf["per_label"][t].update(sensitivity=c["sensitivity"], specificity=c["specificity"], ppv=c["ppv"])
     return {"thresholds": {t: thresholds.get(t) for t in data.targets}, **prf}
+
+
+def _study(out: Outputs, data: EvalData, y: np.ndarray, gate) -> dict | None:
+    """The study-level answer against the truth (abnormal = not normal): AUC of `abnormal`, the
+    call's sensitivity/specificity/PPV/NPV, and `normal` recall (normal studies reported normal)."""
+    from .operating import OperatingPoint, abnormal_truth, best_specificity, confusion
+
+    if gate is None:
+        return None
+    truth = abnormal_truth(y, data.targets) > 0
+    prob = np.array([r.abnormal for r in out.results], dtype=np.float64)
+    called = np.array([r.call == "abnormal" for r in out.results])
+    both = 0 < truth.sum() < len(truth)
+    auc = M.auc_per_label(truth[:, None].astype(float), prob[:, None], ["abnormal"])["mean"] if both else None
+    normal_reported = np.array([any(f.disease == "normal" for f in r.findings) for r in out.results])
+    return {"operating_point": gate.operating_point, "threshold": gate.threshold, "signal": gate.signal,
+            "auc": auc, "abnormal": int(truth.sum()), "normal": int((~truth).sum()),
+            **confusion(truth, called),
+            "normal_recall": float(normal_reported[~truth].mean()) if (~truth).any() else None,
+            "best_specificity_at_target": (
+                best_specificity(truth, prob, OperatingPoint.parse(gate.operating_point).value)
+                if gate.operating_point.startswith("sensitivity") else None),
+            "validation": gate.validation}
+
+
+def _top1(out: Outputs, y: np.ndarray) -> float | None:
+    """Share of images whose highest-scoring pattern is theirs (one-pattern runs only)."""
+    if out.reader.spec.architecture.head != "softmax" or len(y) == 0:
+        return None
+    return float((out.scores.argmax(1) == y.argmax(1)).mean())
 
 
 def _localisation(out: Outputs, data: EvalData, progress: bool) -> dict | None:
@@ -298,7 +340,9 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
                     "clusters": {t: len(run_spec.refined.children(k))
                                  for k, t in enumerate(ed.targets)}},
         "auc": auc,
+        "study": _study(main, ed, y, run_spec.study),
         "detection": _detection(main, ed, y, thresholds),
+        "top1_accuracy": _top1(main, y),
         "threshold_rule": run_spec.threshold_rule,
         "calibration": {"method": run_spec.calibration.method,
                         **M.reliability(y, main.scores)},
@@ -330,22 +374,43 @@ def metric_tables(m: dict) -> list[Table]:
     """The tables of a metrics dict, shared by metrics.md and the HTML report."""
     tables = []
     auc, det = m["auc"], m["detection"]
+    st = m.get("study")
+    if st:
+        rows = [["abnormal probability AUC", st["auc"]], ["threshold", st["threshold"]],
+                ["sensitivity (abnormal studies called abnormal)", st["sensitivity"]],
+                ["specificity (normal studies called normal)", st["specificity"]],
+                ["PPV", st["ppv"]], ["NPV", st["npv"]], ["normal recall", st["normal_recall"]],
+                ["studies abnormal / normal", f"{st['abnormal']} / {st['normal']}"]]
+        if st.get("best_specificity_at_target") is not None:
+            rows.append(["best specificity any threshold gives at the target sensitivity, on this split",
+                         st["best_specificity_at_target"]])
+        val = st.get("validation") or {}
+        tables.append(Table(
+            f"Study level: normal or abnormal ({m['split']} split, operating point {st['operating_point']})",
+            ["measure", "value"], rows,
+            f"abnormal = the study has any finding; its probability is the calibrated "
+            f"{'normal score (flipped)' if st['signal'] == 'normal' else 'highest disease score'}; "
+            f"the threshold was chosen on the validation patients for {st['operating_point']} "
+            f"(there: sensitivity {M.fmt(val.get('sensitivity'))}, specificity "
+            f"{M.fmt(val.get('specificity'))}). Findings are reported only in studies called abnormal."))
     rows = []
     for t in m["targets"]:
         d = det["per_label"].get(t, {})
         rows.append([t, auc["positives"].get(t), auc["per_label"].get(t),
                      auc["reference_wang2017"].get(t), det["thresholds"].get(t),
-                     d.get("precision"), d.get("recall"), d.get("f1")])
+                     d.get("precision"), d.get("recall"), d.get("specificity"), d.get("f1")])
     rows.append(["mean / micro", sum(auc["positives"].values()), auc["mean"], None, None,
-                 det["micro"]["precision"], det["micro"]["recall"], det["micro"]["f1"]])
+                 det["micro"]["precision"], det["micro"]["recall"], None, det["micro"]["f1"]])
     skipped = "; ".join(f"{k}: {v}" for k, v in auc["skipped"].items())
     tables.append(Table(
         f"Detection ({m['split']} split, {m['n_images']} images)",
-        ["target", "positives", "AUC", "Wang 2017 AUC", "threshold", "precision", "recall", "F1"],
+        ["target", "positives", "AUC", "Wang 2017 AUC", "threshold", "PPV", "sensitivity", "specificity", "F1"],
         rows,
         "AUC of the calibrated scores; mean over targets with both classes present"
         + (f" (no AUC for {skipped})" if skipped else "")
-        + f". P/R/F1 at the stored operating thresholds ({m.get('threshold_rule') or 'stored'})."
+        + (f"; top-1 accuracy {M.fmt(m['top1_accuracy'])}" if m.get("top1_accuracy") is not None else "")
+        + f". PPV (precision), sensitivity (recall), specificity, F1 of the reported findings at the "
+        f"stored operating thresholds ({m.get('threshold_rule') or 'stored'})."
         " Wang et al. 2017 figures are on ChestX-ray8 (108,948 real images), not this data."))
     rows = []
     for model, per_split in m["bleu"].items():
@@ -433,7 +498,10 @@ def metrics_markdown(m: dict) -> str:
             f"{m['split_counts']['test']})",
             f"- model: `{m['model_id']}` ({m['backbone']} + {m['rnn']}; "
             f"{m['cascade']['refined_labels']} refined labels over {len(m['targets'])} targets)",
-            f"- mean AUC {M.fmt(m['auc']['mean'])}, ECE {M.fmt(m['calibration']['ece'])}", ""]
+            f"- mean AUC {M.fmt(m['auc']['mean'])}, ECE {M.fmt(m['calibration']['ece'])}"
+            + (f"; study level at {m['study']['operating_point']}: sensitivity {M.fmt(m['study']['sensitivity'])}, "
+               f"specificity {M.fmt(m['study']['specificity'])}, AUC {M.fmt(m['study']['auc'])}"
+               if m.get("study") else ""), ""]
     body = []
     for t in metric_tables(m):
         body += [f"## {t.title}", "", M.markdown_table(t.headers, t.rows, t.digits), ""]

@@ -2,6 +2,7 @@
 (CLI `annotate`, archive index, REST service)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,17 +40,22 @@ class DetectedFinding:
 class Result:
     """Everything the cascade says about one image.
 
-    `scores` covers every target (keyed by the checkpoint's names); `findings` only those above
-    their stored operating threshold. `heatmaps` are (H, W) float32 in [0, 1] at the input
-    image's size, one per detected finding; `embedding` is the CNN image embedding.
+    `scores` covers every target (keyed by the checkpoint's names); `abnormal` is the calibrated
+    probability that the study has any finding and `call` the run's normal/abnormal answer at its
+    stored operating point; `findings` are the diseases above their stored thresholds in a study
+    called abnormal, or `normal` alone in one called normal. `heatmaps` are (H, W) float32 in [0, 1] at the input
+    image's size, one per detected finding (a mapping: the Reader's `Heatmaps` makes each when it
+    is first read); `embedding` is the CNN image embedding.
     """
 
     scores: dict[str, float]
     findings: list[DetectedFinding] = field(default_factory=list)
-    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    heatmaps: Mapping[str, np.ndarray] = field(default_factory=dict)
     embedding: np.ndarray | None = None
     model_id: str = ""
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the input image
+    abnormal: float | None = None  # calibrated probability that the study has any finding
+    call: str | None = None        # "normal" | "abnormal" at the run's operating point (None: a run without one)
     quality: "QualityReport | None" = None
 
     @property
@@ -61,7 +67,9 @@ class Result:
         if self.refused:
             return f"Result(not read: {self.quality.reason})"
         found = ", ".join(f"{f.disease} {f.score:.2f}" for f in self.findings) or "nothing"
-        return f"Result({self.model_id or 'model'}: {found}; {len(self.scores)} scores, {len(self.heatmaps)} heatmaps)"
+        call = f"{self.call} ({self.abnormal:.2f}); " if self.call is not None else ""
+        return (f"Result({self.model_id or 'model'}: {call}{found}; {len(self.scores)} scores, "
+                f"{len(self.heatmaps)} heatmaps)")
 
     @property
     def boxes(self) -> list[Box]:
@@ -71,6 +79,8 @@ class Result:
         d = {
             "model_id": self.model_id,
             "image_size": list(self.image_size),
+            "abnormal": None if self.abnormal is None else float(self.abnormal),
+            "call": self.call,
             "scores": {k: float(v) for k, v in self.scores.items()},
             "findings": [f.to_dict() for f in self.findings],
         }

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from .errors import CxrError
 from .models.cascade import RefinedLabels
+from .operating import StudyGate
 
 FORMAT = "cxr-run/2"
 V1_FORMAT = "cxr-run/1"
@@ -92,6 +93,8 @@ class Architecture:
     transition: int = 0           # ChestX-ray8 transition layer width (0: none)
     annotator: str = "global"     # global (Shin's RNN on the pooled embedding) | grounded
     attn_dim: int = 0             # the grounded annotator's width (weights "ground.*")
+    batch_norm: bool = True            # False: batch norms replaced by per-channel scale and shift
+    head: str = "sigmoid"              # sigmoid: multi-label | softmax: one pattern per image (shin2016)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -140,6 +143,8 @@ class RunSpec:
     pretrained: dict | None                    # what loading the pretrained CNN reported, or None
     data: DataSpec
     seed: int
+    study: StudyGate | None = None             # the study-level answer (abnormal probability, its
+                                               # threshold); None: a run from before it existed
 
     def __post_init__(self):
         problems = []

@@ -102,6 +102,9 @@ class Orthanc:
         """Instances matching a DICOM query (e.g. Modality="SR"), with their main tags."""
         return self.post("/tools/find", {"Level": "Instance", "Query": query, "Expand": True})
 
+    def count(self, **query) -> int:
+        return len(self.post("/tools/find", {"Level": "Instance", "Query": query}))
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

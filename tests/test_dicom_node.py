@@ -70,7 +70,8 @@ def pacs(servers_available, tiny_run, tmp_path_factory):
         node.start()
         yield orthanc, node
     finally:
-        node.stop()
+        if node.proc is not None and node.proc.poll() is None:
+            node.kill9()  # safe at any moment (the journal), and quicker than torch's exit
         orthanc.stop()
 
 
@@ -98,6 +99,26 @@ def test_storescu_to_node_to_orthanc(pacs, tmp_path):
     assert PATIENT.encode() not in db_bytes
 
 
+def test_orthanc_forwards_a_film_to_the_node(pacs, tmp_path):
+    """The PACS routes a film to the node (C-STORE from Orthanc, an allowed AE); the results
+    come back into the PACS, in the film's study."""
+    import urllib.request
+
+    orthanc, node = pacs
+    film = write_films(tmp_path / "films", 1, 256, first=20)[0]
+    req = urllib.request.Request(orthanc.url + "/instances", data=film.read_bytes(),
+                                 headers={"Content-Type": "application/dicom"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        orthanc_id = json.loads(r.read())["ID"]
+    journalled = node.journal()["instances"]
+    sent = orthanc.post("/modalities/cxr/store", {"Resources": [orthanc_id], "Synchronous": True})
+    assert sent["FailedInstancesCount"] == 0, sent
+    node.wait_processed(journalled + 1)
+    study = study_uid(film)
+    srs = [sr for sr in orthanc.instances(Modality="SR", StudyInstanceUID=study)]
+    assert len(srs) == 1
+
+
 def test_bad_associations_are_refused_and_logged(pacs, tmp_path):
     """Unknown calling AE, a SOP class that is no chest film, a dataset without pixels and one
     that cannot be decoded: each refused with its DICOM status and a log line; the node serves
@@ -110,6 +131,7 @@ def test_bad_associations_are_refused_and_logged(pacs, tmp_path):
     from cxr.dicom import write_dicom
 
     _, node = pacs
+    journalled = node.journal()["instances"]
     intruder = echoscu("INTRUDER", node.port)
     assert intruder.returncode != 0 and "Calling AE Title Not Recognized" in intruder.stderr
 
@@ -155,7 +177,7 @@ def test_bad_associations_are_refused_and_logged(pacs, tmp_path):
     assert "association from INTRUDER@127.0.0.1" in log and "rejected" in log
     assert "refused presentation contexts" in log and "CT Image Storage" in log
     assert "0xA900" in log and "0xC210" in log
-    assert node.journal()["instances"] == 3  # none of these reached the journal
+    assert node.journal()["instances"] == journalled  # none of these reached the journal
 
 
 def test_dicomweb_index_stows_results_back(pacs, tiny_run, tmp_path, capsys):
@@ -175,9 +197,11 @@ def test_dicomweb_index_stows_results_back(pacs, tiny_run, tmp_path, capsys):
         assert main(args) == 0, capsys.readouterr().err
         return json.loads(capsys.readouterr().out)
 
+    in_pacs = len(orthanc.instances(Modality="DX"))  # these 2 and any an earlier test put there
     stats = index()
-    # the node's SRs and overlays in the PACS are no films: only the 2 films are read
-    assert stats["indexed"] + stats["failed"] == 2 and stats["stowed"] == 2 * stats["indexed"]
+    # the node's SRs and overlays in the PACS are no films: only the films are read
+    assert stats["indexed"] + stats["failed"] == in_pacs
+    assert stats["stowed"] == 2 * stats["indexed"]
     assert stats["indexed"] >= 1
     srs = orthanc.instances(Modality="SR")
     assert len(srs) == before + stats["indexed"]
@@ -185,7 +209,7 @@ def test_dicomweb_index_stows_results_back(pacs, tiny_run, tmp_path, capsys):
                for sr in srs}
     assert {study_uid(f) for f in films} <= studies
     again = index()
-    assert again["stowed"] == 0 and again["skipped"] == 2
+    assert again["stowed"] == 0 and again["skipped"] == in_pacs
     assert len(orthanc.instances(Modality="SR")) == len(srs)
 
 
@@ -215,9 +239,26 @@ def test_kill9_mid_stream_every_acknowledged_instance_once(servers_available, ti
     again = storescu("MOD", node.port, films, verbose=True)
     assert len(acknowledged(again.stderr + again.stdout)) == 40
     counts = node.wait_processed(40)
-    node.stop()
+    node.kill9()
     per_sop = archive_sop_counts(node.db)
     print(f"after restart: journal {counts}, archive rows {sum(per_sop.values())}")
     assert acked <= set(per_sop)
     assert set(per_sop) == set(uids.values()) and set(per_sop.values()) == {1}
     assert counts["instances"] == 40 and counts["states"]["done"] == 40
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--port", "11112"], "--allow"),
+    (["--allow", "MOD", "--send-to", "PACS:104"], "expected AE@HOST:PORT"),
+    (["--allow", "MOD", "--ae-title", "A_TITLE_TOO_LONG_X"], "1 to 16 characters"),
+])
+def test_listen_refuses_bad_options_in_one_line(tmp_path, capsys, args, problem):
+    assert main(["listen", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert problem in err and len(err.splitlines()) == 1
+
+
+def test_index_refuses_a_dicomweb_source_that_is_no_url(tmp_path, capsys):
+    assert main(["index", str(tmp_path), "dicomweb:pacs/dicom-web", "--db",
+                 f"sqlite:///{tmp_path / 'a.db'}"]) == 2
+    assert "dicomweb:http(s)://" in capsys.readouterr().err

@@ -173,3 +173,18 @@ def test_cli_fetch_with_local_path_and_list(shared_data, empty_cache, capsys, tm
     assert cli_main(["fetch", "structures", "--path", str(other), "--force"]) == 0
     assert (empty_cache / "phantom" / "structures.csv").read_text() == other.read_text()
     assert cli_main(["fetch", "nonsense"]) == 2
+
+
+def test_tests_reach_loopback_only():
+    """The conftest guard: a test cannot connect beyond this machine (the one-time data fetch
+    aside), while loopback servers (uvicorn, PostgreSQL, Ray) stay reachable."""
+    import socket
+
+    with pytest.raises(ConnectionRefusedError, match="loopback only"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1, never routed
+    with pytest.raises(ConnectionRefusedError, match="loopback only"):
+        socket.create_connection(("pypi.org", 443), timeout=1)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        socket.create_connection(server.getsockname(), timeout=1).close()

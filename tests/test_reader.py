@@ -68,9 +68,12 @@ def test_findings_follow_thresholds(tiny_run):
     from cxr.reader import Reader
 
     spec, tensors = load_run(tiny_run)
-    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets})
+    assert spec.study is not None  # the tiny run's validation split has normal and abnormal studies
+    called_abnormal = dataclasses.replace(spec.study, threshold=0.0)
+    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets}, study=called_abnormal)
     result = Reader(spec, tensors, "cpu", gate=False)(_image())
     diseases = [t for t in spec.targets if t != "normal"]
+    assert result.call == "abnormal" and 0 <= result.abnormal <= 1
     assert sorted(f.disease for f in result.findings) == sorted(diseases)
     assert {k for k in result.heatmaps if ":" not in k} == set(diseases)
     assert all(f.annotation for f in result.findings)
@@ -79,6 +82,21 @@ def test_findings_follow_thresholds(tiny_run):
         assert words and " ".join(words) == f.annotation
     spec = dataclasses.replace(spec, thresholds={t: 1.1 for t in spec.targets})
     assert Reader(spec, tensors, "cpu", gate=False)(_image()).findings == []
+
+
+def test_a_study_called_normal_carries_no_disease(tiny_run):
+    """Whatever the finding thresholds, a study under the study-level threshold comes out
+    normal, with `normal` as its only finding."""
+    from cxr.checkpoint import load_run
+    from cxr.reader import Reader
+
+    spec, tensors = load_run(tiny_run)
+    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets},
+                               study=dataclasses.replace(spec.study, threshold=1.1))
+    result = Reader(spec, tensors, "cpu", gate=False)(_image())
+    assert result.call == "normal" and result.abnormal < 1.1
+    assert [f.disease for f in result.findings] == ["normal"]
+    assert result.to_dict()["call"] == "normal"
 
 
 def test_round_trip_same_outputs(reader, tiny_run):
@@ -147,7 +165,8 @@ def test_localise_matches_the_boxes_of_findings(tiny_run):
     from cxr.reader import Reader
 
     spec, tensors = load_run(tiny_run)
-    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets})
+    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets},
+                               study=dataclasses.replace(spec.study, threshold=0.0))
     reader = Reader(spec, tensors, "cpu", gate=False)
     image = _image()
     diseases = [t for t in spec.targets if t != "normal"]

@@ -31,6 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom-out", metavar="DIR", default=None,
                         help="also write a DICOM SR (TID 1500) and an overlay Secondary Capture "
                         "per newly indexed image into DIR")
+    parser.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="what runs the CNN: torch, or the graph of `cxr export RUN --onnx` "
+                        "under ONNX Runtime or OpenVINO (CPU; faster)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="read again the images recorded as failed")
     parser.add_argument("--force", action="store_true",
@@ -62,9 +65,13 @@ def run(args: argparse.Namespace) -> int:
         raise CxrError("no such file or folder", args.source)
     stowed = None
     dicomweb = args.source.startswith("dicomweb:")
-    if dicomweb and (args.ray or args.dicom_out):
-        raise CxrError("a dicomweb: source is read here and its results go back to the server: "
-                       "leave out --ray and --dicom-out")
+    if dicomweb:
+        from ..net.dicomweb import parse_url
+
+        parse_url(args.source)  # a bad URL is one line now, not after loading the model
+        if args.ray or args.dicom_out:
+            raise CxrError("a dicomweb: source is read here and its results go back to the "
+                           "server: leave out --ray and --dicom-out")
     with Archive(args.db, vector_dir=args.vector_dir) as archive:
         if dicomweb:
             from ..net.dicomweb import index_dicomweb
@@ -82,11 +89,11 @@ def run(args: argparse.Namespace) -> int:
                                    address=args.ray, batch_size=args.batch_size,
                                    num_actors=args.ray_actors, dicom_out=args.dicom_out,
                                    progress=not args.quiet, retry_failed=args.retry_failed,
-                                   force=args.force)
+                                   force=args.force, engine=args.engine)
         else:
             from ..reader import Reader
 
-            reader = Reader.load(args.run)
+            reader = Reader.load(args.run, engine=args.engine)
             archive.remember_run(reader.model_id, args.run)
             stats = index_images(archive, reader, iter_inputs(args.source),
                                  batch_size=args.batch_size, dicom_out=args.dicom_out,

@@ -307,4 +307,5 @@ def result_from_dict(d: dict, embedding: np.ndarray | None = None) -> Result:
         quality = QualityReport.from_dict(d["quality"])
     return Result(scores={k: float(v) for k, v in d.get("scores", {}).items()}, findings=findings,
                   embedding=embedding, model_id=d.get("model_id", ""),
-                  image_size=(int(size[0]), int(size[1])), quality=quality)
+                  image_size=(int(size[0]), int(size[1])), quality=quality, abnormal=d.get("abnormal"),
+                  call=d.get("call"))

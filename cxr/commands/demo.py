@@ -9,8 +9,9 @@
 
 Every stage resumes: simulation and training continue where they stopped, and finished stages
 are not redone, so an interrupted demo is finished by running the same command again. The
-defaults are sized for about 10 minutes on 2 CPU cores (a small CNN at 128 pixels); `--quick`
-is a smoke test of a minute or two, not a result.
+defaults are sized for minutes, not hours, on 2 CPU cores (a small CNN at 128 pixels; measured
+times in benchmarks/results/demo.json, written by benchmarks/demo.py); `--quick` is a smoke test,
+not a result.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from ..atomic import write_atomic
 from ..errors import CxrError
 
-# The default demo: chosen so that the whole run takes ~10 min on 2 CPU cores and the detector is
+# The default demo: chosen so that the whole run takes minutes on 2 CPU cores and the detector is
 # clearly better than chance on the phantom's test patients (see the report for the figures).
 DEFAULTS = dict(n=1500, size=256, image_size=128, crop=112, backbone="tiny", epochs=10,
                 cascade_epochs=5, rnn_epochs=40, batch_size=32, min_label_count=20,
@@ -208,8 +209,11 @@ def write_demo_report(path: Path, m: dict, examples) -> Path:
         return (bleu.get(model, {}).get("test", {}).get("given_disease", {}) or {}).get("bleu4")
 
     loc = (m.get("localisation") or {}).get("protocol_given_disease") or {}
+    study = m.get("study") or {}
     summary = [
         ("mean AUC (test)", m["auc"]["mean"]),
+        (f"study level: sensitivity at {study.get('operating_point', '–')}", study.get("sensitivity")),
+        ("study level: specificity (normal films called normal)", study.get("specificity")),
         ("BLEU-4 before cascade", b4("stage1")),
         ("BLEU-4 after cascade", b4("cascade") if "cascade" in bleu else b4("final")),
         ("context: all 3 fields right", (m.get("context") or {}).get("exact")),

@@ -2,6 +2,7 @@
 
     cxr train --data openi:~/data/openi --out runs/openi --backbone googlenet
     cxr train --data phantom --out runs/demo --backbone tiny --image-size 128 --crop 112
+    cxr train --data openi:~/data/openi --out runs/shin --labels shin2016 --operating-point specificity=0.8
     torchrun --nproc_per_node 4 -m cxr.cli train --data nih:~/data/nih --out runs/nih   # DDP, one GPU each
 
 Every TrainConfig field is a flag (`--image-size`, `--no-cascade`, `--class-weighted`, ...);
@@ -39,6 +40,11 @@ HELP = {
     "cache_dir": "where the decoded image cache goes (default RUN/cache)",
     "max_images": "use only the first N studies (quick trials)",
     "fractions": "train val test fractions, by patient",
+    "labels": "diseases: one sigmoid output per disease, multi-label | shin2016: Shin et al.'s one "
+              "pattern per image (the `cxr labels` space), softmax, top-1 accuracy",
+    "batch_norm": "batch norm in the CNN (off: a per-channel scale and shift instead)",
+    "operating_point": "what the study-level normal/abnormal threshold is chosen for on the validation "
+                       "patients: sensitivity=S, specificity=S or f1",
     "pooling": "CNN head pooling: avg (CAM) | lse (ChestX-ray8 log-sum-exp)",
     "lse_r": "sharpness of LSE pooling (small: average, large: max)",
     "transition": "ChestX-ray8 transition layer width before pooling (0: none)",

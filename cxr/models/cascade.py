@@ -81,9 +81,18 @@ def _kmeans(x: np.ndarray, k: int, seed: int, restarts: int = 4) -> np.ndarray:
     return renumbered.astype(np.int64)
 
 
-def to_original(probs: np.ndarray, refined: RefinedLabels, n_targets: int) -> np.ndarray:
-    """Per-refined-label probabilities (N, R) -> per-target probabilities (N, T): max over children."""
+def to_original(probs: np.ndarray, refined: RefinedLabels, n_targets: int, head: str = "sigmoid") -> np.ndarray:
+    """Per-refined-label probabilities (N, R) -> per-target probabilities (N, T): the max over a
+    target's children for independent (sigmoid) outputs, their sum for a softmax (exclusive
+    sub-labels of one pattern)."""
     out = np.zeros((probs.shape[0], n_targets), dtype=probs.dtype)
     for i, p in enumerate(refined.parents):
-        out[:, p] = np.maximum(out[:, p], probs[:, i])
+        out[:, p] = out[:, p] + probs[:, i] if head == "softmax" else np.maximum(out[:, p], probs[:, i])
     return out
+
+
+def output_probabilities(logits, head: str = "sigmoid") -> np.ndarray:
+    """The CNN's logits (torch, (N, R)) as probabilities: sigmoid per output, or one softmax."""
+    import torch
+
+    return (torch.softmax(logits, 1) if head == "softmax" else torch.sigmoid(logits)).float().cpu().numpy()

@@ -178,8 +178,33 @@ class Classifier(nn.Module):
 
 
 def create_cnn(backbone: str, num_classes: int, in_chans: int = 1, drop: float = 0.0,
-               pooling: str = "avg", lse_r: float = 10.0, transition: int = 0) -> Classifier:
-    return Classifier(backbone, num_classes, in_chans, drop, pooling, lse_r, transition)
+               pooling: str = "avg", lse_r: float = 10.0, transition: int = 0,
+               batch_norm: bool = True) -> Classifier:
+    model = Classifier(backbone, num_classes, in_chans, drop, pooling, lse_r, transition)
+    return model if batch_norm else without_batch_norm(model)
+
+
+class ChannelAffine(nn.Module):
+    """What is left of a batch norm without the normalisation: a learnt scale and shift per channel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def without_batch_norm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm2d replaced by a `ChannelAffine` (Shin et al.'s without-batch-norm arm: same
+    layers and parameters, no normalisation by batch statistics)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, ChannelAffine(child.num_features))
+        else:
+            without_batch_norm(child)
+    return model
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

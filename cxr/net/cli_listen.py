@@ -29,7 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-any", action="store_true",
                         help="accept any calling AE title (no allow-list)")
     parser.add_argument("--send-to", metavar="AE@HOST:PORT", default=None,
-                        help="C-STORE each SR + Secondary Capture to this node (e.g. the PACS)")
+                        help="C-STORE each film's SR + overlay Secondary Capture to this node "
+                        "(e.g. the PACS); without it the results are only archived")
     parser.add_argument("--db", default=DEFAULT_URL, help=f"archive database URL (default {DEFAULT_URL})")
     parser.add_argument("--spool", default="cxr-spool",
                         help="folder for received instances, the journal and the outbox "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -39,11 +40,18 @@ def default_spool(url: str) -> Path:
 
 
 def client(url: str):
+    """A DICOMweb client; `$CXR_DICOMWEB_TOKEN`, when set, goes as a bearer token (most PACS put
+    DICOMweb behind OAuth/OIDC)."""
     try:
+        import requests
         from dicomweb_client.api import DICOMwebClient
     except ImportError:
         raise CxrError("dicomweb: sources need dicomweb-client: pip install 'cxr[net]'") from None
-    return DICOMwebClient(url=url)
+    session = requests.Session()
+    token = os.environ.get("CXR_DICOMWEB_TOKEN")
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    return DICOMwebClient(url=url, session=session)
 
 
 def _value(item: dict, tag: str):

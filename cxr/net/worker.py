@@ -35,10 +35,17 @@ class Worker:
         self.force = force
         self.stop = threading.Event()
 
-    def run(self) -> None:
-        """Until `stop` is set: read what is pending, send what waits, else wait a little."""
+    def run(self, retry_s: float = 10.0) -> None:
+        """Until `stop` is set: read what is pending, send what waits, else wait a little. An
+        error (the database away, a disk full) is logged and the step retried later: the node
+        keeps receiving meanwhile, and the journal keeps what waits."""
         while not self.stop.is_set():
-            worked = self.step()
+            try:
+                worked = self.step()
+            except Exception as exc:
+                log.error("worker: %s: %s (retrying in %.0f s)", type(exc).__name__, exc, retry_s)
+                self.stop.wait(retry_s)
+                continue
             if not worked:
                 self.stop.wait(0.2)
 
@@ -59,12 +66,12 @@ class Worker:
         start = time.perf_counter()
         by_path = {p.path: p for p in batch}
         known = lambda hashes: self.archive.indexed(hashes, self.model_id)  # noqa: E731
-        done = process_batch(self.reader, self.model_id, list(by_path), known, heatmaps=True,
-                             force=self.force)
+        done = process_batch(self.reader, self.model_id, list(by_path), known,
+                             heatmaps=self.destination is not None, force=self.force)
         outboxes: dict[str, str] = {}
         for entry, image in zip(done.entries, done.images):
-            if entry.result is None or image is None:
-                continue
+            if entry.result is None or image is None or self.destination is None:
+                continue  # no destination: the archive is the product (as cxr index)
             p = by_path[entry.path]
             try:
                 outboxes[p.sop_uid] = str(self._write_results(p.sop_uid, entry.result, image))

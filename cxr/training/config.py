@@ -61,6 +61,9 @@ class TrainConfig:
     cache_dir: str | None = None     # image cache (default RUN/cache)
     progress: bool = True
     max_images: int | None = None    # use only the first N studies' images (quick trials)
+    labels: str = "diseases"         # diseases (multi-label, sigmoid) | shin2016 (one pattern, softmax)
+    batch_norm: bool = True          # off: every batch norm becomes a per-channel scale and shift
+    operating_point: str = "sensitivity=0.9"  # study-level target on validation: sensitivity=S | specificity=S | f1
 
     def __post_init__(self):
         self.fractions = tuple(float(f) for f in self.fractions)
@@ -74,6 +77,11 @@ class TrainConfig:
             raise CxrError(f"unknown annotator {self.annotator!r}; choose grounded or global")
         if self.views not in ("frontal", "lateral", "all"):
             raise CxrError(f"unknown views {self.views!r}; choose frontal, lateral or all")
+        if self.labels not in ("diseases", "shin2016"):
+            raise CxrError(f"unknown labels {self.labels!r}; choose diseases or shin2016")
+        from ..operating import OperatingPoint
+
+        self.operating_point = str(OperatingPoint.parse(self.operating_point))
         if self.crop > self.image_size:
             raise CxrError(f"crop {self.crop} is larger than image_size {self.image_size}")
         if len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-6:

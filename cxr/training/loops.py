@@ -145,6 +145,15 @@ def mean_auc(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(np.mean(aucs)) if aucs else None
 
 
+def cnn_loss(logits: torch.Tensor, y: torch.Tensor, labels: str, pos_weight=None, class_weight=None):
+    """Multi-label BCE (`labels` "diseases"), or Shin et al.'s softmax cross-entropy ("shin2016";
+    the target row is normalised, so an image whose terms fell into two refined sub-labels of its
+    pattern counts half to each)."""
+    if labels == "shin2016":
+        return F.cross_entropy(logits, y / y.sum(1, keepdim=True).clamp(min=1), weight=class_weight)
+    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+
+
 def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np.ndarray,
               epochs: int, evaluate: Callable[[], dict] | None = None, normal_col: int | None = None,
               sample_labels: np.ndarray | None = None):
@@ -162,12 +171,15 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dev.index] if dev.type == "cuda" else None)
-    pos_weight = None
+    pos_weight = class_weight = None
     if cfg.class_weighted:
         y = labels[train_idx]
         pos = y.sum(0)
         pos_weight = torch.tensor(np.clip((len(y) - pos) / np.maximum(pos, 1), 1.0, 100.0),
                                   dtype=torch.float32, device=dev)
+        # softmax: each class weighs n / (K n_c), so every class counts as much in the loss
+        class_weight = torch.tensor(np.clip(len(y) / (len(pos) * np.maximum(pos, 1)), 0.01, 100.0),
+                                    dtype=torch.float32, device=dev)
     scaler = torch.amp.GradScaler("cuda", enabled=(dev.type == "cuda" and cfg.amp
                                                    and not torch.cuda.is_bf16_supported()))
     from tqdm.auto import tqdm
@@ -200,7 +212,7 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
             x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
             with ctx.autocast():
                 logits = net(x)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
+            loss = cnn_loss(logits.float(), y, cfg.labels, pos_weight, class_weight)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -26,13 +26,14 @@ from ..checkpoint import prefixed, save_run
 from ..dataset import build_cache
 from ..errors import CxrError
 from ..models.annotator import Annotator
-from ..models.cascade import RefinedLabels, refine, to_original
+from ..models.cascade import RefinedLabels, output_probabilities, refine, to_original
 from ..models.cnn import create_cnn, load_pretrained
 from ..preprocess import MEAN, STD, STRETCH
 from ..records import MAX_TOKENS, Study
 from ..runspec import Architecture, Calibration, DataSpec, LocalizeParams, Preprocessing, RunSpec
 from ..calibration import apply_platt, logit
-from .calibration import fit_platt, max_f1_thresholds
+from ..operating import OperatingPoint, abnormal_truth, choose, finding_threshold
+from .calibration import fit_platt
 from .config import TrainConfig
 from .loops import (Context, infer, load_phase_weights, mean_auc, phase_done, sequences, train_cnn,
                     train_rnn)
@@ -139,7 +140,7 @@ def _train(cfg: TrainConfig, out: Path, progress: dict | None, studies, rank: in
     stored = (progress or {}).get("prepared") or {}
     prep = prepare(studies, cfg.views, cfg.fractions, cfg.seed, cfg.min_label_count,
                    patient_split=stored.get("patient_split"), targets=stored.get("targets"),
-                   words=stored.get("words"))
+                   words=stored.get("words"), label_space=cfg.labels)
     out.mkdir(parents=True, exist_ok=True)
     progress = progress or {"config": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             "prepared": {"patient_split": prep.patient_split, "targets": prep.targets,
@@ -176,7 +177,7 @@ def _run(ctx: Context, prep: Prepared) -> Path:
 
     # ---- stage 1: CNN on the mined targets, then the RNN
     cnn = create_cnn(cfg.backbone, n_t, drop=cfg.dropout, pooling=cfg.pooling, lse_r=cfg.lse_r,
-                     transition=cfg.transition)
+                     transition=cfg.transition, batch_norm=cfg.batch_norm)
     if cfg.pretrained and not ctx.progress["phases"].get("cnn1"):
         report = load_pretrained(cnn, cfg.pretrained)
         ctx.progress["pretrained"] = {"path": str(cfg.pretrained), "loaded": len(report["loaded"]),
@@ -259,14 +260,32 @@ def _evaluator(ctx: Context, cnn, prep: Prepared, val_idx: np.ndarray, refined: 
 
     def evaluate() -> dict:
         logits, _ = infer(ctx, cnn, val_idx)
-        probs = to_original(torch.sigmoid(logits).numpy(), refined, len(prep.targets))
+        probs = _target_probabilities(ctx, logits, refined, len(prep.targets))
         y = prep.labels[val_idx]
         eps = 1e-6
         bce = float(-np.mean(y * np.log(probs + eps) + (1 - y) * np.log(1 - probs + eps)))
         auc = mean_auc(y, probs)
-        return {"val_loss": bce, **({"val_auc": auc} if auc is not None else {})}
+        return {"val_loss": bce, **({"val_auc": auc} if auc is not None else {}), **_top1(ctx, y, probs)}
 
     return evaluate
+
+
+def _head(ctx: Context) -> str:
+    return "softmax" if ctx.cfg.labels == "shin2016" else "sigmoid"
+
+
+def _target_probabilities(ctx: Context, logits: torch.Tensor, refined: RefinedLabels, n_t: int) -> np.ndarray:
+    """Per-target probabilities of CNN logits, refined labels folded back (what the Reader does)."""
+    head = _head(ctx)
+    return to_original(output_probabilities(logits, head), refined, n_t, head)
+
+
+def _top1(ctx: Context, y: np.ndarray, probs: np.ndarray) -> dict:
+    """Shin et al.'s measure for the one-pattern set-up: share of images whose highest-scoring
+    pattern is theirs."""
+    if ctx.cfg.labels != "shin2016" or len(y) == 0:
+        return {}
+    return {"val_top1": float((probs.argmax(1) == y.argmax(1)).mean())}
 
 
 def _train_annotator(ctx: Context, phase: str, cnn, rnn: Annotator, prep: Prepared, train_idx, val_idx):
@@ -303,28 +322,49 @@ def _refine(ctx: Context, cnn, rnn: Annotator, prep: Prepared, train_idx) -> tup
     return refined, pair_refined
 
 
+THRESHOLD_RULE = ("study: abnormal probability >= the threshold meeting {point} on the validation "
+                  "patients; finding: reported only in a study called abnormal, at max F1 among the "
+                  "validation studies called abnormal, shrunk toward .5 by n/(n+10) for n validation "
+                  "positives (.5 below 5); normal: reported exactly when the study is called normal")
+
+
 def _calibrate(ctx: Context, cnn, prep: Prepared, refined: RefinedLabels, val_idx):
-    """Platt per target on validation logits (after the max over refined labels), then max-F1
-    thresholds on the calibrated scores. Returns ({target: [a, b]}, {target: t}, val metrics)."""
+    """Platt per target on validation logits (after folding refined labels back), then the
+    study-level gate and the finding thresholds (`cxr.operating`). Returns ({target: [a, b]},
+    {target: t}, val metrics, StudyGate or None, the threshold rule)."""
     n_t = len(prep.targets)
     if len(val_idx) == 0:
-        return ({t: [1.0, 0.0] for t in prep.targets}, {t: 0.5 for t in prep.targets}, {})
+        return ({t: [1.0, 0.0] for t in prep.targets}, {t: 0.5 for t in prep.targets}, {}, None,
+                "no validation split: .5 for every target")
     logits, _ = infer(ctx, cnn, val_idx)
-    raw = logit(to_original(torch.sigmoid(logits).numpy(), refined, n_t))
+    raw = logit(_target_probabilities(ctx, logits, refined, n_t))
     y = prep.labels[val_idx]
     platt = fit_platt(raw, y)
     probs = apply_platt(raw, platt)
-    thresholds = max_f1_thresholds(probs, y)
+    abnormal = abnormal_truth(y, prep.targets)
+    if 0 < abnormal.sum() < len(abnormal):
+        point = OperatingPoint.parse(ctx.cfg.operating_point)
+        gate, thresholds = choose(probs, y, prep.targets, point, fit_platt)
+        rule = THRESHOLD_RULE.format(point=point)
+    else:  # a validation split of one kind only (tiny runs): no study-level answer
+        gate = None
+        thresholds = {t: finding_threshold(probs[:, k], y[:, k]) for k, t in enumerate(prep.targets)}
+        rule = "finding: max F1 on the validation split shrunk toward .5 (no study-level gate: " \
+               "the validation split holds only normal or only abnormal studies)"
     auc = mean_auc(y, probs)
-    metrics = {"val_images": int(len(val_idx)), **({"val_auc": auc} if auc is not None else {})}
+    metrics = {"val_images": int(len(val_idx)), **({"val_auc": auc} if auc is not None else {}),
+               **_top1(ctx, y, probs)}
+    if gate is not None:
+        metrics.update({"val_study_sensitivity": gate.validation["sensitivity"],
+                        "val_study_specificity": gate.validation["specificity"]})
     return ({t: list(p) for t, p in zip(prep.targets, platt)},
-            {t: float(th) for t, th in zip(prep.targets, thresholds)}, metrics)
+            {t: float(th) for t, th in thresholds.items()}, metrics, gate, rule)
 
 
 def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, prep: Prepared,
                refined: RefinedLabels, val_idx, ground=None) -> None:
     cfg = ctx.cfg
-    calibration, thresholds, metrics = _calibrate(ctx, cnn, prep, refined, val_idx)
+    calibration, thresholds, metrics, gate, rule = _calibrate(ctx, cnn, prep, refined, val_idx)
     if not ctx.main:
         return
     counts = {name: int((prep.split == i).sum()) for i, name in enumerate(("train", "val", "test"))}
@@ -339,7 +379,8 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
                                   num_labels=len(prep.targets), max_tokens=MAX_TOKENS,
                                   pooling=cfg.pooling, lse_r=cfg.lse_r, transition=cfg.transition,
                                   annotator="grounded" if ground is not None else "global",
-                                  attn_dim=cfg.attn_dim if ground is not None else 0),
+                                  attn_dim=cfg.attn_dim if ground is not None else 0,
+                                  batch_norm=cfg.batch_norm, head=_head(ctx)),
         targets=list(prep.targets),
         refined=refined,
         vocabulary=list(prep.words),
@@ -347,7 +388,7 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
                                     stretch=STRETCH),
         calibration=Calibration(method="platt", params=calibration),
         thresholds=thresholds,
-        threshold_rule="max F1 on the validation split (calibrated scores)",
+        threshold_rule=rule,
         localization=LocalizeParams(cfg.localize_threshold, cfg.max_boxes),
         validation=metrics,
         train_config=cfg.to_dict(),
@@ -357,6 +398,7 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
                       label_counts={t: int(prep.labels[train_rows, k].sum())
                                     for k, t in enumerate(prep.targets)}),
         seed=cfg.seed,
+        study=gate,
     )
     tensors = {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())}
     if ground is not None:  # the report-text branch is for training only: not kept

@@ -7,7 +7,13 @@ MeSH terms (`study_terms`), a term's disease is its pattern element (`pattern_el
 Targets are `normal` plus each disease carried by >= `min_label_count` training images. Where Shin
 counted whole patterns (single-pattern images only), we count diseases and train multi-label, so
 an image with two diseases is a positive of both. Every (image, term) pair is one annotation
-sequence for the RNN (the term's tokens, `term_tokens`). The vocabulary is
+sequence for the RNN (the term's tokens, `term_tokens`).
+
+`label_space="shin2016"` is the paper's own set-up instead: an image's target is its whole
+pattern (`study_pattern`), one-hot over the patterns that `cxr labels` lists (>= `min_label_count`
+images among all the studies given, as Shin et al. counted them), for a softmax; images whose
+pattern is not one of them (most multi-finding images) are left out, as in the paper. The
+vocabulary is
 `cxr.reports.labels.Vocabulary` built on the training studies. The split is
 `cxr.splits.split_by_patient`, stored as patient lists.
 """
@@ -23,6 +29,7 @@ from ..records import Study, term_tokens
 
 NORMAL = "normal"
 SPLITS = ("train", "val", "test")
+LABEL_SPACES = ("diseases", "shin2016")
 
 
 @dataclass
@@ -72,9 +79,13 @@ def finding_sequences(study: Study) -> list[tuple[str, list[str]]]:
 
 def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0.2), seed: int = 0,
             min_label_count: int = 30, patient_split: dict[str, list[str]] | None = None,
-            targets: list[str] | None = None, words: list[str] | None = None) -> Prepared:
+            targets: list[str] | None = None, words: list[str] | None = None,
+            label_space: str = "diseases") -> Prepared:
     """Select labelled images of the chosen views, split by patient (or reuse `patient_split`),
-    build targets and vocabulary (or reuse the stored ones, when resuming or evaluating)."""
+    build targets and vocabulary (or reuse the stored ones, when resuming or evaluating).
+    `label_space`: "diseases" (multi-label, the default) or "shin2016" (one pattern per image)."""
+    if label_space not in LABEL_SPACES:
+        raise CxrError(f"unknown label space {label_space!r}; choose {' or '.join(LABEL_SPACES)}")
     rows, seqs = [], []
     for s in studies:
         sq = finding_sequences(s)
@@ -95,6 +106,8 @@ def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0
         patient_split = split_patients(used, fractions, seed)
     where = {p: i for i, name in enumerate(SPLITS) for p in patient_split[name]}
     split = np.array([where.get(p, 2) for p in patients], dtype=np.int64)  # unknown -> test
+    if label_space == "shin2016":
+        return _patterns(rows, seqs, patients, split, patient_split, min_label_count, targets, words)
 
     if targets is None:
         counts = Counter()
@@ -123,6 +136,30 @@ def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0
     return Prepared(
         paths=[str(im.path) for _, im in rows], image_ids=[im.id for _, im in rows],
         study_ids=[s.id for s, _ in rows], patients=patients, split=split, targets=list(targets),
+        labels=labels, pairs=pairs, words=list(words),
+        patient_split={k: list(v) for k, v in patient_split.items()},
+        reports=[dict(s.report or {}) for s, _ in rows])
+
+
+def _patterns(rows, seqs, patients, split, patient_split, min_count, targets, words) -> Prepared:
+    """Shin et al.'s targets: one pattern per image (softmax), images of other patterns left out
+    (split -1); every term of an image is an annotation of its pattern."""
+    from ..reports.labels import LabelSpace, Vocabulary
+
+    if targets is None:
+        space = LabelSpace.build(list({id(s): s for s, _ in rows}.values()), min_count)
+    else:
+        space = LabelSpace(list(targets))
+    labels = np.stack([space.labels_of(s) for s, _ in rows]).astype(np.float32)
+    split = np.where(labels.any(1), split, -1)
+    pairs = [(i, int(labels[i].argmax()), tokens) for i, sq in enumerate(seqs) if labels[i].any()
+             for _, tokens in sq]
+    if words is None:
+        train_studies = list({id(s): s for (s, _), k in zip(rows, split) if k == 0}.values())
+        words = Vocabulary.build(train_studies).tokens
+    return Prepared(
+        paths=[str(im.path) for _, im in rows], image_ids=[im.id for _, im in rows],
+        study_ids=[s.id for s, _ in rows], patients=patients, split=split, targets=list(space.targets),
         labels=labels, pairs=pairs, words=list(words),
         patient_split={k: list(v) for k, v in patient_split.items()},
         reports=[dict(s.report or {}) for s, _ in rows])

@@ -1,0 +1,199 @@
+"""Shin et al. 2016's design choices, measured on the phantom: each arm changes one thing from a
+base run, on the same patient split and seed, for several seeds; the paired differences (arm minus
+base, per seed) with their spread say what helps.
+
+    python benchmarks/ablation.py --json benchmarks/results/ablation.json          # the full run
+    python benchmarks/ablation.py --reduced --json benchmarks/results/ablation.json  # what fits a busy machine
+
+Arms (base: NIN with batch norm, data dropout, no class weighting, Shin's global GRU annotator, no cascade):
+  googlenet, densenet121      the CNN (at the small input the base uses)
+  no_batch_norm               every batch norm replaced by a per-channel scale and shift
+  no_data_dropout             every training image once per epoch, no normal dropped, none repeated
+  class_weighted              BCE positives weighted neg/pos per target (Wang et al. 2017)
+  lstm                        the annotator cell
+  cascade vs control          both train stage 1 then a second CNN + RNN stage of the same length,
+                              warm-started; the cascade relabels by k-means of the joint contexts,
+                              the control keeps the labels (no cluster is allowed: the same total
+                              epochs and learning-rate restart, without relabelling)
+Measures on the held-out test patients: mean ROC AUC of the CNN over the targets, and BLEU-4 of
+the annotator given the true disease (Shin et al.'s measure of the cascade). The cascade arm is
+compared with its control, every other arm with the base.
+
+Data: the demo's phantom set (1,500 studies at 256 px, seed 0; simulated once into the data cache)
+and its kind of patient split (70/10/20, seeded by the run seed). `--reduced` takes its first 600
+studies at 48 px, 4 epochs, and leaves DenseNet-121 out; the JSON's `settings` say what ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr import metrics as M  # noqa: E402
+
+ARMS = {
+    "base": {},
+    "googlenet": {"backbone": "googlenet"},
+    "densenet121": {"backbone": "densenet121"},
+    "no_batch_norm": {"batch_norm": False},
+    "no_data_dropout": {"data_dropout": False},
+    "class_weighted": {"class_weighted": True},
+    "lstm": {"rnn": "lstm"},
+    "control": {"cascade": True, "min_cluster_members": 10 ** 9},
+    "cascade": {"cascade": True},
+}
+BASELINE_OF = {arm: ("control" if arm == "cascade" else "base") for arm in ARMS if arm != "base"}
+FULL = dict(n=1500, max_images=None, image_size=64, epochs=8, rnn_epochs=20, seeds=3,
+            arms=list(ARMS))
+REDUCED = dict(n=1500, max_images=600, image_size=48, epochs=4, rnn_epochs=10, seeds=3,
+               arms=["base", "googlenet", "no_batch_norm", "no_data_dropout", "class_weighted", "lstm",
+                     "control", "cascade"])
+
+
+def base_config(s: dict, data: str, seed: int, cache: Path, **arm):
+    from cxr.training import TrainConfig
+
+    size = s["image_size"]
+    settings = dict(data=data, backbone="nin", rnn="gru", annotator="global", image_size=size, crop=size - size // 8,
+                    epochs=s["epochs"], rnn_epochs=s["rnn_epochs"], batch_size=32, lr=3e-3, rnn_lr=5e-3,
+                    rnn_hidden=128, rnn_embed=64, min_label_count=20, min_cluster_members=120,
+                    images_per_cluster=60, cascade=False, seed=seed, num_workers=0, progress=False,
+                    cache_dir=str(cache))
+    settings.update(arm)
+    return TrainConfig(**settings)
+
+
+def measure(run_dir: Path, studies) -> dict:
+    """Test-split mean AUC of the CNN's calibrated scores and BLEU-4 of the annotator given the
+    true disease (the final model of the run)."""
+    import torch
+
+    from cxr.checkpoint import load_spec
+    from cxr.reader import Reader
+    from cxr.training.prepare import prepare
+
+    spec = load_spec(run_dir)
+    prep = prepare(studies, patient_split=spec.data.patients, targets=list(spec.targets),
+                   words=list(spec.vocabulary))
+    test = prep.indices("test")
+    reader = Reader.load(run_dir, device="cpu", gate=False)  # phantom films: the quality gate is not the question here
+    scores, embs = [], []
+    for s in range(0, len(test), 64):
+        results = reader([prep.paths[i] for i in test[s:s + 64]], heatmaps=False)
+        scores += [[r.scores[t] for t in prep.targets] for r in results]
+        embs += [r.embedding for r in results]
+    auc = M.auc_per_label(prep.labels[test], np.array(scores), prep.targets)
+    row = {int(i): k for k, i in enumerate(test)}
+    pairs = sorted({(i, t) for i, t, _ in prep.pairs if i in row})
+    refs = {}
+    for i, t, tokens in prep.pairs:
+        refs.setdefault((i, t), []).append(list(tokens))
+    hyps = reader.annotate(torch.from_numpy(np.stack([embs[row[i]] for i, _ in pairs])),
+                           torch.tensor([t for _, t in pairs]))
+    bleu = M.bleu_scores([refs[p] for p in pairs], [M.annotation_tokens(h, reader.words) for h in hyps])
+    return {"mean_auc": auc["mean"], "bleu4": bleu["bleu4"], "test_images": int(len(test))}
+
+
+def paired(results: dict, arm: str, base: str, key: str) -> dict | None:
+    seeds = sorted(set(results.get(arm, {})) & set(results.get(base, {})))
+    d = [results[arm][s][key] - results[base][s][key] for s in seeds
+         if results[arm][s][key] is not None and results[base][s][key] is not None]
+    if not d:
+        return None
+    return {"mean": float(np.mean(d)), "sd": float(np.std(d, ddof=1)) if len(d) > 1 else None,
+            "min": float(min(d)), "max": float(max(d)), "n": len(d), "all": [float(x) for x in d]}
+
+
+def table(out: dict) -> str:
+    rows = []
+    for arm in out["arms"]:
+        runs = out["results"].get(arm, {})
+        aucs = [r["mean_auc"] for r in runs.values() if r["mean_auc"] is not None]
+        bleus = [r["bleu4"] for r in runs.values() if r["bleu4"] is not None]
+        d_auc = out["differences"].get(arm, {}).get("mean_auc") or {}
+        d_bleu = out["differences"].get(arm, {}).get("bleu4") or {}
+        rows.append([arm, BASELINE_OF.get(arm, "–"), len(runs),
+                     float(np.mean(aucs)) if aucs else None, d_auc.get("mean"), d_auc.get("sd"),
+                     float(np.mean(bleus)) if bleus else None, d_bleu.get("mean"), d_bleu.get("sd"),
+                     float(np.mean([r["seconds"] for r in runs.values()])) if runs else None])
+    return M.markdown_table(["arm", "vs", "seeds", "AUC", "ΔAUC", "sd", "BLEU-4", "ΔBLEU-4", "sd", "s/run"],
+                            rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--work", type=Path, default=Path("ablation-runs"), help="runs (resumable)")
+    ap.add_argument("--reduced", action="store_true",
+                    help="the first 600 studies, 48 px, 4 epochs, no DenseNet (what a busy 2-core machine allows)")
+    ap.add_argument("--arms", help="comma-separated subset of: " + ", ".join(ARMS))
+    ap.add_argument("--seeds", type=int)
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--image-size", type=int)
+    ap.add_argument("--data", help="phantom:DIR (default: the demo's set, simulated once into the cache)")
+    args = ap.parse_args(argv)
+    s = dict(REDUCED if args.reduced else FULL)
+    for key in ("seeds", "epochs", "image_size"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    if args.arms:
+        s["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
+        unknown = [a for a in s["arms"] if a not in ARMS]
+        if unknown:
+            raise SystemExit(f"unknown arm(s): {', '.join(unknown)}")
+    import torch
+
+    from cxr.sources import open_source
+    from cxr.training import train
+
+    data = args.data
+    if not data:
+        from cxr.commands.train import _phantom_default
+
+        data = _phantom_default(s["n"], 256, 0)
+    studies = open_source(data)
+    if s["max_images"]:
+        studies = studies[:s["max_images"]]  # the test split is then that subset's test patients
+    work = args.work.expanduser()
+    out = {"settings": s, "data": data, "threads": torch.get_num_threads(), "arms": s["arms"],
+           "baseline_of": {a: BASELINE_OF[a] for a in s["arms"] if a in BASELINE_OF},
+           "results": {}, "differences": {}}
+    t_all = time.time()
+    for seed in range(s["seeds"]):
+        for arm in s["arms"]:
+            t0 = time.time()
+            cfg = base_config(s, data, seed, work / "cache", **ARMS[arm])
+            run = train(cfg, work / f"{arm}-seed{seed}", studies=studies)
+            record = measure(run, studies)
+            record["seconds"] = round(time.time() - t0, 1)
+            out["results"].setdefault(arm, {})[str(seed)] = record
+            print(f"seed {seed} {arm:16s} AUC {M.fmt(record['mean_auc'])} BLEU-4 {M.fmt(record['bleu4'])} "
+                  f"({record['seconds']:.0f} s)", flush=True)
+            _finish(out, s, args.json, t_all, done=False)  # what has run so far survives a stop
+    _finish(out, s, args.json, t_all, done=True)
+    print(table(out))
+    return 0
+
+
+def _finish(out: dict, s: dict, path: Path | None, t_all: float, done: bool) -> None:
+    for arm in s["arms"]:
+        base = BASELINE_OF.get(arm)
+        if base and base in out["results"] and arm in out["results"]:
+            out["differences"][arm] = {k: paired(out["results"], arm, base, k) for k in ("mean_auc", "bleu4")}
+    out["seconds"] = round(time.time() - t_all, 1)
+    out["complete"] = done
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
