@@ -1,11 +1,16 @@
 """Inference speed of the whole Reader (CNN scores + calibration + RNN annotations + CAM heatmaps
 and boxes, from a float32 image to `Result`s), at batch 1 (latency) and batch 32 (throughput),
-against a plain MONAI DenseNet-121 classifier (the usual model alone) measured in the same run on
-the same input path: both get the same 1024-px float32 arrays and both resize and preprocess them
-with `cxr.preprocess` to the model's input size, so the ratio says what the cascade's extra
-outputs cost, not what the baseline was spared.
+for each engine (torch, and the exported graph under onnxruntime and openvino), against a plain
+MONAI DenseNet-121 classifier (the usual model alone) and against each Reader's own bare CNN
+forward pass (`Reader.forward`), all measured in the same run on the same input path and at the
+same precision (float32): every measurement gets the same 1024-px float32 arrays and resizes and
+preprocesses them with `cxr.preprocess` to the model's input size (decoding is left out for all
+alike), so a ratio says what the cascade's extra outputs cost, not what a baseline was spared.
 
-    python benchmarks/inference.py [--run RUN] [--backbone densenet121] [--json OUT]
+With `--before COMMIT` the Reader of that commit (its cxr/reader.py, from git) is measured too,
+with the torch engine: the speed-up of the current Reader over it is then a ratio in one run.
+
+    python benchmarks/inference.py [--run RUN] [--backbone densenet121] [--before COMMIT] [--json OUT]
 
 Without --run a run with random weights is written (the timing does not depend on the weights,
 but thresholds are set low so that every image gets several findings, each with an annotation,
@@ -78,8 +83,30 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _reader_class(commit: str | None):
+    """The Reader class of the working tree, or of `commit` (its reader.py loaded from git
+    inside the current cxr package, so it uses today's helpers as it did then)."""
+    if not commit:
+        from cxr.reader import Reader
+
+        return Reader
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{commit}:cxr/reader.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("cxr._reader_before", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "cxr"
+    sys.modules[spec.name] = module
+    exec(compile(source, f"{commit}:cxr/reader.py", "exec"), module.__dict__)
+    return module.Reader
+
+
 def measure(job: dict) -> dict:
-    """One measurement in a fresh process: {'kind': 'reader'|'densenet', 'batch', ...}."""
+    """One measurement in a fresh process: {'kind': 'reader'|'cnn'|'densenet', 'engine', 'batch',
+    ...}. 'cnn' is the Reader's own forward pass (preprocess + CNN) alone."""
     import numpy as np
     import torch
 
@@ -88,14 +115,20 @@ def measure(job: dict) -> dict:
     rng = np.random.default_rng(0)
     batch, repeats = job["batch"], job["repeats"]
     images = [rng.random((job["input"], job["input"]), dtype=np.float32) for _ in range(batch)]
-    if job["kind"] == "reader":
-        from cxr.reader import Reader
-
+    if job["kind"] in ("reader", "cnn"):
+        Reader = _reader_class(job.get("commit"))
+        engine = {} if job.get("commit") else {"engine": job["engine"]}
         # the cascade alone (benchmarks/quality.py measures what the quality gate adds)
-        reader = Reader.load(job["run"], device=device, gate=False)
+        reader = Reader.load(job["run"], device=device, gate=False, **engine)
 
         def step():
+            if job["kind"] == "cnn":
+                return reader.forward(images)
             out = reader(images if batch > 1 else images[0], batch_size=batch)
+            if job.get("read_heatmaps"):  # what a caller that draws every heatmap pays on top
+                for result in (out if batch > 1 else [out]):
+                    for heat in result.heatmaps.values():
+                        heat.shape
             return out
     else:
         from monai.networks.nets import DenseNet121
@@ -119,9 +152,44 @@ def measure(job: dict) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"kind": job["kind"], "batch": batch, "latency_s_median": med,
+    return {"kind": job["kind"], "engine": job.get("engine", "torch"), "commit": job.get("commit"),
+            "read_heatmaps": bool(job.get("read_heatmaps")), "batch": batch, "latency_s_median": med,
             "latency_s_p90": sorted(times)[max(0, int(0.9 * len(times)) - 1)],
-            "images_per_s": batch / med, "peak_mb": _peak_mb(device), "repeats": repeats}
+            "images_per_s": batch / med, "peak_mb": _peak_mb(device), "repeats": repeats,
+            "times": times}
+
+
+def _engines() -> list[str]:
+    """torch, and the ONNX engines whose packages are installed."""
+    import importlib.util
+
+    found = ["torch"]
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):
+        found.append("onnxruntime")
+        if importlib.util.find_spec("openvino"):
+            found.append("openvino")
+    return found
+
+
+def _jobs(engines: list[str], before: str | None) -> list[dict]:
+    jobs = [{"kind": "densenet"}]
+    for engine in engines:
+        jobs += [{"kind": "cnn", "engine": engine}, {"kind": "reader", "engine": engine}]
+    jobs.append({"kind": "reader", "engine": "torch", "read_heatmaps": True})
+    if before:
+        jobs.append({"kind": "reader", "engine": "torch", "commit": before})
+    return jobs
+
+
+def _name(r: dict, backbone: str, args) -> str:
+    if r["kind"] == "densenet":
+        return f"MONAI DenseNet-121 alone ({args.input} px image -> scores)"
+    if r["kind"] == "cnn":
+        return f"Reader.forward alone, {r['engine']} (preprocess + CNN)"
+    if r["commit"]:
+        return f"Reader at {r['commit']}, torch ({args.input} px image -> Result)"
+    extra = ", every heatmap read" if r["read_heatmaps"] else ""
+    return f"Reader, {r['engine']}{extra} ({args.input} px image -> Result)"
 
 
 def main(argv=None) -> int:
@@ -136,52 +204,86 @@ def main(argv=None) -> int:
     ap.add_argument("--input", type=int, default=1024, help="side of the input images (resized by the Reader)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="every measurement this many times, interleaved (a shared machine's load "
+                         "then falls on all alike); the median over all rounds is reported")
+    ap.add_argument("--engines", nargs="+", default=None, help="default: torch and those installed")
+    ap.add_argument("--before", metavar="COMMIT", default=None,
+                    help="also measure the Reader of this git commit (torch engine)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    engines = args.engines or _engines()
+    if args.device != "cpu":
+        engines = ["torch"]
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else random_run(Path(tmp) / "run", args.backbone, args.image_size)
         from cxr.checkpoint import load_spec
 
+        if set(engines) - {"torch"}:
+            from cxr.cli import main as cxr_main
+
+            onnx_out = Path(tmp) / "model.onnx" if args.run else None
+            cxr_main(["export", str(run), "--onnx"] + (["--out", str(onnx_out)] if onnx_out else []))
+            if onnx_out:  # a given run is not written to: the Readers read the graph from a copy
+                raise SystemExit("--run with ONNX engines: run `cxr export RUN --onnx` first, then "
+                                 "pass --engines explicitly")
         spec = load_spec(run)
         size = spec.preprocessing.image_size
         backbone = spec.architecture.backbone
+        pre = spec.preprocessing
         ctx = mp.get_context("spawn")
         rows, results = [], []
         for batch in args.batches:
             reps = max(2, args.repeats if batch == 1 else max(2, args.repeats // 2))
-            pair = {}
-            for kind in ("densenet", "reader"):
-                pre = spec.preprocessing
-                job = {"kind": kind, "batch": batch, "repeats": reps, "threads": args.threads,
-                       "device": args.device, "run": str(run), "input": args.input, "size": size,
-                       "stretch": pre.stretch, "mean": pre.mean, "std": pre.std}
-                with ctx.Pool(1) as pool:
-                    r = pool.apply(measure, (job,))
-                pair[kind] = r
+            jobs = _jobs(engines, args.before)
+            samples: dict[int, list] = {i: [] for i in range(len(jobs))}
+            for round_ in range(args.rounds):
+                order = list(range(len(jobs)))
+                for i in (order if round_ % 2 == 0 else order[::-1]):
+                    job = {**jobs[i], "batch": batch, "repeats": reps, "threads": args.threads,
+                           "device": args.device, "run": str(run), "input": args.input, "size": size,
+                           "stretch": pre.stretch, "mean": pre.mean, "std": pre.std}
+                    with ctx.Pool(1) as pool:
+                        samples[i].append(pool.apply(measure, (job,)))
+                    print(f"  round {round_ + 1}, batch {batch}: {jobs[i]} "
+                          f"{samples[i][-1]['images_per_s']:.2f} images/s", flush=True)
+            by_key = {}
+            for i, runs in samples.items():
+                times = [t for r in runs for t in r["times"]]
+                r = {**runs[0], "times": times, "latency_s_median": statistics.median(times),
+                     "peak_mb": max(x["peak_mb"] for x in runs), "rounds": len(runs)}
+                r["images_per_s"] = batch / r["latency_s_median"]
+                by_key[i] = r
+            cnn = {r["engine"]: r for r in by_key.values() if r["kind"] == "cnn"}
+            base = next(r for r in by_key.values() if r["kind"] == "densenet")
+            before = next((r for r in by_key.values() if r["commit"]), None)
+            for r in by_key.values():
+                r["time_ratio_vs_densenet"] = r["latency_s_median"] / base["latency_s_median"]
+                if r["kind"] == "reader" and not r["commit"]:
+                    r["time_ratio_vs_own_cnn"] = r["latency_s_median"] / cnn[r["engine"]]["latency_s_median"]
+                if before is not None and r["kind"] == "reader":
+                    r["speedup_vs_before"] = r["images_per_s"] / before["images_per_s"]
                 results.append(r)
-                print(f"  {kind} batch {batch}: {r['images_per_s']:.1f} images/s, "
-                      f"{r['latency_s_median'] * 1000:.0f} ms per call", flush=True)
-            ratio = pair["reader"]["latency_s_median"] / pair["densenet"]["latency_s_median"]
-            pair["reader"]["time_ratio_vs_densenet"] = ratio
-            for kind, name in (("densenet", f"MONAI DenseNet-121 ({args.input} px image -> {size} px "
-                                            "preprocessed -> scores)"),
-                               ("reader", f"Reader, {backbone} ({args.input} px image -> Result)")):
-                r = pair[kind]
-                rows.append([name, batch, r["images_per_s"], r["latency_s_median"] * 1000,
-                             r["peak_mb"], r.get("time_ratio_vs_densenet", 1.0)])
+                rows.append([_name(r, backbone, args), batch, r["images_per_s"], r["latency_s_median"] * 1000,
+                             r["peak_mb"], r["time_ratio_vs_densenet"], r.get("time_ratio_vs_own_cnn", ""),
+                             r.get("speedup_vs_before", "")])
+                print(f"  {rows[-1][0]} batch {batch}: {r['images_per_s']:.1f} images/s", flush=True)
     print()
     print(markdown_table(["what", "batch", "images/s", "ms per call (median)", "peak MB",
-                          "time x baseline"], rows, digits=1))
+                          "time x DenseNet", "time x own CNN", "images/s x before"], rows, digits=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "benchmark": "inference", "device": args.device, "threads": args.threads,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "run": args.run or f"random {backbone}", "backbone": backbone, "model_input": size,
-            "image_input": args.input,
+            "image_input": args.input, "engines": engines, "before": args.before,
+            "precision": "float32 for every engine",
+            "input_path": "the same float32 arrays for all; cxr.preprocess resize and stretch to the "
+                          "run's input size, normalise (decoding excluded for all alike)",
             "baseline": "MONAI DenseNet-121 on the same float32 images: cxr.preprocess resize and "
                         "stretch to the run's input size, normalise, forward, sigmoid",
             "results": results}, indent=1))

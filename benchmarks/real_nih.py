@@ -14,7 +14,9 @@ normal"; and ~525 training images per fold are 200 times fewer than ChestX-ray8'
 well below the paper's, with wide uncertainty (about 60-240 positives per finding).
 
 The measured figures are in benchmarks/results/real_nih.json (the README's table is taken from
-it); `phantom_vs_scratch` there counts the findings and folds where pre-training helped.
+it); `phantom_vs_scratch` there counts the findings and folds where pre-training helped. With a
+grounded run (the default annotator) the grounded maps are scored too (`localisation_sources`:
+CAM, the finding map, the finding word's attention): benchmarks/results/real_nih_grounded.json.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cxr.commands.train", "train the CNN/RNN cascade on a data source"),
     "evaluate": ("cxr.commands.evaluate", "AUC, BLEU, context accuracy, localisation, calibration"),
     "check": ("cxr.commands.check", "quality gate alone: is it a chest film, which view, which way up"),
+    "export": ("cxr.commands.export", "export a run's CNN to ONNX for the onnxruntime / openvino engines"),
     "annotate": ("cxr.commands.annotate", "annotate images (PNG/JPEG/DICOM) with a trained run"),
     "index": ("cxr.archive.cli_index", "index an image archive into a searchable database"),
     "search": ("cxr.archive.cli_search", "search an indexed archive by finding or by image"),

@@ -21,6 +21,12 @@ heatmap at the input size; in a study called normal, `normal` alone; and the ima
 (A run without a study-level answer reports the diseases above their thresholds, and `normal`
 only when no disease is.)
 
+Full-size heatmaps are made when first read (`cxr.models.localize.Heatmaps`).
+
+`engine` runs the CNN with PyTorch ("torch", the default) or runs the graph `cxr export RUN
+--onnx` wrote with ONNX Runtime ("onnxruntime") or OpenVINO ("openvino"), see `cxr.engines`;
+everything after the CNN (calibration, CAMs, boxes, the annotator RNN) is the same code for all.
+
 A run with the grounded annotator (`cxr.models.grounded`, the default) writes each finding's
 words from the CNN's feature map: `heatmaps["Opacity"]` is its finding map (where it says the
 finding is; the boxes come from it) and `heatmaps["Opacity:left"]` the map it attended to while
@@ -48,7 +54,8 @@ from .errors import CxrError
 from .models.annotator import Annotator, decode
 from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
-from .models.localize import boxes_from_heatmap, class_activation_maps, side_consistent, to_heatmap
+from .models.localize import (Heatmaps, boxes_from_heatmap, class_activation_maps, heatmaps_at,
+                              side_consistent, to_heatmap)
 from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
@@ -74,7 +81,8 @@ class Reader:
     for none."""
 
     def __init__(self, spec: RunSpec, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
-                 model_id: str = "", amp: bool = True, gate=True):
+                 model_id: str = "", amp: bool = True, gate=True, engine: str = "torch",
+                 onnx_path: str | Path | None = None, weights_sha256: str = ""):
         self.spec = spec
         self._gate = gate
         self.amp = amp  # mixed precision for the CNN trunk on CUDA (head, CAM and RNN stay float32)
@@ -105,14 +113,35 @@ class Reader:
         self.cnn.to(self.device).eval()
         self.rnn.to(self.device).eval()
         self.model_id = model_id or spec.model_name
+        # the head's weights as one array: CAMs of a whole batch are then a few small products
+        self._head = self.cnn.head.weight.detach().float().cpu().numpy()
+        self.engine_name = engine
+        self._engine = None
+        if engine != "torch":
+            from .engines import ONNX_NAME, open_engine
+
+            if self.device.type != "cpu":
+                raise CxrError(f"engine {engine} runs on the CPU; use --device cpu or engine torch")
+            if onnx_path is None:
+                raise CxrError(f"engine {engine} needs the exported graph (cxr export RUN --onnx -> RUN/{ONNX_NAME})")
+            self._engine = open_engine(engine, onnx_path, weights_sha256)
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None, amp: bool = True,
-             gate=True) -> "Reader":
-        """Load a run directory (config.json + weights.safetensors; nothing is unpickled)."""
+             gate=True, engine: str = "torch") -> "Reader":
+        """Load a run directory (config.json + weights.safetensors; nothing is unpickled).
+        `engine` other than "torch" reads RUN/model.onnx (`cxr export RUN --onnx`)."""
+        from .engines import ENGINES, ONNX_NAME
+
+        if engine not in ENGINES:
+            raise CxrError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         run_dir = Path(run_dir).expanduser()
         spec, tensors = load_run(run_dir)
-        return cls(spec, tensors, device, f"{spec.model_name}-{weights_hash(run_dir)[:12]}", amp, gate)
+        sha = weights_hash(run_dir)
+        if engine != "torch" and device is None:
+            device = "cpu"
+        return cls(spec, tensors, device, f"{spec.model_name}-{sha[:12]}", amp, gate, engine,
+                   run_dir / ONNX_NAME, sha)
 
     @property
     def read_views(self) -> tuple[str, ...]:
@@ -161,6 +190,9 @@ class Reader:
         run's spec says."""
         pre = self.spec.preprocessing
         x = np.stack([preprocess(im, pre.image_size, pre.stretch) for im in images])[:, None]
+        if self._engine is not None:
+            maps, logits, emb = (torch.from_numpy(a) for a in self._engine(normalise(x, pre.mean, pre.std)))
+            return Features(maps, logits, emb)
         x = normalise(torch.from_numpy(x).to(self.device), pre.mean, pre.std)
         if self.device.type == "cuda" and self.amp:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -191,6 +223,20 @@ class Reader:
         refined label carrying it (`best`, that image's row of `scores`)."""
         classes = torch.tensor([[int(best[t]) for t in targets]], device=maps.device)
         return class_activation_maps(maps, self.cnn.head.weight, classes)[0]
+
+    def _batch_cams(self, maps: torch.Tensor, best: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+        """CAMs (P, h, w) for (image, target) pairs, each through the refined label carrying
+        that target in that image (`best`): one matrix product per image."""
+        n, c, h, w = maps.shape
+        out = np.zeros((len(pairs), h, w), dtype=np.float32)
+        if not pairs:
+            return out
+        flat = maps.detach().float().cpu().numpy().reshape(n, c, h * w)
+        for b in sorted({b for b, _ in pairs}):
+            rows = [i for i, (b_, _) in enumerate(pairs) if b_ == b]
+            classes = [int(best[b, pairs[i][1]]) for i in rows]
+            out[rows] = (self._head[classes] @ flat[b]).reshape(len(rows), h, w)
+        return out
 
     def _boxes(self, cam: torch.Tensor, target: str, h: int, w: int, side: str | None = None) -> list[Box]:
         """Boxes of one CAM (or attention map), found at the model's input size, in (h, w) image
@@ -285,6 +331,7 @@ class Reader:
 
     @torch.no_grad()
     def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int) -> list[Result]:
+        from .records import term_tokens
         from .reports.mesh import parse_term
 
         maps, logits, emb = self.forward(images)
@@ -311,31 +358,37 @@ class Reader:
             tokens = self.annotate(emb[[b for b, _ in pairs]] if pairs else emb[:0],
                                    torch.tensor([t for _, t in pairs], dtype=torch.long), beams)
         words = dict(zip(pairs, tokens))
+        # each detected disease's map (the grounded annotator's finding map, else its CAM), all
+        # brought to the model's input size (where boxes are found) at once for the whole batch;
+        # full-size heatmaps are made only when read (`Heatmaps`)
+        located = [(b, t) for b, t in pairs if t != normal]
+        if grounded:
+            small_maps = np.stack([_numpy(grounded[p][0]) for p in located]) if located else None
+        else:
+            small_maps = self._batch_cams(maps, best, located)
+        size = self.image_size
+        at_input = heatmaps_at(small_maps, (size, size)) if located else None
+        where = {pair: i for i, pair in enumerate(located)}
         results = []
         for b, image in enumerate(images):
             h, w = image.shape[:2]
             findings, maps_out = [], {}
-            cams = None
-            disease_hits = [t for t in detected[b] if t != normal]
-            if disease_hits:
-                cams = self._cams(maps[b:b + 1], best[b], disease_hits)
             for t in detected[b]:
                 target, toks = self.targets[t], words.get((b, t), [])
-                parsed = parse_term("/".join(toks)) if toks else None
+                # the finding is known: the words are read as its qualifiers, whatever their order
+                own = set(term_tokens(target))
+                parsed = parse_term("/".join([target] + [w for w in toks if w not in own])) if toks else None
                 boxes: list[Box] = []
-                if (b, t) in grounded and t != normal:
-                    # where it looked: boxes from the finding map, on the side its words name
-                    finding_map, word_maps = grounded[(b, t)]
-                    boxes = self._boxes(finding_map, target, h, w, parsed.side if parsed else None)
-                    if heatmaps:
-                        maps_out[target] = to_heatmap(finding_map, (h, w))
-                        for word, m in zip(toks, word_maps):
-                            maps_out[f"{target}:{word}"] = to_heatmap(m, (h, w))
-                elif cams is not None and t != normal:
-                    cam = cams[disease_hits.index(t)]
-                    boxes = self._boxes(cam, target, h, w, parsed.side if parsed else None)
-                    if heatmaps:
-                        maps_out[target] = to_heatmap(cam, (h, w))
+                if (b, t) in where:
+                    i = where[(b, t)]
+                    # on the side its words name (a grounded finding map: where it looked)
+                    small = side_consistent(at_input[i], parsed.side if parsed else None)
+                    boxes = [box.scaled(w / size, h / size)
+                             for box in boxes_from_heatmap(small, target, self.spec.localization)]
+                    maps_out[target] = small_maps[i]
+                    if (b, t) in grounded:
+                        for word, m in zip(toks, grounded[(b, t)][1]):
+                            maps_out[f"{target}:{word}"] = _numpy(m)
                 findings.append(DetectedFinding(
                     disease=target, score=float(scores[b, t]), annotation=" ".join(toks),
                     organ=parsed.organ if parsed else None,
@@ -345,7 +398,8 @@ class Reader:
             findings.sort(key=lambda f: -f.score)
             results.append(Result(
                 scores={t: float(scores[b, k]) for k, t in enumerate(self.targets)}, findings=findings,
-                heatmaps=maps_out, embedding=emb[b].cpu().numpy().astype(np.float32),
+                heatmaps=Heatmaps(maps_out if heatmaps else {}, (h, w)),
+                embedding=emb[b].cpu().numpy().astype(np.float32),
                 model_id=self.model_id, image_size=(int(h), int(w)),
                 abnormal=None if abnormal is None else float(abnormal[b]),
                 call=None if abnormal is None else ("abnormal" if abnormal[b] >= study.threshold else "normal")))
@@ -366,6 +420,13 @@ class Reader:
             _, _, emb = self.forward(pixels)
             out.append(emb.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
+
+
+def _numpy(x) -> np.ndarray:
+    """A map as float32 NumPy (a tensor is detached and moved to the CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
 
 
 def _pixels(image) -> np.ndarray:

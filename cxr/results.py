@@ -2,6 +2,7 @@
 (CLI `annotate`, archive index, REST service)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,12 +44,13 @@ class Result:
     probability that the study has any finding and `call` the run's normal/abnormal answer at its
     stored operating point; `findings` are the diseases above their stored thresholds in a study
     called abnormal, or `normal` alone in one called normal. `heatmaps` are (H, W) float32 in [0, 1] at the input
-    image's size, one per detected finding; `embedding` is the CNN image embedding.
+    image's size, one per detected finding (a mapping: the Reader's `Heatmaps` makes each when it
+    is first read); `embedding` is the CNN image embedding.
     """
 
     scores: dict[str, float]
     findings: list[DetectedFinding] = field(default_factory=list)
-    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    heatmaps: Mapping[str, np.ndarray] = field(default_factory=dict)
     embedding: np.ndarray | None = None
     model_id: str = ""
     image_size: tuple[int, int] = (0, 0)  # (H, W) of the input image

@@ -109,13 +109,18 @@ def needs_in_ci(available: bool, what: str) -> None:
         skip_or_fail(f"{what} not available")
 
 
+def _reason(report) -> str:
+    text = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return text.removeprefix("Skipped: ")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true any skip (importorskip, a skip marker) fails the test instead."""
     outcome = yield
     report = outcome.get_result()
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = _reason(report)
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, where nothing may skip: {reason}"
 
@@ -127,8 +132,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     reasons: dict[str, int] = {}
     for report in skipped:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        reason = reason.removeprefix("Skipped: ")
+        reason = _reason(report)
         reasons[reason] = reasons.get(reason, 0) + 1
     terminalreporter.write_line(f"skipped {len(skipped)}: " + "; ".join(
         f"{n} because {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
@@ -155,6 +159,8 @@ def _ensure(*groups: str) -> Path:
             except CxrError as exc:
                 # "could not fetch KEY; SOURCE: PROBLEM. Offline or ...": keep the last PROBLEM
                 _failed[known.key] = exc.problem.split(". Offline")[0].split("; ")[-1].split(": ", 1)[-1]
+            except OSError as exc:  # a read-only data folder given as $CXR_TEST_DATA, a full disk
+                _failed[known.key] = f"cannot write into {SHARED} ({exc.strerror or exc})"
     failed = [f.key for f in expand(list(groups)) if f.key in _failed]
     if failed:
         skip_or_fail(f"{', '.join(failed)} not fetched: {_failed[failed[0]]}")

@@ -25,11 +25,13 @@ PROMISED = {
     "train": ["--data", "--out", "--backbone", "--rnn", "--pretrained", "--min-cluster-members",
               "--images-per-cluster", "--data-dropout", "--class-weighted"],
     "evaluate": ["run", "--split", "--out", "--data"],
-    "annotate": ["run", "images", "--json", "--overlay", "--beams"],
+    "annotate": ["run", "images", "--json", "--overlay", "--beams", "--engine"],
+    "export": ["run", "--onnx", "--out"],
     "check": ["images", "--json", "--views", "--gate"],
-    "index": ["run", "source", "--db", "--ray", "--dicom-out", "--retry-failed"],
+    "index": ["run", "source", "--db", "--ray", "--dicom-out", "--retry-failed", "--engine"],
     "search": ["--db", "--severity", "--min-score", "--and", "--like", "--limit", "--json", "--failed"],
-    "serve": ["run", "--db", "--port", "--host"],
+    "serve": ["run", "--db", "--port", "--host", "--engine", "--tokens", "--tls-cert", "--tls-key",
+              "--audit-log"],
     "listen": ["run", "--ae-title", "--port", "--allow", "--send-to", "--db", "--spool"],
 }
 

@@ -154,14 +154,18 @@ def test_trained_without_boxes_it_localises_a_phantom_nodule(phantom, one_torch_
 def test_reader_words_maps_and_boxes_agree(tiny_run):
     """A trained grounded run: each detected finding has its finding map and one map per word,
     its boxes lie on the side its words name, and the maps can be asked for by source."""
-    from cxr.checkpoint import load_spec
     from cxr.evaluation import EvalData
     from cxr.reader import Reader
     from cxr.sources import open_source
 
-    spec = load_spec(tiny_run)
+    import dataclasses
+
+    from cxr.checkpoint import load_run
+
+    spec, tensors = load_run(tiny_run)
     assert spec.architecture.annotator == "grounded"
-    reader = Reader.load(tiny_run, device="cpu")
+    # every finding reported, so that every one is checked
+    reader = Reader(dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets}), tensors, "cpu")
     ed = EvalData(spec, open_source(spec.data.spec))
     results = reader([ed.prep.paths[i] for i in range(len(ed.prep.paths))], heatmaps=True)
     seen_words = 0
@@ -180,3 +184,25 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
     label = ed.truth_boxes(boxed)[0].label
     for source in ("cam", "attention", "word"):
         assert set(reader.localise(ed.prep.paths[boxed], [label], source=source)) == {label}
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "nin", "googlenet"])  # densenet121: 18 s to build here
+def test_every_backbone_keeps_a_map_of_stride_16_or_finer(backbone, one_torch_thread):
+    cnn = create_cnn(backbone, 3).eval()
+    with torch.no_grad():
+        maps = cnn.forward_features(torch.zeros(1, 1, 128, 128))
+        assert maps.shape[2] >= 128 // 16 and maps.shape[3] >= 128 // 16
+        assert cnn.pool(maps).shape == (1, cnn.num_features)  # the search embedding
+
+
+def test_chestxray8_lse_pooling_sits_between_mean_and_max(one_torch_thread):
+    from cxr.models.cnn import lse_pool
+
+    maps = torch.rand(2, 3, 5, 5)
+    mean, top = maps.mean((2, 3)), maps.amax((2, 3))
+    soft, hard = lse_pool(maps, 0.01), lse_pool(maps, 1000.0)
+    assert torch.allclose(soft, mean, atol=1e-2) and torch.allclose(hard, top, atol=1e-2)
+    mid = lse_pool(maps, 5.0)
+    assert ((mid > mean) & (mid < top)).all()
+    cnn = create_cnn("tiny", 4, pooling="lse", lse_r=5.0, transition=32)
+    assert cnn(torch.rand(2, 1, 64, 64)).shape == (2, 4) and cnn.num_features == 32

@@ -202,6 +202,20 @@ def test_reader_reads_a_rotated_film_upright(reader, files):
     assert inverted.quality.inverted and inverted.scores == pytest.approx(upright.scores, abs=0.02)
 
 
+def test_a_dicom_with_the_wrong_photometric_interpretation_is_read_the_right_way(reader, files, tmp_path):
+    """A MONOCHROME1 film whose header says MONOCHROME2 loads inverted (bone dark): the gate
+    turns it back, and the Reader reads what it reads from the film displayed right."""
+    from cxr.dicom import write_dicom
+
+    film = read_image(files["upright"]).pixels
+    # MONOCHROME1 stores 1 - film; the same stored values under a MONOCHROME2 header
+    right = write_dicom(tmp_path / "right.dcm", film, photometric="MONOCHROME1")
+    wrong = write_dicom(tmp_path / "wrong.dcm", 1.0 - film, photometric="MONOCHROME2")
+    a, b = reader([wrong, right])
+    assert a.quality.inverted and not b.quality.inverted
+    assert a.scores == pytest.approx(b.scores, abs=1e-4)
+
+
 def test_embeddings_are_of_the_upright_film_as_read(reader, files):
     """`embed` (what `cxr search --like FILE` uses) turns a film as reading does, so a film on its
     side finds what its upright copy finds; it refuses nothing."""

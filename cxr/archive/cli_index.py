@@ -1,5 +1,7 @@
 """`cxr index RUN SOURCE --db URL`: read every image of a folder or source with a trained run and
 store the results in a searchable archive. Run it again to resume: stored images are skipped.
+A source with reports (openi:, phantom:, folder: with a report column) stores each study's report
+and the findings mined from it (`cxr search --report`, `--disagree`).
 `SOURCE` may be a PACS: `dicomweb:URL` fetches its chest films (QIDO-RS/WADO-RS) and STOWs the SR
 and overlay of each back (`cxr.net.dicomweb`)."""
 from __future__ import annotations
@@ -31,6 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom-out", metavar="DIR", default=None,
                         help="also write a DICOM SR (TID 1500) and an overlay Secondary Capture "
                         "per newly indexed image into DIR")
+    parser.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="what runs the CNN: torch, or the graph of `cxr export RUN --onnx` "
+                        "under ONNX Runtime or OpenVINO (CPU; faster)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="read again the images recorded as failed")
     parser.add_argument("--force", action="store_true",
@@ -86,13 +91,13 @@ def run(args: argparse.Namespace) -> int:
                                    address=args.ray, batch_size=args.batch_size,
                                    num_actors=args.ray_actors, dicom_out=args.dicom_out,
                                    progress=not args.quiet, retry_failed=args.retry_failed,
-                                   force=args.force)
+                                   force=args.force, engine=args.engine)
         else:
             from ..reader import Reader
 
-            reader = Reader.load(args.run)
+            reader = Reader.load(args.run, engine=args.engine)
             archive.remember_run(reader.model_id, args.run)
-            stats = index_images(archive, reader, iter_inputs(args.source),
+            stats = index_images(archive, reader, iter_inputs(args.source, reports=True),
                                  batch_size=args.batch_size, dicom_out=args.dicom_out,
                                  progress=not args.quiet, retry_failed=args.retry_failed,
                                  force=args.force)

@@ -40,11 +40,11 @@ class ReaderActor:
     """One Reader per actor, loaded once; turns a batch of paths into storable records."""
 
     def __init__(self, run_dir: str, known: np.ndarray, dicom_out: str | None = None,
-                 force: bool = False):
+                 force: bool = False, engine: str = "torch"):
         from ..reader import Reader
         from .index import reader_model_id
 
-        self.reader = Reader.load(run_dir)
+        self.reader = Reader.load(run_dir, engine=engine)
         self.model_id = reader_model_id(self.reader)
         self.known = known
         self.dicom_out = dicom_out
@@ -118,7 +118,7 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
                    address: str | None = "auto", batch_size: int = 32,
                    num_actors: int | None = None, dicom_out: str | Path | None = None,
                    progress: bool = True, retry_failed: bool = False,
-                   force: bool = False) -> IndexStats:
+                   force: bool = False, engine: str = "torch") -> IndexStats:
     """Index `paths` with Readers of `run_dir` on Ray; the caller's process writes the archive."""
     import ray
     from tqdm import tqdm
@@ -144,7 +144,7 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
                                                              // batch_size))
     ds = ds.map_batches(ReaderActor, fn_constructor_args=(run_dir, known,
                                                           str(dicom_out) if dicom_out else None,
-                                                          force),
+                                                          force, engine),
                         batch_size=batch_size, batch_format="numpy", concurrency=num_actors,
                         num_cpus=1)
     bar = tqdm(total=len(items), desc="indexing (ray)", unit="img", disable=not progress)

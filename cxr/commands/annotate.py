@@ -32,6 +32,9 @@ def configure(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--beams", type=int, default=1, help="beam width for the annotations (1 = greedy)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
+    parser.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="what runs the CNN: torch, or the graph of `cxr export RUN --onnx` "
+                        "under ONNX Runtime or OpenVINO (CPU; faster)")
     parser.add_argument("--force", action="store_true",
                         help="read images the quality gate refuses (their quality still says why)")
 
@@ -97,7 +100,7 @@ def run(args) -> int:
 
     if args.batch_size < 1 or args.beams < 1:
         raise CxrError("--batch-size and --beams must be at least 1")
-    reader = Reader.load(args.run, device=args.device)
+    reader = Reader.load(args.run, device=args.device, engine=args.engine)
     files = expand(args.images)
     if not files:
         raise CxrError("no image files given")

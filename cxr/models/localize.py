@@ -7,6 +7,8 @@ component; so do we.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -73,3 +75,56 @@ def side_consistent(heatmap: np.ndarray, side: str | None) -> np.ndarray:
 def side_of_box(box: Box, width: float) -> str:
     """The patient's side a box's centre lies on (PA display: image right = patient left)."""
     return "left" if box.x + box.w / 2 >= width / 2 else "right"
+
+
+def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1-D bilinear resampling exactly as `F.interpolate(...,
+    mode="bilinear", align_corners=False)` computes it, so a 2-D upsampling is two small matrix
+    products (R_y @ cam @ R_x.T) instead of a pass over every output pixel per map."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (src - lo).astype(np.float32)
+    out = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    np.add.at(out, (rows, lo), 1.0 - frac)
+    np.add.at(out, (rows, hi), frac)
+    return out
+
+
+def heatmaps_at(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """CAMs (N, h, w) -> heatmaps (N, H, W) float32 in [0, 1]: bilinear upsampling then min-max
+    per map (what `to_heatmap` does to one map, for many at once)."""
+    cams = np.asarray(cams, dtype=np.float32)
+    up = bilinear_matrix(size[0], cams.shape[1]) @ cams @ bilinear_matrix(size[1], cams.shape[2]).T
+    up -= up.min(axis=(1, 2), keepdims=True)
+    top = up.max(axis=(1, 2), keepdims=True)
+    np.divide(up, top, out=up, where=top > 0)
+    return up
+
+
+class Heatmaps(Mapping):
+    """One image's heatmaps by finding, made at the image's size when first read.
+
+    A heatmap at a 1024-px film's size is 4 MB and a CAM is 8x8 or 16x16: making one per finding
+    for every image cost more than the CNN itself, and most callers draw one or none. Reading
+    an item (or `values()`, `dict(...)`) makes and keeps it; `cams` holds the maps it comes from."""
+
+    def __init__(self, cams: dict[str, np.ndarray], size: tuple[int, int]):
+        self.cams = cams
+        self.size = (int(size[0]), int(size[1]))
+        self._made: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._made:
+            self._made[key] = heatmaps_at(self.cams[key][None], self.size)[0]
+        return self._made[key]
+
+    def __iter__(self):
+        return iter(self.cams)
+
+    def __len__(self) -> int:
+        return len(self.cams)
+
+    def __repr__(self) -> str:
+        return f"Heatmaps({list(self.cams)}, size={self.size})"

@@ -12,17 +12,23 @@
     GET  /studies/{id}        one indexed image (?heatmap=true re-runs the model for heatmaps)
     GET  /studies/{id}/image  its pixels as PNG (the server reads the path it stored itself), turned
                               upright if the quality gate turned it before reading
-    GET  /search              structured filters, or like_id= for similar images
+    GET  /search              structured filters, report= words, disagree=report-only|model-only,
+                              or like_id= for similar images
     POST /search/similar      similar images to an embedding (from /annotate?embedding=true)
     GET  /vocabulary          diseases, sides, locations, severities present in the archive
     GET  /health              model, archive size, batching counters
+    GET  /audit               the last entries of the audit log (admin)
     GET  /                    the web page (static/); OpenAPI docs at /docs (served locally when
                               swagger-ui-bundle-v2 is installed), the schema at /openapi.json
 
 The model loads once (lifespan); uploads from concurrent requests are micro-batched into one
 Reader call in a worker thread (see batching.py). Nothing a client sends is ever used as a path:
 an upload is written to a server-made temporary file (its name only lends a known suffix) and
-stored uploads go under the server's upload folder, named by content hash.
+stored uploads go under the server's upload folder, named by content hash. Nothing the server
+sends names a file of its own: images are ids and /studies/{id}/image URLs, and error messages
+leave out absolute paths.
+
+Who may call what: bearer tokens with roles, and an audit log (see auth.py; `tokens`, `audit_log`).
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ from starlette.concurrency import run_in_threadpool
 from ..atomic import write_atomic
 from ..errors import CxrError
 from ..images import IMAGE_SUFFIXES
+from .auth import AuditLog, Auth, Tokens
 from .batching import MicroBatcher
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -187,11 +194,14 @@ class SimilarQuery(BaseModel):
 def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, max_batch: int = 16,
                batch_wait_ms: float = 5.0, upload_dir: str | Path | None = None,
                device: str | None = None, threads: int | None = None, reader=None,
-               archive=None) -> FastAPI:
+               archive=None, tokens: Tokens | None = None,
+               audit_log: str | Path | None = None) -> FastAPI:
     """The service for one trained run and one archive database. `reader` / `archive` may be
     given ready (the CLI opens them first, to report a bad run or URL in one line); otherwise
     they are opened at start-up. `threads` sets torch's intra-op threads for the model (default:
-    torch's choice; 1 is often fastest on a busy or small CPU)."""
+    torch's choice; 1 is often fastest on a busy or small CPU). `tokens`: who may call what
+    (none: open); `audit_log`: the JSON-lines file of who read or searched what (default: beside
+    the upload folder, see `default_audit_log`)."""
     settings = Settings(str(run_dir), db_url, int(max_upload_mb * 2**20), int(max_batch),
                         float(batch_wait_ms), Path(upload_dir) if upload_dir else None, device,
                         threads)
@@ -242,10 +252,15 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
                                        swagger_favicon_url="/docs-static/favicon-32x32.png")
 
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    audit = AuditLog(audit_log or default_audit_log(db_url, settings.upload_dir))
+    app.state.audit = audit
+    app.add_middleware(Auth, tokens=tokens or Tokens(), audit=audit, routes_of=lambda: app.routes)
 
     @app.exception_handler(CxrError)
     async def _bad_input(request: Request, exc: CxrError):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        # a client's upload is named by its own (relative) name; a server file is not named
+        named = exc.path is not None and not os.path.isabs(exc.path)
+        return JSONResponse({"detail": str(exc) if named else exc.problem}, status_code=400)
 
     # -- annotate ----------------------------------------------------------------------------
     @app.post("/annotate", summary="Read one chest radiograph (PNG, JPEG or DICOM)")
@@ -275,6 +290,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
                 status: str | None = Param("ok", pattern="^(ok|failed)$")):
         archive = request.app.state.archive
         items = archive.list_images(status=status, limit=limit, offset=offset)
+        request.state.audit_ids = [r.id for r in items]
         return {"total": archive.count(status=status), "limit": limit, "offset": offset,
                 "items": [record_json(r) for r in items]}
 
@@ -302,10 +318,17 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         return Response(png_bytes(pixels), media_type="image/png",
                         headers={"Cache-Control": "private, max-age=300"})
 
-    @app.get("/search", summary="Search by finding (structured) or by similarity (like_id)")
+    @app.get("/search", summary="Search by finding (structured), report words, report/model "
+             "disagreement, or by similarity (like_id)")
     def search(request: Request, q: str | None = Param(None, description='e.g. "opacity left base"'),
                finding: str | None = None, side: str | None = None, location: str | None = None,
                severity: str | None = None, min_score: float | None = Param(None, ge=0, le=1),
+               report: str | None = Param(None, description='words the report must contain, '
+                                          'e.g. "small effusion" (full text, stemmed)'),
+               disagree: str | None = Param(None, pattern="^(report-only|model-only)$",
+                                            description="report-only: the report asserts a "
+                                            "finding the model did not flag; model-only: the "
+                                            "reverse (with finding=: that finding only)"),
                like_id: int | None = Param(None, description="images similar to this indexed id"),
                k: int = Param(10, ge=1, le=200), limit: int = Param(50, ge=1, le=500),
                offset: int = Param(0, ge=0)):
@@ -313,12 +336,18 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         if like_id is not None:
             _get(archive, like_id)
             hits = archive.similar(image_id=like_id, k=k)
+            request.state.audit_ids = [r.id for r in hits]
             return {"like_id": like_id, "items": [record_json(r) for r in hits]}
-        hits = archive.search(q or None, finding=finding or None, side=side or None,
-                              location=location or None, severity=severity or None,
-                              min_score=min_score, limit=limit, offset=offset)
+        hits = archive.search(q or None, finding=None if disagree else (finding or None),
+                              side=side or None, location=location or None,
+                              severity=severity or None, min_score=min_score,
+                              report=report or None, disagree=disagree or None,
+                              disagree_finding=(finding or None) if disagree else None,
+                              limit=limit, offset=offset)
+        request.state.audit_ids = [r.id for r in hits]
         query = {"q": q, "finding": finding, "side": side, "location": location,
-                 "severity": severity, "min_score": min_score}
+                 "severity": severity, "min_score": min_score, "report": report,
+                 "disagree": disagree}
         return {"query": {k_: v for k_, v in query.items() if v not in (None, "")},
                 "items": [record_json(r) for r in hits]}
 
@@ -327,6 +356,7 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         state = request.app.state
         hits = state.archive.similar(embedding=np.asarray(body.embedding, np.float32),
                                      model_id=state.reader.model_id, k=body.k)
+        request.state.audit_ids = [r.id for r in hits]
         return {"items": [record_json(r) for r in hits]}
 
     @app.get("/vocabulary", summary="What the archive's findings hold (for search menus)")
@@ -344,6 +374,10 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
                 "batching": {"max_batch": settings.max_batch, "wait_ms": settings.batch_wait_ms,
                              **state.batcher.stats.to_dict()},
                 "max_upload_mb": settings.max_upload_bytes / 2**20, "disclaimer": DISCLAIMER}
+
+    @app.get("/audit", summary="The last entries of the audit log: who read or searched what")
+    def audit_entries(request: Request, limit: int = Param(100, ge=1, le=10000)):
+        return {"items": request.app.state.audit.tail(limit)}
 
     # -- the page ----------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -397,7 +431,11 @@ async def _read(batcher, image, heatmap: bool, force: bool = False):
     except CxrError:
         raise
     except Exception as exc:
-        raise HTTPException(500, f"the model failed on this image: {exc!r}"[:500]) from None
+        import logging
+
+        logging.getLogger("cxr.service").exception("the model failed on an image")
+        raise HTTPException(500, f"the model failed on this image ({type(exc).__name__}; see "
+                                 "the server's log)") from None
 
 
 def result_json(result, heatmap: bool) -> dict:
@@ -408,7 +446,13 @@ def result_json(result, heatmap: bool) -> dict:
 
 
 def record_json(record) -> dict:
+    """An archive record for a client: its id and image URL, never the server's file path
+    (a folder named after a patient would leak), also not inside a failure's reason."""
     d = record.to_dict()
+    path = d.pop("path", None)
+    if d.get("reason") and path:
+        for text in (str(path), str(Path(path).parent)):
+            d["reason"] = d["reason"].replace(text, f"image {record.id}")
     d["image_url"] = f"/studies/{record.id}/image"
     return d
 
@@ -458,6 +502,13 @@ def _store(state, data: bytes, filename: str | None, loaded, result) -> int:
             image_id = s.scalar(select(ImageRow.id).where(ImageRow.sha256 == sha,
                                                            ImageRow.model_id == model_id))
     return int(image_id)
+
+
+def default_audit_log(db_url: str, upload_dir: Path | None = None) -> Path:
+    """The audit log beside the upload folder: `<db>.uploads` -> `<db>.audit.jsonl`."""
+    uploads = Path(upload_dir) if upload_dir else default_upload_dir(db_url)
+    stem = uploads.name[:-len(".uploads")] if uploads.name.endswith(".uploads") else uploads.name
+    return uploads.with_name(stem + ".audit.jsonl")
 
 
 def _swagger_files() -> str | None:

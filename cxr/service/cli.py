@@ -1,7 +1,10 @@
 """`cxr serve RUN --db URL`: the REST API and web viewer under uvicorn.
 
 The run and the database are opened before the server starts, so a wrong path or URL is one
-line on stderr, not a start-up traceback.
+line on stderr, not a start-up traceback. Likewise the access rules: tokens (`--tokens FILE` or
+$CXR_TOKENS, see auth.py) are read first, and an address other than loopback without tokens is
+refused before the model loads (anyone on the network could otherwise read the archive).
+`--tls-cert` / `--tls-key` serve HTTPS (uvicorn's ssl_certfile / ssl_keyfile).
 """
 from __future__ import annotations
 
@@ -27,6 +30,17 @@ def configure(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the model (default: torch's; 1 suits a busy CPU)")
+    parser.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="what runs the CNN (onnxruntime / openvino: the graph of `cxr export "
+                        "RUN --onnx`, on the CPU)")
+    parser.add_argument("--tokens", type=Path, default=None,
+                        help="bearer tokens: lines `TOKEN ROLE NAME` (roles read < annotate < admin) "
+                        "or JSON (default: $CXR_TOKENS; none: open, loopback only)")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM): serve HTTPS")
+    parser.add_argument("--tls-key", type=Path, default=None, help="the certificate's private key (PEM)")
+    parser.add_argument("--audit-log", type=Path, default=None,
+                        help="JSON-lines log of who read or searched what (default: beside the "
+                        "upload folder, e.g. cxr-archive.db.audit.jsonl)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -38,6 +52,7 @@ def run(args) -> int:
     from ..errors import CxrError
     from ..reader import Reader
     from .app import create_app
+    from .auth import ENV, Tokens
 
     if args.max_batch < 1 or args.max_upload_mb <= 0:
         raise CxrError("--max-batch and --max-upload-mb must be positive")
@@ -45,18 +60,57 @@ def run(args) -> int:
     if args.upload_dir is not None and args.upload_dir.exists() and not args.upload_dir.is_dir():
         raise CxrError("--upload-dir is a file, not a folder", args.upload_dir)
     _check_listen(args.host, args.port)
-    reader = Reader.load(args.run, device=args.device)
+    tokens = Tokens.load(args.tokens)
+    if not tokens and not _loopback(args.host):
+        raise CxrError(f"refusing to serve {args.host} without tokens: anyone who reaches it could "
+                       f"read and search the archive; give --tokens FILE or set {ENV} (an open "
+                       "server is allowed on loopback only, e.g. --host 127.0.0.1)")
+    tls = _tls_files(args.tls_cert, args.tls_key)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # before the engines size their thread pools
+    reader = Reader.load(args.run, device=args.device, engine=args.engine)
     archive = _open_archive(Archive, args.db)
     app = create_app(args.run, args.db, max_upload_mb=args.max_upload_mb, max_batch=args.max_batch,
                      batch_wait_ms=args.batch_wait_ms, upload_dir=args.upload_dir,
-                     device=args.device, threads=args.threads, reader=reader, archive=archive)
-    print(f"cxr serve: {reader.model_id} on http://{args.host}:{args.port}/ "
-          f"(API docs at /docs; research use only)", flush=True)
+                     device=args.device, threads=args.threads, reader=reader, archive=archive,
+                     tokens=tokens, audit_log=args.audit_log)
+    access = f"{len(tokens)} token(s)" if tokens else "open: no tokens (loopback only)"
+    print(f"cxr serve: {reader.model_id} ({args.engine}) on {'https' if tls else 'http'}://{args.host}:"
+          f"{args.port}/ ({access}; audit log {app.state.audit.path}; API docs at /docs; research use "
+          "only)", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, **tls)
     finally:
         archive.close()
     return 0
+
+
+def _loopback(host: str) -> bool:
+    """Whether every address `host` resolves to is a loopback one (127.0.0.0/8, ::1)."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False  # _check_listen says why it cannot be served
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def _tls_files(cert: Path | None, key: Path | None) -> dict:
+    """uvicorn's TLS options; both files or neither, each readable."""
+    from ..errors import CxrError
+
+    if (cert is None) != (key is None):
+        raise CxrError("--tls-cert and --tls-key go together (the certificate and its key)")
+    if cert is None:
+        return {}
+    for path in (cert, key):
+        if not path.is_file():
+            raise CxrError("TLS file not found", path)
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
 
 
 def _check_listen(host: str, port: int) -> None:

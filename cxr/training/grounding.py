@@ -201,4 +201,9 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
         _save(ctx, phase, {"cnn": cnn, "rnn": model}, opt, epoch + 1, epoch + 1 >= epochs)
         if ctx.on_epoch:
             ctx.on_epoch(phase, epoch + 1, record)
+    if ctx.world > 1:  # every rank ran the same epochs; GPU kernels may still differ: agree on rank 0's
+        for p in params:
+            torch.distributed.broadcast(p.data, 0)
+        for b in list(cnn.buffers()) + list(model.buffers()):
+            torch.distributed.broadcast(b, 0)
     return cnn, model

@@ -19,8 +19,21 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-async function api(url, options) {
-  const response = await fetch(url, options);
+// Access token (cxr serve --tokens): asked for on the first 401, kept for this tab only.
+function authHeaders(headers = {}) {
+  const token = sessionStorage.getItem("cxr-token");
+  return token ? { ...headers, Authorization: `Bearer ${token}` } : headers;
+}
+
+async function api(url, options = {}, retried = false) {
+  const response = await fetch(url, { ...options, headers: authHeaders(options.headers) });
+  if (response.status === 401 && !retried) {
+    const token = window.prompt("This server needs an access token:");
+    if (token) {
+      sessionStorage.setItem("cxr-token", token.trim());
+      return api(url, options, true);
+    }
+  }
   let body = null;
   try { body = await response.json(); } catch (e) { /* not JSON */ }
   if (!response.ok) {
@@ -29,6 +42,14 @@ async function api(url, options) {
     throw new Error(detail || `${response.status} ${response.statusText}`);
   }
   return body;
+}
+
+// An image from the API: a plain URL on an open server; with a token, fetched with it (an <img>
+// cannot send an Authorization header) and shown from a blob URL.
+async function setImage(img, url) {
+  if (!sessionStorage.getItem("cxr-token") || url.startsWith("data:")) { img.src = url; return; }
+  const response = await fetch(url, { headers: authHeaders() });
+  if (response.ok) img.src = URL.createObjectURL(await response.blob());
 }
 
 function setStatus(text, error = false) {
@@ -113,7 +134,7 @@ function show(item, src, subject) {
   $("subject").textContent = subject;
   const base = $("base");
   base.onload = () => drawBoxes(item.findings, item.image_size || [base.naturalHeight, base.naturalWidth]);
-  base.src = src;
+  setImage(base, src);
   const select = $("heat-select");
   select.replaceChildren();
   const names = Object.keys(state.heatImages);
@@ -214,8 +235,9 @@ function showResults(items, title) {
   for (const item of items) {
     const extra = item.distance !== null && item.distance !== undefined
       ? `distance ${item.distance.toFixed(3)}` : label(item);
-    list.append(el("li", { "data-id": item.id, onclick: () => openStudy(item.id) },
-      el("img", { src: item.image_url, alt: `image ${item.id}`, loading: "lazy" }),
+    const img = el("img", { alt: `image ${item.id}`, loading: "lazy" });
+    setImage(img, item.image_url);
+    list.append(el("li", { "data-id": item.id, onclick: () => openStudy(item.id) }, img,
       el("div", { class: "caption" }, `#${item.id} · ${extra}`)));
   }
 }
