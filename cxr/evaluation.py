@@ -16,7 +16,9 @@ stored patient split) and writes `metrics.json` and `metrics.md` (also printed):
   them (the phantom's complete terms, Open-i MeSH terms);
 - localisation: ChestX-ray8 accuracy at T(IoBB) and T(IoU) in {0.1, 0.25, 0.5, 0.75, 0.9}
   against the boxes the source provides, with the CAM of the true disease (Wang et al.'s
-  protocol) and with what the Reader outputs (boxes of detected findings only);
+  protocol) and with what the Reader outputs (boxes of detected findings only); for a grounded
+  run also one table per other source (the finding map, the finding word's attention), each at
+  T(IoBB) and T(IoU), and a summary naming the best source at T(IoBB) = 0.5;
 - calibration: ECE and reliability-diagram data of the calibrated scores; the thresholds in use.
 
 Published figures (Wang et al., ChestX-ray8, CVPR 2017: `cxr.metrics.WANG2017_*`) sit beside

@@ -331,6 +331,7 @@ class Reader:
 
     @torch.no_grad()
     def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int) -> list[Result]:
+        from .records import term_tokens
         from .reports.mesh import parse_term
 
         maps, logits, emb = self.forward(images)
@@ -374,7 +375,9 @@ class Reader:
             findings, maps_out = [], {}
             for t in detected[b]:
                 target, toks = self.targets[t], words.get((b, t), [])
-                parsed = parse_term("/".join(toks)) if toks else None
+                # the finding is known: the words are read as its qualifiers, whatever their order
+                own = set(term_tokens(target))
+                parsed = parse_term("/".join([target] + [w for w in toks if w not in own])) if toks else None
                 boxes: list[Box] = []
                 if (b, t) in where:
                     i = where[(b, t)]

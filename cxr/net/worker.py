@@ -35,10 +35,17 @@ class Worker:
         self.force = force
         self.stop = threading.Event()
 
-    def run(self) -> None:
-        """Until `stop` is set: read what is pending, send what waits, else wait a little."""
+    def run(self, retry_s: float = 10.0) -> None:
+        """Until `stop` is set: read what is pending, send what waits, else wait a little. An
+        error (the database away, a disk full) is logged and the step retried later: the node
+        keeps receiving meanwhile, and the journal keeps what waits."""
         while not self.stop.is_set():
-            worked = self.step()
+            try:
+                worked = self.step()
+            except Exception as exc:
+                log.error("worker: %s: %s (retrying in %.0f s)", type(exc).__name__, exc, retry_s)
+                self.stop.wait(retry_s)
+                continue
             if not worked:
                 self.stop.wait(0.2)
 
