@@ -166,3 +166,38 @@ def test_service_search_by_report_and_disagreement(archive, tiny_run, tmp_path):
                                              "finding": "Pneumothorax"}).json()
         assert body["items"] == []
         assert client.get("/search", params={"disagree": "sideways"}).status_code == 422
+
+
+def test_cli_index_of_a_folder_manifest_stores_its_report_column(tiny_run, radiographs, tmp_path,
+                                                                 capsys):
+    """`cxr index RUN folder:DIR,manifest.csv`: the report column reaches the archive, and
+    similar-image hits carry their reports (case histories)."""
+    import shutil
+
+    from cxr.cli import main
+
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    for png in radiographs[:3]:
+        shutil.copy(png, folder / png.name)
+    names_ = [p.name for p in radiographs[:3]]
+    (folder / "manifest.csv").write_text(
+        "path,report\n"
+        f'{names_[0]},"Large right pneumothorax. No effusion."\n'
+        f'{names_[1]},"<div>Heart size normal &amp; lungs clear.</div>"\n'
+        f"{names_[2]},\n")
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    assert main(["index", str(tiny_run), f"folder:{folder},manifest.csv", "--db", db, "--quiet",
+                 "--force"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--db", db, "--report", "pneumothorax", "--json"]) == 0
+    (hit,) = json.loads(capsys.readouterr().out)
+    assert hit["path"].endswith(names_[0]) and hit["report"].startswith("FINDINGS: Large right")
+    mined = {(f["disease"], f["certainty"], f["side"]) for f in hit["report_findings"]}
+    assert ("Pneumothorax", "positive", "right") in mined
+    assert ("Pleural Effusion", "negative", None) in mined
+    with Archive(db) as archive:
+        reports = {h.path.rsplit("/", 1)[-1]: h for h in archive.similar(image_id=hit["id"], k=5)}
+    assert reports[names_[1]].report == "FINDINGS: Heart size normal & lungs clear."
+    assert "markup removed" in reports[names_[1]].report_note
+    assert reports[names_[2]].report is None
