@@ -110,20 +110,67 @@ def paired(results: dict, arm: str, base: str, key: str) -> dict | None:
             "min": float(min(d)), "max": float(max(d)), "n": len(d), "all": [float(x) for x in d]}
 
 
+def summary(runs: dict) -> dict:
+    """Means over an arm's seeds (what the table shows)."""
+    def mean(key):
+        values = [r[key] for r in runs.values() if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    return {"seeds": len(runs), "mean_auc": mean("mean_auc"), "bleu4": mean("bleu4"),
+            "seconds": mean("seconds")}
+
+
 def table(out: dict) -> str:
     rows = []
     for arm in out["arms"]:
-        runs = out["results"].get(arm, {})
-        aucs = [r["mean_auc"] for r in runs.values() if r["mean_auc"] is not None]
-        bleus = [r["bleu4"] for r in runs.values() if r["bleu4"] is not None]
+        m = out["summary"].get(arm) or {}
         d_auc = out["differences"].get(arm, {}).get("mean_auc") or {}
         d_bleu = out["differences"].get(arm, {}).get("bleu4") or {}
-        rows.append([arm, BASELINE_OF.get(arm, "–"), len(runs),
-                     float(np.mean(aucs)) if aucs else None, d_auc.get("mean"), d_auc.get("sd"),
-                     float(np.mean(bleus)) if bleus else None, d_bleu.get("mean"), d_bleu.get("sd"),
-                     float(np.mean([r["seconds"] for r in runs.values()])) if runs else None])
-    return M.markdown_table(["arm", "vs", "seeds", "AUC", "ΔAUC", "sd", "BLEU-4", "ΔBLEU-4", "sd", "s/run"],
-                            rows)
+        rows.append([arm, BASELINE_OF.get(arm, "–"), m.get("seeds"), m.get("mean_auc"), d_auc.get("mean"),
+                     d_auc.get("sd"), m.get("bleu4"), d_bleu.get("mean"), d_bleu.get("sd"),
+                     m.get("seconds")])
+    return M.markdown_table(["arm", "vs", "seeds", "AUC", "ΔAUC", "sd", "BLEU-4", "ΔBLEU-4", "sd",
+                             "s/run"], rows, digits=3)
+
+
+def combine(paths: list[Path], json_out: Path | None) -> int:
+    """One result from several partial ones (same settings; each seed's runs from any file)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    out = dict(parts[0], results={}, differences={}, summary={})
+    for part in parts:
+        if {k: v for k, v in part["settings"].items() if k not in ("arms", "seeds")} != \
+                {k: v for k, v in out["settings"].items() if k not in ("arms", "seeds")}:
+            raise SystemExit(f"{', '.join(map(str, paths))}: not run with the same settings")
+        for arm, runs in part["results"].items():
+            out["results"].setdefault(arm, {}).update(runs)
+    out["arms"] = [a for a in ARMS if a in out["results"]]
+    out["settings"] = dict(out["settings"], arms=out["arms"],
+                           seeds=min(len(r) for r in out["results"].values()))
+    out["combined_from"] = len(parts)
+    out["seconds"] = round(sum(r["seconds"] for runs in out["results"].values() for r in runs.values()), 1)
+    _finish(out, out["settings"], json_out, time.time(), done=True)
+    out["seconds"] = round(sum(r["seconds"] for runs in out["results"].values() for r in runs.values()), 1)
+    if json_out:
+        json_out.write_text(json.dumps(out, indent=1) + "\n")
+    print(readme_block(out))
+    return 0
+
+
+def readme_block(out: dict) -> str:
+    """The README's ablation figures (paste after a run)."""
+    s = out["settings"]
+    what = (f"the first {s['max_images']} studies" if s.get("max_images") else f"all {s['n']} studies")
+    return "\n".join([
+        "<!-- figures: benchmarks/results/ablation.json -->",
+        f"Measured: {what} of the demo's phantom set, {s['image_size']} px, {s['epochs']} CNN epochs "
+        f"(and {s['epochs']} more in the cascade and its control), {s['rnn_epochs']} RNN epochs, "
+        f"{s['seeds']} seeds; AUC is the mean test AUC of the CNN, BLEU-4 the annotator's given the "
+        "true disease; Δ is the arm minus its baseline on the same seed and split, sd its spread "
+        "over the seeds.",
+        "",
+        "<!-- figures: benchmarks/results/ablation.json -->",
+        table(out),
+    ])
 
 
 def main(argv=None) -> int:
@@ -134,10 +181,18 @@ def main(argv=None) -> int:
                     help="the first 600 studies, 48 px, 4 epochs, no DenseNet (what a busy 2-core machine allows)")
     ap.add_argument("--arms", help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--seeds", type=int)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="run seeds FIRST..FIRST+SEEDS-1 (to spread seeds over processes; a later run "
+                         "over the same --work with all seeds only measures the finished runs)")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--data", help="phantom:DIR (default: the demo's set, simulated once into the cache)")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="merge the results of earlier runs of this script (e.g. one per process and "
+                         "seed) into --json instead of training")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.json)
     s = dict(REDUCED if args.reduced else FULL)
     for key in ("seeds", "epochs", "image_size"):
         if getattr(args, key) is not None:
@@ -163,9 +218,9 @@ def main(argv=None) -> int:
     work = args.work.expanduser()
     out = {"settings": s, "data": data, "threads": torch.get_num_threads(), "arms": s["arms"],
            "baseline_of": {a: BASELINE_OF[a] for a in s["arms"] if a in BASELINE_OF},
-           "results": {}, "differences": {}}
+           "results": {}, "differences": {}, "summary": {}}
     t_all = time.time()
-    for seed in range(s["seeds"]):
+    for seed in range(args.first_seed, args.first_seed + s["seeds"]):
         for arm in s["arms"]:
             t0 = time.time()
             cfg = base_config(s, data, seed, work / "cache", **ARMS[arm])
@@ -177,7 +232,7 @@ def main(argv=None) -> int:
                   f"({record['seconds']:.0f} s)", flush=True)
             _finish(out, s, args.json, t_all, done=False)  # what has run so far survives a stop
     _finish(out, s, args.json, t_all, done=True)
-    print(table(out))
+    print(readme_block(out))
     return 0
 
 
@@ -186,6 +241,7 @@ def _finish(out: dict, s: dict, path: Path | None, t_all: float, done: bool) -> 
         base = BASELINE_OF.get(arm)
         if base and base in out["results"] and arm in out["results"]:
             out["differences"][arm] = {k: paired(out["results"], arm, base, k) for k in ("mean_auc", "bleu4")}
+    out["summary"] = {arm: summary(runs) for arm, runs in out["results"].items()}
     out["seconds"] = round(time.time() - t_all, 1)
     out["complete"] = done
     if path:

@@ -181,6 +181,13 @@ def timing(gate_full, films, repeats: int) -> dict:
             "gate_ms_median": 1000 * g, "reader_ms_median": 1000 * r, "ratio": g / r}
 
 
+def _weights_bytes(path) -> int:
+    from cxr.quality.model import WEIGHTS_DIR
+
+    p = Path(path) if path else WEIGHTS_DIR
+    return (p / "gate.safetensors" if p.is_dir() else p).stat().st_size
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -217,7 +224,11 @@ def main(argv=None) -> int:
     res = {"benchmark": "quality", "weights": args.weights or "shipped",
            "gate_version": gate.meta.get("version"), "targets": TARGETS,
            "decision": refused.__doc__.strip().replace("\n   ", ""),
-           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "gate_training": gate.meta.get("training", {}),
+           "gate_temperatures": gate.meta.get("temperatures", {}),
+           "gate_parameters": sum(p.numel() for p in gate.net.parameters()),
+           "gate_weights_mb": round(_weights_bytes(args.weights) / 2 ** 20, 2)}
     res["nih_held_out"] = film_faults(gate, films, gate_full, test_files)
     print(f"NIH held-out films done ({time.time() - t0:.0f} s)", flush=True)
     res["non_radiographs"] = non_radiographs(gate, gate_full, ct, args.others, TEST_SEEDS + 1)

@@ -83,7 +83,7 @@ def test_an_archive_of_the_first_schema_is_upgraded_keeping_its_rows(tmp_path):
     engine.dispose()
     archive = Archive(url)
     with archive.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == HEAD_REVISION
     (old,) = archive.search(status="failed")
     assert old.path == "/old.png" and old.quality is None
     assert archive.add_results([Entry("/new.png", "b" * 64, MODEL, result=result([], np.ones(4)))])

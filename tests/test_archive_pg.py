@@ -114,3 +114,34 @@ def test_index_and_search_on_postgresql(postgres_url, tiny_run, radiographs, tmp
     assert "Doe" not in dump
     archive.close()
     other.close()
+
+
+def test_reports_full_text_and_disagreement_on_postgresql(postgres_url, tmp_path):
+    """The same planted reports as test_archive_reports.py, through to_tsvector/plainto_tsquery
+    (and the GIN index migration 0003 builds) on a real server."""
+    from sqlalchemy import text
+    from test_archive_reports import CASES, MODEL, result
+
+    from cxr.archive.db import Archive, Entry
+    from cxr.archive.reports import mine_reports, prepare_report
+
+    archive = Archive(postgres_url, vector_dir=tmp_path / "vectors")
+    model = MODEL + "-pg"  # the module's archive is shared: a model of its own
+    entries = [Entry(f"/pg/{name}.png", f"{i + 1000:064x}", model, result=result(diseases, i),
+                     report=prepare_report(report))
+               for i, (name, (diseases, report)) in enumerate(CASES.items())]
+    mine_reports([e.report for e in entries])
+    ids = dict(zip(CASES, archive.add_results(entries)))
+    assert all(ids.values())
+    name = {v: k for k, v in ids.items()}
+    found = lambda **kw: {name[h.id] for h in archive.search(model_id=model, **kw)}  # noqa: E731
+    assert found(report="effusions") == {"agree_effusion", "report_only_effusion"}
+    assert found(report="right pleural effusion") == {"agree_effusion"}
+    assert found(text="cardiomegaly", report="mild") == {"markup_cardio"}
+    assert found(disagree="report-only") == {"report_only_effusion"}
+    assert found(disagree="model-only") == {"model_only_cardio"}
+    assert "not UTF-8" in archive.get(ids["not_utf8"]).report_note
+    with archive.engine.connect() as conn:
+        assert conn.execute(text("select count(*) from pg_indexes where "
+                                 "indexname = 'ix_reports_fts'")).scalar() == 1
+    archive.close()

@@ -26,7 +26,7 @@ def eager(tiny_run, tmp_path_factory):
     from service_helpers import run_asserting_every_finding
 
     return cxr.Reader.load(run_asserting_every_finding(tiny_run, tmp_path_factory.mktemp("eager") / "run"),
-                           device="cpu")
+                           device="cpu", gate=False)  # drawn images, as `reader` above
 
 
 def _image(h=80, w=96, seed=0):

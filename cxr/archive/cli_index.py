@@ -1,5 +1,7 @@
 """`cxr index RUN SOURCE --db URL`: read every image of a folder or source with a trained run and
 store the results in a searchable archive. Run it again to resume: stored images are skipped.
+A source with reports (openi:, phantom:, folder: with a report column) stores each study's report
+and the findings mined from it (`cxr search --report`, `--disagree`).
 `SOURCE` may be a PACS: `dicomweb:URL` fetches its chest films (QIDO-RS/WADO-RS) and STOWs the SR
 and overlay of each back (`cxr.net.dicomweb`)."""
 from __future__ import annotations
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
             reader = Reader.load(args.run, engine=args.engine)
             archive.remember_run(reader.model_id, args.run)
-            stats = index_images(archive, reader, iter_inputs(args.source),
+            stats = index_images(archive, reader, iter_inputs(args.source, reports=True),
                                  batch_size=args.batch_size, dicom_out=args.dicom_out,
                                  progress=not args.quiet, retry_failed=args.retry_failed,
                                  force=args.force)

@@ -1,5 +1,6 @@
-"""`cxr search`: find indexed images by finding ("opacity left base" --severity moderate) or by
-likeness to an image (--like chest.dcm, --like-id 42)."""
+"""`cxr search`: find indexed images by finding ("opacity left base" --severity moderate), by
+their report's words (--report "small effusion"), where report and model disagree
+(--disagree report-only|model-only), or by likeness to an image (--like chest.dcm, --like-id 42)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help='another finding the image must also have, e.g. "effusion right"')
     parser.add_argument("--score", action="append", default=[], metavar="TARGET>=X",
                         help="any target's score at least X, asserted or not (repeatable)")
+    parser.add_argument("--report", metavar="WORDS",
+                        help="words the study's report must contain (full-text, stemmed)")
+    parser.add_argument("--disagree", choices=["report-only", "model-only"],
+                        help="report-only: the report asserts a finding the model did not flag; "
+                        "model-only: the model flagged one the report does not assert "
+                        "(with --finding: that finding only)")
     parser.add_argument("--like", metavar="IMAGE", help="images similar to this file")
     parser.add_argument("--like-id", type=int, metavar="ID", help="images similar to indexed ID")
     parser.add_argument("--run", help="trained run that embeds the --like image (default: the "
@@ -81,13 +88,16 @@ def run(args: argparse.Namespace) -> int:
                 hits = archive.similar(image_id=args.like_id, k=args.limit)
             described = f"like {args.like or '#' + str(args.like_id)}"
         else:
-            hits = archive.search(args.query, finding=args.finding, side=args.side,
+            finding = None if args.disagree else args.finding
+            hits = archive.search(args.query, finding=finding, side=args.side,
                                   location=args.location, severity=args.severity,
                                   min_score=args.min_score, also=args.also,
                                   scores=_scores(args.score), model_id=args.model,
                                   status="failed" if args.failed else "ok",
+                                  report=args.report, disagree=args.disagree,
+                                  disagree_finding=args.finding if args.disagree else None,
                                   limit=args.limit, offset=args.offset)
-            described = args.query or "query"
+            described = args.query or (f"report {args.report!r}" if args.report else "query")
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], indent=2))
         return 0
@@ -100,6 +110,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"#{h.id}  {h.path}  ({key})")
         if h.status != "ok":
             print(f"    failed: {h.reason}")
+        if h.report:
+            print(f"    report: {h.report[:200]}" + ("..." if len(h.report) > 200 else ""))
+        if h.report_note:
+            print(f"    report note: {h.report_note}")
+        said = sorted({f["disease"] for f in h.report_findings if f["certainty"] == "positive"})
+        if said:
+            print(f"    report asserts: {', '.join(said)}")
         for f in h.findings:
             where = " ".join(p for p in (f.side, *f.location) if p)
             print(f"    {f.score:.2f}  {f.disease}" + (f" [{where}]" if where else "")

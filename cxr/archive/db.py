@@ -30,11 +30,12 @@ from ..records import Box
 from ..results import DetectedFinding, Result
 from .models import FindingRow, ImageRow, Meta, decode_location, encode_location
 from .query import FindingClause, Query, Vocabulary, matching_ids, parse_text
+from .reports import ReportText, disagreement_condition, fts_condition, label_key, report_rows
 from .vectors import VectorIndex
 
 DEFAULT_URL = "sqlite:///cxr-archive.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0002"  # newest file in migrations/versions (a test checks they agree)
+HEAD_REVISION = "0003"  # newest file in migrations/versions (a test checks they agree)
 VOCABULARY_TTL_S = 30.0
 
 
@@ -52,6 +53,7 @@ class Entry:
     sop_uid: str | None = None
     view: str | None = None
     quality: dict | None = None  # the gate's report of an image it refused (no result)
+    report: ReportText | None = None  # the study's report (archive.reports.prepare_report)
 
 
 @dataclass
@@ -75,6 +77,9 @@ class ImageRecord:
     quality: dict | None = None  # the quality gate's report (QualityReport.to_dict())
     score: float | None = None  # search: score of the finding that matched the first clause
     distance: float | None = None  # similar: cosine distance to the query (0 = same direction)
+    report: str | None = None  # the study's report text ("" when refused: see report_note)
+    report_note: str | None = None
+    report_findings: list[dict] = field(default_factory=list)  # mined: disease, certainty, ...
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +90,8 @@ class ImageRecord:
             "scores": self.scores, "findings": [f.to_dict() for f in self.findings],
             "indexed_at": self.indexed_at.isoformat() if self.indexed_at else None,
             "quality": self.quality, "score": self.score, "distance": self.distance,
+            "report": self.report, "report_note": self.report_note,
+            "report_findings": self.report_findings,
         }
 
 
@@ -284,6 +291,8 @@ class Archive:
             return None
         if r is not None:
             s.add_all(finding_rows(image_id, r.findings))
+        if e.report is not None:
+            s.add_all(report_rows(image_id, e.report))
         return image_id
 
     # -- reading -----------------------------------------------------------------------------
@@ -328,12 +337,16 @@ class Archive:
                severity: str | None = None, min_score: float | None = None,
                also: Iterable[str | FindingClause] = (), scores: dict[str, float] | None = None,
                model_id: str | None = None, status: str | None = "ok",
-               study_uid: str | None = None, limit: int = 50, offset: int = 0) -> list[ImageRecord]:
+               study_uid: str | None = None, report: str | None = None,
+               disagree: str | None = None, disagree_finding: str | None = None,
+               limit: int = 50, offset: int = 0) -> list[ImageRecord]:
         """Images whose findings match, best score first.
 
         `text` ("opacity left base") and the keyword filters describe one finding; each item
         of `also` another finding the same image must have; `scores` thresholds any target's
-        score, asserted or not. A ready `Query` may be passed instead.
+        score, asserted or not; `report` words must all be in the image's report (full text,
+        stemmed); `disagree` ("report-only" | "model-only", optionally for `disagree_finding`)
+        keeps images whose report and model disagree. A ready `Query` may be passed instead.
         """
         if isinstance(text, Query):
             query = text
@@ -347,14 +360,34 @@ class Archive:
             if min_score is not None:
                 first.min_score = min_score
             clauses = [first] + [parse_text(a, vocab) if isinstance(a, str) else a for a in also]
+            conditions = []
+            if report:
+                conditions.append(fts_condition(self.engine.dialect.name, report))
+            if disagree:
+                conditions.append(disagreement_condition(disagree, self.targets(model_id),
+                                                         disagree_finding))
             query = Query(clauses=clauses, scores=dict(scores or {}), model_id=model_id,
-                          status=status, study_uid=study_uid, limit=limit, offset=offset)
+                          status=status, study_uid=study_uid, limit=limit, offset=offset,
+                          conditions=conditions)
         with self.session() as s:
             pairs = matching_ids(s, query, self.vocabulary())
         records = self._records([i for i, _ in pairs])
         for rec, (_, score) in zip(records, pairs):
             rec.score = score
         return records
+
+    def targets(self, model_id: str | None = None) -> dict[str, set[str]]:
+        """label key -> the models' finding keys for it: what each model reads (its score keys),
+        so a report's finding is compared only with a model that could have found it."""
+        out: dict[str, set[str]] = {}
+        models = [model_id] if model_id else self.models()
+        with self.session() as s:
+            for m in models:
+                scores = s.scalar(select(ImageRow.scores).where(
+                    ImageRow.model_id == m, ImageRow.status == "ok").limit(1))
+                for target in scores or {}:
+                    out.setdefault(label_key(target), set()).add(" ".join(target.lower().split()))
+        return out
 
     def similar(self, image_id: int | None = None, *, embedding: np.ndarray | None = None,
                 model_id: str | None = None, k: int = 10) -> list[ImageRecord]:
@@ -457,7 +490,9 @@ class Archive:
         with self.session() as s:
             rows = s.scalars(select(ImageRow).where(ImageRow.id.in_(ids))
                              .options(defer(ImageRow.embedding),
-                                      selectinload(ImageRow.findings))).all()
+                                      selectinload(ImageRow.findings),
+                                      selectinload(ImageRow.report),
+                                      selectinload(ImageRow.report_findings))).all()
             by_id = {r.id: _record(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
 
@@ -481,7 +516,11 @@ def _record(r: ImageRow) -> ImageRecord:
         findings=[DetectedFinding(
             disease=f.disease, score=f.score, annotation=f.annotation, organ=f.organ,
             location=decode_location(f.location), side=f.side, severity=f.severity,
-            boxes=[Box(**b) for b in (f.boxes or [])]) for f in r.findings])
+            boxes=[Box(**b) for b in (f.boxes or [])]) for f in r.findings],
+        report=r.report.text if r.report else None, report_note=r.report.note if r.report else None,
+        report_findings=[dict(disease=f.disease, certainty=f.certainty, side=f.side,
+                              location=list(decode_location(f.location)), severity=f.severity,
+                              sentence=f.sentence) for f in r.report_findings])
 
 
 def _redact(url: str) -> str:

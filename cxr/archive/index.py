@@ -92,9 +92,10 @@ def walk_images(root: str | Path) -> Iterator[str]:
                 yield str(path)
 
 
-def iter_inputs(source: str | Path) -> Iterator[str]:
+def iter_inputs(source: str | Path, reports: bool = False) -> Iterator:
     """Paths of the images to index: a folder or file on disk, else a source spec that
-    `cxr.sources.open_source` understands (e.g. "nih:/data/nih")."""
+    `cxr.sources.open_source` understands (e.g. "nih:/data/nih"). With `reports`, a source's
+    images come as (path, the study's report sections) so the archive stores the report too."""
     path = Path(str(source)).expanduser()
     if path.exists():
         yield from walk_images(path)
@@ -106,7 +107,7 @@ def iter_inputs(source: str | Path) -> Iterator[str]:
     for study in open_source(str(source)):
         for image in study.images:
             if image.path is not None:
-                yield str(image.path)
+                yield (str(image.path), study.report or None) if reports else str(image.path)
 
 
 def batched(items: Iterable, n: int) -> Iterator[list]:
@@ -251,9 +252,11 @@ def index_images(archive: Archive, reader, paths: Iterable[str], *, batch_size: 
     known = lambda hashes: archive.indexed(hashes, model_id, status=status)  # noqa: E731
     bar = tqdm(desc="indexing", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for paths_batch in batched(paths, batch_size):
+        for items in batched(paths, batch_size):
+            paths_batch, reports = split_reports(items)
             batch = process_batch(reader, model_id, paths_batch, known, heatmaps=bool(dicom_out),
                                   force=force)
+            attach_reports(batch.entries, reports)
             ids = archive.add_results(batch.entries, replace_failed=retry_failed)
             stats.seen += len(paths_batch)
             stats.skipped += batch.skipped
@@ -269,6 +272,33 @@ def index_images(archive: Archive, reader, paths: Iterable[str], *, batch_size: 
     if stats.indexed:
         archive.sync_vectors(model_id)
     return stats
+
+
+def split_reports(items: list) -> tuple[list[str], dict[str, object]]:
+    """A batch of `path` or `(path, report)` items -> the paths and path -> report."""
+    paths, reports = [], {}
+    for item in items:
+        if isinstance(item, tuple):
+            path, report = item
+            paths.append(str(path))
+            if report:
+                reports[str(path)] = report
+        else:
+            paths.append(str(item))
+    return paths, reports
+
+
+def attach_reports(entries: list[Entry], reports: dict[str, object]) -> None:
+    """Give each entry its study's report, cleaned (archive.reports) and mined: one miner pass
+    for the whole batch, so spaCy's cost is per batch, not per image."""
+    if not reports:
+        return
+    from .reports import mine_reports, prepare_report
+
+    for e in entries:
+        if e.path in reports:
+            e.report = prepare_report(reports[e.path])
+    mine_reports([e.report for e in entries])
 
 
 def _write_dicom_outputs(batch: Batch, ids: list[int | None], out_dir) -> None:

@@ -59,6 +59,9 @@ class ImageRow(Base):
 
     findings: Mapped[list["FindingRow"]] = relationship(
         back_populates="image", cascade="all, delete-orphan", order_by="FindingRow.score.desc()")
+    report: Mapped["ReportRow | None"] = relationship(cascade="all, delete-orphan")
+    report_findings: Mapped[list["ReportFindingRow"]] = relationship(
+        cascade="all, delete-orphan", order_by="ReportFindingRow.id")
 
 
 class FindingRow(Base):
@@ -87,6 +90,39 @@ class FindingRow(Base):
     boxes: Mapped[list | None] = mapped_column(JSON, nullable=True)
 
     image: Mapped[ImageRow] = relationship(back_populates="findings")
+
+
+class ReportRow(Base):
+    """The report of the study an image belongs to (migration 0003). `note` says what was done
+    to a bad report: markup removed, or why it was refused (then `text` is empty)."""
+
+    __tablename__ = "reports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), unique=True)
+    text: Mapped[str] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ReportFindingRow(Base):
+    """A finding mined from the report (cxr.reports.text.TextMiner), negated and uncertain ones
+    included. `label_key` is the lower-cased name the model's findings use for the same disease
+    (MeSH heading -> ChestX-ray14 name where one exists), so the two can be compared in SQL."""
+
+    __tablename__ = "report_findings"
+    __table_args__ = (
+        Index("ix_report_findings_key", "label_key", "certainty"),
+        Index("ix_report_findings_image", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    disease: Mapped[str] = mapped_column(String(128))
+    label_key: Mapped[str] = mapped_column(String(128))
+    certainty: Mapped[str] = mapped_column(String(16))
+    side: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    location: Mapped[str] = mapped_column(Text, default="")
+    severity: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    sentence: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 def encode_location(location) -> str:

@@ -55,6 +55,8 @@ class Query:
     study_uid: str | None = None
     limit: int = 50
     offset: int = 0
+    # further SQL conditions on ImageRow (report text, report/model disagreement: archive.reports)
+    conditions: list = field(default_factory=list)
 
 
 @dataclass
@@ -158,7 +160,7 @@ def _image_conditions(query: Query):
         conds.append(ImageRow.study_uid == query.study_uid)
     for target, threshold in query.scores.items():
         conds.append(ImageRow.scores[target].as_float() >= float(threshold))
-    return conds
+    return conds + list(query.conditions)
 
 
 def matching_ids(session, query: Query, vocab: Vocabulary | None) -> list[tuple[int, float | None]]:

@@ -12,7 +12,8 @@
     GET  /studies/{id}        one indexed image (?heatmap=true re-runs the model for heatmaps)
     GET  /studies/{id}/image  its pixels as PNG (the server reads the path it stored itself), turned
                               upright if the quality gate turned it before reading
-    GET  /search              structured filters, or like_id= for similar images
+    GET  /search              structured filters, report= words, disagree=report-only|model-only,
+                              or like_id= for similar images
     POST /search/similar      similar images to an embedding (from /annotate?embedding=true)
     GET  /vocabulary          diseases, sides, locations, severities present in the archive
     GET  /health              model, archive size, batching counters
@@ -317,10 +318,17 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         return Response(png_bytes(pixels), media_type="image/png",
                         headers={"Cache-Control": "private, max-age=300"})
 
-    @app.get("/search", summary="Search by finding (structured) or by similarity (like_id)")
+    @app.get("/search", summary="Search by finding (structured), report words, report/model "
+             "disagreement, or by similarity (like_id)")
     def search(request: Request, q: str | None = Param(None, description='e.g. "opacity left base"'),
                finding: str | None = None, side: str | None = None, location: str | None = None,
                severity: str | None = None, min_score: float | None = Param(None, ge=0, le=1),
+               report: str | None = Param(None, description='words the report must contain, '
+                                          'e.g. "small effusion" (full text, stemmed)'),
+               disagree: str | None = Param(None, pattern="^(report-only|model-only)$",
+                                            description="report-only: the report asserts a "
+                                            "finding the model did not flag; model-only: the "
+                                            "reverse (with finding=: that finding only)"),
                like_id: int | None = Param(None, description="images similar to this indexed id"),
                k: int = Param(10, ge=1, le=200), limit: int = Param(50, ge=1, le=500),
                offset: int = Param(0, ge=0)):
@@ -330,12 +338,16 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
             hits = archive.similar(image_id=like_id, k=k)
             request.state.audit_ids = [r.id for r in hits]
             return {"like_id": like_id, "items": [record_json(r) for r in hits]}
-        hits = archive.search(q or None, finding=finding or None, side=side or None,
-                              location=location or None, severity=severity or None,
-                              min_score=min_score, limit=limit, offset=offset)
+        hits = archive.search(q or None, finding=None if disagree else (finding or None),
+                              side=side or None, location=location or None,
+                              severity=severity or None, min_score=min_score,
+                              report=report or None, disagree=disagree or None,
+                              disagree_finding=(finding or None) if disagree else None,
+                              limit=limit, offset=offset)
         request.state.audit_ids = [r.id for r in hits]
         query = {"q": q, "finding": finding, "side": side, "location": location,
-                 "severity": severity, "min_score": min_score}
+                 "severity": severity, "min_score": min_score, "report": report,
+                 "disagree": disagree}
         return {"query": {k_: v for k_, v in query.items() if v not in (None, "")},
                 "items": [record_json(r) for r in hits]}
 

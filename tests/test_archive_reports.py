@@ -1,0 +1,165 @@
+"""Reports in the archive: each image's report stored and mined beside the model's findings,
+full-text search over the text, and the queries that find where report and model disagree.
+Real SQLite, the real TextMiner (medspaCy); PostgreSQL in test_archive_pg.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cxr.archive.db import Archive, Entry
+from cxr.archive.reports import MAX_REPORT_CHARS, label_key, mine_reports, prepare_report
+from cxr.errors import CxrError
+from cxr.results import DetectedFinding, Result
+
+MODEL = "report-test-model"
+TARGETS = ("Pleural Effusion", "Cardiomegaly", "Pneumothorax")
+
+# name -> (the model's findings, the study's report)
+CASES = {
+    "agree_effusion": (["Pleural Effusion"], {"FINDINGS": "Small right pleural effusion.",
+                                              "IMPRESSION": "Right effusion."}),
+    "report_only_effusion": ([], {"FINDINGS": "Large left pleural effusion. Heart size normal."}),
+    "model_only_cardio": (["Cardiomegaly"], {"IMPRESSION": "The lungs are clear. No pneumothorax."}),
+    "no_report_cardio": (["Cardiomegaly"], None),
+    "markup_cardio": (["Cardiomegaly"], {"FINDINGS": "<p>Mild <b>cardiomegaly</b>.</p>&nbsp;"}),
+    "empty": ([], {"FINDINGS": "   ", "IMPRESSION": ""}),
+    "not_utf8": (["Pneumothorax"], {"FINDINGS": b"Left pneumothorax \xff\xfe."}),
+    "huge": ([], {"FINDINGS": "effusion " * (MAX_REPORT_CHARS // 8)}),
+}
+
+
+def result(diseases, i):
+    scores = {t: (0.9 if t in diseases else 0.1) for t in TARGETS}
+    findings = [DetectedFinding(d, 0.9, d.lower()) for d in diseases]
+    return Result(scores=scores, findings=findings, embedding=np.eye(8, dtype=np.float32)[i],
+                  model_id=MODEL, image_size=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    a = Archive(f"sqlite:///{tmp_path_factory.mktemp('reports') / 'a.db'}")
+    entries = [Entry(f"/data/{name}.png", f"{i:064x}", MODEL, result=result(diseases, i),
+                     report=prepare_report(report))
+               for i, (name, (diseases, report)) in enumerate(CASES.items())]
+    mine_reports([e.report for e in entries])  # one miner pass for the batch, as `cxr index`
+    a.ids = dict(zip(CASES, a.add_results(entries)))
+    yield a
+    a.close()
+
+
+def names(archive, hits):
+    by_id = {v: k for k, v in archive.ids.items()}
+    return {by_id[h.id] for h in hits}
+
+
+def test_bad_reports_are_stored_or_refused_with_a_reason_and_the_batch_is_whole(archive):
+    assert all(archive.ids.values()) and archive.count(status="ok") == len(CASES)
+    got = {n: archive.get(i) for n, i in archive.ids.items()}
+    assert got["empty"].report is None and got["no_report_cardio"].report is None
+    assert got["not_utf8"].report == "" and "not UTF-8" in got["not_utf8"].report_note
+    assert "0xff" in got["not_utf8"].report_note and got["not_utf8"].report_findings == []
+    assert got["huge"].report == "" and "too long" in got["huge"].report_note
+    markup = got["markup_cardio"]
+    assert markup.report == "FINDINGS: Mild cardiomegaly ." and "markup removed" in markup.report_note
+    assert ("Cardiomegaly", "positive") in {(f["disease"], f["certainty"])
+                                            for f in markup.report_findings}
+    agree = got["agree_effusion"]
+    assert agree.report.startswith("FINDINGS: Small right pleural effusion.")
+    effusion = [f for f in agree.report_findings if f["disease"] == "Pleural Effusion"]
+    assert effusion and effusion[0]["side"] == "right" and effusion[0]["certainty"] == "positive"
+    negated = {f["disease"]: f["certainty"] for f in got["model_only_cardio"].report_findings}
+    assert negated.get("Pneumothorax") == "negative"
+    with pytest.raises(CxrError, match="words"):
+        archive.search(report="  ,, ")
+
+
+def test_full_text_search_finds_the_reports_with_the_words(archive):
+    assert names(archive, archive.search(report="effusion")) == {"agree_effusion",
+                                                                 "report_only_effusion"}
+    assert names(archive, archive.search(report="effusions")) == {"agree_effusion",
+                                                                  "report_only_effusion"}  # stems
+    assert names(archive, archive.search(report="right pleural effusion")) == {"agree_effusion"}
+    assert names(archive, archive.search(report="pneumothorax")) == {"model_only_cardio"}
+    assert names(archive, archive.search(report='cardiomegaly" OR "x')) == set()  # no FTS syntax
+    # combined with a structured filter on the model's findings
+    assert names(archive, archive.search("cardiomegaly", report="mild")) == {"markup_cardio"}
+    assert names(archive, archive.search("cardiomegaly", report="effusion")) == set()
+
+
+def test_disagreement_queries_find_planted_disagreements_both_ways(archive):
+    assert names(archive, archive.search(disagree="report-only")) == {"report_only_effusion"}
+    assert names(archive, archive.search(disagree="model-only")) == {"model_only_cardio"}
+    assert names(archive, archive.search(disagree="model-only",
+                                         disagree_finding="Cardiomegaly")) == {"model_only_cardio"}
+    assert names(archive, archive.search(disagree="model-only",
+                                         disagree_finding="Effusion")) == set()  # NIH name too
+    assert names(archive, archive.search(disagree="report-only",
+                                         disagree_finding="pleural effusion")) == {
+        "report_only_effusion"}
+    assert label_key("Effusion") == label_key("Pleural Effusion") == "pleural effusion"
+    with pytest.raises(CxrError, match="no model .* reads 'Mass'"):
+        archive.search(disagree="report-only", disagree_finding="Mass")
+    with pytest.raises(CxrError, match="report-only, model-only"):
+        archive.search(disagree="sideways")
+
+
+def test_cli_search_by_report_and_disagreement(archive, capsys):
+    from cxr.cli import main
+
+    assert main(["search", "--db", archive.url, "--report", "effusion", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert {h["path"] for h in hits} == {"/data/agree_effusion.png", "/data/report_only_effusion.png"}
+    assert all(h["report"] and h["report_findings"] for h in hits)
+    assert main(["search", "--db", archive.url, "--disagree", "model-only",
+                 "--finding", "Cardiomegaly"]) == 0
+    out = capsys.readouterr().out
+    assert "/data/model_only_cardio.png" in out and "report: IMPRESSION: The lungs are clear" in out
+
+
+def test_index_stores_each_images_report_from_source_items(tiny_run, radiographs, tmp_path):
+    """`cxr index` of a source with reports: (path, report) items; a refused report keeps its
+    image, and a rerun stores nothing twice."""
+    from cxr.archive.index import index_images
+    from cxr.reader import Reader
+
+    reader = Reader.load(tiny_run)
+    archive = Archive(f"sqlite:///{tmp_path / 'a.db'}")
+    items = [(str(radiographs[0]), {"FINDINGS": "Moderate cardiomegaly."}),
+             (str(radiographs[1]), {"FINDINGS": b"\xc3\x28 broken"}),
+             str(radiographs[2])]
+    stats = index_images(archive, reader, items, batch_size=8, progress=False, force=True)
+    assert stats.indexed + stats.failed == 3 and stats.failed == 0
+    by_path = {h.path: h for h in archive.search(limit=10)}
+    first = by_path[str(radiographs[0])]
+    assert first.report == "FINDINGS: Moderate cardiomegaly."
+    assert {f["disease"] for f in first.report_findings} == {"Cardiomegaly"}
+    assert "not UTF-8" in by_path[str(radiographs[1])].report_note
+    assert by_path[str(radiographs[2])].report is None
+    again = index_images(archive, reader, items, batch_size=8, progress=False, force=True)
+    assert again.skipped == 3
+    assert {h.path for h in archive.search(report="cardiomegaly")} == {str(radiographs[0])}
+    archive.close()
+
+
+def test_service_search_by_report_and_disagreement(archive, tiny_run, tmp_path):
+    import httpx
+
+    from cxr.service.app import create_app
+    from cxr.service.server import running_server
+
+    app = create_app(tiny_run, archive.url, upload_dir=tmp_path / "uploads",
+                     audit_log=tmp_path / "audit.jsonl")
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        body = client.get("/search", params={"report": "effusion"}).json()
+        assert body["query"] == {"report": "effusion"}
+        assert {h["id"] for h in body["items"]} == {archive.ids["agree_effusion"],
+                                                    archive.ids["report_only_effusion"]}
+        assert all("path" not in h and h["report"] for h in body["items"])
+        body = client.get("/search", params={"disagree": "report-only"}).json()
+        assert [h["id"] for h in body["items"]] == [archive.ids["report_only_effusion"]]
+        body = client.get("/search", params={"disagree": "model-only",
+                                             "finding": "Pneumothorax"}).json()
+        assert body["items"] == []
+        assert client.get("/search", params={"disagree": "sideways"}).status_code == 422
