@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import re
+from functools import lru_cache
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -115,6 +116,7 @@ def _miner():
     return _MINER
 
 
+@lru_cache(maxsize=4096)
 def label_key(disease: str) -> str:
     """One key for a disease whoever names it: a ChestX-ray14 name maps to its MeSH heading
     ("Effusion" -> "pleural effusion"), Open-i's alias headings fold, case and spaces do not
@@ -153,9 +155,9 @@ def fts_condition(dialect: str, words: str):
                 func.plainto_tsquery(literal_column("'english'"), " ".join(terms))))
     elif dialect == "sqlite":
         match = " ".join(f'"{t}"' for t in terms)  # quoted: a word is never FTS5 syntax
-        rowids = text("SELECT rowid FROM reports_fts WHERE reports_fts MATCH :match").bindparams(
+        # the FTS rowid is the image id (migration 0003)
+        matched = text("SELECT rowid FROM reports_fts WHERE reports_fts MATCH :match").bindparams(
             match=match).columns(column("rowid", Integer))
-        matched = select(ReportRow.image_id).where(ReportRow.id.in_(rowids))
     else:
         matched = select(ReportRow.image_id).where(
             and_(*[ReportRow.text.ilike(f"%{t}%") for t in terms]))
