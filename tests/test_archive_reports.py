@@ -71,6 +71,9 @@ def test_bad_reports_are_stored_or_refused_with_a_reason_and_the_batch_is_whole(
     assert effusion and effusion[0]["side"] == "right" and effusion[0]["certainty"] == "positive"
     negated = {f["disease"]: f["certainty"] for f in got["model_only_cardio"].report_findings}
     assert negated.get("Pneumothorax") == "negative"
+    sizes = prepare_report({"FINDINGS": "Nodule <1 cm, mass >3 cm. <br/>"})
+    assert sizes.text == "FINDINGS: Nodule <1 cm, mass >3 cm." and "markup" in sizes.note
+    assert "too long" in prepare_report(b"x" * (9 * MAX_REPORT_CHARS)).note
     with pytest.raises(CxrError, match="words"):
         archive.search(report="  ,, ")
     from sqlalchemy import text  # the external-content FTS5 index agrees with `reports`

@@ -21,7 +21,8 @@ from ..records import Finding
 from .models import FindingRow, ImageRow, ReportFindingRow, ReportRow, encode_location
 
 MAX_REPORT_CHARS = 100_000  # far above any radiology report; beyond it the text is refused
-_TAG = re.compile(r"<[^<>]{0,500}>")
+# a tag starts with a letter, / or ! ("<b>", "</div>", "<!-- -->"): "nodule <1 cm, mass >3 cm" is text
+_TAG = re.compile(r"<[/!?]?[A-Za-z][^<>]{0,500}>")
 DIRECTIONS = ("report-only", "model-only")
 
 
@@ -59,6 +60,10 @@ def prepare_report(report: Mapping[str, object] | str | bytes | None) -> ReportT
     if report is None:
         return None
     sections = report if isinstance(report, Mapping) else {"FINDINGS": report}
+    raw_size = sum(len(v) for v in sections.values() if v is not None)
+    if raw_size > 8 * MAX_REPORT_CHARS:  # not even worth cleaning
+        return ReportText("", f"refused: report too long ({raw_size:,} characters, at most "
+                              f"{MAX_REPORT_CHARS:,})")
     clean: dict[str, str] = {}
     notes: list[str] = []
     for name, value in sections.items():
