@@ -92,6 +92,11 @@ def test_full_text_search_finds_the_reports_with_the_words(archive):
     # combined with a structured filter on the model's findings
     assert names(archive, archive.search("cardiomegaly", report="mild")) == {"markup_cardio"}
     assert names(archive, archive.search("cardiomegaly", report="effusion")) == set()
+    # and with similar images: the nearest neighbours whose report has the words
+    like = archive.similar(image_id=archive.ids["empty"], k=2, report="effusion")
+    assert names(archive, like) == {"agree_effusion", "report_only_effusion"}
+    assert names(archive, archive.similar(image_id=archive.ids["empty"], k=5,
+                                          disagree="model-only")) == {"model_only_cardio"}
 
 
 def test_disagreement_queries_find_planted_disagreements_both_ways(archive):
@@ -169,6 +174,9 @@ def test_service_search_by_report_and_disagreement(archive, tiny_run, tmp_path):
                                              "finding": "Pneumothorax"}).json()
         assert body["items"] == []
         assert client.get("/search", params={"disagree": "sideways"}).status_code == 422
+        body = client.get("/search", params={"like_id": archive.ids["empty"], "k": 5,
+                                             "report": "pneumothorax"}).json()
+        assert [h["id"] for h in body["items"]] == [archive.ids["model_only_cardio"]]
 
 
 def test_cli_index_of_a_folder_manifest_stores_its_report_column(tiny_run, radiographs, tmp_path,
