@@ -7,7 +7,7 @@ into benchmarks/results/openi_views.json; the figures quoted here are from it):
 2. `Patient Orientation` (0020,0020) gives the patient direction of the image rows: A or P is a
    lateral, L or R a frontal (the DICOM meaning of the field). It never contradicts rule 1.
 3. `Acquisition Device Processing Code` 60003 (one CR reader's processing menu; its header says
-   PA and orientation L\F, both defaults): in 1,042 of the 1,090 reports holding one 60003 and one
+   PA and orientation L\\F, both defaults): in 1,042 of the 1,090 reports holding one 60003 and one
    60025 image in two series, the 60003 image is the later series (a PA and lateral exam takes the
    PA first), and 1,350 of the 1,366 are portrait where 73% of the 60025 images are landscape:
    60003 -> lateral, 60025 -> frontal.
