@@ -7,11 +7,17 @@
    sides, sites and severities drawn like Open-i's, clustered embeddings): p50/p95 of
    `Archive.search` (end to end: SQL + loading the hits, 20 per page) and of similar-image search
    with the usearch HNSW index against exact brute-force numpy (the baseline), with recall@10.
+   `--reports`: every row also gets a report (text written from its findings plus normal
+   sentences, some findings left out and some added, so report and model disagree) and its mined
+   findings: p50/p95 of report full-text search (SQLite FTS5) and disagreement queries beside the
+   structured queries on the same archive (`--no-similar` skips the HNSW part).
 3. Service under load (`--service [--duration 60]`): POST /annotate with 8 concurrent clients
    against the in-process Reader (see `bench_service_load`).
 
     python benchmarks/archive.py [--run RUN] [--images 1000] [--rows 100000 1000000]
                                  [--dim 128] [--json OUT]
+    python benchmarks/archive.py --skip-indexing --rows 100000 --reports --no-similar \
+                                 --json benchmarks/results/archive_reports.json
 """
 from __future__ import annotations
 
@@ -185,6 +191,77 @@ def synthetic_archive(url: str, n: int, dim: int, seed: int = 0, centres: int = 
     return archive, matrix
 
 
+NORMAL_SENTENCES = ["The heart size is normal.", "No pneumothorax.", "The lungs are clear.",
+                    "There is no pleural effusion.", "Osseous structures are intact.",
+                    "Stable mediastinal contours.", "No focal airspace consolidation.",
+                    "Degenerative changes of the spine.", "No acute cardiopulmonary abnormality."]
+
+
+def synthetic_reports(archive: Archive, seed: int = 0, drop: float = 0.1, add: float = 0.05,
+                      chunk: int = 50_000) -> dict:
+    """A report per image, written from its findings (each left out with probability `drop`:
+    model-only disagreements) plus normal sentences, and a positive disease the model did not
+    find with probability `add` (report-only); its mined findings as the miner would store them.
+    Inserted through the real schema, so the FTS5 triggers index the text."""
+    from cxr.archive.reports import label_key
+
+    rng = np.random.default_rng(seed + 7)
+    names = [d[0] for d in DISEASES]
+    raw = archive.engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        found: dict[int, list] = {}
+        for image_id, disease, side, location, severity in cur.execute(
+                "select image_id, disease, side, location, severity from findings"):
+            found.setdefault(image_id, []).append((disease, side, location.strip("/"), severity))
+        n = cur.execute("select max(id) from images").fetchone()[0]
+        rid, counts = 0, {"reports": 0, "report_findings": 0}
+        for start in range(1, n + 1, chunk):
+            reports, mined = [], []
+            for image_id in range(start, min(start + chunk, n + 1)):
+                sentences, positives = [], []
+                for disease, side, site, severity in found.get(image_id, []):
+                    if rng.random() < drop:
+                        continue
+                    positives.append((disease, side, site, severity))
+                if rng.random() < add:
+                    positives.append((names[int(rng.integers(len(names)))], None, "", None))
+                for disease, side, site, severity in positives:
+                    words = [severity, side, site and f"{site}", disease.split("/")[0].lower()]
+                    sentences.append(" ".join(w for w in words if w).capitalize() + ".")
+                    mined.append((image_id, disease, label_key(disease), "positive", side,
+                                  f"/{site}/" if site else "", severity, sentences[-1]))
+                picks = rng.choice(len(NORMAL_SENTENCES), size=3, replace=False)
+                sentences += [NORMAL_SENTENCES[i] for i in picks]
+                rid += 1
+                reports.append((rid, image_id, "FINDINGS: " + " ".join(sentences), None))
+            cur.executemany("insert into reports (id, image_id, text, note) values (?,?,?,?)",
+                            reports)
+            cur.executemany("insert into report_findings (image_id, disease, label_key, certainty, "
+                            "side, location, severity, sentence) values (?,?,?,?,?,?,?,?)", mined)
+            raw.commit()
+            counts["reports"] += len(reports)
+            counts["report_findings"] += len(mined)
+        cur.execute("analyze")
+        raw.commit()
+    finally:
+        raw.close()
+    return counts
+
+
+REPORT_QUERIES = [
+    ("report: effusion", dict(report="effusion")),
+    ("report: moderate left base opacity", dict(report="moderate left base opacity")),
+    ("report: pneumothorax (rare words)", dict(report="large apex pneumothorax")),
+    ("report: granuloma + finding Calcified Granuloma", dict(text="calcified granuloma",
+                                                              report="granuloma")),
+    ("disagree report-only Cardiomegaly", dict(disagree="report-only",
+                                               disagree_finding="Cardiomegaly")),
+    ("disagree model-only Cardiomegaly", dict(disagree="model-only",
+                                              disagree_finding="Cardiomegaly")),
+    ("disagree report-only (any target)", dict(disagree="report-only")),
+]
+
 QUERIES = [
     ("opacity left base, moderate", dict(text="opacity left base", severity="moderate")),
     ("effusion right", dict(text="effusion right")),
@@ -196,7 +273,7 @@ QUERIES = [
 
 
 def bench_queries(n: int, dim: int, work: Path, repeats: int, seed: int = 0,
-                  partial=None) -> dict:
+                  partial=None, reports: bool = False, similar: bool = True) -> dict:
     db = work / f"synthetic-{n}.db"
     for p in work.glob(f"synthetic-{n}.db*"):
         p.unlink() if p.is_file() else None
@@ -208,8 +285,14 @@ def bench_queries(n: int, dim: int, work: Path, repeats: int, seed: int = 0,
            "findings": None, "structured": {}, "similar": {}}
     with archive.engine.connect() as conn:
         out["findings"] = conn.exec_driver_sql("select count(*) from findings").scalar()
+    if reports:
+        t0 = time.perf_counter()
+        out["reports"] = synthetic_reports(archive, seed)
+        out["build_reports_s"] = time.perf_counter() - t0
+        print(f"  {n:,} reports built in {out['build_reports_s']:.0f} s", file=sys.stderr,
+              flush=True)
     archive.vocabulary()
-    for name, kw in QUERIES:
+    for name, kw in QUERIES + (REPORT_QUERIES if reports else []):
         kw = dict(kw)
         text = kw.pop("text", None)
         stats, hits = timed(lambda: archive.search(text, limit=20, **kw), repeats)
@@ -218,6 +301,9 @@ def bench_queries(n: int, dim: int, work: Path, repeats: int, seed: int = 0,
               file=sys.stderr, flush=True)
     if partial:
         partial(out)
+    if not similar:
+        archive.close()
+        return out
 
     # similar images: HNSW (usearch) built from the DB vs exact numpy
     t0 = time.perf_counter()
@@ -294,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="embedding size of synthetic rows (64: the tiny run's embedding)")
     parser.add_argument("--repeats", type=int, default=100, help="queries per latency figure")
     parser.add_argument("--skip-indexing", action="store_true")
+    parser.add_argument("--reports", action="store_true",
+                        help="also give every synthetic row a report; time report search")
+    parser.add_argument("--no-similar", action="store_true",
+                        help="skip the similar-image part of the query benchmark")
     parser.add_argument("--service", action="store_true", help="also load-test the service")
     parser.add_argument("--duration", type=float, default=60, help="seconds of service load")
     parser.add_argument("--device", default=None, help="Reader device for the service load")
@@ -327,9 +417,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 args.json.write_text(json.dumps(report | {"partial": q}, indent=2) + "\n")
 
-        q = bench_queries(n, args.dim, work, args.repeats, partial=partial)
+        q = bench_queries(n, args.dim, work, args.repeats, partial=partial, reports=args.reports,
+                          similar=not args.no_similar)
         report["queries"].append(q)
         rows = [[name, s["p50_ms"], s["p95_ms"], s["hits"]] for name, s in q["structured"].items()]
+        if args.no_similar:
+            print(f"{n:,} rows ({q['findings']:,} findings, built in {q['build_rows_s']:.0f} s)")
+            print(markdown_table(["query", "p50 ms", "p95 ms", "hits"], rows, digits=2) + "\n")
+            continue
         sim = q["similar"]
         rows += [["similar: usearch HNSW (k=10)", sim["usearch_hnsw"]["p50_ms"],
                   sim["usearch_hnsw"]["p95_ms"], 10],

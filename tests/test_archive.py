@@ -197,6 +197,24 @@ def test_vector_index_agrees_with_brute_force():
     assert recall >= 0.9
 
 
+def test_dicom_out_of_a_film_without_findings(tmp_path):
+    """A normal (or refused) film still gets its SR: one image-level group saying no finding."""
+    import highdicom as hd
+    import pydicom
+
+    from cxr.archive.dicom_out import NO_FINDING, write_result_dicom
+    from cxr.dicom import write_dicom
+
+    src = write_dicom(tmp_path / "chest.dcm", np.random.default_rng(4).random((64, 64)).astype(np.float32))
+    out = write_result_dicom(result([], np.ones(8), scores={"normal": 0.9, "Opacity": 0.1}), src,
+                             tmp_path / "out")
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(out["sr"]))
+    (group,) = report.content.get_image_measurement_groups()
+    assert group.finding_type.meaning == NO_FINDING
+    assert group.get_measurements()[0].value == pytest.approx(0.9)
+    assert not report.content.get_planar_roi_measurement_groups()
+
+
 def test_dicom_out_sr_and_overlay_read_back(tmp_path):
     import highdicom as hd
     import pydicom

@@ -39,6 +39,11 @@ def test_ray_index_matches_the_local_run(tiny_run, radiographs, tmp_path):
     for png in radiographs[:7]:
         shutil.copy(png, folder / png.name)
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    # the Ray run reads a folder manifest with a report column: the driver stores the reports
+    listed = sorted(p.name for p in folder.iterdir())
+    (tmp_path / "in" / "manifest.csv").write_text("path,report\n" + "".join(
+        f'sub/{name},"{"Large left pneumothorax." if i == 1 else ""}"\n'
+        for i, name in enumerate(listed)))
 
     url = f"sqlite:///{tmp_path / 'ray.db'}"
     ray_archive = Archive(url)
@@ -48,8 +53,8 @@ def test_ray_index_matches_the_local_run(tiny_run, radiographs, tmp_path):
     index_images(ray_archive, reader, [first], progress=False)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
                RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run([sys.executable, "-c", RAY_INDEX, str(tiny_run), str(tmp_path / "in"),
-                           "--db", url], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", RAY_INDEX, str(tiny_run),
+                           f"folder:{tmp_path / 'in'},manifest.csv", "--db", url], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert (stats["indexed"], stats["failed"], stats["skipped"]) == (6, 1, 1)
@@ -67,6 +72,9 @@ def test_ray_index_matches_the_local_run(tiny_run, radiographs, tmp_path):
         assert [f.annotation for f in other.findings] == [f.annotation for f in hit.findings]
         np.testing.assert_allclose([other.scores[k] for k in sorted(hit.scores)],
                                    [hit.scores[k] for k in sorted(hit.scores)], atol=1e-5)
+    (reported,) = ray_archive.search(report="pneumothorax")
+    assert reported.path.endswith(listed[1]) and reported.report_findings[0]["side"] == "left"
+    assert sum(h.report is not None for h in by_ray.values()) == 1
     (failed,) = ray_archive.search(status="failed")
     assert failed.path.endswith("corrupt.jpg") and failed.reason
     some = next(iter(by_ray.values()))

@@ -71,8 +71,14 @@ def test_bad_reports_are_stored_or_refused_with_a_reason_and_the_batch_is_whole(
     assert effusion and effusion[0]["side"] == "right" and effusion[0]["certainty"] == "positive"
     negated = {f["disease"]: f["certainty"] for f in got["model_only_cardio"].report_findings}
     assert negated.get("Pneumothorax") == "negative"
+    sizes = prepare_report({"FINDINGS": "Nodule <1 cm, mass >3 cm. <br/>"})
+    assert sizes.text == "FINDINGS: Nodule <1 cm, mass >3 cm." and "markup" in sizes.note
+    assert "too long" in prepare_report(b"x" * (9 * MAX_REPORT_CHARS)).note
     with pytest.raises(CxrError, match="words"):
         archive.search(report="  ,, ")
+    from sqlalchemy import text  # the external-content FTS5 index agrees with `reports`
+    with archive.engine.begin() as conn:
+        conn.execute(text("insert into reports_fts(reports_fts, rank) values ('integrity-check', 1)"))
 
 
 def test_full_text_search_finds_the_reports_with_the_words(archive):
@@ -86,6 +92,11 @@ def test_full_text_search_finds_the_reports_with_the_words(archive):
     # combined with a structured filter on the model's findings
     assert names(archive, archive.search("cardiomegaly", report="mild")) == {"markup_cardio"}
     assert names(archive, archive.search("cardiomegaly", report="effusion")) == set()
+    # and with similar images: the nearest neighbours whose report has the words
+    like = archive.similar(image_id=archive.ids["empty"], k=2, report="effusion")
+    assert names(archive, like) == {"agree_effusion", "report_only_effusion"}
+    assert names(archive, archive.similar(image_id=archive.ids["empty"], k=5,
+                                          disagree="model-only")) == {"model_only_cardio"}
 
 
 def test_disagreement_queries_find_planted_disagreements_both_ways(archive):
@@ -163,3 +174,41 @@ def test_service_search_by_report_and_disagreement(archive, tiny_run, tmp_path):
                                              "finding": "Pneumothorax"}).json()
         assert body["items"] == []
         assert client.get("/search", params={"disagree": "sideways"}).status_code == 422
+        body = client.get("/search", params={"like_id": archive.ids["empty"], "k": 5,
+                                             "report": "pneumothorax"}).json()
+        assert [h["id"] for h in body["items"]] == [archive.ids["model_only_cardio"]]
+
+
+def test_cli_index_of_a_folder_manifest_stores_its_report_column(tiny_run, radiographs, tmp_path,
+                                                                 capsys):
+    """`cxr index RUN folder:DIR,manifest.csv`: the report column reaches the archive, and
+    similar-image hits carry their reports (case histories)."""
+    import shutil
+
+    from cxr.cli import main
+
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    for png in radiographs[:3]:
+        shutil.copy(png, folder / png.name)
+    names_ = [p.name for p in radiographs[:3]]
+    (folder / "manifest.csv").write_text(
+        "path,report\n"
+        f'{names_[0]},"Large right pneumothorax. No effusion."\n'
+        f'{names_[1]},"<div>Heart size normal &amp; lungs clear.</div>"\n'
+        f"{names_[2]},\n")
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    assert main(["index", str(tiny_run), f"folder:{folder},manifest.csv", "--db", db, "--quiet",
+                 "--force"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--db", db, "--report", "pneumothorax", "--json"]) == 0
+    (hit,) = json.loads(capsys.readouterr().out)
+    assert hit["path"].endswith(names_[0]) and hit["report"].startswith("FINDINGS: Large right")
+    mined = {(f["disease"], f["certainty"], f["side"]) for f in hit["report_findings"]}
+    assert ("Pneumothorax", "positive", "right") in mined
+    assert ("Pleural Effusion", "negative", None) in mined
+    with Archive(db) as archive:
+        reports = {h.path.rsplit("/", 1)[-1]: h for h in archive.similar(image_id=hit["id"], k=5)}
+    assert reports[names_[1]].report == "FINDINGS: Heart size normal & lungs clear."
+    assert "markup removed" in reports[names_[1]].report_note
+    assert reports[names_[2]].report is None

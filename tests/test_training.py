@@ -181,9 +181,10 @@ def digest():
 
 out = Path(sys.argv[1])
 studies = synthetic_studies(out / ("data" + os.environ["RANK"]), n=16, size=40)
-def on_epoch(phase, epoch, record):
-    print("RESULT", os.environ["RANK"], torch.distributed.get_world_size(), phase, epoch,
-          record.get("images"), round(record.get("train_loss", 0.0), 6), digest(), flush=True)
+def on_epoch(phase, epoch, record):  # one file per rank: torchrun interleaves the ranks' stdout
+    with open(out / ("rank" + os.environ["RANK"] + ".txt"), "a") as f:
+        print("RESULT", os.environ["RANK"], torch.distributed.get_world_size(), phase, epoch,
+              record.get("images"), round(record.get("train_loss", 0.0), 6), digest(), file=f)
 train(tiny_config(data="folder:synthetic", image_size=40, crop=32, epochs=1, rnn_epochs=1, cascade=False,
                   fractions=(0.75, 0.25, 0.0)),
       out / "run", studies=studies, on_epoch=on_epoch)
@@ -205,7 +206,8 @@ def test_distributed_data_parallel_on_cpu(tmp_path):
                            "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    rows = [line.split()[1:] for rank in (0, 1)
+            for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines()]
     by_rank = {rank: {(phase, epoch): (images, loss, weights) for _, _, phase, epoch, images, loss, weights
                       in (r for r in rows if r[0] == rank)} for rank in ("0", "1")}
     assert {r[1] for r in rows} == {"2"} and by_rank["0"] and by_rank["0"].keys() == by_rank["1"].keys()

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.ray:
             from .ray_index import index_with_ray
 
-            stats = index_with_ray(archive, args.run, iter_inputs(args.source),
+            stats = index_with_ray(archive, args.run, iter_inputs(args.source, reports=True),
                                    address=args.ray, batch_size=args.batch_size,
                                    num_actors=args.ray_actors, dicom_out=args.dicom_out,
                                    progress=not args.quiet, retry_failed=args.retry_failed,

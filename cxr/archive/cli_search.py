@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise CxrError("--limit must be at least 1")
     with Archive(args.db, vector_dir=args.vector_dir, create=False) as archive:
         if args.like or args.like_id is not None:
+            filters = dict(report=args.report, disagree=args.disagree,
+                           disagree_finding=args.finding if args.disagree else None)
             if args.like and args.like_id is not None:
                 raise CxrError("give --like or --like-id, not both")
             if args.like:
@@ -83,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
                 reader = Reader.load(args.run or _indexing_run(archive))
                 embedding = reader.embed([read_image(args.like).pixels])[0]
-                hits = archive.similar(embedding=embedding, model_id=reader.model_id, k=args.limit)
+                hits = archive.similar(embedding=embedding, model_id=reader.model_id, k=args.limit,
+                                       **filters)
             else:
-                hits = archive.similar(image_id=args.like_id, k=args.limit)
+                hits = archive.similar(image_id=args.like_id, k=args.limit, **filters)
             described = f"like {args.like or '#' + str(args.like_id)}"
         else:
             finding = None if args.disagree else args.finding

@@ -37,6 +37,7 @@ DEFAULT_URL = "sqlite:///cxr-archive.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 HEAD_REVISION = "0003"  # newest file in migrations/versions (a test checks they agree)
 VOCABULARY_TTL_S = 30.0
+SIMILAR_POOL = 20  # similar() with a report filter looks among the 20 * k nearest
 
 
 @dataclass
@@ -390,9 +391,13 @@ class Archive:
         return out
 
     def similar(self, image_id: int | None = None, *, embedding: np.ndarray | None = None,
-                model_id: str | None = None, k: int = 10) -> list[ImageRecord]:
+                model_id: str | None = None, k: int = 10, report: str | None = None,
+                disagree: str | None = None,
+                disagree_finding: str | None = None) -> list[ImageRecord]:
         """The k indexed images nearest to an indexed image (itself left out) or to an
-        embedding computed by `model_id`'s Reader, nearest first."""
+        embedding computed by `model_id`'s Reader, nearest first; with `report` / `disagree`
+        (as in `search`) only neighbours that also meet those (looked for among the nearest
+        SIMILAR_POOL * k)."""
         if image_id is not None:
             with self.session() as s:
                 row = s.execute(select(ImageRow.embedding, ImageRow.model_id, ImageRow.status,
@@ -414,8 +419,21 @@ class Archive:
             model_id = models[0]
         with self._lock:  # no search while another thread adds to the index
             index = self.sync_vectors(model_id, ndim=int(np.asarray(embedding).size))
-            keys, dists = index.search(np.asarray(embedding, np.float32), k + (image_id is not None))
-        pairs = [(int(i), float(d)) for i, d in zip(keys, dists) if i != image_id][:k]
+            pool = k * SIMILAR_POOL if (report or disagree) else k
+            keys, dists = index.search(np.asarray(embedding, np.float32),
+                                       pool + (image_id is not None))
+        pairs = [(int(i), float(d)) for i, d in zip(keys, dists) if i != image_id]
+        if report or disagree:
+            conditions = [ImageRow.id.in_([i for i, _ in pairs])]
+            if report:
+                conditions.append(fts_condition(self.engine.dialect.name, report))
+            if disagree:
+                conditions.append(disagreement_condition(disagree, self.targets(model_id),
+                                                         disagree_finding))
+            with self.session() as s:
+                keep = set(s.scalars(select(ImageRow.id).where(*conditions)))
+            pairs = [p for p in pairs if p[0] in keep]
+        pairs = pairs[:k]
         records = self._records([i for i, _ in pairs])
         for rec, (_, d) in zip(records, pairs):
             rec.distance = d

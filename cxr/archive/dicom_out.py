@@ -36,6 +36,9 @@ PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "Patie
                           "ReferringPhysicianName")
 
 
+NO_FINDING = "No finding above the run's thresholds"
+
+
 def _code(meaning: str):
     from highdicom.sr import CodedConcept
 
@@ -196,6 +199,15 @@ def build_sr(result: Result, source):
                 source_images=[SourceImageForMeasurementGroup(source.SOPClassUID,
                                                               source.SOPInstanceUID)],
                 **common))
+    if not groups:  # TID 1500 needs a group: say "no finding" on the image, with the normal score
+        normal = result.scores.get("normal")
+        groups.append(MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="no finding"),
+            source_images=[SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)],
+            finding_type=_code(NO_FINDING), algorithm_id=algorithm,
+            measurements=None if normal is None else [
+                Measurement(name=score_name, value=float(normal), unit=unit, algorithm_id=algorithm)]))
+
     def report(library):
         return MeasurementReport(
             observation_context=context,

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CxrError
 from .db import Archive, Entry
-from .index import IndexStats, process_batch, result_from_dict, upright
+from .index import IndexStats, attach_reports, process_batch, result_from_dict, upright
 
 RECORD_FIELDS = ("path", "sha256", "model_id", "error", "study_uid", "series_uid", "sop_uid", "view",
                  "quality")
@@ -119,7 +119,8 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
                    num_actors: int | None = None, dicom_out: str | Path | None = None,
                    progress: bool = True, retry_failed: bool = False,
                    force: bool = False, engine: str = "torch") -> IndexStats:
-    """Index `paths` with Readers of `run_dir` on Ray; the caller's process writes the archive."""
+    """Index `paths` (or (path, report) items) with Readers of `run_dir` on Ray; the caller's
+    process writes the archive and mines the reports."""
     import ray
     from tqdm import tqdm
 
@@ -132,7 +133,12 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
     connect(address)
     status = "ok" if retry_failed else None
     known = _known_digests(archive, model_id, status)
-    items = [{"path": str(Path(p).resolve())} for p in paths]
+    items, reports = [], {}  # reports stay here: mined in this process as the batches come back
+    for item in paths:
+        path, report = item if isinstance(item, tuple) else (item, None)
+        items.append({"path": str(Path(path).resolve())})
+        if report:
+            reports[items[-1]["path"]] = report
     stats = IndexStats()
     start = time.perf_counter()
     if not items:
@@ -160,6 +166,7 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
                     bar.update(c["seen"])
                 else:
                     entries.append(_entry(rec, emb))
+            attach_reports(entries, reports)
             ids = archive.add_results(entries, replace_failed=retry_failed)
             stats.count(entries, ids)
             bar.set_postfix(ok=stats.indexed, failed=stats.failed, skipped=stats.skipped)

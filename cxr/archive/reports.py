@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import re
+from functools import lru_cache
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -20,7 +21,8 @@ from ..records import Finding
 from .models import FindingRow, ImageRow, ReportFindingRow, ReportRow, encode_location
 
 MAX_REPORT_CHARS = 100_000  # far above any radiology report; beyond it the text is refused
-_TAG = re.compile(r"<[^<>]{0,500}>")
+# a tag starts with a letter, / or ! ("<b>", "</div>", "<!-- -->"): "nodule <1 cm, mass >3 cm" is text
+_TAG = re.compile(r"<[/!?]?[A-Za-z][^<>]{0,500}>")
 DIRECTIONS = ("report-only", "model-only")
 
 
@@ -58,6 +60,10 @@ def prepare_report(report: Mapping[str, object] | str | bytes | None) -> ReportT
     if report is None:
         return None
     sections = report if isinstance(report, Mapping) else {"FINDINGS": report}
+    raw_size = sum(len(v) for v in sections.values() if v is not None)
+    if raw_size > 8 * MAX_REPORT_CHARS:  # not even worth cleaning
+        return ReportText("", f"refused: report too long ({raw_size:,} characters, at most "
+                              f"{MAX_REPORT_CHARS:,})")
     clean: dict[str, str] = {}
     notes: list[str] = []
     for name, value in sections.items():
@@ -115,6 +121,7 @@ def _miner():
     return _MINER
 
 
+@lru_cache(maxsize=4096)
 def label_key(disease: str) -> str:
     """One key for a disease whoever names it: a ChestX-ray14 name maps to its MeSH heading
     ("Effusion" -> "pleural effusion"), Open-i's alias headings fold, case and spaces do not
@@ -153,9 +160,9 @@ def fts_condition(dialect: str, words: str):
                 func.plainto_tsquery(literal_column("'english'"), " ".join(terms))))
     elif dialect == "sqlite":
         match = " ".join(f'"{t}"' for t in terms)  # quoted: a word is never FTS5 syntax
-        rowids = text("SELECT rowid FROM reports_fts WHERE reports_fts MATCH :match").bindparams(
+        # the FTS rowid is the image id (migration 0003)
+        matched = text("SELECT rowid FROM reports_fts WHERE reports_fts MATCH :match").bindparams(
             match=match).columns(column("rowid", Integer))
-        matched = select(ReportRow.image_id).where(ReportRow.id.in_(rowids))
     else:
         matched = select(ReportRow.image_id).where(
             and_(*[ReportRow.text.ilike(f"%{t}%") for t in terms]))

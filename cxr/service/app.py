@@ -335,7 +335,9 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
         archive = request.app.state.archive
         if like_id is not None:
             _get(archive, like_id)
-            hits = archive.similar(image_id=like_id, k=k)
+            hits = archive.similar(image_id=like_id, k=k, report=report or None,
+                                   disagree=disagree or None,
+                                   disagree_finding=(finding or None) if disagree else None)
             request.state.audit_ids = [r.id for r in hits]
             return {"like_id": like_id, "items": [record_json(r) for r in hits]}
         hits = archive.search(q or None, finding=None if disagree else (finding or None),

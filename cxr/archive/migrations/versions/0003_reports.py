@@ -42,14 +42,15 @@ def upgrade() -> None:
         op.execute("CREATE INDEX ix_reports_fts ON reports "
                    "USING GIN (to_tsvector('english', text))")
     elif op.get_bind().dialect.name == "sqlite":
-        # external-content FTS5: the text lives once, in `reports`; triggers keep the index in step
+        # external-content FTS5: the text lives once, in `reports`; triggers keep the index in step;
+        # its rowid is the image id, so a match is an image without a join
         op.execute("CREATE VIRTUAL TABLE reports_fts USING fts5(text, content='reports', "
-                   "content_rowid='id', tokenize='porter unicode61')")
+                   "content_rowid='image_id', tokenize='porter unicode61')")
         op.execute("CREATE TRIGGER reports_ai AFTER INSERT ON reports BEGIN "
-                   "INSERT INTO reports_fts(rowid, text) VALUES (new.id, new.text); END")
+                   "INSERT INTO reports_fts(rowid, text) VALUES (new.image_id, new.text); END")
         op.execute("CREATE TRIGGER reports_ad AFTER DELETE ON reports BEGIN "
                    "INSERT INTO reports_fts(reports_fts, rowid, text) "
-                   "VALUES ('delete', old.id, old.text); END")
+                   "VALUES ('delete', old.image_id, old.text); END")
 
 
 def downgrade() -> None:
