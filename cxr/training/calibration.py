@@ -1,6 +1,8 @@
-"""What a score means, fitted: Platt scaling per target on the validation split, then an operating
-threshold per target (max F1 on validation). Both are stored in the run's RunSpec; applying them
-(`apply_platt`, `logit`) lives in `cxr.calibration`, which inference imports."""
+"""What a score means, fitted: Platt scaling per target on the validation split (stored in the
+run's RunSpec; applying it, `apply_platt` and `logit`, lives in `cxr.calibration`, which inference
+imports). The operating points (study gate and finding thresholds) are chosen by `cxr.operating`.
+`max_f1_thresholds` is the earlier per-target rule, kept as the reference the tests compare with:
+on a small validation split it puts rare findings' thresholds near zero."""
 from __future__ import annotations
 
 import numpy as np
