@@ -51,6 +51,7 @@ HELP = {
     "annotator": "grounded (attends over the feature map; words from where it looks) | global (Shin's)",
     "ground_epochs": "epochs of the joint CNN + grounded annotator phase",
     "ground_lr": "learning rate of that phase",
+    "ground_cnn_lr": "the CNN's learning rate in that phase, as a fraction of ground_lr (1: as fast as the annotator)",
     "attn_dim": "width of the grounded annotator's regions and attention",
     "report_text": "teach the grounded annotator with report cross-attention (training only)",
 }

@@ -54,6 +54,7 @@ class TrainConfig:
     annotator: str = "grounded"      # grounded (attends over the feature map) | global (Shin's)
     ground_epochs: int = 12          # joint CNN + grounded-annotator epochs after the last CNN phase
     ground_lr: float = 1e-3
+    ground_cnn_lr: float = 0.1       # the CNN's share of ground_lr in that phase: keeps detection from drifting
     attn_dim: int = 128              # the grounded annotator's region/attention width
     report_text: bool = True         # train with report cross-attention (Bhalodia et al. 2021)
     localize_threshold: float = 0.5  # heatmap threshold for boxes

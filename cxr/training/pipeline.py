@@ -250,7 +250,8 @@ def _train_grounding(ctx: Context, phase: str, cnn, labels: np.ndarray, prep: Pr
                               field_word_ids(prep.words), cfg.rnn_hidden, cfg.rnn_embed, cfg.rnn,
                               cfg.attn_dim, text_vocab_size=len(text_vocab), vocab=prep.words)
     train_joint(ctx, phase, cnn, model, labels, train_idx, prep.pairs, prep.word_index,
-                cfg.ground_epochs, cfg.ground_lr, texts)
+                cfg.ground_epochs, cfg.ground_lr, texts,
+                cnn_lr_scale=cfg.ground_cnn_lr)
     return model
 
 
