@@ -13,7 +13,6 @@ import csv
 import gzip
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,25 +93,13 @@ def evidence(rows: list[dict]) -> dict:
 def outcome(reports: Path, metadata: Path) -> dict:
     """What the adapter decides, and how the rules do where View Position is hidden."""
     from cxr.sources.openi import read_headers, read_openi
-    from cxr.sources.openi_views import FRONTAL_POSITIONS, LATERAL_POSITIONS, infer_views
+    from cxr.sources.openi_views import agreement_when_hidden
 
     studies = read_openi(reports, metadata=metadata, gate=False)
     images = [im for s in studies for im in s.images]
     decided = collections.Counter((im.view, im.meta["view_class"]) for im in images)
     empty = [im for im in images if im.view is None]
-    headers = read_headers(metadata)
-    agree = disagree = 0
-    for study in studies:
-        hs = [headers.get(im.id) for im in study.images]
-        hidden = [replace(h, position=None) if h else None for h in hs]
-        for h, (view, _) in zip(hs, infer_views(hidden)):
-            if h is None or h.code in ("60003", "60025") or view is None:
-                continue
-            truth = ("frontal" if h.position in FRONTAL_POSITIONS else
-                     "lateral" if h.position in LATERAL_POSITIONS else None)
-            if truth:
-                agree += view == truth
-                disagree += view != truth
+    agree, disagree = agreement_when_hidden(studies, read_headers(metadata))
     return {
         "report_images": len(images),
         "pa_tagged_lateral": decided[("PA", "lateral")],

@@ -120,6 +120,28 @@ def gate_views(images, gate=None) -> int:
     return decided
 
 
+def agreement_when_hidden(studies, headers: dict) -> tuple[int, int]:
+    """How the rules do where the header's answer is known: hide each image's View Position,
+    decide from the rest of its study's headers, and count (agree, disagree) with the hidden
+    PA/AP/LAT/LL. Images whose code already says lateral (60003/60025) are left out: the rule
+    for them reads no View Position, so they would test nothing."""
+    from dataclasses import replace
+
+    agree = disagree = 0
+    for study in studies:
+        hs = [headers.get(im.id) for im in study.images]
+        hidden = [replace(h, position=None) if h else None for h in hs]
+        for h, (view, _) in zip(hs, infer_views(hidden)):
+            if h is None or h.code in ("60003", "60025") or view is None:
+                continue
+            truth = ("frontal" if h.position in FRONTAL_POSITIONS else
+                     "lateral" if h.position in LATERAL_POSITIONS else None)
+            if truth:
+                agree += view == truth
+                disagree += view != truth
+    return agree, disagree
+
+
 def _row_direction(text: str) -> str | None:
     """"['L', 'F']" or "L\\F" -> "L" (the first letter of the row direction)."""
     letters = [c for c in text if c.isalpha()]
