@@ -16,6 +16,9 @@ def _umask() -> int:
 
 
 UMASK = _umask()
+# Every temporary file starts with this, so a resumed run can find and remove what a killed one
+# left (`remove_stale`); hidden, so folder scans skip it.
+TEMP_PREFIX = ".tmp-"
 
 
 @contextmanager
@@ -26,7 +29,7 @@ def replacing(path: str | Path, durable: bool = False) -> Iterator[Path]:
     rename are on disk (fsync) before this returns, for a receipt acknowledged to a sender."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -38,6 +41,15 @@ def replacing(path: str | Path, durable: bool = False) -> Iterator[Path]:
             _fsync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def remove_stale(folder: str | Path) -> int:
+    """Remove the temporary files that a killed writer left in `folder` (a SIGKILL skips the
+    cleanup in `replacing`); returns how many. Only for folders one run writes at a time."""
+    stale = list(Path(folder).glob(f"{TEMP_PREFIX}*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _fsync(path: str | Path) -> None:

@@ -6,6 +6,7 @@ import tarfile
 
 import pytest
 
+from cxr.atomic import TEMP_PREFIX
 from cxr.cli import main
 from cxr.records import Finding
 
@@ -47,7 +48,7 @@ def test_mine_folder_writes_json(xml_folder, tmp_path, capsys):
     assert negated and negated[0].certainty == "negative"
     normal = data["reports"]["CXR2358"]
     assert [f["disease"] for f in normal["text"] if f["certainty"] == "positive"] == ["normal"]
-    assert not list(out.parent.glob("*.part"))
+    assert not list(out.parent.glob(f"{TEMP_PREFIX}*"))
 
 
 def test_mine_tgz_with_limit(shared_data, tmp_path):
@@ -98,7 +99,7 @@ def test_mine_one_text(capsys, tmp_path):
 
 
 def test_unusable_json_or_limit_is_refused_before_mining(xml_folder, tmp_path, capsys):
-    """A folder as --json, or --limit below 1, is one line up front (no mining, no .part left)."""
+    """A folder as --json, or --limit below 1, is one line up front (no mining, no temporary file left)."""
     from cxr.cli import main
 
     assert main(["mine", str(xml_folder), "--json", str(tmp_path), "--quiet"]) == 2
@@ -107,4 +108,4 @@ def test_unusable_json_or_limit_is_refused_before_mining(xml_folder, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("is a folder: --json needs a file name") == 2
     assert "--limit must be at least 1" in err and "Traceback" not in err
-    assert not list(tmp_path.parent.glob("*.part"))
+    assert not list(tmp_path.parent.glob(f"{TEMP_PREFIX}*"))

@@ -32,7 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..atomic import write_atomic
+from ..atomic import remove_stale, write_atomic
 from ..errors import CxrError
 from ..hashing import file_sha256 as sha256
 from ..images import save_png16
@@ -93,8 +93,7 @@ def simulate(out: str | Path, n: int, size: int = 256, seed: int = 0, workers: i
     for sub in subs:
         (out / sub).mkdir(parents=True, exist_ok=True)
     for sub in ("",) + subs:
-        for stale in (out / sub).glob(".tmp-*"):
-            stale.unlink(missing_ok=True)
+        remove_stale(out / sub)
     todo = [i for i in range(1, n + 1) if not (out / RECORDS_DIR / f"CXR{i}.json").is_file()]
     job = _Job(out, settings, generator, str(ct_path), str(labels_path))
     _run(job, todo, n, workers, progress)
