@@ -54,8 +54,7 @@ from .errors import CxrError
 from .models.annotator import Annotator, decode
 from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
-from .models.localize import (Heatmaps, boxes_from_heatmap, class_activation_maps, heatmaps_at,
-                              side_consistent, to_heatmap)
+from .models.localize import Heatmaps, boxes_from_heatmap, heatmaps_at, side_consistent
 from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
@@ -218,12 +217,6 @@ class Reader:
             per_target[:, t] = sub.sum(1) if softmax else sub.max(1)
         return apply_platt(logit(per_target), self.platt), best
 
-    def _cams(self, maps: torch.Tensor, best: np.ndarray, targets: list[int]) -> torch.Tensor:
-        """CAMs (N, h, w) of one image's maps (1, C, h, w) for target indices, each through the
-        refined label carrying it (`best`, that image's row of `scores`)."""
-        classes = torch.tensor([[int(best[t]) for t in targets]], device=maps.device)
-        return class_activation_maps(maps, self.cnn.head.weight, classes)[0]
-
     def _batch_cams(self, maps: torch.Tensor, best: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
         """CAMs (P, h, w) for (image, target) pairs, each through the refined label carrying
         that target in that image (`best`): one matrix product per image."""
@@ -238,11 +231,11 @@ class Reader:
             out[rows] = (self._head[classes] @ flat[b]).reshape(len(rows), h, w)
         return out
 
-    def _boxes(self, cam: torch.Tensor, target: str, h: int, w: int, side: str | None = None) -> list[Box]:
-        """Boxes of one CAM (or attention map), found at the model's input size, in (h, w) image
+    def _boxes(self, heatmap: np.ndarray, target: str, h: int, w: int, side: str | None = None) -> list[Box]:
+        """Boxes of one map already at the model's input size (`heatmaps_at`), in (h, w) image
         pixels; with a `side` word, only on that side of the patient."""
         size = self.image_size
-        small = side_consistent(to_heatmap(cam, (size, size)), side)
+        small = side_consistent(heatmap, side)
         return [b.scaled(w / size, h / size) for b in boxes_from_heatmap(small, target, self.spec.localization)]
 
     SOURCES = ("cam", "attention", "word")
@@ -270,12 +263,13 @@ class Reader:
         cols = [self.targets.index(t) for t in targets]
         if source == "cam":
             _, best = self.scores(logits)
-            grids = self._cams(maps, best[0], cols)
+            grids = self._batch_cams(maps, best, [(0, c) for c in cols])
         else:
             g = self._ground([0] * len(cols), cols, maps)
-            grids = g["finding"] if source == "attention" else torch.stack(
-                [m[0] if len(m) else f for m, f in zip(g["words"], g["finding"])])
-        return {t: self._boxes(grids[k], t, h, w) for k, t in enumerate(targets)}
+            grids = _numpy(g["finding"] if source == "attention" else torch.stack(
+                [m[0] if len(m) else f for m, f in zip(g["words"], g["finding"])]))
+        at_input = heatmaps_at(grids, (self.image_size, self.image_size))
+        return {t: self._boxes(at_input[k], t, h, w) for k, t in enumerate(targets)}
 
     def _ground(self, rows: list[int], labels: list[int], maps: torch.Tensor) -> dict:
         """The grounded annotator on (image row, target) pairs: token lists, word maps and
@@ -382,9 +376,7 @@ class Reader:
                 if (b, t) in where:
                     i = where[(b, t)]
                     # on the side its words name (a grounded finding map: where it looked)
-                    small = side_consistent(at_input[i], parsed.side if parsed else None)
-                    boxes = [box.scaled(w / size, h / size)
-                             for box in boxes_from_heatmap(small, target, self.spec.localization)]
+                    boxes = self._boxes(at_input[i], target, h, w, parsed.side if parsed else None)
                     maps_out[target] = small_maps[i]
                     if (b, t) in grounded:
                         for word, m in zip(toks, grounded[(b, t)][1]):
