@@ -53,6 +53,11 @@ class LoadedImage:
     path: str | None = None
 
 
+def pixels_of(image) -> np.ndarray:
+    """The pixels of a LoadedImage, or the array itself (what the Reader and the gate accept)."""
+    return getattr(image, "pixels", image)
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """The pixels of a PNG / JPEG / DICOM file: float32 (H, W) in [0, 1], bright = dense."""
     return read_image(path).pixels

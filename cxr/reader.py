@@ -51,6 +51,7 @@ import torch
 from .calibration import apply_platt, logit
 from .checkpoint import load_run, unprefixed, weights_hash
 from .errors import CxrError
+from .images import pixels_of
 from .models.annotator import Annotator, decode
 from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
@@ -257,7 +258,7 @@ class Reader:
             raise CxrError(f"unknown localisation source {source!r}; choose {', '.join(self.SOURCES)}")
         if source != "cam" and self.ground is None:
             raise CxrError(f"this run has no grounded annotator: no {source!r} maps (use source='cam')")
-        image = _pixels(self._load(image))
+        image = pixels_of(self._load(image))
         maps, logits, _ = self.forward([image])
         h, w = image.shape[:2]
         cols = [self.targets.index(t) for t in targets]
@@ -308,7 +309,7 @@ class Reader:
 
     def _gated(self, loaded: list, heatmaps: bool, beams: int, force: bool) -> list[Result]:
         """The gate on a batch, then the cascade on what it lets through (turned upright)."""
-        pixels = [_pixels(im) for im in loaded]
+        pixels = [pixels_of(im) for im in loaded]
         gate = self.gate
         if gate is None:
             return self._batch(pixels, heatmaps, beams)
@@ -406,7 +407,7 @@ class Reader:
         out = []
         for s in range(0, len(items), batch_size):
             loaded = [self._load(it) for it in items[s:s + batch_size]]
-            pixels = [_pixels(im) for im in loaded]
+            pixels = [pixels_of(im) for im in loaded]
             if self.gate is not None:
                 pixels = [self.gate.correct(p, r) for p, r in zip(pixels, self.gate.check(loaded))]
             _, _, emb = self.forward(pixels)
@@ -419,11 +420,6 @@ def _numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float32)
-
-
-def _pixels(image) -> np.ndarray:
-    """The pixels of a LoadedImage, or the array itself."""
-    return getattr(image, "pixels", image)
 
 
 def _single(images) -> bool:

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..images import pixels_of
 from .checks import failures, run_checks
 
 # Decision thresholds on the calibrated probabilities: a calibrated p > .5 is "more likely than
@@ -200,13 +201,9 @@ class QualityGate:
         return np.ascontiguousarray(image)
 
 
-def _pixels(item):
-    return getattr(item, "pixels", item)
-
-
 def _grey(item) -> tuple[np.ndarray, float | None]:
     """Grey float32 pixels and the colour fraction when known (from the file or the array)."""
-    pixels = np.asarray(_pixels(item))
+    pixels = np.asarray(pixels_of(item))
     colour = (getattr(item, "meta", None) or {}).get("colour_fraction")
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         from ..images import colour_fraction
