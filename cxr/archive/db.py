@@ -35,7 +35,7 @@ from .vectors import VectorIndex
 
 DEFAULT_URL = "sqlite:///cxr-archive.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0003"  # newest file in migrations/versions (a test checks they agree)
+HEAD_REVISION = "0004"  # newest file in migrations/versions (a test checks they agree)
 VOCABULARY_TTL_S = 30.0
 SIMILAR_POOL = 20  # similar() with a report filter looks among the 20 * k nearest
 
@@ -538,7 +538,9 @@ def _record(r: ImageRow) -> ImageRecord:
         report=r.report.text if r.report else None, report_note=r.report.note if r.report else None,
         report_findings=[dict(disease=f.disease, certainty=f.certainty, side=f.side,
                               location=list(decode_location(f.location)), severity=f.severity,
-                              sentence=f.sentence) for f in r.report_findings])
+                              sentence=f.sentence, label_key=f.label_key,
+                              span=[f.span_start, f.span_end] if f.span_start is not None
+                              else None) for f in r.report_findings])
 
 
 def _redact(url: str) -> str:
