@@ -104,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         total = archive.count()
     line = (f"indexed {stats.indexed}, failed {stats.failed} (of which {stats.refused} refused by "
             f"the quality gate), skipped {stats.skipped} already "
-            f"indexed, {stats.duplicates} duplicate content; {total} images in the archive "
+            f"indexed, {stats.duplicates} duplicate content"
+            + (f", {stats.reports} report document(s) (SR, CDA, PDF)" if stats.reports else "")
+            + f"; {total} images in the archive "
             f"({stats.images_per_second:.1f} images/s)")
     if stowed is not None:
         line += f"; {stowed} result objects (SR, overlay) stored back by STOW-RS"
