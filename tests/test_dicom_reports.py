@@ -108,6 +108,26 @@ def test_sr_text_and_cda_reports_become_their_studys_report(pacs):
     assert read_dicom_report(films["A"][0]) is None  # an image is no report
 
 
+def test_a_report_document_without_usable_text_is_stored_empty_with_the_reason(pacs, tmp_path):
+    import pydicom
+
+    from cxr.archive.dicom_reports import read_dicom_report
+    from cxr.archive.index import study_documents
+
+    root, studies, films = pacs
+    image = pydicom.dcmread(films["D"][0])
+    empty = read_dicom_report(text_sr(tmp_path / "empty.dcm", image, " ", "  "))
+    assert empty.sections == {}
+    broken = read_dicom_report(encapsulated_cda(tmp_path / "cda.dcm", image,
+                                                {"Findings": "<b>unclosed"}))
+    assert "not well-formed XML" in broken.problem
+    found = study_documents([empty, broken], {})
+    (report,) = found.values()  # the first document of the study wins
+    assert report.text == "" and report.note == "refused: the document holds no text (Enhanced SR)"
+    found = study_documents([broken], {})
+    assert found[studies["D"]].note.startswith("refused: the CDA document is not well-formed XML")
+
+
 def test_index_stores_dicom_reports_beside_the_images_of_their_study(pacs, tiny_run, tmp_path,
                                                                      capsys):
     from cxr.archive.db import Archive
