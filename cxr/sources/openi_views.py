@@ -137,7 +137,9 @@ def gate_views(images, gate=None, cache: Path | None = None) -> int:
             p = report.probabilities["kind"][report.view]
             known[key] = [report.view, f"quality gate (p {p:.2f})"]
         decided += _apply(im, known[key])
-    _write_cache(cache, stored)
+    for model_id, entries in list(stored.items()):  # forget files that are gone
+        stored[model_id] = {k: v for k, v in entries.items() if os.path.exists(k.rsplit("|", 2)[0])}
+    _write_cache(cache, {k: v for k, v in stored.items() if v})
     return decided
 
 
