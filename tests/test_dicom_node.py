@@ -216,9 +216,15 @@ def test_bad_associations_are_refused_and_logged(pacs, tmp_path):
 def test_dicomweb_index_stows_results_back(pacs, tiny_run, tmp_path, capsys):
     """Films in the PACS -> `cxr index RUN dicomweb:URL` -> SR + overlay back in their studies;
     a second run fetches and stores nothing new."""
+    import pydicom
+    from test_dicom_reports import FINDINGS, IMPRESSION, text_sr
+
     orthanc, _ = pacs
     films = write_films(tmp_path / "films", 2, 256, first=10)
-    sent = storescu("MOD", orthanc.dicom_port, films, called=orthanc.ae)
+    # the radiologist's report of the first film's study, a text SR in the PACS beside it
+    report = text_sr(tmp_path / "films" / "report.dcm", pydicom.dcmread(films[0]), FINDINGS,
+                     IMPRESSION)
+    sent = storescu("MOD", orthanc.dicom_port, films + [report], called=orthanc.ae)
     assert sent.returncode == 0, sent.stderr
     before = len(orthanc.instances(Modality="SR"))
     db = f"sqlite:///{tmp_path / 'web.db'}"
@@ -241,8 +247,16 @@ def test_dicomweb_index_stows_results_back(pacs, tiny_run, tmp_path, capsys):
     studies = {orthanc.get(f"/instances/{sr['ID']}/study")["MainDicomTags"]["StudyInstanceUID"]
                for sr in srs}
     assert {study_uid(f) for f in films} <= studies
+    # the report SR became its study's report; cxr's own SRs in the PACS are none
+    assert stats["reports"] == 1
+    from cxr.archive.db import Archive
+
+    with Archive(db) as archive:
+        reported = {h.sop_uid: h for h in archive.search(report="effusion", limit=50)}
+    assert set(reported) == {sop_uid(films[0])}
+    assert reported[sop_uid(films[0])].report == f"FINDINGS: {FINDINGS}\nIMPRESSION: {IMPRESSION}"
     again = index()
-    assert again["stowed"] == 0 and again["skipped"] == in_pacs
+    assert again["stowed"] == 0 and again["skipped"] == in_pacs and again["reports"] == 1
     assert len(orthanc.instances(Modality="SR")) == len(srs)
 
 
