@@ -119,6 +119,39 @@ def test_orthanc_forwards_a_film_to_the_node(pacs, tmp_path):
     assert len(srs) == 1
 
 
+def test_listen_with_the_onnx_engine_reads_as_torch_does(servers_available, tiny_run, tmp_path):
+    """`cxr listen --engine onnxruntime` runs the graph `cxr export --onnx` wrote: a film pushed
+    to it is archived with the findings the PyTorch Reader gives the same file, scores within
+    1e-3."""
+    needs_in_ci(importlib.util.find_spec("onnxruntime") is not None, "onnxruntime (pip install 'cxr[fast]')")
+    import cxr
+    from service_helpers import run_asserting_every_finding
+
+    run = run_asserting_every_finding(tiny_run, tmp_path / "run")  # findings to compare
+    assert main(["export", str(run), "--onnx"]) == 0
+    film = write_films(tmp_path / "films", 1, 256, first=5)[0]
+    node = Node(run, tmp_path / "node", extra=("--engine", "onnxruntime")).start()
+    try:
+        assert storescu("MOD", node.port, [film]).returncode == 0
+        node.wait_processed(1)
+    finally:
+        node.kill9()
+    assert "(onnxruntime)" in node.text()
+    db = sqlite3.connect(node.db.removeprefix("sqlite:///"))
+    try:
+        (scores,), = db.execute("SELECT scores FROM images").fetchall()
+        archived = sorted(db.execute("SELECT disease, score FROM findings").fetchall())
+    finally:
+        db.close()
+    want = cxr.Reader.load(run, device="cpu")(film)  # torch, with the gate, as the node reads
+    assert want.quality.accepted and want.findings
+    scores = json.loads(scores)
+    assert set(scores) == set(want.scores)
+    assert all(abs(scores[t] - s) < 1e-3 for t, s in want.scores.items())
+    assert [d for d, _ in archived] == sorted(f.disease for f in want.findings)
+    assert all(abs(s - {f.disease: f.score for f in want.findings}[d]) < 1e-3 for d, s in archived)
+
+
 def test_bad_associations_are_refused_and_logged(pacs, tmp_path):
     """Unknown calling AE, a SOP class that is no chest film, a dataset without pixels and one
     that cannot be decoded: each refused with its DICOM status and a log line; the node serves
