@@ -3,6 +3,7 @@ become, the uncertainty policies, the masked loss, bad reports, and the run's re
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -145,6 +146,17 @@ def test_folder_manifest_with_a_report_column_trains_from_the_text(tmp_path):
     rc = main(["labels", "--audit", str(run), "--json", str(tmp_path / "audit.json")])
     assert rc == 0
     assert json.loads((tmp_path / "audit.json").read_text())["micro"]["precision"] == 1.0
+    # evaluated on its source, it is scored against the given labels; on images with reports only,
+    # against the labels mined from them, and it says so
+    from cxr.evaluation import evaluate_run
+    from cxr.sources import open_source
+
+    given = open_source(spec.data.spec)
+    kw = dict(split="all", bleu_splits=(), progress=False)
+    assert evaluate_run(run, out=tmp_path / "e1", studies=given, **kw)["truth"] == "the source's labels"
+    reports_only = [dataclasses.replace(s, findings=[]) for s in given]
+    m = evaluate_run(run, out=tmp_path / "e2", studies=reports_only, **kw)
+    assert m["truth"].startswith("labels mined from the reports") and m["n_images"] == 22
 
 
 def test_a_source_without_any_report_is_a_clear_error(tmp_path):
