@@ -119,14 +119,14 @@ def pooled(context: dict | None) -> float | None:
     return ok / n if n else None
 
 
-def train_and_evaluate(kind: str, data: Path, out: Path, studies) -> dict:
+def train_and_evaluate(kind: str, data: Path, out: Path, studies, seed: int) -> dict:
     from cxr.checkpoint import load_spec
     from cxr.evaluation import evaluate_run
     from cxr.training import TrainConfig, train
 
     config = TrainConfig(data=f"phantom:{data}", rnn="gru", device="cpu", progress=False, num_workers=0,
                          labels_from="labels" if kind == "truth" else "report",
-                         **{k: SETTINGS[k] for k in TRAIN_KEYS})
+                         **{**{k: SETTINGS[k] for k in TRAIN_KEYS}, "seed": seed})
     t0 = time.time()
     run = train(config, out / kind, studies=studies)
     seconds_train = time.time() - t0
@@ -139,8 +139,11 @@ def train_and_evaluate(kind: str, data: Path, out: Path, studies) -> dict:
             "seconds": {"train": round(seconds_train, 1), "evaluate": round(time.time() - t0, 1)}}
 
 
-def summarise(truth: dict, report: dict, data_n: int, audit: dict) -> dict:
+def summarise(truth: dict, report: dict) -> dict:
+    """One seed's pair of runs side by side (truth, report, difference report - truth)."""
     import numpy as np
+
+    from cxr.reports.report_labels import audit, read_records
 
     ta, ra = truth["metrics"]["auc"]["per_label"], report["metrics"]["auc"]["per_label"]
     common = [t for t in truth["metrics"]["targets"] if t in report["metrics"]["targets"]
@@ -154,7 +157,7 @@ def summarise(truth: dict, report: dict, data_n: int, audit: dict) -> dict:
             "mean_auc": m["auc"]["mean"],
             "mean_auc_common": float(np.mean([own_auc[t] for t in common])),
             "auc_per_label": {t: own_auc[t] for t in m["targets"] if own_auc.get(t) is not None},
-            "context_detected": {f: ctx["fields"][f] for f in FIELDS},
+            "context_detected": {f: ctx["fields"][f] for f in FIELDS},  # few findings: see n
             "context_detected_pooled": pooled(m["context"]),
             "context_given_disease": {f: given["fields"][f] for f in FIELDS},
             "context_given_disease_pooled": pooled(given),
@@ -172,20 +175,47 @@ def summarise(truth: dict, report: dict, data_n: int, audit: dict) -> dict:
         for f in FIELDS:
             d[f"{kind}_{f}"] = diff(t[kind][f]["accuracy"], r[kind][f]["accuracy"])
         d[f"{kind}_pooled"] = diff(t[f"{kind}_pooled"], r[f"{kind}_pooled"])
-    ctx_diffs = [d[f"context_given_disease_{f}"] for f in FIELDS] + [d["context_detected_pooled"]]
-    met = {"auc": abs(d["mean_auc_common"]) <= TARGET["auc"] and abs(d["mean_auc"]) <= TARGET["auc"],
-           "context": all(x is not None and x >= -TARGET["context"] for x in ctx_diffs)}
-    same_split = truth["spec"].data.patients == report["spec"].data.patients
-    return {
-        "benchmark": "report_labels",
-        "settings": SETTINGS, "studies": data_n, "uncertain": report["spec"].label_mining.uncertain,
-        "split_counts": truth["metrics"]["split_counts"], "same_split": same_split,
-        "test_images": truth["metrics"]["n_images"], "common_targets": common,
-        "truth": t, "report": r, "difference": d, "target": TARGET, "met": met,
-        "mined_vs_truth": audit,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
-                   f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
-    }
+    return {"truth": t, "report": r, "difference": d, "common_targets": common,
+            "same_split": truth["spec"].data.patients == report["spec"].data.patients,
+            "split_counts": truth["metrics"]["split_counts"], "test_images": truth["metrics"]["n_images"],
+            "mined_vs_truth": audit(read_records(report["run"]))["micro"]}
+
+
+HEADLINE = ["mean_auc", "mean_auc_common", *(f"context_given_disease_{f}" for f in FIELDS),
+            "context_given_disease_pooled", *(f"context_detected_{f}" for f in FIELDS),
+            "context_detected_pooled"]
+
+
+def value(side: dict, key: str):
+    """A headline figure of one run's summary by its difference key."""
+    for kind in ("context_given_disease", "context_detected"):
+        if key.startswith(kind + "_"):
+            f = key[len(kind) + 1:]
+            return side[f"{kind}_pooled"] if f == "pooled" else side[kind][f]["accuracy"]
+    return side[key]
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def combine(pairs: list[dict]) -> dict:
+    """Means over the seeds of each figure for both runs and of their differences; `met` by the
+    mean differences (a single seed's difference is mostly training noise on rare targets)."""
+    out = {k: {"truth": mean(value(p["truth"], k) for p in pairs),
+               "report": mean(value(p["report"], k) for p in pairs),
+               "difference": mean(p["difference"][k] for p in pairs),
+               "per_seed": [p["difference"][k] for p in pairs]} for k in HEADLINE}
+    for k in HEADLINE:  # the true findings a context field is scored on (the truth run's, per seed)
+        if k.startswith("context") and not k.endswith("pooled"):
+            kind, f = k.rsplit("_", 1)
+            out[k]["n_per_seed"] = [p["truth"][kind][f]["n"] for p in pairs]
+    ctx = [out[f"context_given_disease_{f}"]["difference"] for f in FIELDS]
+    ctx.append(out["context_detected_pooled"]["difference"])
+    met = {"auc": all(abs(out[k]["difference"]) <= TARGET["auc"] for k in ("mean_auc", "mean_auc_common")),
+           "context": all(x is not None and x >= -TARGET["context"] for x in ctx)}
+    return {"mean_over_seeds": out, "met": met}
 
 
 def _f(v, signed=False) -> str:
@@ -195,27 +225,27 @@ def _f(v, signed=False) -> str:
     return text.replace("0.", ".", 1)
 
 
+LABELS = {
+    "mean_auc": "mean AUC over each run's targets",
+    "mean_auc_common": "mean AUC over the targets both runs have",
+    "context_given_disease_pooled": "context given the disease: all fields",
+    "context_detected_pooled": "context of detected findings: all fields",
+    **{f"context_given_disease_{f}": f"context given the disease: {f}" for f in FIELDS},
+    **{f"context_detected_{f}": f"context of detected findings: {f}" for f in FIELDS},
+}
+
+
 def table(res: dict) -> str:
-    t, r, d = res["truth"], res["report"], res["difference"]
-    rows = [
-        (f"mean AUC, each run's targets ({t['n_targets']} / {r['n_targets']})", t["mean_auc"], r["mean_auc"],
-         d["mean_auc"]),
-        (f"mean AUC, the {len(res['common_targets'])} targets both have", t["mean_auc_common"],
-         r["mean_auc_common"], d["mean_auc_common"]),
-    ]
-    for f in FIELDS:
-        rows.append((f"context given the disease: {f}", t["context_given_disease"][f]["accuracy"],
-                     r["context_given_disease"][f]["accuracy"], d[f"context_given_disease_{f}"]))
-    rows.append(("context given the disease: all fields", t["context_given_disease_pooled"],
-                 r["context_given_disease_pooled"], d["context_given_disease_pooled"]))
-    for f in FIELDS:
-        rows.append((f"context of detected findings: {f}", t["context_detected"][f]["accuracy"],
-                     r["context_detected"][f]["accuracy"], d[f"context_detected_{f}"]))
-    rows.append(("context of detected findings: all fields", t["context_detected_pooled"],
-                 r["context_detected_pooled"], d["context_detected_pooled"]))
+    m = res["mean_over_seeds"]
     lines = ["| on the phantom's test images, against the true labels | trained on the true labels | "
-             "trained on report text alone | difference |", "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {_f(a)} | {_f(b)} | {_f(c, True)} |" for name, a, b, c in rows]
+             "trained on report text alone | difference | difference per seed |",
+             "| --- | --- | --- | --- | --- |"]
+    for k in HEADLINE:
+        row = m[k]
+        n = f" (n {' / '.join(str(x) for x in row['n_per_seed'])})" if "n_per_seed" in row else ""
+        lines.append(f"| {LABELS[k]}{n} | {_f(row['truth'])} | {_f(row['report'])} | "
+                     f"{_f(row['difference'], True)} | "
+                     + " / ".join(_f(x, True) for x in row["per_seed"]) + " |")
     return "\n".join(lines)
 
 
@@ -225,6 +255,8 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=None,
                     help="an existing `cxr simulate` folder (default: simulate --n into OUT/data)")
     ap.add_argument("--n", type=int, default=SETTINGS["n"], help="studies to simulate")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                    help="split + training seeds; each trains both runs (default 0 1)")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "report_labels.json")
     ap.add_argument("--quick", action="store_true", help="a smoke test (80 studies, 1 epoch): no result")
     args = ap.parse_args()
@@ -234,7 +266,6 @@ def main() -> int:
     import torch
 
     from cxr.atomic import write_atomic
-    from cxr.reports.report_labels import audit, read_records
 
     SETTINGS["n"] = args.n
     t0 = time.time()
@@ -246,21 +277,27 @@ def main() -> int:
                              workers=1, progress=False))
     seconds_simulate = round(time.time() - t0, 1)
     studies = truth_studies(data)
-    threads = torch.get_num_threads()
-    truth = train_and_evaluate("truth", data, args.out, studies)
-    print(f"truth run: mean AUC {truth['metrics']['auc']['mean']:.3f} ({truth['seconds']})", file=sys.stderr)
-    report = train_and_evaluate("report", data, args.out, studies)
-    print(f"report run: mean AUC {report['metrics']['auc']['mean']:.3f} ({report['seconds']})", file=sys.stderr)
-    mined = audit(read_records(report["run"]))
-    res = summarise(truth, report, len(studies), mined)
-    res["seconds"] = {"simulate": seconds_simulate, "total": round(time.time() - t0, 1)}
-    res["torch_threads"] = threads
+    pairs = []
+    for seed in args.seeds:
+        runs = {}
+        for kind in ("truth", "report"):
+            runs[kind] = train_and_evaluate(kind, data, args.out / f"seed{seed}", studies, seed)
+            print(f"seed {seed}, {kind} run: mean AUC {runs[kind]['metrics']['auc']['mean']:.3f} "
+                  f"({runs[kind]['seconds']})", file=sys.stderr, flush=True)
+        pairs.append(summarise(runs["truth"], runs["report"]))
+    res = {"benchmark": "report_labels", "settings": SETTINGS, "seeds": list(args.seeds),
+           "studies": len(studies), "uncertain": "ignore (the default)", "target": TARGET,
+           **combine(pairs), "pairs": pairs,
+           "seconds": {"simulate": seconds_simulate, "total": round(time.time() - t0, 1)},
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
+                      f"{torch.get_num_threads()}"}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.json, json.dumps(res, indent=1) + "\n")
     print(table(res))
-    print(f"\nsame split: {res['same_split']}; mined vs true labels (micro): precision "
-          f"{_f(mined['micro']['precision'])}, recall {_f(mined['micro']['recall'])}; met: {res['met']}; "
-          f"wrote {args.json}")
+    print(f"\nsame split per seed: {[p['same_split'] for p in pairs]}; mined vs true labels (micro): "
+          + ", ".join(f"precision {_f(p['mined_vs_truth']['precision'])} recall "
+                      f"{_f(p['mined_vs_truth']['recall'])}" for p in pairs[:1])
+          + f"; met: {res['met']}; wrote {args.json}")
     return 0
 
 

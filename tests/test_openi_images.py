@@ -52,16 +52,30 @@ def openi_home(shared_data, tmp_path_factory):
     return home
 
 
-def test_open_i_layouts_find_their_pngs_and_the_gate_tells_the_views(openi_home, tmp_path):
+def test_open_i_layouts_find_their_pngs_and_the_gate_tells_the_views(openi_home, tmp_path,
+                                                                     monkeypatch):
+    from cxr.quality.gate import QualityGate
     from cxr.sources import open_source
 
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
     studies = open_source(f"openi:{openi_home}")
     images = [im for s in studies for im in s.images]
     assert len(images) == 32 and all(im.path and im.path.parent.name == "NLMCXR_png"
                                      for im in images)
     # no metadata: the quality gate's model decided each view from the pixels
-    assert [im.meta["view_class"] for s in studies for im in s.images] == ["frontal", "lateral"] * 16
-    assert all(im.meta["view_evidence"].startswith("quality gate") for im in images)
+    views = [(im.meta["view_class"], im.meta["view_evidence"]) for im in images]
+    assert [v for v, _ in views] == ["frontal", "lateral"] * 16
+    assert all(why.startswith("quality gate (p ") for _, why in views)
+    # once: the next open (evaluate, index after train) takes the decisions from the cache
+    assert (tmp_path / "cache" / "views-gate.json").is_file()
+
+    def no_gate(*args, **kwargs):
+        raise AssertionError("the gate was loaded although every file's view is cached")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(QualityGate, "load", no_gate)
+        assert [(im.meta["view_class"], im.meta["view_evidence"]) for s in
+                open_source(f"openi:{openi_home}") for im in s.images] == views
     cardio = {s.id: s for s in studies}["CXR530"]
     assert cardio.report["IMPRESSION"].startswith("Slight cardiomegaly")
     assert [f.disease for f in cardio.findings] == ["Cardiomegaly"]
@@ -104,7 +118,8 @@ def test_train_evaluate_and_index_open_i_with_its_images(openi_home, tmp_path, c
 
     assert main(["evaluate", str(run), "--quiet", "--split", "all"]) == 0
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert metrics and "auc" in json.dumps(metrics)
+    assert metrics["n_images"] == 16  # the frontal film of each of the 16 reports
+    assert {"Cardiomegaly", "Opacity"} <= set(metrics["auc"]["per_label"])
     capsys.readouterr()
 
     db = f"sqlite:///{tmp_path / 'archive.db'}"

@@ -3,6 +3,7 @@ become, the uncertainty policies, the masked loss, bad reports, and the run's re
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -145,6 +146,17 @@ def test_folder_manifest_with_a_report_column_trains_from_the_text(tmp_path):
     rc = main(["labels", "--audit", str(run), "--json", str(tmp_path / "audit.json")])
     assert rc == 0
     assert json.loads((tmp_path / "audit.json").read_text())["micro"]["precision"] == 1.0
+    # evaluated on its source, it is scored against the given labels; on images with reports only,
+    # against the labels mined from them, and it says so
+    from cxr.evaluation import evaluate_run
+    from cxr.sources import open_source
+
+    given = open_source(spec.data.spec)
+    kw = dict(split="all", bleu_splits=(), progress=False)
+    assert evaluate_run(run, out=tmp_path / "e1", studies=given, **kw)["truth"] == "the source's labels"
+    reports_only = [dataclasses.replace(s, findings=[]) for s in given]
+    m = evaluate_run(run, out=tmp_path / "e2", studies=reports_only, **kw)
+    assert m["truth"].startswith("labels mined from the reports") and m["n_images"] == 22
 
 
 def test_a_source_without_any_report_is_a_clear_error(tmp_path):
@@ -156,3 +168,28 @@ def test_a_source_without_any_report_is_a_clear_error(tmp_path):
     with pytest.raises(CxrError, match="no study has a usable report"):
         train(tiny_config(data="folder:x", image_size=32, crop=28, labels_from="report"), tmp_path / "r",
               studies=studies)
+
+
+def test_the_phantoms_reports_are_mined_into_its_truth(shared_data):
+    """What `--labels-from report` learns on the phantom: 200 drawn cases' reports (no rendering)
+    against their true terms; the diseases, and the side / site / severity of each matched
+    finding, as the benchmark's runs see them (benchmarks/report_labels.py)."""
+    from cxr import metrics as M
+    from cxr.phantom.cases import CaseGenerator
+    from cxr.phantom.reports import mesh_terms, report_sections
+    from cxr.reports.mesh import parse_term
+    from cxr.sources.openi import read_openi
+
+    gen = CaseGenerator.from_studies(read_openi(shared_data / "openi" / "NLMCXR_reports.tgz"))
+    cases = [gen.case(i, 0) for i in range(1, 201)]
+    truth = [Study(id=c.id, patient_id=c.id, report=report_sections(c),
+                   findings=[parse_term(t) for t in mesh_terms(c)]) for c in cases]
+    mined, records = label_studies(truth)
+    micro = audit(records)["micro"]
+    assert micro["precision"] >= 0.97 and micro["recall"] >= 0.97
+    context = M.context_accuracy(
+        ([f for f in t.positive if f.disease != "normal"], [f for f in m.positive if f.disease != "normal"])
+        for t, m in zip(truth, mined))
+    assert context["fields"]["side"]["accuracy"] >= 0.95
+    assert context["fields"]["severity"]["accuracy"] >= 0.93
+    assert context["fields"]["location"]["accuracy"] >= 0.8  # the reports leave out "posterior", ...

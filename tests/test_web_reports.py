@@ -21,7 +21,8 @@ from test_web import ARGS, CHROMIUM
 # the run reports Opacity on every image and never Pulmonary Atelectasis (thresholds 0 / 2),
 # so each report below plants what the page must show
 REPORTS = {
-    "disagree": "Left basilar atelectasis. No pneumothorax.",  # report-only atelectasis, model-only opacity
+    # report-only atelectasis, model-only opacity; effusion is uncertain and no target
+    "disagree": "Left basilar atelectasis. No pneumothorax. Possible small effusion.",
     "agree": "Right lower lobe opacity.",
     "silent": "",  # no report
 }
@@ -134,10 +135,15 @@ def test_report_panel_marks_mined_findings_and_the_planted_disagreement(page, se
     expect(atelectasis).to_have_class("mention positive disagree")  # the model did not find it
     negated = page.locator("#report-text mark.mention.negative")
     expect(negated).to_have_text("pneumothorax")
-    assert "Pneumothorax: negative" in negated.get_attribute("title")
-    assert page.evaluate("getComputedStyle(document.querySelector('mark.mention.positive'))"
-                         ".backgroundColor") != page.evaluate(
-        "getComputedStyle(document.querySelector('mark.mention.negative')).backgroundColor")
+    assert negated.get_attribute("title") == "Pneumothorax: negative; no model here reads it"
+    assert atelectasis.get_attribute("title") == (
+        "Pulmonary Atelectasis: positive; the model did not find it")
+    uncertain = page.locator("#report-text mark.mention.uncertain")
+    expect(uncertain).to_have_text("effusion")
+    assert uncertain.get_attribute("title") == "Pleural Effusion: uncertain; no model here reads it"
+    styles = page.evaluate("[...document.querySelectorAll('#report-text mark')].map(m => "
+                           "getComputedStyle(m).borderStyle + getComputedStyle(m).backgroundColor)")
+    assert len(set(styles)) == 3  # asserted, negated and uncertain look different
     # the model's finding beside it, and the disagreement both ways
     opacity = page.locator("#findings .finding[data-disease='Opacity']")
     expect(opacity).to_be_visible()

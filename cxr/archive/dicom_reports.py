@@ -28,6 +28,7 @@ TEXT_SR = {
 }
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 ENCAPSULATED_CDA = "1.2.840.10008.5.1.4.1.1.104.2"
+REPORT_CLASSES = frozenset(TEXT_SR) | {ENCAPSULATED_PDF, ENCAPSULATED_CDA}
 MEASUREMENT_REPORT = "126000"  # DCM code of TID 1500's title: measurements, not a narrative
 # headings as reports write them -> the section names the miner and the archive use
 HEADINGS = {"FINDING": "FINDINGS", "FINDINGS": "FINDINGS", "IMPRESSION": "IMPRESSION",
@@ -60,7 +61,7 @@ def read_dicom_report(path: str | Path) -> DicomReport | None:
         return None
     sop = str(ds.get("SOPClassUID", "") or "")
     study = str(ds.get("StudyInstanceUID", "") or "")[:64]
-    if not study or (sop not in TEXT_SR and sop not in (ENCAPSULATED_PDF, ENCAPSULATED_CDA)):
+    if not study or sop not in REPORT_CLASSES:
         return None
     if sop in TEXT_SR:
         if str(ds.get("Manufacturer", "")) == MANUFACTURER or _concept(ds)[0] == MEASUREMENT_REPORT:
@@ -170,13 +171,13 @@ _HEADING_LINE = re.compile(r"(?im)^\s*(" + "|".join(sorted(HEADINGS, key=len, re
 
 def split_headings(text: str) -> dict[str, str]:
     """Plain report text with "FINDINGS:" / "IMPRESSION:" lines -> sections (all FINDINGS when
-    it has none)."""
+    it has none; what stands before the first heading is the HEADER)."""
     marks = list(_HEADING_LINE.finditer(text))
     if not marks:
         return {"FINDINGS": text} if text.strip() else {}
     sections: dict[str, list[str]] = {}
-    if text[:marks[0].start()].strip():
-        sections["FINDINGS"] = [text[:marks[0].start()]]
+    if text[:marks[0].start()].strip():  # a title or header before the first heading
+        sections["HEADER"] = [text[:marks[0].start()]]
     for m, nxt in zip(marks, marks[1:] + [None]):
         body = text[m.end():nxt.start() if nxt else len(text)]
         sections.setdefault(_heading(m.group(1)) or "FINDINGS", []).append(body)

@@ -192,6 +192,9 @@ async function openStudy(id) {
 
 // ---------------------------------------------------------------- the study's report
 
+const MODEL_SAYS = { found: "the model found it", "not found": "the model did not find it",
+                     "not read": "no model here reads it" };
+
 // The report text with each mined mention marked: its certainty as the style, the disease as
 // label and tooltip; a mention the model did not find (report says X, model does not) stands out.
 function markedReport(text, mentions) {
@@ -212,7 +215,8 @@ function markedReport(text, mentions) {
     const m = group[0];
     const diseases = group.map((g) => g.disease).join(", ");
     const disagree = group.some((g) => g.certainty === "positive" && g.model === "not found");
-    const tip = group.map((g) => `${g.disease}: ${g.certainty}; model ${g.model}`).join("\n");
+    const tip = group.map((g) => `${g.disease}: ${g.certainty}; ${MODEL_SAYS[g.model] || g.model}`)
+      .join("\n");
     nodes.push(el("mark", { class: `mention ${m.certainty}${disagree ? " disagree" : ""}`,
                             title: tip, "data-disease": diseases, "data-certainty": m.certainty },
                   text.slice(start, end)));
