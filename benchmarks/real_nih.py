@@ -74,7 +74,18 @@ def base_config(args, **kw):
                     min_label_count=5, cascade=False, fractions=(0.85, 0.15, 0.0),
                     num_workers=0, progress=False, class_weighted=args.class_weighted)
     settings.update(kw)
+    settings.update(args.set or {})
     return TrainConfig(**settings)
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` for any TrainConfig field; the value is read as JSON where it parses (numbers,
+    true/false), else kept as a string."""
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def phantom_pretraining(args, work: Path) -> tuple[Path, dict]:
@@ -223,7 +234,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--modes", default="scratch,phantom")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",
+                    help="any other TrainConfig setting, e.g. --set crop=224 --set annotator=global")
     args = ap.parse_args(argv)
+    args.set = dict(args.set or [])
 
     from cxr.sources import open_source
 
@@ -243,7 +257,7 @@ def main(argv=None) -> int:
         "boxed_images": {t: sum(any(b.label == t for b in s.images[0].boxes) for s in studies)
                          for t in FINDINGS},
         "settings": {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
-                     "lr": args.lr, "class_weighted": args.class_weighted,
+                     "lr": args.lr, "class_weighted": args.class_weighted, **args.set,
                      "inner_split": "85/15 of the training patients (validation for calibration "
                                     "and thresholds)"},
         "modes": {},

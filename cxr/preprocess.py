@@ -34,7 +34,9 @@ def preprocess(image: np.ndarray, size: int, stretch: bool) -> np.ndarray:
         lo, hi = np.percentile(image, (0.5, 99.5))
         if hi - lo > 1e-6:
             image = (image - lo) / (hi - lo)
-    return np.clip(image, 0.0, 1.0)
+    # float32 whatever NumPy's promotion rules: under NumPy 2 the float64 percentiles above would
+    # otherwise make the image float64, and a float32 network refuses a float64 input
+    return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def normalise(batch: torch.Tensor, mean: float, std: float) -> torch.Tensor:

@@ -41,8 +41,8 @@ from .operating import StudyGate
 FORMAT = "cxr-run/2"
 V1_FORMAT = "cxr-run/1"
 
-__all__ = ["FORMAT", "Architecture", "Calibration", "DataSpec", "LocalizeParams", "Preprocessing", "RunSpec",
-           "from_v1"]
+__all__ = ["FORMAT", "Architecture", "Calibration", "DataSpec", "LabelMining", "LocalizeParams", "Preprocessing",
+           "RunSpec", "from_v1"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -121,6 +121,19 @@ class DataSpec:
 
 
 @dataclass(kw_only=True, frozen=True)
+class LabelMining:
+    """Labels mined from the reports (`cxr train --labels-from report`): the uncertainty policy
+    (ignore: masked out of the loss | positive | negative), the per-study records in the run
+    directory (report hash, mined findings, labels; `cxr labels --audit RUN`), and how many
+    studies were labelled or left out for want of a usable report."""
+
+    uncertain: str
+    records: str = "mined_labels.jsonl"
+    studies: int = 0
+    left_out: int = 0
+
+
+@dataclass(kw_only=True, frozen=True)
 class RunSpec:
     """A trained run: what it predicts (`targets`, the CNN's `refined` labels -> target), how to
     build and feed it, what its scores mean (`calibration`, operating `thresholds`), how it
@@ -145,6 +158,8 @@ class RunSpec:
     seed: int
     study: StudyGate | None = None             # the study-level answer (abnormal probability, its
                                                # threshold); None: a run from before it existed
+    labels_from: str = "labels"                # labels: the source's own | report: mined from its text
+    label_mining: LabelMining | None = None    # how, when labels_from is "report"
 
     def __post_init__(self):
         problems = []

@@ -141,6 +141,9 @@ def test_reports_full_text_and_disagreement_on_postgresql(postgres_url, tmp_path
     assert found(disagree="report-only") == {"report_only_effusion"}
     assert found(disagree="model-only") == {"model_only_cardio"}
     assert "not UTF-8" in archive.get(ids["not_utf8"]).report_note
+    agree = archive.get(ids["agree_effusion"])  # mention offsets (migration 0004) on PostgreSQL
+    assert [agree.report[slice(*f["span"])] for f in agree.report_findings if f["span"]] == [
+        "pleural effusion", "effusion"]
     with archive.engine.connect() as conn:
         assert conn.execute(text("select count(*) from pg_indexes where "
                                  "indexname = 'ix_reports_fts'")).scalar() == 1

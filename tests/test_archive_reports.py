@@ -177,6 +177,28 @@ def test_service_search_by_report_and_disagreement(archive, tiny_run, tmp_path):
         body = client.get("/search", params={"like_id": archive.ids["empty"], "k": 5,
                                              "report": "pneumothorax"}).json()
         assert [h["id"] for h in body["items"]] == [archive.ids["model_only_cardio"]]
+        # one study's report beside the model, as the web page's report panel shows it
+        body = client.get(f"/studies/{archive.ids['report_only_effusion']}/report").json()
+        assert body["report_only"] == ["Pleural Effusion"] and body["model_only"] == []
+        (effusion,) = [m for m in body["mentions"] if m["disease"] == "Pleural Effusion"]
+        assert effusion["model"] == "not found" and effusion["certainty"] == "positive"
+        assert body["report"][slice(*effusion["span"])] == "pleural effusion"
+        body = client.get(f"/studies/{archive.ids['model_only_cardio']}/report").json()
+        assert body["model_only"] == ["Cardiomegaly"] and body["report_only"] == []
+        assert body["model_findings"] == [{"disease": "Cardiomegaly", "score": 0.9,
+                                           "report": "not mentioned"}]
+        mentions = {m["disease"]: m for m in body["mentions"]}
+        assert mentions["Pneumothorax"]["certainty"] == "negative"
+        assert mentions["Pneumothorax"]["model"] == "not found"
+        assert mentions["normal"]["span"] is None  # a finding of the whole report
+        body = client.get(f"/studies/{archive.ids['agree_effusion']}/report").json()
+        assert body["report_only"] == body["model_only"] == []
+        assert body["model_findings"][0]["report"] == "positive"
+        body = client.get(f"/studies/{archive.ids['no_report_cardio']}/report").json()
+        assert body["report"] is None and body["model_only"] == []  # no report: no disagreement
+        assert body["model_findings"][0]["report"] == "no report"
+        assert "path" not in json.dumps(body)
+        assert client.get("/studies/999999/report").status_code == 404
 
 
 def test_cli_index_of_a_folder_manifest_stores_its_report_column(tiny_run, radiographs, tmp_path,
@@ -212,3 +234,88 @@ def test_cli_index_of_a_folder_manifest_stores_its_report_column(tiny_run, radio
     assert reports[names_[1]].report == "FINDINGS: Heart size normal & lungs clear."
     assert "markup removed" in reports[names_[1]].report_note
     assert reports[names_[2]].report is None
+
+
+def test_mined_mentions_keep_their_place_in_the_text(archive):
+    """Each mention's offsets mark its words in the stored text (what the web page highlights),
+    through the miner's sentence splitting, sections in any order, and a phrase of two headings."""
+    agree = archive.get(archive.ids["agree_effusion"])
+    marked = [(f["disease"], agree.report[slice(*f["span"])]) for f in agree.report_findings
+              if f["span"]]
+    assert marked == [("Pleural Effusion", "pleural effusion"), ("Pleural Effusion", "effusion")]
+    assert agree.report.index("effusion.", 30) < agree.report_findings[1]["span"][0]  # IMPRESSION
+    cardio = archive.get(archive.ids["markup_cardio"])
+    (span,) = [f["span"] for f in cardio.report_findings if f["disease"] == "Cardiomegaly"]
+    assert cardio.report[slice(*span)] == "cardiomegaly"
+
+    report = prepare_report({"IMPRESSION": "Possible pneumonia.",
+                             "FINDINGS": "Small effusion.There is a calcified nodule.. No "
+                                         "pneumothorax."})
+    mine_reports([report])
+    got = [(f.disease, f.certainty, report.text[s[0]:s[1]] if s else None)
+           for f, s in zip(report.findings, report.spans)]
+    assert ("Pleural Effusion", "positive", "effusion") in got
+    assert ("Nodule", "positive", "calcified nodule") in got
+    assert ("Calcinosis", "positive", "calcified nodule") in got
+    assert ("Pneumothorax", "negative", "pneumothorax") in got
+    assert ("Pneumonia", "uncertain", "pneumonia") in got
+    (pneumonia,) = [s for f, s in zip(report.findings, report.spans) if f.disease == "Pneumonia"]
+    assert report.text.index("IMPRESSION") < pneumonia[0] < report.text.index("FINDINGS")
+
+
+def test_an_archive_of_schema_0003_gains_mention_offsets_keeping_its_rows(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    from cxr.archive.db import MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        conn.execute(text("insert into images (id, sha256, model_id, path, status, indexed_at) "
+                          "values (1, '" + "a" * 64 + "', 'm', '/old.png', 'ok', '2026-01-01')"))
+        conn.execute(text("insert into reports (image_id, text) values (1, 'FINDINGS: Effusion.')"))
+        conn.execute(text("insert into report_findings (image_id, disease, label_key, certainty, "
+                          "location) values (1, 'Pleural Effusion', 'pleural effusion', "
+                          "'positive', '')"))
+    engine.dispose()
+    with Archive(url) as upgraded:
+        old = upgraded.get(1)
+        assert old.report == "FINDINGS: Effusion." and old.report_findings[0]["span"] is None
+        assert [h.id for h in upgraded.search(report="effusion")] == [1]
+    with engine.begin() as conn:  # and back down
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+        assert conn.execute(text("select count(*) from report_findings")).scalar() == 1
+    engine.dispose()
+
+
+def test_mention_offsets_on_real_open_i_reports(shared_data):
+    """On 300 real Open-i reports (glued sentences, doubled periods, "XXXX" de-identification):
+    every mined mention's offsets hold its words, inside its own sentence."""
+    import re
+
+    from cxr.sources import read_openi
+
+    studies = read_openi(shared_data / "openi" / "NLMCXR_reports.tgz", gate=False)[:300]
+    reports = [r for r in (prepare_report(s.report) for s in studies) if r and not r.refused]
+    mine_reports(reports)
+    checked = 0
+    for r in reports:
+        keep = [i for i, c in enumerate(r.text) if not c.isspace() and c != "."]
+        squeezed = "".join(r.text[i] for i in keep)  # sentences as the miner split them, loosely
+        for f, span in zip(r.findings, r.spans):
+            if f.source != "text" or not f.raw:
+                assert span is None
+                continue
+            assert r.text[span[0]:span[1]] == f.raw
+            sentence = "".join(c for c in f.sentence if not c.isspace() and c != ".")
+            assert any(keep[m.start()] <= span[0] and span[1] - 1 <= keep[m.end() - 1]
+                       for m in re.finditer(re.escape(sentence), squeezed)), (r.text, f)
+            checked += 1
+    assert checked > 1000

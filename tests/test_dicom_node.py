@@ -119,6 +119,39 @@ def test_orthanc_forwards_a_film_to_the_node(pacs, tmp_path):
     assert len(srs) == 1
 
 
+def test_listen_with_the_onnx_engine_reads_as_torch_does(servers_available, tiny_run, tmp_path):
+    """`cxr listen --engine onnxruntime` runs the graph `cxr export --onnx` wrote: a film pushed
+    to it is archived with the findings the PyTorch Reader gives the same file, scores within
+    1e-3."""
+    needs_in_ci(importlib.util.find_spec("onnxruntime") is not None, "onnxruntime (pip install 'cxr[fast]')")
+    import cxr
+    from service_helpers import run_asserting_every_finding
+
+    run = run_asserting_every_finding(tiny_run, tmp_path / "run")  # findings to compare
+    assert main(["export", str(run), "--onnx"]) == 0
+    film = write_films(tmp_path / "films", 1, 256, first=5)[0]
+    node = Node(run, tmp_path / "node", extra=("--engine", "onnxruntime")).start()
+    try:
+        assert storescu("MOD", node.port, [film]).returncode == 0
+        node.wait_processed(1)
+    finally:
+        node.kill9()
+    assert "(onnxruntime)" in node.text()
+    db = sqlite3.connect(node.db.removeprefix("sqlite:///"))
+    try:
+        (scores,), = db.execute("SELECT scores FROM images").fetchall()
+        archived = sorted(db.execute("SELECT disease, score FROM findings").fetchall())
+    finally:
+        db.close()
+    want = cxr.Reader.load(run, device="cpu")(film)  # torch, with the gate, as the node reads
+    assert want.quality.accepted and want.findings
+    scores = json.loads(scores)
+    assert set(scores) == set(want.scores)
+    assert all(abs(scores[t] - s) < 1e-3 for t, s in want.scores.items())
+    assert [d for d, _ in archived] == sorted(f.disease for f in want.findings)
+    assert all(abs(s - {f.disease: f.score for f in want.findings}[d]) < 1e-3 for d, s in archived)
+
+
 def test_bad_associations_are_refused_and_logged(pacs, tmp_path):
     """Unknown calling AE, a SOP class that is no chest film, a dataset without pixels and one
     that cannot be decoded: each refused with its DICOM status and a log line; the node serves
@@ -183,9 +216,15 @@ def test_bad_associations_are_refused_and_logged(pacs, tmp_path):
 def test_dicomweb_index_stows_results_back(pacs, tiny_run, tmp_path, capsys):
     """Films in the PACS -> `cxr index RUN dicomweb:URL` -> SR + overlay back in their studies;
     a second run fetches and stores nothing new."""
+    import pydicom
+    from test_dicom_reports import FINDINGS, IMPRESSION, text_sr
+
     orthanc, _ = pacs
     films = write_films(tmp_path / "films", 2, 256, first=10)
-    sent = storescu("MOD", orthanc.dicom_port, films, called=orthanc.ae)
+    # the radiologist's report of the first film's study, a text SR in the PACS beside it
+    report = text_sr(tmp_path / "films" / "report.dcm", pydicom.dcmread(films[0]), FINDINGS,
+                     IMPRESSION)
+    sent = storescu("MOD", orthanc.dicom_port, films + [report], called=orthanc.ae)
     assert sent.returncode == 0, sent.stderr
     before = len(orthanc.instances(Modality="SR"))
     db = f"sqlite:///{tmp_path / 'web.db'}"
@@ -208,8 +247,16 @@ def test_dicomweb_index_stows_results_back(pacs, tiny_run, tmp_path, capsys):
     studies = {orthanc.get(f"/instances/{sr['ID']}/study")["MainDicomTags"]["StudyInstanceUID"]
                for sr in srs}
     assert {study_uid(f) for f in films} <= studies
+    # the report SR became its study's report; cxr's own SRs in the PACS are none
+    assert stats["reports"] == 1
+    from cxr.archive.db import Archive
+
+    with Archive(db) as archive:
+        reported = {h.sop_uid: h for h in archive.search(report="effusion", limit=50)}
+    assert set(reported) == {sop_uid(films[0])}
+    assert reported[sop_uid(films[0])].report == f"FINDINGS: {FINDINGS}\nIMPRESSION: {IMPRESSION}"
     again = index()
-    assert again["stowed"] == 0 and again["skipped"] == in_pacs
+    assert again["stowed"] == 0 and again["skipped"] == in_pacs and again["reports"] == 1
     assert len(orthanc.instances(Modality="SR")) == len(srs)
 
 

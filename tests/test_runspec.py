@@ -74,3 +74,16 @@ def test_train_config_from_a_run(tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "unknown run format" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_preprocess_gives_float32_whatever_the_input(dtype):
+    """The network is float32: a float64 input (what NumPy 2's promotion made of the stretched
+    image, which broke the Reader on CUDA) must never reach it."""
+    from cxr.preprocess import preprocess
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((40, 50)) * (1000 if dtype is np.uint16 else 1)).astype(dtype)
+    out = preprocess(image, 32, stretch=True)
+    assert out.dtype == np.float32 and out.shape == (32, 32)
+    assert 0.0 <= out.min() and out.max() <= 1.0

@@ -1,6 +1,7 @@
 """A searchable archive of Reader results: `Archive(url)` (SQLAlchemy: SQLite or PostgreSQL, with
-Alembic migrations), structured and similar-image search (usearch), the indexing run (local or
-Ray) and DICOM SR / Secondary Capture output. Imported lazily: `import cxr.archive` is cheap."""
+Alembic migrations), structured and similar-image search (usearch), studies' reports (text,
+mined findings with their place in the text, report/model disagreement; from sources or from
+DICOM report documents), the indexing run (local or Ray) and DICOM SR / Secondary Capture output. Imported lazily: `import cxr.archive` is cheap."""
 from __future__ import annotations
 
 __all__ = ["Archive", "Entry", "ImageRecord", "Query", "FindingClause", "index_images",

@@ -1,7 +1,8 @@
 """`cxr index RUN SOURCE --db URL`: read every image of a folder or source with a trained run and
 store the results in a searchable archive. Run it again to resume: stored images are skipped.
 A source with reports (openi:, phantom:, folder: with a report column) stores each study's report
-and the findings mined from it (`cxr search --report`, `--disagree`).
+and the findings mined from it (`cxr search --report`, `--disagree`); so does a folder of DICOM
+files holding a study's report as a text SR or encapsulated CDA/PDF (`archive.dicom_reports`).
 `SOURCE` may be a PACS: `dicomweb:URL` fetches its chest films (QIDO-RS/WADO-RS) and STOWs the SR
 and overlay of each back (`cxr.net.dicomweb`)."""
 from __future__ import annotations
@@ -104,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
         total = archive.count()
     line = (f"indexed {stats.indexed}, failed {stats.failed} (of which {stats.refused} refused by "
             f"the quality gate), skipped {stats.skipped} already "
-            f"indexed, {stats.duplicates} duplicate content; {total} images in the archive "
+            f"indexed, {stats.duplicates} duplicate content"
+            + (f", {stats.reports} report document(s) (SR, CDA, PDF)" if stats.reports else "")
+            + f"; {total} images in the archive "
             f"({stats.images_per_second:.1f} images/s)")
     if stowed is not None:
         line += f"; {stowed} result objects (SR, overlay) stored back by STOW-RS"

@@ -35,7 +35,7 @@ from .vectors import VectorIndex
 
 DEFAULT_URL = "sqlite:///cxr-archive.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0003"  # newest file in migrations/versions (a test checks they agree)
+HEAD_REVISION = "0004"  # newest file in migrations/versions (a test checks they agree)
 VOCABULARY_TTL_S = 30.0
 SIMILAR_POOL = 20  # similar() with a report filter looks among the 20 * k nearest
 
@@ -296,6 +296,28 @@ class Archive:
             s.add_all(report_rows(image_id, e.report))
         return image_id
 
+    def attach_study_reports(self, reports: dict[str, ReportText]) -> int:
+        """Give each stored image of these studies (StudyInstanceUID -> report) that has no
+        report yet the study's report; returns how many images got one. For reports that come
+        as their own DICOM document, which may be met after the study's images."""
+        from sqlalchemy import exists
+
+        from .models import ReportRow
+
+        if not reports:
+            return 0
+        done = 0
+        with self.session() as s, s.begin():
+            uids = list(reports)
+            for i in range(0, len(uids), 500):
+                rows = s.execute(select(ImageRow.id, ImageRow.study_uid).where(
+                    ImageRow.study_uid.in_(uids[i:i + 500]),
+                    ~exists(select(ReportRow.id).where(ReportRow.image_id == ImageRow.id)))).all()
+                for image_id, uid in rows:
+                    s.add_all(report_rows(image_id, reports[uid]))
+                    done += 1
+        return done
+
     # -- reading -----------------------------------------------------------------------------
     def get(self, image_id: int) -> ImageRecord:
         records = self._records([int(image_id)])
@@ -538,7 +560,9 @@ def _record(r: ImageRow) -> ImageRecord:
         report=r.report.text if r.report else None, report_note=r.report.note if r.report else None,
         report_findings=[dict(disease=f.disease, certainty=f.certainty, side=f.side,
                               location=list(decode_location(f.location)), severity=f.severity,
-                              sentence=f.sentence) for f in r.report_findings])
+                              sentence=f.sentence, label_key=f.label_key,
+                              span=[f.span_start, f.span_end] if f.span_start is not None
+                              else None) for f in r.report_findings])
 
 
 def _redact(url: str) -> str:

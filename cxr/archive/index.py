@@ -36,6 +36,7 @@ class IndexStats:
     refused: int = 0  # of the failed: not read, the quality gate refused them
     skipped: int = 0  # already in the archive (this model, same content)
     duplicates: int = 0  # same content met twice in this run
+    reports: int = 0  # report documents met (DICOM SR, encapsulated CDA/PDF): not images
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # first few (path, reason)
 
@@ -46,7 +47,7 @@ class IndexStats:
     def to_dict(self) -> dict:
         return {"seen": self.seen, "indexed": self.indexed, "failed": self.failed,
                 "refused": self.refused,
-                "skipped": self.skipped, "duplicates": self.duplicates,
+                "skipped": self.skipped, "duplicates": self.duplicates, "reports": self.reports,
                 "seconds": round(self.seconds, 3),
                 "images_per_second": round(self.images_per_second, 2),
                 "failures": [list(f) for f in self.failures]}
@@ -148,6 +149,7 @@ class Batch:
     images: list
     skipped: int = 0
     duplicates: int = 0
+    reports: list = field(default_factory=list)  # DicomReports met among the files (not images)
 
 
 def process_batch(reader, model_id: str, paths: list[str],
@@ -175,6 +177,10 @@ def process_batch(reader, model_id: str, paths: list[str],
                 loaded = read_image(path)
             except CxrError as exc:
                 error = exc.problem
+                report = _report_document(path)
+                if report is not None:  # a study's report, not a failed image
+                    batch.reports.append(report)
+                    continue
             except Exception as exc:  # a reader bug must not stop an archive run
                 error = f"cannot read image: {exc!r}"[:500]
         if loaded is None:
@@ -201,6 +207,15 @@ def process_batch(reader, model_id: str, paths: list[str],
         else:
             batch.entries[i].error = result
     return batch
+
+
+def _report_document(path: str):
+    """The report in a DICOM file that is no image (text SR, encapsulated CDA/PDF), or None."""
+    if Path(path).suffix.lower() not in (".dcm", ".dicom", "") and not _is_dicom_without_suffix(Path(path)):
+        return None
+    from .dicom_reports import read_dicom_report
+
+    return read_dicom_report(path)
 
 
 def run_reader(reader, pixels: list, heatmaps: bool = False,
@@ -251,13 +266,18 @@ def index_images(archive: Archive, reader, paths: Iterable[str], *, batch_size: 
     status = "ok" if retry_failed else None
     known = lambda hashes: archive.indexed(hashes, model_id, status=status)  # noqa: E731
     bar = tqdm(desc="indexing", unit="img", disable=not progress, dynamic_ncols=True)
+    study_reports: dict[str, object] = {}  # study uid -> its report from a DICOM document
     try:
         for items in batched(paths, batch_size):
             paths_batch, reports = split_reports(items)
             batch = process_batch(reader, model_id, paths_batch, known, heatmaps=bool(dicom_out),
                                   force=force)
             attach_reports(batch.entries, reports)
+            found = study_documents(batch.reports, study_reports, batch.entries)
+            stats.reports += len(batch.reports)
             ids = archive.add_results(batch.entries, replace_failed=retry_failed)
+            if found:  # images of those studies stored before (earlier batches, earlier runs)
+                archive.attach_study_reports(found)
             stats.seen += len(paths_batch)
             stats.skipped += batch.skipped
             stats.duplicates += batch.duplicates
@@ -286,6 +306,32 @@ def split_reports(items: list) -> tuple[list[str], dict[str, object]]:
         else:
             paths.append(str(item))
     return paths, reports
+
+
+def study_documents(documents: list, known: dict[str, object],
+                    entries: list[Entry] = ()) -> dict[str, object]:
+    """Reports from DICOM documents (`dicom_reports.DicomReport`) -> study uid -> ReportText,
+    cleaned and mined; added to `known` (the run's), given to the `entries` of those studies
+    that have no report, and returned for the studies new in the run (the caller gives them to
+    images stored before: `Archive.attach_study_reports`). A study's first report document
+    wins; one without text is stored empty with the reason."""
+    from .reports import ReportText, mine_reports, prepare_report
+
+    new: dict[str, object] = {}
+    for doc in documents:
+        if doc.study_uid in known or doc.study_uid in new:
+            continue
+        report = prepare_report(doc.sections) if not doc.problem else None
+        if report is None:
+            why = doc.problem or "refused: the document holds no text"
+            report = ReportText("", f"{why} ({doc.kind})")
+        new[doc.study_uid] = report
+    mine_reports(list(new.values()))
+    known.update(new)
+    for e in entries:
+        if e.report is None and e.study_uid in known:
+            e.report = known[e.study_uid]
+    return new
 
 
 def attach_reports(entries: list[Entry], reports: dict[str, object]) -> None:

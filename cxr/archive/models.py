@@ -123,6 +123,10 @@ class ReportFindingRow(Base):
     location: Mapped[str] = mapped_column(Text, default="")
     severity: Mapped[str | None] = mapped_column(String(32), nullable=True)
     sentence: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # where the mention stands in ReportRow.text, [start, end) (migration 0004; NULL before it,
+    # and for a finding of the whole report such as `normal`)
+    span_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    span_end: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 def encode_location(location) -> str:

@@ -8,6 +8,7 @@ hashes already stored as one sorted array of digests in the object store.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,9 @@ import numpy as np
 
 from ..errors import CxrError
 from .db import Archive, Entry
-from .index import IndexStats, attach_reports, process_batch, result_from_dict, upright
+from .dicom_reports import DicomReport
+from .index import (IndexStats, attach_reports, process_batch, result_from_dict, study_documents,
+                    upright)
 
 RECORD_FIELDS = ("path", "sha256", "model_id", "error", "study_uid", "series_uid", "sop_uid", "view",
                  "quality")
@@ -75,7 +78,8 @@ class ReaderActor:
             records.append(json.dumps(rec))
         # counts ride along on the first row (a batch may have no rows at all)
         counts = json.dumps({"seen": len(paths), "skipped": out.skipped,
-                             "duplicates": out.duplicates})
+                             "duplicates": out.duplicates,
+                             "reports": [dataclasses.asdict(r) for r in out.reports]})
         return {"record": np.array(records + [counts], dtype=object),
                 "embedding": np.array(embeddings + [b""], dtype=object),
                 "kind": np.array(["entry"] * len(records) + ["counts"], dtype=object)}
@@ -140,6 +144,7 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
         if report:
             reports[items[-1]["path"]] = report
     stats = IndexStats()
+    study_reports: dict[str, object] = {}  # study uid -> its report from a DICOM document
     start = time.perf_counter()
     if not items:
         return stats
@@ -156,18 +161,23 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
     bar = tqdm(total=len(items), desc="indexing (ray)", unit="img", disable=not progress)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            entries = []
+            entries, documents = [], []
             for rec, emb, kind in zip(batch["record"], batch["embedding"], batch["kind"]):
                 if kind == "counts":
                     c = json.loads(rec)
                     stats.seen += c["seen"]
                     stats.skipped += c["skipped"]
                     stats.duplicates += c["duplicates"]
+                    documents += [DicomReport(**d) for d in c.get("reports", ())]
                     bar.update(c["seen"])
                 else:
                     entries.append(_entry(rec, emb))
             attach_reports(entries, reports)
+            found = study_documents(documents, study_reports, entries)
+            stats.reports += len(documents)
             ids = archive.add_results(entries, replace_failed=retry_failed)
+            if found:
+                archive.attach_study_reports(found)
             stats.count(entries, ids)
             bar.set_postfix(ok=stats.indexed, failed=stats.failed, skipped=stats.skipped)
     finally:

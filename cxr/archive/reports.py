@@ -34,6 +34,8 @@ class ReportText:
     note: str | None = None
     findings: list[Finding] = field(default_factory=list)
     sections: dict[str, str] = field(default_factory=dict)  # what the miner reads
+    # per finding: where its mention stands in `text`, [start, end), or None (mention_spans)
+    spans: list[tuple[int, int] | None] = field(default_factory=list)
 
     @property
     def refused(self) -> bool:
@@ -83,11 +85,80 @@ def prepare_report(report: Mapping[str, object] | str | bytes | None) -> ReportT
             clean[str(name).upper()] = plain
     if not clean:
         return None
-    body = "\n".join(f"{name}: {value}" for name, value in clean.items())
+    body = report_body(clean)
     if len(body) > MAX_REPORT_CHARS:
         return ReportText("", f"refused: report too long ({len(body):,} characters, at most "
                               f"{MAX_REPORT_CHARS:,})")
     return ReportText(body, "; ".join(notes) or None, sections=clean)
+
+
+def report_body(sections: Mapping[str, str]) -> str:
+    """The stored text: one `NAME: text` line per section, in the report's order."""
+    return "\n".join(f"{name}: {value}" for name, value in sections.items())
+
+
+def mention_spans(sections: Mapping[str, str], findings: list[Finding],
+                  miner) -> list[tuple[int, int] | None]:
+    """Where each mined finding's mention stands in `report_body(sections)`, [start, end).
+
+    The miner reads its sections (FINDINGS, IMPRESSION) in its own order, after splitting glued
+    sentences ("effusion.There" -> "effusion. There"), and yields mentions in text order; so
+    each mention's words (`raw`) are looked for, as whole words, after the previous one, and the
+    offset mapped back through that split. A phrase the miner reads as two headings ("calcified
+    nodule": Nodule and Calcinosis) gives both findings the same span."""
+    from ..reports.text import _GLUED_SENTENCE
+
+    starts, at = {}, 0
+    for name, value in sections.items():
+        starts[name] = at + len(name) + 2
+        at += len(name) + 2 + len(value) + 1
+    read = [(name, sections[name]) for name in miner.sections if sections.get(name)]
+    also = getattr(miner, "_also", {})
+    out: list[tuple[int, int] | None] = []
+    part, cursor = 0, 0
+    cleaned = [_split_glued(value, _GLUED_SENTENCE) for _, value in read]
+    previous: Finding | None = None
+    for f in findings:
+        span = None
+        if previous is not None and out and out[-1] and f.raw == previous.raw and \
+                f.disease in also.get(f.raw.lower(), ()):
+            span = out[-1]  # a second heading of the same phrase
+        elif f.raw and f.source == "text":
+            pattern = re.compile(r"(?<!\w)" + re.escape(f.raw) + r"(?!\w)")
+            while part < len(read):
+                text_, back = cleaned[part]
+                m = pattern.search(text_, cursor)
+                if m:
+                    cursor = m.end()
+                    base = starts[read[part][0]]
+                    span = (base + back(m.start()), base + back(m.end() - 1) + 1)
+                    break
+                part, cursor = part + 1, 0
+        out.append(span)
+        previous = f
+    return out
+
+
+def _split_glued(value: str, glued: re.Pattern):
+    """`value` as the miner reads it, and a map from its offsets back to `value`'s."""
+    pieces, marks, at, shift = [], [], 0, 0  # marks: (from this cleaned offset on, add shift)
+    for m in glued.finditer(value):
+        pieces += [value[at:m.start()], ". "]
+        after = m.start() - shift + 2  # where the text after the ". " starts, cleaned
+        shift += (m.end() - m.start()) - 2
+        marks.append((after, shift))
+        at = m.end()
+    pieces.append(value[at:])
+
+    def back(i: int) -> int:
+        add = 0
+        for start, total in marks:
+            if i < start:
+                break
+            add = total
+        return i + add
+
+    return "".join(pieces), back
 
 
 def mine_reports(reports: list[ReportText | None]) -> None:
@@ -100,10 +171,12 @@ def mine_reports(reports: list[ReportText | None]) -> None:
     try:
         for r, found in zip(todo, miner.mine_many([r.sections for r in todo])):
             r.findings = found
+            r.spans = mention_spans(r.sections, found, miner)
     except Exception:  # one bad text: mine one by one so only it goes without findings
         for r in todo:
             try:
                 r.findings = miner.mine(r.sections)
+                r.spans = mention_spans(r.sections, r.findings, miner)
             except Exception as exc:
                 r.findings = []
                 r.note = "; ".join(filter(None, [r.note, f"not mined: {exc!r}"[:300]]))
@@ -140,11 +213,13 @@ def model_key(disease: str) -> str:
 
 def report_rows(image_id: int, report: ReportText) -> list:
     rows: list = [ReportRow(image_id=image_id, text=report.text, note=report.note)]
+    spans = report.spans if len(report.spans) == len(report.findings) else [None] * len(report.findings)
     rows += [ReportFindingRow(
         image_id=image_id, disease=f.disease[:128], label_key=label_key(f.disease)[:128],
         certainty=f.certainty, side=f.side, location=encode_location(f.location),
-        severity=(f.severity.lower() if f.severity else None),
-        sentence=f.sentence) for f in report.findings]
+        severity=(f.severity.lower() if f.severity else None), sentence=f.sentence,
+        span_start=span[0] if span else None, span_end=span[1] if span else None)
+        for f, span in zip(report.findings, spans)]
     return rows
 
 
@@ -199,3 +274,47 @@ def disagreement_condition(direction: str, targets: Mapping[str, set[str]],
     has_report = exists(select(ReportRow.id).where(ReportRow.image_id == ImageRow.id,
                                                    ReportRow.text != ""))
     return and_(has_report, or_(*per_disease))
+
+
+# -- one study: its report beside the model ---------------------------------------------------
+_RANK = {"positive": 3, "uncertain": 2, "negative": 1}
+
+
+def compare(record, targets: Mapping[str, set[str]]) -> dict:
+    """An indexed image's report beside the model's findings, as a viewer shows them: each mined
+    mention with what the model did about its disease (`found`, `not found`, or `not read` when
+    no model of the archive reads it), each model finding with what the report says of it, and
+    the disagreements both ways, by the rules `disagreement_condition` searches with (only a
+    stored, non-empty report disagrees; only diseases a model reads count)."""
+    found_keys = {model_key(f.disease) for f in record.findings}
+    said: dict[str, str] = {}  # label key -> the report's strongest certainty
+    for m in record.report_findings:
+        key = m.get("label_key") or label_key(m["disease"])
+        if _RANK.get(m["certainty"], 0) > _RANK.get(said.get(key), 0):
+            said[key] = m["certainty"]
+    has_report = bool(record.report)
+
+    def model_says(key: str) -> str:
+        if key not in targets:
+            return "not read"
+        return "found" if found_keys & set(targets[key]) else "not found"
+
+    mentions = []
+    for m in record.report_findings:
+        key = m.get("label_key") or label_key(m["disease"])
+        mentions.append({**m, "label_key": key, "model": model_says(key)})
+    report_only: list[str] = []
+    for m in mentions:
+        if (m["certainty"] == "positive" and m["model"] == "not found"
+                and m["disease"] not in report_only):
+            report_only.append(m["disease"])
+    model_findings, model_only = [], []
+    for f in record.findings:
+        key = label_key(f.disease)
+        says = said.get(key, "not mentioned") if has_report else "no report"
+        model_findings.append({"disease": f.disease, "score": f.score, "report": says})
+        if has_report and says != "positive" and f.disease not in model_only:
+            model_only.append(f.disease)
+    return {"id": record.id, "report": record.report, "note": record.report_note,
+            "mentions": mentions, "model_findings": model_findings,
+            "report_only": report_only, "model_only": model_only}

@@ -53,6 +53,11 @@ HELP = {
     "ground_lr": "learning rate of that phase",
     "ground_cnn_lr": "the CNN's learning rate in that phase, as a fraction of ground_lr (1: as fast as the annotator)",
     "attn_dim": "width of the grounded annotator's regions and attention",
+    "labels_from": "labels: the source's own labels (MeSH terms, label table, manifest column) | report: "
+                   "diseases and their side/site/severity mined from each study's report text "
+                   "(kept in RUN/mined_labels.jsonl; `cxr labels --audit RUN` scores them)",
+    "uncertain": "with --labels-from report, an uncertain mention (\"cannot exclude pneumonia\"): ignore "
+                 "(masked out of the loss) | positive | negative (CheXpert's U-Ignore/U-Ones/U-Zeros)",
     "report_text": "teach the grounded annotator with report cross-attention (training only)",
 }
 SKIP = {"progress"}

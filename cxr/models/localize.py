@@ -7,7 +7,8 @@ component; so do we.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -57,6 +58,45 @@ def boxes_from_heatmap(heatmap: np.ndarray, label: str, params: LocalizeParams |
     return boxes
 
 
+# 8-connected within a map, never across the maps of a stack
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = True
+
+
+def boxes_from_heatmaps(heatmaps: np.ndarray, labels: Sequence[str],
+                        params: LocalizeParams | None = None) -> list[list[Box]]:
+    """`boxes_from_heatmap` of every map of a stack (N, H, W), the same boxes in the same order:
+    one labelling pass and one sum over the whole stack instead of three calls per map (per-map
+    calls cost as much as a tenth of the CNN at batch 1)."""
+    params = params or LocalizeParams()
+    heatmaps = np.asarray(heatmaps)
+    out: list[list[Box]] = [[] for _ in range(len(heatmaps))]
+    if not len(heatmaps):
+        return out
+    mask = heatmaps >= params.threshold
+    components, n = ndimage.label(mask, structure=_IN_PLANE)
+    if n == 0:
+        return out
+    flat = components.ravel()
+    # what ndimage.sum computes (a bincount), once for all maps
+    mass = np.bincount(flat, weights=heatmaps.ravel(), minlength=n + 1)[1:]
+    area = np.bincount(flat, minlength=n + 1)[1:]
+    slices = ndimage.find_objects(components)
+    of_map = np.array([s[0].start for s in slices])
+    min_px = params.min_area * heatmaps[0].size
+    for k in np.unique(of_map):
+        ids = np.flatnonzero(of_map == k)  # this map's components, in the order a 2-D pass numbers them
+        for i in ids[np.argsort(-mass[ids])]:
+            if area[i] < min_px:
+                continue
+            _, ys, xs = slices[i]
+            out[k].append(Box(labels[k], float(xs.start), float(ys.start), float(xs.stop - xs.start),
+                              float(ys.stop - ys.start)))
+            if len(out[k]) >= params.max_boxes:
+                break
+    return out
+
+
 def side_consistent(heatmap: np.ndarray, side: str | None) -> np.ndarray:
     """The heatmap with the half of the image that contradicts the side word set to 0, so that a
     "left" finding never gets a right-sided box. On a PA/AP film the patient faces the viewer:
@@ -92,11 +132,19 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=32)
+def _bilinear(n_out: int, n_in: int) -> np.ndarray:
+    """`bilinear_matrix`, made once per size pair (a Reader asks for the same few sizes)."""
+    matrix = bilinear_matrix(n_out, n_in)
+    matrix.flags.writeable = False
+    return matrix
+
+
 def heatmaps_at(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """CAMs (N, h, w) -> heatmaps (N, H, W) float32 in [0, 1]: bilinear upsampling then min-max
     per map (what `to_heatmap` does to one map, for many at once)."""
     cams = np.asarray(cams, dtype=np.float32)
-    up = bilinear_matrix(size[0], cams.shape[1]) @ cams @ bilinear_matrix(size[1], cams.shape[2]).T
+    up = _bilinear(size[0], cams.shape[1]) @ cams @ _bilinear(size[1], cams.shape[2]).T
     up -= up.min(axis=(1, 2), keepdims=True)
     top = up.max(axis=(1, 2), keepdims=True)
     np.divide(up, top, out=up, where=top > 0)

@@ -38,6 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="instances per Reader batch")
     parser.add_argument("--batch-wait", type=float, default=0.5, metavar="SECONDS",
                         help="how long to wait for a fuller batch when fewer are pending")
+    parser.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="what runs the CNN: torch, or the graph of `cxr export RUN --onnx` "
+                        "under ONNX Runtime or OpenVINO (CPU; faster)")
     parser.add_argument("--force", action="store_true",
                         help="read films the quality gate refuses (else archived as not read)")
     parser.add_argument("--vector-dir", default=None, help="where the similar-image index lives")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
 
     journal = Journal(args.spool)
-    reader = Reader.load(args.run)
+    reader = Reader.load(args.run, engine=args.engine)
     with Archive(args.db, vector_dir=args.vector_dir) as archive:
         archive.remember_run(reader.model_id, args.run)
         worker = Worker(journal, archive, reader, destination=destination,
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         print(f"cxr listen: {args.ae_title} listening on {args.host}:{args.port}, "
-              f"reading with {reader.model_id}"
+              f"reading with {reader.model_id} ({args.engine})"
               + (f", results to {destination}" if destination else ""), file=sys.stderr, flush=True)
         thread = threading.Thread(target=worker.run, name="cxr-worker")
         thread.start()

@@ -2,7 +2,8 @@
 results back.
 
 QIDO-RS finds the studies, and in them the CR and DX series (so the SRs and overlays this sends
-back are never read as films); WADO-RS fetches each instance once into a local spool (named by
+back are never read as films) and the report documents (text SR, encapsulated CDA/PDF: stored as
+their study's report, `cxr.archive.dicom_reports`); WADO-RS fetches each instance once into a local spool (named by
 SOP Instance UID, so a second run fetches only what is new); the usual indexing run reads them
 (resumable: what the archive holds is skipped); each newly indexed film's SR and overlay
 Secondary Capture go back by STOW-RS. Results wait in the outbox until the server has taken them,
@@ -22,6 +23,7 @@ from ..errors import CxrError
 log = logging.getLogger("cxr.net")
 PREFIX = "dicomweb:"
 FILM_MODALITIES = ("CR", "DX")
+REPORT_MODALITIES = ("SR", "DOC")  # where a study's report document is
 PAGE = 100
 
 
@@ -70,25 +72,40 @@ def _paged(search, **kwargs) -> Iterator[dict]:
 
 
 def fetch_films(web, spool: Path) -> Iterator[str]:
-    """Paths of the CR/DX instances on the server, fetched (WADO-RS) into `spool/instances` unless
-    there already; found lazily (QIDO-RS), study by study."""
+    """Paths of the CR/DX instances on the server, and of the studies' report documents (text
+    SR, encapsulated CDA/PDF in SR/DOC series: the indexer stores their text as the study's
+    report), fetched (WADO-RS) into `spool/instances` unless there already; found lazily
+    (QIDO-RS), study by study. cxr's own result SRs, sent back by earlier runs, are no report:
+    fetched once, remembered in `spool/not-reports`, never yielded."""
     import requests
 
-    folder = spool / "instances"
+    from ..archive.dicom_reports import REPORT_CLASSES
+    from ..archive.dicom_out import MANUFACTURER
+
+    folder, skip = spool / "instances", spool / "not-reports"
     folder.mkdir(parents=True, exist_ok=True)
+    skip.mkdir(exist_ok=True)
     try:
         for study in _paged(web.search_for_studies):
             study_uid = _value(study, "0020000D")
             for series in web.search_for_series(study_uid):
-                if _value(series, "00080060") not in FILM_MODALITIES:
+                modality = _value(series, "00080060")
+                if modality not in FILM_MODALITIES + REPORT_MODALITIES:
                     continue
                 series_uid = _value(series, "0020000E")
                 for inst in _paged(web.search_for_instances, study_instance_uid=study_uid,
                                    series_instance_uid=series_uid):
                     sop_uid = _value(inst, "00080018")
+                    report = modality in REPORT_MODALITIES
+                    if report and (_value(inst, "00080016") not in REPORT_CLASSES
+                                   or (skip / sop_uid).exists()):
+                        continue
                     path = folder / f"{sop_uid}.dcm"
                     if not path.exists():
                         ds = web.retrieve_instance(study_uid, series_uid, sop_uid)
+                        if report and str(ds.get("Manufacturer", "")) == MANUFACTURER:
+                            (skip / sop_uid).touch()
+                            continue
                         with replacing(path) as tmp:
                             ds.save_as(tmp, enforce_file_format=True)
                     yield str(path)

@@ -2,6 +2,10 @@
 
 REPORTS is NLMCXR_reports.tgz, a folder of report XML, or any `--data` spec (`phantom:OUT`);
 without it the cached Open-i reports are used (fetched once when missing).
+
+`cxr labels --audit RUN`: how well a run's labels mined from report text (`cxr train
+--labels-from report`, RUN/mined_labels.jsonl) agree with the labels its source gave, on the
+studies that have both: precision and recall per disease.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ def configure(parser) -> None:
                              "word class (the evidence behind cxr.reports.mesh)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT",
                         help="write the label space, the pattern table and the vocabulary here")
+    parser.add_argument("--audit", type=Path, default=None, metavar="RUN",
+                        help="score a run's labels mined from reports against the source's own labels")
 
 
 def _studies(spec: str | None):
@@ -42,6 +48,8 @@ def _studies(spec: str | None):
 
 
 def run(args) -> int:
+    if args.audit is not None:
+        return _audit(args)
     if args.min_count < 1:
         raise CxrError(f"--min-count must be >= 1, got {args.min_count}")
     check_output(args.json)
@@ -88,3 +96,33 @@ def _print_parts(studies) -> None:
             print(f"  {n:>6}  {word:<40} {'' if i == 0 else word_class(word) or 'UNKNOWN'}")
         if len(words) > len(shown):
             print(f"  ... {len(words) - len(shown)} more")
+
+
+def _audit(args) -> int:
+    from .report_labels import audit, read_records
+
+    check_output(args.json)
+    records = read_records(args.audit)
+    result = audit(records)
+    left_out = sum(1 for r in records if r.get("note"))
+    print(f"{len(records)} studies mined ({left_out} left out: no usable report); "
+          f"{result['studies']} have given labels too")
+    if not result["studies"]:
+        print("no study has both mined and given labels: nothing to compare")
+    else:
+        def pct(v):
+            return "-" if v is None else f"{v:.3f}"
+
+        width = max([len("disease")] + [len(d) for d in result["per_disease"]])
+        print(f"{'disease':<{width}}  {'given':>5}  {'mined':>5}  {'agree':>5}  {'ignored':>7}  "
+              f"{'precision':>9}  {'recall':>6}")
+        for d, r in result["per_disease"].items():
+            print(f"{d:<{width}}  {r['given']:>5}  {r['mined']:>5}  {r['agree']:>5}  {r['ignored']:>7}  "
+                  f"{pct(r['precision']):>9}  {pct(r['recall']):>6}")
+        m = result["micro"]
+        print(f"{'micro':<{width}}  {'':>5}  {'':>5}  {'':>5}  {'':>7}  {pct(m['precision']):>9}  "
+              f"{pct(m['recall']):>6}")
+    if args.json:
+        write_json(args.json, {"run": str(args.audit), "left_out": left_out, **result})
+        print(f"wrote {args.json}")
+    return 0

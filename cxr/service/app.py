@@ -10,6 +10,8 @@
                               it found and whether the film was turned back before reading.
     GET  /studies             indexed images, newest first, paged
     GET  /studies/{id}        one indexed image (?heatmap=true re-runs the model for heatmaps)
+    GET  /studies/{id}/report the study's report, its mined mentions (with offsets in the text),
+                              the model's findings and where the two disagree
     GET  /studies/{id}/image  its pixels as PNG (the server reads the path it stored itself), turned
                               upright if the quality gate turned it before reading
     GET  /search              structured filters, report= words, disagree=report-only|model-only,
@@ -305,6 +307,16 @@ def create_app(run_dir: str | Path, db_url: str, *, max_upload_mb: float = 32, m
             out["heatmaps"] = await run_in_threadpool(heatmaps_json, result.heatmaps)
             out["heatmap_model_id"] = result.model_id
         return out
+
+    @app.get("/studies/{image_id}/report", summary="An indexed image's report beside the "
+             "model: mined mentions with their place in the text, the model's findings, and "
+             "where the two disagree")
+    def study_report(request: Request, image_id: int):
+        from ..archive.reports import compare
+
+        archive = request.app.state.archive
+        record = _get(archive, image_id)
+        return compare(record, archive.targets(record.model_id))
 
     @app.get("/studies/{image_id}/image", summary="An indexed image as PNG",
              response_class=Response, responses={200: {"content": {"image/png": {}}}})

@@ -43,6 +43,7 @@ RULES: dict[tuple[str, str], str] = {
     ("GET", "/studies"): "read",
     ("GET", "/studies/{image_id}"): "read",
     ("GET", "/studies/{image_id}/image"): "read",
+    ("GET", "/studies/{image_id}/report"): "read",
     ("GET", "/search"): "read",
     ("POST", "/search/similar"): "read",
     ("GET", "/vocabulary"): "read",

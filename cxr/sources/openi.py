@@ -4,7 +4,9 @@
 * `NLMCXR_reports.tgz` (the public release: `ecgen-radiology/<n>.xml`), or
 * a folder of `<n>.xml` files, or a folder holding `ecgen-radiology/*.xml` (the layout
   `cxr simulate` writes: `OUT/ecgen-radiology/`, `OUT/images/`, `OUT/nlmcxr_dicom_metadata.csv`),
-* or a folder holding the tgz, with the images in `images/` or anywhere under it.
+* or a folder holding the tgz,
+with the images in `images/`, in `NLMCXR_png/` (Open-i's own PNG release, `NLMCXR_png.tgz`
+unpacked: `CXR1_1_IM-0001-3001.png`, ...) or anywhere under the folder.
 
 One Study per report. Open-i is de-identified per report and carries no patient key, so the
 patient id is the report id (`CXR1000`): one report per patient, as the collection describes.
@@ -44,6 +46,7 @@ from .openi_views import Header, gate_views, infer_views
 SECTIONS = ("COMPARISON", "INDICATION", "FINDINGS", "IMPRESSION")
 METADATA_NAMES = ("nlmcxr_dicom_metadata.csv.gz", "nlmcxr_dicom_metadata.csv")
 XML_DIR = "ecgen-radiology"
+PNG_DIR = "NLMCXR_png"  # Open-i's image release (NLMCXR_png.tgz), unpacked
 PROCESSING_CODE = "Acquisition Device Processing Code"
 
 
@@ -67,21 +70,41 @@ def read_openi(
             raise CxrError("no Open-i reports here (expected NLMCXR_reports.tgz, "
                            "ecgen-radiology/ or *.xml)", reports)
         if images is None:  # a folder holding the tgz: its images are in images/ or beside it
-            images = reports / "images" if (reports / "images").is_dir() else reports
+            images = _image_folder(reports)
         reports = archives[0]
-    if images is None and reports.is_dir() and (reports / "images").is_dir():
-        images = reports / "images"
+    if images is None and reports.is_dir():
+        images = _image_folder(reports)
     if metadata is None:
         metadata = next((home / n for n in METADATA_NAMES if (home / n).is_file()), None)
     views = read_views(metadata) if metadata is not None else {}
     codes = _processing_codes(metadata) if metadata is not None else {}
     headers = read_headers(metadata) if metadata is not None else {}
     files = index_images(images) if images is not None else {}
+    if not files and images is not None:
+        _refuse_packed_images(Path(images))
     parsed = _parse_reports(str(reports.resolve()), _stamp(reports))
     studies = [_study(rec, views, files, codes, headers) for rec in parsed]
     if gate and files:
         gate_views([im for s in studies for im in s.images])
     return studies
+
+
+def _image_folder(home: Path) -> Path:
+    """Where a report folder's images are: `images/` (the layout `cxr simulate` writes),
+    `NLMCXR_png/` (Open-i's PNG release unpacked), else anywhere under the folder."""
+    for name in ("images", PNG_DIR):
+        if (home / name).is_dir():
+            return home / name
+    return home
+
+
+def _refuse_packed_images(folder: Path) -> None:
+    """No image file found, but Open-i's image release is there still packed: say so (reading
+    7,470 PNGs out of a 1 GB tgz on every run would be slow; unpack once)."""
+    packed = sorted(p.name for p in folder.glob("NLMCXR_*.tgz") if "report" not in p.name.lower())
+    if packed:
+        raise CxrError(f"the Open-i images are still packed in {packed[0]}: unpack it first "
+                       f"(mkdir {PNG_DIR} && tar -xzf {packed[0]} -C {PNG_DIR})", folder)
 
 
 def read_views(metadata: str | Path) -> dict[str, str | None]:

@@ -23,7 +23,10 @@ into benchmarks/results/openi_views.json; the figures quoted here are from it):
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 LATERAL_POSITIONS = {"LL", "RL", "LATERAL", "LARGE LATERAL", "LAT", "LLD", "RLD"}
@@ -93,31 +96,100 @@ def _alone(h: Header | None) -> tuple[str | None, str]:
     return None, "header does not say"
 
 
-def gate_views(images, gate=None) -> int:
+def gate_views(images, gate=None, cache: Path | None = None) -> int:
     """Let the quality gate's model decide the images whose header did not (`meta["view_class"]`
     None) and whose file is present; returns how many it decided. A file that cannot be read is
-    left undecided."""
+    left undecided. Decisions are kept per file (path, size, mtime) and gate model in
+    `cache` (default: `views-gate.json` in the derived cache), so train, evaluate and index on
+    Open-i's 7,470 full-size PNGs decode them for this once, not every time the source opens."""
     from ..errors import CxrError
     from ..images import read_image
 
     todo = [im for im in images if im.path is not None and im.meta.get("view_class") is None]
     if not todo:
         return 0
+    cache = Path(cache) if cache is not None else _cache_file()
+    model = gate.model_id if gate is not None else _shipped_gate_id()
+    stored = _read_cache(cache)
+    known = stored.setdefault(model, {})
+    decided, misses = 0, []
+    for im in todo:
+        key = _file_key(im.path)
+        if key is None:
+            continue  # the file is gone
+        if key in known:
+            decided += _apply(im, known[key])
+        else:
+            misses.append((im, key))
+    if not misses:
+        return decided
     if gate is None:
         from ..quality.gate import QualityGate
 
         gate = QualityGate.load(read_views=("frontal", "lateral"))
-    decided = 0
-    for im in todo:
+    for im, key in misses:
         try:
             report = gate.check([read_image(im.path)])[0]
         except CxrError:
-            continue
+            continue  # unreadable now: asked again next time
+        known[key] = None
         if report.view in ("frontal", "lateral") and report.accepted:
             p = report.probabilities["kind"][report.view]
-            im.meta["view_class"], im.meta["view_evidence"] = report.view, f"quality gate (p {p:.2f})"
-            decided += 1
+            known[key] = [report.view, f"quality gate (p {p:.2f})"]
+        decided += _apply(im, known[key])
+    for model_id, entries in list(stored.items()):  # forget files that are gone
+        stored[model_id] = {k: v for k, v in entries.items() if os.path.exists(k.rsplit("|", 2)[0])}
+    _write_cache(cache, {k: v for k, v in stored.items() if v})
     return decided
+
+
+def _apply(image, decision) -> int:
+    if not decision:
+        return 0
+    image.meta["view_class"], image.meta["view_evidence"] = decision
+    return 1
+
+
+def _file_key(path) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _cache_file() -> Path:
+    from ..phantom.ct import cache_root
+
+    return cache_root() / "views-gate.json"
+
+
+def _shipped_gate_id() -> str:
+    """The shipped gate model's id, from its JSON (without loading the network)."""
+    from ..quality.gate import gate_model_id
+    from ..quality.model import WEIGHTS_DIR
+
+    try:
+        return gate_model_id(json.loads((WEIGHTS_DIR / "gate.json").read_text()))
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    from ..atomic import write_atomic
+
+    try:
+        write_atomic(path, json.dumps(data))
+    except OSError:
+        pass  # a read-only cache only costs the next run the same work
 
 
 def agreement_when_hidden(studies, headers: dict) -> tuple[int, int]:

@@ -65,6 +65,8 @@ class TrainConfig:
     labels: str = "diseases"         # diseases (multi-label, sigmoid) | shin2016 (one pattern, softmax)
     batch_norm: bool = True          # off: every batch norm becomes a per-channel scale and shift
     operating_point: str = "sensitivity=0.9"  # study-level target on validation: sensitivity=S | specificity=S | f1
+    labels_from: str = "labels"      # labels: the source's own (MeSH, table, manifest) | report: mined from the text
+    uncertain: str = "ignore"        # --labels-from report: uncertain mentions ignore (masked) | positive | negative
 
     def __post_init__(self):
         self.fractions = tuple(float(f) for f in self.fractions)
@@ -80,6 +82,10 @@ class TrainConfig:
             raise CxrError(f"unknown views {self.views!r}; choose frontal, lateral or all")
         if self.labels not in ("diseases", "shin2016"):
             raise CxrError(f"unknown labels {self.labels!r}; choose diseases or shin2016")
+        if self.labels_from not in ("labels", "report"):
+            raise CxrError(f"unknown labels_from {self.labels_from!r}; choose labels or report")
+        if self.uncertain not in ("ignore", "positive", "negative"):
+            raise CxrError(f"unknown uncertainty policy {self.uncertain!r}; choose ignore, positive or negative")
         from ..operating import OperatingPoint
 
         self.operating_point = str(OperatingPoint.parse(self.operating_point))

@@ -16,7 +16,7 @@ import torch
 from ..preprocess import MEAN, STD, normalise
 from ..models.annotator import encode, pad_batch
 from ..models.grounded import GroundedAnnotator
-from .loops import Context, _epoch_seed, _resume, _save, cosine_lr, phase_done
+from .loops import Context, _epoch_seed, _resume, _save, cosine_lr, masked_bce, phase_done
 
 _WORD = re.compile(r"[a-z]+")
 _NEGATED = re.compile(r"^\s*(no|without|there is no|there are no|negative)\b")
@@ -137,15 +137,13 @@ def train_grounded(ctx: Context, phase: str, model: GroundedAnnotator, maps: tor
 def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels: np.ndarray,
                 train_idx: np.ndarray, pairs, word_index: dict[str, int], epochs: int, lr: float,
                 texts: torch.Tensor | None = None, text_weight: float = 1.0, cnn_weight: float = 1.0,
-                cnn_lr_scale: float = 1.0):
+                cnn_lr_scale: float = 1.0, mask: np.ndarray | None = None):
     """CNN and grounded annotator trained together: the CNN's multi-label loss on `labels` plus
     the annotator's word/field (and report-text) losses on the same images' findings. The field
     losses are what teach the CNN's feature map *where* a finding is (from the words "left",
     "base", never from a box). The CNN learns at `cnn_lr_scale` x `lr`: at the annotator's full
     rate its detection drifted (demo: study-level AUC .862 -> .755). Whole images (no crop: the coordinates must mean the same thing
     at training and use), light augmentation."""
-    import torch.nn.functional as F
-
     from ..dataset import augment
 
     cfg, dev = ctx.cfg, ctx.device
@@ -182,7 +180,8 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
             with ctx.autocast():
                 maps = cnn.forward_features(x)
                 logits = cnn.forward_head(maps)
-            loss = cnn_weight * F.binary_cross_entropy_with_logits(logits.float(), y)
+            m = None if mask is None else torch.from_numpy(mask[b]).to(dev)
+            loss = cnn_weight * masked_bce(logits.float(), y, m)
             ks = [k for i in b for k in by_image[int(i)]]
             where = {int(i): j for j, i in enumerate(b)}
             sel = torch.tensor([where[int(pairs[k][0])] for k in ks], device=dev)

@@ -34,6 +34,7 @@ class Context:
     world: int = 1
     progress: dict = field(default_factory=dict)  # state/progress.json content
     on_epoch: Callable | None = None
+    mining: object = None             # runspec.LabelMining of a run trained on mined report labels
 
     @property
     def main(self) -> bool:
@@ -145,20 +146,31 @@ def mean_auc(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(np.mean(aucs)) if aucs else None
 
 
-def cnn_loss(logits: torch.Tensor, y: torch.Tensor, labels: str, pos_weight=None, class_weight=None):
+def cnn_loss(logits: torch.Tensor, y: torch.Tensor, labels: str, pos_weight=None, class_weight=None,
+             mask: torch.Tensor | None = None):
     """Multi-label BCE (`labels` "diseases"), or Shin et al.'s softmax cross-entropy ("shin2016";
     the target row is normalised, so an image whose terms fell into two refined sub-labels of its
-    pattern counts half to each)."""
+    pattern counts half to each). `mask` (0 = unknown label, e.g. an ignored uncertain mention)
+    leaves those (image, label) terms out of the BCE: the mean is over the known ones."""
     if labels == "shin2016":
         return F.cross_entropy(logits, y / y.sum(1, keepdim=True).clamp(min=1), weight=class_weight)
-    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+    return masked_bce(logits, y, mask, pos_weight)
+
+
+def masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None, pos_weight=None):
+    """BCE with logits averaged over the known labels (`mask` 1); no mask: the plain mean."""
+    if mask is None:
+        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+    terms = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="none")
+    return (terms * mask).sum() / mask.sum().clamp(min=1)
 
 
 def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np.ndarray,
               epochs: int, evaluate: Callable[[], dict] | None = None, normal_col: int | None = None,
-              sample_labels: np.ndarray | None = None):
-    """Multi-label BCE training of `model` on `labels` (N, K) over `train_idx` rows. Data dropout
-    decides on `sample_labels` (default `labels`) whose column `normal_col` means normal."""
+              sample_labels: np.ndarray | None = None, mask: np.ndarray | None = None):
+    """Multi-label BCE training of `model` on `labels` (N, K) over `train_idx` rows; `mask` (N, K)
+    0 marks unknown labels, left out of the loss. Data dropout decides on `sample_labels` (default
+    `labels`) whose column `normal_col` means normal."""
     cfg, dev = ctx.cfg, ctx.device
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -207,12 +219,13 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
         total, count, t0 = 0.0, 0, time.time()
         bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{epochs}", leave=False, unit="batch",
                    disable=not (cfg.progress and ctx.main))
-        for x, y, _ in bar:
+        for x, y, rows_b in bar:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            m = None if mask is None else torch.from_numpy(mask[rows_b.numpy()]).to(dev)
             x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
             with ctx.autocast():
                 logits = net(x)
-            loss = cnn_loss(logits.float(), y, cfg.labels, pos_weight, class_weight)
+            loss = cnn_loss(logits.float(), y, cfg.labels, pos_weight, class_weight, m)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

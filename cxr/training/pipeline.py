@@ -30,7 +30,7 @@ from ..models.cascade import RefinedLabels, output_probabilities, refine, to_ori
 from ..models.cnn import create_cnn, load_pretrained
 from ..preprocess import MEAN, STD, STRETCH
 from ..records import MAX_TOKENS, Study
-from ..runspec import Architecture, Calibration, DataSpec, LocalizeParams, Preprocessing, RunSpec
+from ..runspec import Architecture, Calibration, DataSpec, LabelMining, LocalizeParams, Preprocessing, RunSpec
 from ..calibration import apply_platt, logit
 from ..operating import OperatingPoint, abnormal_truth, choose, finding_threshold
 from .calibration import fit_platt
@@ -137,6 +137,9 @@ def _train(cfg: TrainConfig, out: Path, progress: dict | None, studies, rank: in
         studies = load_studies(cfg)
     if cfg.max_images:
         studies = studies[:cfg.max_images]
+    mining = None
+    if cfg.labels_from == "report":
+        studies, mining = _labels_from_reports(studies, cfg, out, rank)
     stored = (progress or {}).get("prepared") or {}
     prep = prepare(studies, cfg.views, cfg.fractions, cfg.seed, cfg.min_label_count,
                    patient_split=stored.get("patient_split"), targets=stored.get("targets"),
@@ -163,8 +166,31 @@ def _train(cfg: TrainConfig, out: Path, progress: dict | None, studies, rank: in
         if len(failed) == len(prep.paths):
             raise CxrError("none of the training images could be read", cache_dir)
     ctx = Context(cfg, out, device, images, rank, world, progress, on_epoch)
+    ctx.mining = mining
     ctx.save_progress()
     return _run(ctx, prep)
+
+
+def _labels_from_reports(studies: list[Study], cfg: TrainConfig, out: Path, rank: int):
+    """`--labels-from report`: every study's findings mined from its report text
+    (`cxr.reports.report_labels`), the records kept in RUN/mined_labels.jsonl."""
+    import sys
+
+    from ..reports.report_labels import RECORDS, label_studies, note_summary, write_records
+
+    studies, records = label_studies(studies, cfg.uncertain)
+    left_out = sum(1 for r in records if r.get("note"))
+    if left_out == len(records):
+        raise CxrError(f"no study has a usable report to mine labels from ({note_summary(records)})",
+                       cfg.data or None)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_records(out / RECORDS, records)
+        summary = note_summary(records)
+        if summary:
+            print(f"cxr train: {summary}", file=sys.stderr)
+    return studies, LabelMining(uncertain=cfg.uncertain, records=RECORDS,
+                                studies=len(records) - left_out, left_out=left_out)
 
 
 def _run(ctx: Context, prep: Prepared) -> Path:
@@ -191,10 +217,10 @@ def _run(ctx: Context, prep: Prepared) -> Path:
                   f"{len(report['mismatched'])} of another shape", file=sys.stderr)
     identity = RefinedLabels.identity(prep.targets)
     evaluate = _evaluator(ctx, cnn, prep, val_idx, identity)
-    train_cnn(ctx, "cnn1", cnn, prep.labels, train_idx, cfg.epochs, evaluate, normal_col)
+    train_cnn(ctx, "cnn1", cnn, prep.labels, train_idx, cfg.epochs, evaluate, normal_col, mask=prep.mask)
     ground = None
     if not cfg.cascade:
-        ground = _train_grounding(ctx, "ground", cnn, prep.labels, prep, train_idx)
+        ground = _train_grounding(ctx, "ground", cnn, prep.labels, prep, train_idx, prep.mask)
     rnn = Annotator(len(prep.words), n_t, cnn.num_features, cfg.rnn_hidden, cfg.rnn_embed, cfg.rnn)
     rnn = _train_annotator(ctx, "rnn1", cnn, rnn, prep, train_idx, val_idx)
     final_dir = ctx.out / "stage1" if cfg.cascade else ctx.out
@@ -211,6 +237,8 @@ def _run(ctx: Context, prep: Prepared) -> Path:
         train_pairs = [p for p in prep.pairs if p[0] in train_rows]
         for (i, _, _), r in zip(train_pairs, pair_refined):
             labels2[i, r] = 1
+        # an unknown target leaves all its refined labels unknown
+        mask2 = None if prep.mask is None else prep.mask[:, refined.parents].copy()
         if not ctx.progress["phases"].get("cnn2"):
             cnn.reset_head(len(refined.names), refined.parents)
         else:
@@ -218,8 +246,8 @@ def _run(ctx: Context, prep: Prepared) -> Path:
         evaluate = _evaluator(ctx, cnn, prep, val_idx, refined)
         # data dropout in stage 2 decides on the original targets (normal = all normal sub-labels)
         train_cnn(ctx, "cnn2", cnn, labels2, train_idx, cfg.cascade_epochs or cfg.epochs, evaluate,
-                  normal_col, sample_labels=prep.labels)
-        ground = _train_grounding(ctx, "ground", cnn, labels2, prep, train_idx)
+                  normal_col, sample_labels=prep.labels, mask=mask2)
+        ground = _train_grounding(ctx, "ground", cnn, labels2, prep, train_idx, mask2)
         rnn = _train_annotator(ctx, "rnn2", cnn, rnn, prep, train_idx, val_idx)
         _write_run(ctx, ctx.out, "cascade", cnn, rnn, prep, refined, val_idx, ground)
     ctx.progress["finished"] = True
@@ -230,7 +258,8 @@ def _run(ctx: Context, prep: Prepared) -> Path:
     return ctx.out
 
 
-def _train_grounding(ctx: Context, phase: str, cnn, labels: np.ndarray, prep: Prepared, train_idx):
+def _train_grounding(ctx: Context, phase: str, cnn, labels: np.ndarray, prep: Prepared, train_idx,
+                     mask: np.ndarray | None = None):
     """The grounded annotator, trained jointly with the CNN (which it fine-tunes) after the last
     CNN phase; None when the run uses Shin's global annotator."""
     cfg = ctx.cfg
@@ -251,7 +280,7 @@ def _train_grounding(ctx: Context, phase: str, cnn, labels: np.ndarray, prep: Pr
                               cfg.attn_dim, text_vocab_size=len(text_vocab), vocab=prep.words)
     train_joint(ctx, phase, cnn, model, labels, train_idx, prep.pairs, prep.word_index,
                 cfg.ground_epochs, cfg.ground_lr, texts,
-                cnn_lr_scale=cfg.ground_cnn_lr)
+                cnn_lr_scale=cfg.ground_cnn_lr, mask=mask)
     return model
 
 
@@ -400,6 +429,8 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
                                     for k, t in enumerate(prep.targets)}),
         seed=cfg.seed,
         study=gate,
+        labels_from=cfg.labels_from,
+        label_mining=ctx.mining,
     )
     tensors = {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())}
     if ground is not None:  # the report-text branch is for training only: not kept

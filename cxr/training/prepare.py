@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import CxrError
 from ..records import Study, term_tokens
+from ..reports.report_labels import IGNORED
 
 NORMAL = "normal"
 SPLITS = ("train", "val", "test")
@@ -46,6 +47,8 @@ class Prepared:
     patient_split: dict[str, list[str]] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)  # path -> problem (left out)
     reports: list[dict[str, str]] = field(default_factory=list)  # each image's report sections
+    mask: np.ndarray | None = None    # (N, T) 0 where a label is unknown (an ignored uncertain
+                                      # mention, `--labels-from report`); None: every label known
 
     def indices(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLITS.index(name))
@@ -89,8 +92,8 @@ def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0
     rows, seqs = [], []
     for s in studies:
         sq = finding_sequences(s)
-        if not sq:
-            continue
+        if not sq and not s.meta.get(IGNORED):  # (a report saying only "cannot exclude X" is
+            continue                            # still a negative of every other target)
         for im in s.images:
             if im.path is not None and _use_view(im, views):
                 rows.append((s, im))
@@ -128,6 +131,13 @@ def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0
             if disease in t_index:
                 labels[i, t_index[disease]] = 1
                 pairs.append((i, t_index[disease], tokens))
+    mask = None
+    if any(s.meta.get(IGNORED) for s, _ in rows):
+        mask = np.ones_like(labels)
+        for i, (s, _) in enumerate(rows):
+            for name in s.meta.get(IGNORED) or ():
+                if name in t_index:
+                    mask[i, t_index[name]] = 0
     if words is None:
         from ..reports.labels import Vocabulary
 
@@ -138,7 +148,7 @@ def prepare(studies: list[Study], views: str = "frontal", fractions=(0.7, 0.1, 0
         study_ids=[s.id for s, _ in rows], patients=patients, split=split, targets=list(targets),
         labels=labels, pairs=pairs, words=list(words),
         patient_split={k: list(v) for k, v in patient_split.items()},
-        reports=[dict(s.report or {}) for s, _ in rows])
+        reports=[dict(s.report or {}) for s, _ in rows], mask=mask)
 
 
 def _patterns(rows, seqs, patients, split, patient_split, min_count, targets, words) -> Prepared:
@@ -151,6 +161,8 @@ def _patterns(rows, seqs, patients, split, patient_split, min_count, targets, wo
     else:
         space = LabelSpace(list(targets))
     labels = np.stack([space.labels_of(s) for s, _ in rows]).astype(np.float32)
+    certain = np.array([not s.meta.get(IGNORED) for s, _ in rows])  # an uncertain mention: pattern unknown
+    labels[~certain] = 0
     split = np.where(labels.any(1), split, -1)
     pairs = [(i, int(labels[i].argmax()), tokens) for i, sq in enumerate(seqs) if labels[i].any()
              for _, tokens in sq]

@@ -111,7 +111,7 @@ function showFindings(findings, scores) {
     const colour = COLOURS[k % COLOURS.length];
     const chips = [f.side, ...(f.location || []), f.severity, f.organ].filter(Boolean)
       .map((c) => el("span", { class: "chip" }, c));
-    box.append(el("div", { class: "finding", style: `--c:${colour}` },
+    box.append(el("div", { class: "finding", style: `--c:${colour}`, "data-disease": f.disease },
       el("div", {}, el("span", { class: "name" }, f.disease), " ",
          el("span", { class: "score muted" }, f.score.toFixed(2))),
       el("div", { class: "bar" }, el("span", { style: `width:${Math.round(f.score * 100)}%` })),
@@ -142,6 +142,7 @@ function show(item, src, subject) {
   if (!names.length) select.append(el("option", { value: "" }, "none"));
   drawHeat(names[0]);
   showFindings(item.findings, item.scores);
+  $("report-panel").hidden = true;
   $("more-like").disabled = !(item.id || item.embedding);
 }
 
@@ -183,8 +184,81 @@ async function openStudy(id) {
     show(r, r.image_url, `#${r.id}`);
     markActive(r.id);
     setStatus(`#${r.id}: ${r.findings.length} finding(s)`);
+    await loadReport(r.id);
   } catch (e) {
     setStatus(e.message, true);
+  }
+}
+
+// ---------------------------------------------------------------- the study's report
+
+const MODEL_SAYS = { found: "the model found it", "not found": "the model did not find it",
+                     "not read": "no model here reads it" };
+
+// The report text with each mined mention marked: its certainty as the style, the disease as
+// label and tooltip; a mention the model did not find (report says X, model does not) stands out.
+function markedReport(text, mentions) {
+  const spans = new Map();  // "start:end" -> the mentions there (one phrase may name two diseases)
+  for (const m of mentions) {
+    if (!m.span) continue;
+    const key = m.span.join(":");
+    if (!spans.has(key)) spans.set(key, []);
+    spans.get(key).push(m);
+  }
+  const ordered = [...spans.values()].sort((a, b) => a[0].span[0] - b[0].span[0]);
+  const nodes = [];
+  let at = 0;
+  for (const group of ordered) {
+    const [start, end] = group[0].span;
+    if (start < at || end > text.length) continue;  // overlapping or stale: leave it unmarked
+    if (start > at) nodes.push(document.createTextNode(text.slice(at, start)));
+    const m = group[0];
+    const diseases = group.map((g) => g.disease).join(", ");
+    const disagree = group.some((g) => g.certainty === "positive" && g.model === "not found");
+    const tip = group.map((g) => `${g.disease}: ${g.certainty}; ${MODEL_SAYS[g.model] || g.model}`)
+      .join("\n");
+    nodes.push(el("mark", { class: `mention ${m.certainty}${disagree ? " disagree" : ""}`,
+                            title: tip, "data-disease": diseases, "data-certainty": m.certainty },
+                  text.slice(start, end)));
+    at = end;
+  }
+  nodes.push(document.createTextNode(text.slice(at)));
+  return nodes;
+}
+
+async function loadReport(id) {
+  const panel = $("report-panel");
+  let r;
+  try {
+    r = await api(`/studies/${id}/report`);
+  } catch (e) {
+    panel.hidden = true;
+    return;
+  }
+  if (!state.current || state.current.id !== id) return;  // another image was opened meanwhile
+  panel.hidden = false;
+  $("report-note").textContent = r.note || "";
+  const box = $("report-text");
+  if (r.report) box.replaceChildren(...markedReport(r.report, r.mentions));
+  else box.replaceChildren(el("p", { class: "muted" },
+    r.report === "" ? "The report was not stored." : "No report for this study."));
+  const list = $("disagreements");
+  list.replaceChildren();
+  for (const d of r.report_only) list.append(el("li", { class: "report-only" }, `Report says ${d}, the model does not`));
+  for (const d of r.model_only) list.append(el("li", { class: "model-only" }, `Model says ${d}, the report does not`));
+  if (r.report && !r.report_only.length && !r.model_only.length) {
+    list.append(el("li", { class: "agree" }, "Report and model agree"));
+  }
+  // beside each of the model's findings: what the report says of it
+  const says = new Map(r.model_findings.map((f) => [f.disease, f.report]));
+  for (const div of document.querySelectorAll("#findings .finding")) {
+    const word = says.get(div.dataset.disease);
+    if (!word || word === "no report") continue;
+    const cls = word === "positive" ? "agree" : "model-only";
+    const text = word === "positive" ? "in the report" : word === "not mentioned"
+      ? "not in the report" : `report: ${word}`;
+    div.querySelector(".report-says")?.remove();
+    div.append(el("div", { class: `report-says ${cls}` }, text));
   }
 }
 
@@ -246,7 +320,8 @@ async function search(event) {
   event.preventDefault();
   const params = new URLSearchParams();
   const fields = { q: "q", finding: "f-finding", side: "f-side", location: "f-location",
-                   severity: "f-severity", min_score: "f-min" };
+                   severity: "f-severity", min_score: "f-min", report: "f-report",
+                   disagree: "f-disagree" };
   for (const [key, id] of Object.entries(fields)) if ($(id).value) params.set(key, $(id).value);
   try {
     const r = await api(`/search?${params}`);

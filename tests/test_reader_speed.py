@@ -1,0 +1,91 @@
+"""The Reader's speed work changes no output: micro-batched, channels-last CNN calls and boxes
+found for all maps at once give the scores and boxes of the plain path (one image per CNN call
+in the default memory format, one CAM and one labelling pass per finding), written out here."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import cxr
+from cxr.models.localize import (boxes_from_heatmap, boxes_from_heatmaps, class_activation_maps,
+                                 heatmaps_at, side_consistent)
+from cxr.preprocess import normalise, preprocess
+from cxr.runspec import LocalizeParams
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_run, tmp_path_factory):
+    from service_helpers import run_asserting_every_finding
+
+    # every finding reported, so every image has CAMs and boxes to compare (gate off below:
+    # the drawn images are for the cascade, not for the quality gate)
+    return run_asserting_every_finding(tiny_run, tmp_path_factory.mktemp("speed") / "run")
+
+
+def _images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    out = []
+    for k in range(n):
+        h, w = 80 + 8 * k, 96 - 4 * k
+        yy, xx = np.mgrid[0:h, 0:w]
+        blob = np.exp(-(((xx - w * (0.3 + 0.1 * k)) ** 2 + (yy - h * 0.6) ** 2) / (2 * (w / 7) ** 2)))
+        out.append(np.clip(0.3 + 0.4 * blob + 0.03 * rng.standard_normal((h, w)), 0, 1).astype(np.float32))
+    return out
+
+
+def _plain(reader, image: np.ndarray, cnn: torch.nn.Module):
+    """Scores and each reported finding's boxes the plain way."""
+    pre = reader.spec.preprocessing
+    x = normalise(torch.from_numpy(preprocess(image, pre.image_size, pre.stretch))[None, None], pre.mean, pre.std)
+    with torch.no_grad():
+        maps = cnn.forward_features(x)
+        scores, best = reader.scores(cnn.forward_head(maps))
+    return maps, scores[0], best[0]
+
+
+def test_the_fast_reader_gives_the_plain_scores_and_boxes(eager, one_torch_thread):
+    reader = cxr.Reader.load(eager, device="cpu", gate=False, micro_batch=2)
+    conv = next(m for m in reader.cnn.modules() if isinstance(m, torch.nn.Conv2d))
+    assert reader.micro_batch == 2 and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain_cnn = copy.deepcopy(reader.cnn).to(memory_format=torch.contiguous_format)
+    images = _images(5)
+    results = reader(images, batch_size=5)  # 5 images in CNN calls of 2, 2 and 1
+    size = reader.image_size
+    compared = 0
+    for image, result in zip(images, results):
+        maps, scores, best = _plain(reader, image, plain_cnn)
+        for k, target in enumerate(reader.targets):
+            assert result.scores[target] == pytest.approx(float(scores[k]), abs=1e-6)
+        h, w = image.shape
+        for finding in result.findings:
+            if finding.disease == "normal":
+                continue
+            t = reader.targets.index(finding.disease)
+            if reader.ground is not None:  # a grounded run's boxes come from its finding map
+                grid = reader._ground([0], [t], maps)["finding"]
+            else:
+                grid = class_activation_maps(maps, reader.cnn.head.weight, torch.tensor([[int(best[t])]]))[0]
+            heat = side_consistent(heatmaps_at(grid.detach().numpy(), (size, size))[0], finding.side)
+            want = [b.scaled(w / size, h / size) for b in boxes_from_heatmap(heat, finding.disease, reader.spec.localization)]
+            assert finding.boxes == want
+            compared += bool(want)
+    assert compared >= 3  # boxes were there to compare
+
+
+def test_boxes_of_a_stack_are_the_boxes_of_each_map():
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        n = int(rng.integers(1, 6))
+        cams = rng.normal(size=(n, 8, 8)).astype(np.float32)
+        if trial % 5 == 0:
+            cams[0] = 1.0  # a flat map: no box
+        heat = heatmaps_at(cams, (48, 64))
+        params = LocalizeParams(threshold=float(rng.choice([0.3, 0.5, 0.7])), max_boxes=int(rng.integers(1, 4)),
+                                min_area=float(rng.choice([0.0, 0.02])))
+        labels = [f"t{i}" for i in range(n)]
+        assert boxes_from_heatmaps(heat, labels, params) == \
+            [boxes_from_heatmap(heat[i], labels[i], params) for i in range(n)]
+    assert boxes_from_heatmaps(np.zeros((0, 8, 8), np.float32), []) == []
