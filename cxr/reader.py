@@ -188,7 +188,7 @@ class Reader:
             arr = arr[0]
         if arr.ndim not in (2, 3) or arr.size == 0:
             raise CxrError(f"expected an image (H, W) float32 in [0, 1], got shape {arr.shape}")
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.float32, copy=False)  # a 1024-px film: no 4 MB copy per image
         if arr.max() > 1.0 + 1e-3 or arr.min() < -1e-3:
             raise CxrError(f"image values must lie in [0, 1] (got {arr.min():.3g}..{arr.max():.3g}); "
                            "load files with cxr.load_image, or divide by the maximum")
@@ -256,10 +256,12 @@ class Reader:
     def _boxes(self, heatmaps: np.ndarray, targets: Sequence[str], sizes: Sequence[tuple[int, int]],
                sides: Sequence[str | None] | None = None) -> list[list[Box]]:
         """Boxes of maps already at the model's input size (`heatmaps_at`), all found at once,
-        each in its image's (h, w) pixels; with a `side` word, only on that side of the patient."""
+        each in its image's (h, w) pixels; with a `side` word, only on that side of the patient
+        (that map's other half is zeroed in place: pass maps made for this)."""
         size = self.image_size
-        if sides and any(side in ("left", "right") for side in sides):
-            heatmaps = np.stack([side_consistent(m, side) for m, side in zip(heatmaps, sides)])
+        for i, side in enumerate(sides or ()):
+            if side in ("left", "right"):
+                heatmaps[i] = side_consistent(heatmaps[i], side)
         found = boxes_from_heatmaps(heatmaps, targets, self.spec.localization)
         return [[b.scaled(w / size, h / size) for b in boxes] for boxes, (h, w) in zip(found, sizes)]
 
