@@ -82,10 +82,14 @@ class Reader:
     whole batch on a GPU)."""
 
     #: Images per CNN call on the CPU, for every engine. A DenseNet-121 at batch 32 keeps 32
-    #: images' concatenated feature maps alive per dense block and spills the CPU's caches: on
-    #: 2 cores it read fewer images per second at batch 32 than at batch 1. Batches are cut into
-    #: calls of this size (the fastest measured there; the scores are bit-identical).
-    CPU_MICRO_BATCH = 4
+    #: images' concatenated feature maps alive per dense block (4 MB per image in the first
+    #: block at 256 px) and spills the CPU's caches: on 2 cores (32 MB L3) it read fewer images
+    #: per second at batch 32 than at batch 1. Batches are cut into calls of this size (scores
+    #: bit-identical). Measured there, torch channels-last, 32 images: calls of 8 were the
+    #: fastest on a quiet machine (18 images/s; 15 in calls of 1, 3 in calls of 16 or 32); under
+    #: a load of 7 on the 2 cores larger calls did better (calls of 8: 1.6, 32: 2.0, 1: 1.0) and
+    #: ONNX Runtime was within noise from 4 to 32.
+    CPU_MICRO_BATCH = 8
 
     def __init__(self, spec: RunSpec, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
                  model_id: str = "", amp: bool = True, gate=True, engine: str = "torch",
