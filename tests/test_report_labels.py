@@ -85,10 +85,13 @@ def test_ignored_labels_are_out_of_the_loss():
 
 
 def test_bad_reports_get_a_note_not_a_crash():
-    studies, records = label_studies(_studies("", "   ", "#### 12.5 %% $$ !!", "<p>Mild cardiomegaly.</p>"))
+    studies, records = label_studies(_studies("", "   ", "#### 12.5 %% $$ !!", "<p>Mild cardiomegaly.</p>",
+                                              "\u5fc3\u810f\u589e\u5927\u3002", "Mild cardiomegaly. " * 10_000))
     r = _by_id(records)
     assert "no report text" in r["s0"]["note"] and "no report text" in r["s1"]["note"]
-    assert "not readable text" in r["s2"]["note"]
+    assert "not readable English text" in r["s2"]["note"]
+    assert "not readable English text" in r["s4"]["note"]  # not mined as "nothing abnormal"
+    assert "too long" in r["s5"]["note"]
     assert not studies[2].findings and studies[2].meta["labelled"] is False
     assert r["s3"]["note"] is None and r["s3"]["labels"]["Cardiomegaly"] == 1  # markup stripped
 
