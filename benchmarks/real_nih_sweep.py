@@ -44,7 +44,11 @@ def run_one(name: str, args, work: Path) -> None:
     cmd = [sys.executable, str(HERE / "real_nih.py"), "--data", args.data, "--work", str(work / name),
            "--modes", "scratch", "--json", str(out), *RECIPES[name]]
     with open(work / f"{name}.log", "w") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.limit_s,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        except subprocess.TimeoutExpired:  # the folds it finished stay in its log
+            pass
 
 
 def partial_folds(log: Path) -> list[float]:
@@ -64,7 +68,8 @@ def summarise(work: Path) -> dict:
             rows[name] = {"args": RECIPES[name], "complete": True, "pooled_auc": m["auc"]["mean"],
                           "per_label": m["auc"]["per_label"], "fold_mean_auc": m["mean_auc_over_folds"],
                           "fold_sd_auc": m["sd_auc_over_folds"],
-                          "iobb_0.5": m["localisation"]["iobb"]["mean"]["0.5"], "seconds": m["seconds"]}
+                          "iobb_0.5": m["localisation"]["iobb"]["mean"]["0.5"], "seconds": m["seconds"],
+                          "folds_done": len(m["folds"])}
         elif folds := partial_folds(work / f"{name}.log"):
             rows[name] = {"args": RECIPES[name], "complete": False, "folds_done": len(folds),
                           "fold_mean_auc": sum(folds) / len(folds)}
@@ -79,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated recipe names")
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--machine", default="", help="where the recipes ran (kept in the JSON)")
+    ap.add_argument("--limit-s", type=float, help="stop a recipe after this many seconds")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     work = (args.summarise or args.work).expanduser()
@@ -98,6 +104,7 @@ def main(argv=None) -> int:
               + ' '.join(r['args']) + ('' if r['complete'] else f" ({r['folds_done']} of 5 folds)"))
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "real_nih_sweep", "machine": args.machine,
+                                         "limit_s": args.limit_s, "n_recipes": len(rows),
                                          "recipes": rows, "seconds": round(time.time() - t0, 1)},
                                         indent=1))
     return 0

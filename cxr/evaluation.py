@@ -268,6 +268,7 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
     returns the metrics dict. `studies` skips reading the source again (the demo has them)."""
     from .checkpoint import load_spec
     from .reader import Reader
+    from .reports.labels import study_terms
 
     t0 = time.time()
     run = Path(run).expanduser()
@@ -279,11 +280,20 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
         from .sources import open_source
 
         studies = open_source(spec)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    truth = "the source's labels"
+    if run_spec.label_mining is not None and not any(study_terms(s) for s in studies):
+        # a run trained on report text, on data with no labels of its own: score it against the
+        # labels mined from the reports, as it was trained (and say so)
+        from .reports.report_labels import label_studies
+
+        studies, _ = label_studies(studies, run_spec.label_mining.uncertain)
+        truth = "labels mined from the reports (the data has no labels of its own)"
+        say(f"scoring against {truth}")
     ed = EvalData(run_spec, studies)
     idx = ed.indices(split, max_images)
     if len(idx) == 0:
         raise CxrError(f"no images in the {split!r} split of {spec}", run)
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     say(f"evaluating {run} on {spec} ({split}: {len(idx)} images)")
 
     # no quality gate: evaluation measures the model on its labelled split, every image of it
@@ -332,7 +342,7 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
 
     result = {
         "run": str(run), "model_id": final.model_id, "models": {m: r.model_id for m, r in models.items()},
-        "data": spec, "split": split, "n_images": int(len(idx)),
+        "data": spec, "truth": truth, "split": split, "n_images": int(len(idx)),
         "split_counts": {s: int(len(ed.indices(s))) for s in SPLITS},
         "targets": ed.targets,
         "backbone": run_spec.architecture.backbone, "rnn": run_spec.architecture.rnn,

@@ -113,10 +113,14 @@ class Reader:
         if arch.annotator == "grounded":
             from .models.grounded import GroundedAnnotator, field_word_ids
 
+            weights = unprefixed("ground", tensors)
             self.ground = GroundedAnnotator(arch.vocab_size, arch.num_labels, arch.image_dim,
                                             field_word_ids(self.words), arch.rnn_hidden, arch.rnn_embed,
-                                            arch.rnn, arch.attn_dim)
-            self.ground.load_state_dict(unprefixed("ground", tensors))
+                                            arch.rnn, arch.attn_dim, vocab=self.words)
+            # a run from before the presence logits: its side and site words come from the heads
+            self._where = "presence_bias" in weights
+            weights.setdefault("presence_bias", torch.zeros(5))
+            self.ground.load_state_dict(weights)
             self.ground.to(self.device).eval()
         self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
                              arch.rnn_embed, arch.rnn)
@@ -308,7 +312,7 @@ class Reader:
         h, w = maps.shape[2:]
         lab = torch.tensor(labels, dtype=torch.long, device=maps.device)
         n = self.spec.architecture.max_tokens + 1
-        seqs, wmaps, finding, _ = self.ground.generate(maps[rows], lab, n)
+        seqs, wmaps, finding, _ = self.ground.generate(maps[rows], lab, n, where=self._where)
         return {"tokens": [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in seqs],
                 "words": [m.reshape(-1, h, w) for m in wmaps], "finding": finding.reshape(-1, h, w)}
 

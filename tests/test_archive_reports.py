@@ -293,3 +293,29 @@ def test_an_archive_of_schema_0003_gains_mention_offsets_keeping_its_rows(tmp_pa
         command.downgrade(cfg, "0003")
         assert conn.execute(text("select count(*) from report_findings")).scalar() == 1
     engine.dispose()
+
+
+def test_mention_offsets_on_real_open_i_reports(shared_data):
+    """On 300 real Open-i reports (glued sentences, doubled periods, "XXXX" de-identification):
+    every mined mention's offsets hold its words, inside its own sentence."""
+    import re
+
+    from cxr.sources import read_openi
+
+    studies = read_openi(shared_data / "openi" / "NLMCXR_reports.tgz", gate=False)[:300]
+    reports = [r for r in (prepare_report(s.report) for s in studies) if r and not r.refused]
+    mine_reports(reports)
+    checked = 0
+    for r in reports:
+        keep = [i for i, c in enumerate(r.text) if not c.isspace() and c != "."]
+        squeezed = "".join(r.text[i] for i in keep)  # sentences as the miner split them, loosely
+        for f, span in zip(r.findings, r.spans):
+            if f.source != "text" or not f.raw:
+                assert span is None
+                continue
+            assert r.text[span[0]:span[1]] == f.raw
+            sentence = "".join(c for c in f.sentence if not c.isspace() and c != ".")
+            assert any(keep[m.start()] <= span[0] and span[1] - 1 <= keep[m.end() - 1]
+                       for m in re.finditer(re.escape(sentence), squeezed)), (r.text, f)
+            checked += 1
+    assert checked > 1000

@@ -43,24 +43,48 @@ def text_sr(path, image_ds, findings: str, impression: str, *, basic: bool = Fal
 
 
 def encapsulated_cda(path, image_ds, sections: dict[str, str]):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     body = "".join(f"<component><section><title>{t}</title><text><paragraph>{x}</paragraph>"
                    f"</text></section></component>" for t, x in sections.items())
     cda = (f'<?xml version="1.0"?><ClinicalDocument xmlns="urn:hl7-org:v3"><component>'
            f"<structuredBody>{body}</structuredBody></component></ClinicalDocument>").encode()
+    return encapsulated(path, image_ds, cda, "1.2.840.10008.5.1.4.1.1.104.2", "text/XML")
+
+
+def tiny_pdf(lines: list[str]) -> bytes:
+    """A one-page PDF showing `lines` in Helvetica (the objects and xref written out by hand)."""
+    stream = ("BT /F1 11 Tf 14 TL 50 750 Td " + " ".join(f"({t}) '" for t in lines) + " ET").encode()
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def encapsulated(path, image_ds, document: bytes, sop_class: str, mime: str):
+    """An Encapsulated Document (CDA, PDF) instance in the image's study."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.2"
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = image_ds.StudyInstanceUID, generate_uid()
-    ds.Modality, ds.MIMETypeOfEncapsulatedDocument = "DOC", "text/XML"
-    ds.EncapsulatedDocument = cda + (b"\0" if len(cda) % 2 else b"")
-    ds.EncapsulatedDocumentLength = len(cda)
+    ds.Modality, ds.MIMETypeOfEncapsulatedDocument = "DOC", mime
+    ds.EncapsulatedDocument = document + (b"\0" if len(document) % 2 else b"")
+    ds.EncapsulatedDocumentLength = len(document)
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -106,6 +130,26 @@ def test_sr_text_and_cda_reports_become_their_studys_report(pacs):
     assert cda.sections == {"FINDINGS": "Heart size is enlarged & lungs clear.",
                             "IMPRESSION": "Cardiomegaly."}
     assert read_dicom_report(films["A"][0]) is None  # an image is no report
+
+
+def test_an_encapsulated_pdf_report_is_read_as_text(pacs, tmp_path):
+    import pydicom
+
+    from cxr.archive.dicom_reports import read_dicom_report
+
+    root, studies, films = pacs
+    pdf = tiny_pdf(["CHEST PA AND LATERAL", "Findings: Small left pleural effusion.",
+                    "Impression: Left effusion."])
+    path = encapsulated(tmp_path / "pdf.dcm", pydicom.dcmread(films["D"][0]), pdf,
+                        "1.2.840.10008.5.1.4.1.1.104.1", "application/pdf")
+    report = read_dicom_report(path)
+    assert report.kind == "Encapsulated PDF" and report.study_uid == studies["D"]
+    assert report.sections == {"HEADER": "CHEST PA AND LATERAL",
+                               "FINDINGS": "Small left pleural effusion.",
+                               "IMPRESSION": "Left effusion."}
+    broken = encapsulated(tmp_path / "broken.dcm", pydicom.dcmread(films["D"][0]), b"%PDF-1.4 cut",
+                          "1.2.840.10008.5.1.4.1.1.104.1", "application/pdf")
+    assert read_dicom_report(broken).problem.startswith("refused: cannot read the PDF report")
 
 
 def test_a_report_document_without_usable_text_is_stored_empty_with_the_reason(pacs, tmp_path):

@@ -171,13 +171,13 @@ _HEADING_LINE = re.compile(r"(?im)^\s*(" + "|".join(sorted(HEADINGS, key=len, re
 
 def split_headings(text: str) -> dict[str, str]:
     """Plain report text with "FINDINGS:" / "IMPRESSION:" lines -> sections (all FINDINGS when
-    it has none)."""
+    it has none; what stands before the first heading is the HEADER)."""
     marks = list(_HEADING_LINE.finditer(text))
     if not marks:
         return {"FINDINGS": text} if text.strip() else {}
     sections: dict[str, list[str]] = {}
-    if text[:marks[0].start()].strip():
-        sections["FINDINGS"] = [text[:marks[0].start()]]
+    if text[:marks[0].start()].strip():  # a title or header before the first heading
+        sections["HEADER"] = [text[:marks[0].start()]]
     for m, nxt in zip(marks, marks[1:] + [None]):
         body = text[m.end():nxt.start() if nxt else len(text)]
         sections.setdefault(_heading(m.group(1)) or "FINDINGS", []).append(body)

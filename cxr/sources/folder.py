@@ -16,7 +16,8 @@ Manifest format (CSV with a header row; UTF-8; only `path` is required):
   (`Study.meta["labelled"] = False`), not normal.
 * `view`: `PA`, `AP`, `LL`, `LATERAL`, ... (optional).
 * `report`: free text, stored as the FINDINGS section; or give `findings` and `impression`
-  columns separately (optional).
+  columns separately (optional). `cxr train --labels-from report` learns from this text instead
+  of the `labels` column (`cxr.reports.report_labels`).
 * `study_id`: rows with the same id are one study with several images (their labels are merged);
   default: one study per row, id = the path without its suffix.
 Columns the reader does not know are kept in `Study.meta`.
