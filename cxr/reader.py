@@ -82,10 +82,14 @@ class Reader:
     whole batch on a GPU)."""
 
     #: Images per CNN call on the CPU, for every engine. A DenseNet-121 at batch 32 keeps 32
-    #: images' concatenated feature maps alive per dense block and spills the CPU's caches: on
-    #: 2 cores it read fewer images per second at batch 32 than at batch 1. Batches are cut into
-    #: calls of this size (the fastest measured there; the scores are bit-identical).
-    CPU_MICRO_BATCH = 4
+    #: images' concatenated feature maps alive per dense block (4 MB per image in the first
+    #: block at 256 px) and spills the CPU's caches: on 2 cores (32 MB L3) it read fewer images
+    #: per second at batch 32 than at batch 1. Batches are cut into calls of this size (scores
+    #: bit-identical). Measured there, torch channels-last, 32 images: calls of 8 were the
+    #: fastest on a quiet machine (18 images/s; 15 in calls of 1, 3 in calls of 16 or 32); under
+    #: a load of 7 on the 2 cores larger calls did better (calls of 8: 1.6, 32: 2.0, 1: 1.0) and
+    #: ONNX Runtime was within noise from 4 to 32.
+    CPU_MICRO_BATCH = 8
 
     def __init__(self, spec: RunSpec, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
                  model_id: str = "", amp: bool = True, gate=True, engine: str = "torch",
@@ -192,7 +196,7 @@ class Reader:
             arr = arr[0]
         if arr.ndim not in (2, 3) or arr.size == 0:
             raise CxrError(f"expected an image (H, W) float32 in [0, 1], got shape {arr.shape}")
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.float32, copy=False)  # a 1024-px film: no 4 MB copy per image
         if arr.max() > 1.0 + 1e-3 or arr.min() < -1e-3:
             raise CxrError(f"image values must lie in [0, 1] (got {arr.min():.3g}..{arr.max():.3g}); "
                            "load files with cxr.load_image, or divide by the maximum")
@@ -260,10 +264,12 @@ class Reader:
     def _boxes(self, heatmaps: np.ndarray, targets: Sequence[str], sizes: Sequence[tuple[int, int]],
                sides: Sequence[str | None] | None = None) -> list[list[Box]]:
         """Boxes of maps already at the model's input size (`heatmaps_at`), all found at once,
-        each in its image's (h, w) pixels; with a `side` word, only on that side of the patient."""
+        each in its image's (h, w) pixels; with a `side` word, only on that side of the patient
+        (that map's other half is zeroed in place: pass maps made for this)."""
         size = self.image_size
-        if sides and any(side in ("left", "right") for side in sides):
-            heatmaps = np.stack([side_consistent(m, side) for m, side in zip(heatmaps, sides)])
+        for i, side in enumerate(sides or ()):
+            if side in ("left", "right"):
+                heatmaps[i] = side_consistent(heatmaps[i], side)
         found = boxes_from_heatmaps(heatmaps, targets, self.spec.localization)
         return [[b.scaled(w / size, h / size) for b in boxes] for boxes, (h, w) in zip(found, sizes)]
 
