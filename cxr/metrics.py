@@ -152,16 +152,48 @@ def _norm(value) -> str | tuple[str, ...] | None:
     return " ".join(str(value).lower().split())
 
 
+class _OneFinding:
+    """Several true findings of one disease in one image, as a reader naming that disease once
+    describes them: one side ("left" + "right" = "bilateral", as a radiologist writes it), and
+    any location or grade that one of them has (the reader names one; either is right)."""
+
+    def __init__(self, findings: Sequence):
+        self.disease = findings[0].disease
+        sides = {_norm(f.side) for f in findings} - {None}
+        self.side = ("bilateral" if "bilateral" in sides or {"left", "right"} <= sides
+                     else next(iter(sides), None))
+        self.choices = {f: {_norm(getattr(t, f)) for t in findings} - {None}
+                        for f in ("location", "severity")}
+        self.location = min(self.choices["location"], default=None)
+        self.severity = min(self.choices["severity"], default=None)
+
+
+def _field_ok(true, pred, field: str) -> bool:
+    if isinstance(true, _OneFinding) and field in true.choices:
+        return _norm(getattr(pred, field)) in true.choices[field] if true.choices[field] else \
+            _norm(getattr(pred, field)) is None
+    return _norm(getattr(true, field)) == _norm(getattr(pred, field))
+
+
 def _agreement(true, pred) -> int:
-    return sum(_norm(getattr(true, f)) == _norm(getattr(pred, f)) for f in CONTEXT_FIELDS)
+    return sum(_field_ok(true, pred, f) for f in CONTEXT_FIELDS)
 
 
 def match_findings(true: Sequence, predicted: Sequence) -> list[tuple[object, object | None]]:
     """Pair each true finding with a predicted finding of the same disease (each used once),
-    preferring the one whose context fields agree most; unmatched true findings get None."""
+    preferring the one whose context fields agree most; unmatched true findings get None. Where
+    the truth names a disease several times and the prediction once, the true findings are
+    paired as one (`_OneFinding`: left + right = bilateral)."""
     pool = defaultdict(list)
     for p in predicted:
         pool[normalise_term(p.disease).lower()].append(p)
+    by_disease = defaultdict(list)
+    for t in true:
+        by_disease[normalise_term(t.disease).lower()].append(t)
+    # one prediction of a disease the truth names several times (a left and a right effusion):
+    # scored against them as one finding (`_OneFinding`)
+    true = [t for d, ts in by_disease.items() for t in
+            ([_OneFinding(ts)] if len(ts) > 1 and len(pool[d]) == 1 else ts)]
     pairs = []
     for t in true:
         candidates = pool[normalise_term(t.disease).lower()]
@@ -203,7 +235,7 @@ def context_accuracy(images: Iterable[tuple[Sequence, Sequence]]) -> dict:
                 if truth is None:
                     continue
                 total[f] += 1
-                ok = truth == _norm(getattr(p, f))
+                ok = _field_ok(t, p, f)
                 correct[f] += ok
                 per_disease[d][f"{f}_n"] += 1
                 per_disease[d][f"{f}_ok"] += ok

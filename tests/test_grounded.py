@@ -97,6 +97,45 @@ def test_attention_points_at_a_left_basal_blob_and_says_left(one_torch_thread):
     assert "left" in said[k]
     # and every word kept its own map
     assert len(word_maps[k]) == len(said[k]) and word_maps[k].shape[1] == h * w
+    # the side comes from the image, not from a prior: mirrored films change sides
+    with torch.no_grad():
+        mirrored, _, _, _ = model.generate(cnn.forward_features(test.flip(-1)),
+                                           torch.zeros(len(test), dtype=torch.long))
+    other = {"left": "right", "right": "left"}
+    flipped = np.mean([other[t[3]] in decode(s, WORDS) for t, s in zip(truth, mirrored)])
+    assert flipped >= 0.9, flipped
+
+
+def test_side_and_site_words_are_taught_by_where_the_map_lies(one_torch_thread):
+    """The presence logits per half / third are trained from the side and site words alone
+    ("left" = the image's right half, "bilateral" = both halves), and read back as the words."""
+    torch.manual_seed(0)
+    words = WORDS + ["bilateral"]
+    model = GroundedAnnotator(len(words), 1, 8, field_word_ids(words), hidden=16, embed_dim=8,
+                              attn_dim=8, dropout=0.0, vocab=words)
+    side = {w: k for k, w in enumerate(words[i] for i in model.field_words["side"])}
+    site = {w: k for k, w in enumerate(words[i] for i in model.field_words["location"])}
+    # evidence in the image's right half (x > 0) and lower third: the patient's left base
+    scores = torch.full((3, 36), -4.0)
+    cells = zone_masks(6, 6)
+    scores[0, cells[1] & cells[4]] = 4.0                      # left base
+    scores[1, cells[0] & cells[2]] = 4.0                      # right upper zone
+    scores[2, (cells[0] | cells[1]) & cells[4]] = 4.0         # both bases
+    from cxr.models.grounded import zone_presence
+
+    presence = zone_presence(scores, cells)
+    logp = model.where_logp(presence)
+    assert [side[n] for n in ("left", "right", "bilateral")] == logp["side"].argmax(-1).tolist()
+    assert logp["location"][0, site["base"]] > logp["location"][0, site["upper lobe"]]
+    assert logp["location"][1, site["upper lobe"]] > logp["location"][1, site["base"]]
+    # the loss is low when the words say where the evidence is, high when they contradict it
+    said = {"side": torch.tensor([side["left"], side["right"], side["bilateral"]]),
+            "location": torch.tensor([site["base"], site["upper lobe"], site["base"]])}
+    wrong = {"side": torch.tensor([side["right"], side["left"], side["left"]]),
+             "location": torch.tensor([site["upper lobe"], site["base"], site["upper lobe"]])}
+    good, bad = model.presence_loss(presence, said), model.presence_loss(presence, wrong)
+    assert set(good) == {"where_side", "where_site"}
+    assert all(good[k] < 0.1 < 1.0 < bad[k] for k in good), (good, bad)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +148,10 @@ def phantom(shared_data):  # shared_data holds the CT (fetched once where not gi
 def test_trained_without_boxes_it_localises_a_phantom_nodule(phantom, one_torch_thread):
     """Phantom films (128 px) with a 30 mm nodule in an upper or lower lobe of either lung,
     described by words only ("nodule lung left"); on new films the side word is right and the
-    finding map's box overlaps the nodule's true box, which training never saw. (Untrained, or
-    trained without the zone read-out, this scores 0 hits and a coin's side.)"""
+    finding map's box lies at least a quarter inside the nodule's true box (IoBB >= .25), which
+    training never saw, on at least a quarter of the films. (Untrained, or trained without the
+    zone read-out, this scores 0 hits and a coin's side; without the presence loss per half /
+    third, 2 of 24 films.)"""
     from cxr.metrics import iobb
     from cxr.phantom.spec import FindingSpec
     from cxr.preprocess import MEAN, STD, normalise
@@ -145,9 +186,9 @@ def test_trained_without_boxes_it_localises_a_phantom_nodule(phantom, one_torch_
     for k in range(len(test)):
         heat = to_heatmap(finding[k].reshape(h, w), (size, size))
         found = boxes_from_heatmap(heat, "Nodule")
-        hits += any(iobb(b, boxes[k]) > 0.1 for b in found)
+        hits += any(iobb(b, boxes[k]) >= 0.25 for b in found)
     said_side = np.mean([t[2] in decode(s, WORDS) for t, s in zip(truth, seqs)])
-    assert hits / len(test) >= 0.3, hits
+    assert hits / len(test) >= 0.25, hits
     assert said_side >= 0.75, said_side
 
 

@@ -97,6 +97,20 @@ def test_context_matching_prefers_agreeing_prediction():
     assert out["fields"]["side"]["accuracy"] == 1.0 and out["exact"] == 1.0
 
 
+def test_one_prediction_of_a_disease_named_twice_is_scored_as_one_finding():
+    # the truth writes a left and a right effusion; a reader naming effusion once says "bilateral"
+    true = [Finding("Pleural Effusion", side="left", severity="small"),
+            Finding("Pleural Effusion", side="right", location=("base",), severity="moderate")]
+    both = metrics.context_accuracy([(true, [DetectedFinding("Pleural Effusion", 0.9, side="bilateral",
+                                                             location=("base",), severity="moderate")])])
+    assert both["fields"]["side"] == {"accuracy": 1.0, "n": 1}
+    assert both["fields"]["location"]["accuracy"] == 1.0 and both["fields"]["severity"]["accuracy"] == 1.0
+    assert both["detected"] == 1.0 and both["exact"] == 1.0
+    one = metrics.context_accuracy([(true, [DetectedFinding("Pleural Effusion", 0.9, side="left",
+                                                            severity="mild")])])
+    assert one["fields"]["side"]["accuracy"] == 0.0 and one["fields"]["severity"]["accuracy"] == 0.0
+
+
 # ---------------------------------------------------------------------------- localisation
 @pytest.mark.parametrize("pred, truth, want_iobb, want_iou", [
     (Box("a", 0, 0, 10, 10), Box("a", 0, 0, 10, 10), 1.0, 1.0),

@@ -85,10 +85,13 @@ def test_ignored_labels_are_out_of_the_loss():
 
 
 def test_bad_reports_get_a_note_not_a_crash():
-    studies, records = label_studies(_studies("", "   ", "#### 12.5 %% $$ !!", "<p>Mild cardiomegaly.</p>"))
+    studies, records = label_studies(_studies("", "   ", "#### 12.5 %% $$ !!", "<p>Mild cardiomegaly.</p>",
+                                              "\u5fc3\u810f\u589e\u5927\u3002", "Mild cardiomegaly. " * 10_000))
     r = _by_id(records)
     assert "no report text" in r["s0"]["note"] and "no report text" in r["s1"]["note"]
-    assert "not readable text" in r["s2"]["note"]
+    assert "not readable English text" in r["s2"]["note"]
+    assert "not readable English text" in r["s4"]["note"]  # not mined as "nothing abnormal"
+    assert "too long" in r["s5"]["note"]
     assert not studies[2].findings and studies[2].meta["labelled"] is False
     assert r["s3"]["note"] is None and r["s3"]["labels"]["Cardiomegaly"] == 1  # markup stripped
 
@@ -105,13 +108,21 @@ def test_folder_manifest_with_a_report_column_trains_from_the_text(tmp_path):
     from cxr.cli import main
     from cxr.testing import synthetic_studies
 
+    from cxr.splits import split_by_patient
+
     studies = synthetic_studies(tmp_path / "img", n=24, size=40)
+    # one validation study (normal or opacity only) also hedges a target: validation leaves it out
+    used = [s for k, s in enumerate(studies) if k not in (7, 11)]  # 7, 11: no usable report
+    val = {s.patient_id for s in split_by_patient(used, (0.7, 0.1, 0.2), 0)["val"]}
+    hedged = next(k for k, s in enumerate(studies) if s.patient_id in val and k % 4 in (0, 1))
     rows = []
     for k, s in enumerate(studies):
         terms = [f.raw or f.term for f in s.findings]
         text = " ".join(REPORTS[t] for t in terms if t in REPORTS) or "The lungs are clear. No effusion."
         if k == 5:
             text = "Cannot exclude pneumonia. " + text
+        if k == hedged:
+            text += " Possible cardiomegaly."
         rows.append({"path": s.images[0].path.name, "patient_id": s.patient_id, "labels": "|".join(terms),
                      "report": {7: "", 11: "%%%% 1234 ####"}.get(k, text)})
     manifest = tmp_path / "img" / "manifest.csv"
@@ -137,6 +148,9 @@ def test_folder_manifest_with_a_report_column_trains_from_the_text(tmp_path):
     notes = {r["study"]: r["note"] for r in records if r["note"]}
     assert set(notes) == {"syn0007", "syn0011"}
     assert _by_id(records)["syn0005"]["labels"]["Pneumonia"] is None
+    assert _by_id(records)[studies[hedged].id]["labels"]["Cardiomegaly"] is None
+    assert set(spec.data.patients["val"]) == val
+    assert spec.validation["val_images"] == len(val) - 1  # calibrated on the studies fully known
     # the mined labels agree with the manifest's where both exist (the reports say exactly that)
     result = audit(records)
     assert result["studies"] == 22

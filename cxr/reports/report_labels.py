@@ -41,6 +41,7 @@ IGNORED = "ignored_labels"  # Study.meta key: pattern elements whose loss is mas
 # Open-i indexes an elevated hemidiaphragm side first (`Diaphragm/right/elevated`), so Shin's
 # pattern element is `Diaphragm/right`; the miner's disease is `Diaphragm/elevated`.
 SIDE_FIRST = ("Diaphragm",)
+MAX_CHARS = 100_000  # far above any radiology report; a longer field is not one (nor worth mining)
 _TAG = re.compile(r"<[/!?]?[A-Za-z][^<>]{0,500}>")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 
@@ -53,7 +54,8 @@ def report_hash(report: dict) -> str:
 
 def clean_report(report: dict) -> tuple[dict[str, str], str | None]:
     """(sections with markup removed, a note when the text is unusable). Unusable: no text, or
-    text that is mostly not letters (a garbled or binary field)."""
+    text that is mostly not Latin letters (a garbled or binary field, or a script the English
+    rules cannot read: left out rather than mined as a report that says nothing abnormal)."""
     clean = {}
     for name, value in (report or {}).items():
         if isinstance(value, (bytes, bytearray)):
@@ -62,12 +64,15 @@ def clean_report(report: dict) -> tuple[dict[str, str], str | None]:
         if text.strip():
             clean[str(name)] = text
     body = " ".join(clean.get(s, "") for s in ("FINDINGS", "IMPRESSION")).strip()
+    if len(body) > MAX_CHARS:
+        return clean, f"report text too long ({len(body):,} characters, at most {MAX_CHARS:,})"
     if not body:
         return clean, "no report text (FINDINGS / IMPRESSION empty)"
     visible = [c for c in body if not c.isspace()]
     letters = sum(c.isalpha() and c.isascii() for c in visible)
     if letters < 0.6 * len(visible) or len(_WORD.findall(body)) < 2:
-        return clean, f"report text is not readable text ({letters} letters of {len(visible)} characters)"
+        return clean, (f"report text is not readable English text ({letters} Latin letters of "
+                       f"{len(visible)} characters)")
     return clean, None
 
 

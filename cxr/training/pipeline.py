@@ -198,6 +198,9 @@ def _run(ctx: Context, prep: Prepared) -> Path:
     train_idx, val_idx = prep.indices("train"), prep.indices("val")
     if len(train_idx) == 0:
         raise CxrError("the training split is empty")
+    # validation metrics, calibration and thresholds need every label known: studies with an
+    # ignored uncertain mention (`--labels-from report --uncertain ignore`) are left out of them
+    scored_val = val_idx if prep.mask is None else val_idx[prep.mask[val_idx].all(1)]
     n_t = len(prep.targets)
     normal_col = prep.targets.index(NORMAL) if NORMAL in prep.targets else None
 
@@ -216,7 +219,7 @@ def _run(ctx: Context, prep: Prepared) -> Path:
                   f"{len(report['missing'])} missing, {len(report['unexpected'])} unexpected, "
                   f"{len(report['mismatched'])} of another shape", file=sys.stderr)
     identity = RefinedLabels.identity(prep.targets)
-    evaluate = _evaluator(ctx, cnn, prep, val_idx, identity)
+    evaluate = _evaluator(ctx, cnn, prep, scored_val, identity)
     train_cnn(ctx, "cnn1", cnn, prep.labels, train_idx, cfg.epochs, evaluate, normal_col, mask=prep.mask)
     ground = None
     if not cfg.cascade:
@@ -225,7 +228,7 @@ def _run(ctx: Context, prep: Prepared) -> Path:
     rnn = _train_annotator(ctx, "rnn1", cnn, rnn, prep, train_idx, val_idx)
     final_dir = ctx.out / "stage1" if cfg.cascade else ctx.out
     if not (ctx.progress.get("stage1_written") and (final_dir / "config.json").exists()):
-        _write_run(ctx, final_dir, "stage1", cnn, rnn, prep, identity, val_idx, ground)
+        _write_run(ctx, final_dir, "stage1", cnn, rnn, prep, identity, scored_val, ground)
         ctx.progress["stage1_written"] = True
         ctx.save_progress()
 
@@ -243,13 +246,13 @@ def _run(ctx: Context, prep: Prepared) -> Path:
             cnn.reset_head(len(refined.names), refined.parents)
         else:
             cnn.reset_head(len(refined.names))
-        evaluate = _evaluator(ctx, cnn, prep, val_idx, refined)
+        evaluate = _evaluator(ctx, cnn, prep, scored_val, refined)
         # data dropout in stage 2 decides on the original targets (normal = all normal sub-labels)
         train_cnn(ctx, "cnn2", cnn, labels2, train_idx, cfg.cascade_epochs or cfg.epochs, evaluate,
                   normal_col, sample_labels=prep.labels, mask=mask2)
         ground = _train_grounding(ctx, "ground", cnn, labels2, prep, train_idx, mask2)
         rnn = _train_annotator(ctx, "rnn2", cnn, rnn, prep, train_idx, val_idx)
-        _write_run(ctx, ctx.out, "cascade", cnn, rnn, prep, refined, val_idx, ground)
+        _write_run(ctx, ctx.out, "cascade", cnn, rnn, prep, refined, scored_val, ground)
     ctx.progress["finished"] = True
     ctx.save_progress()
     if ctx.main:  # the phases' weights and optimizer moments are only needed to resume
