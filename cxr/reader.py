@@ -43,6 +43,7 @@ from `cxr.training`.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -371,10 +372,16 @@ class Reader:
 
     @torch.no_grad()
     def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int) -> list[Result]:
+        maps, logits, emb = self.forward(images)
+        with _one_thread(self.device):
+            return self._results(images, maps, logits, emb, heatmaps, beams)
+
+    def _results(self, images: list[np.ndarray], maps: torch.Tensor, logits: torch.Tensor,
+                 emb: torch.Tensor, heatmaps: bool, beams: int) -> list[Result]:
+        """Everything after the CNN: scores, findings, annotations, boxes, Results."""
         from .records import term_tokens
         from .reports.mesh import parse_term
 
-        maps, logits, emb = self.forward(images)
         scores, best = self.scores(logits)
         normal = self.targets.index(NORMAL) if NORMAL in self.targets else None
         study = self.spec.study
@@ -463,6 +470,32 @@ class Reader:
             _, _, emb = self.forward(pixels)
             out.append(emb.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
+
+
+_THREADPOOLS = None
+
+
+@contextmanager
+def _one_thread(device: torch.device):
+    """One thread for torch, BLAS and OpenMP while a block runs on the CPU. What follows the
+    CNN is small work (a few GRU steps on a handful of findings, maps of 16x16 to 256x256): a
+    second thread only waits on the first, and on a busy CPU those waits and the spinning
+    BLAS/OpenMP workers cost more than the work (up to half the time of a film's forward
+    pass, measured on 2 shared cores)."""
+    global _THREADPOOLS
+    if device.type != "cpu":
+        yield
+        return
+    from threadpoolctl import ThreadpoolController
+
+    _THREADPOOLS = _THREADPOOLS or ThreadpoolController()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _THREADPOOLS.limit(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _numpy(x) -> np.ndarray:
