@@ -9,6 +9,11 @@ alike), so a ratio says what the cascade's extra outputs cost, not what a baseli
 
 With `--before COMMIT` the Reader of that commit (its cxr/reader.py, from git) is measured too,
 with the torch engine: the speed-up of the current Reader over it is then a ratio in one run.
+With `--micro-batches 1 4 8 32` the Reader's own forward pass is also measured with each of those
+CNN call sizes (`Reader.micro_batch`) at each batch: what `Reader.CPU_MICRO_BATCH` is chosen from.
+The JSON's `summary` holds the ratios the targets are about: per engine, images/s at the largest
+batch over images/s at batch 1, the Reader's time over its own forward pass, and images/s over
+the `--before` Reader's.
 
     python benchmarks/inference.py [--run RUN] [--backbone densenet121] [--before COMMIT] [--json OUT]
 
@@ -118,6 +123,8 @@ def measure(job: dict) -> dict:
     if job["kind"] in ("reader", "cnn"):
         Reader = _reader_class(job.get("commit"))
         engine = {} if job.get("commit") else {"engine": job["engine"]}
+        if job.get("micro_batch"):
+            engine["micro_batch"] = job["micro_batch"]
         # the cascade alone (benchmarks/quality.py measures what the quality gate adds)
         reader = Reader.load(job["run"], device=device, gate=False, **engine)
 
@@ -153,7 +160,8 @@ def measure(job: dict) -> dict:
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     return {"kind": job["kind"], "engine": job.get("engine", "torch"), "commit": job.get("commit"),
-            "read_heatmaps": bool(job.get("read_heatmaps")), "batch": batch, "latency_s_median": med,
+            "read_heatmaps": bool(job.get("read_heatmaps")), "micro_batch": job.get("micro_batch"),
+            "batch": batch, "latency_s_median": med,
             "latency_s_p90": sorted(times)[max(0, int(0.9 * len(times)) - 1)],
             "images_per_s": batch / med, "peak_mb": _peak_mb(device), "repeats": repeats,
             "times": times}
@@ -171,8 +179,10 @@ def _engines() -> list[str]:
     return found
 
 
-def _jobs(engines: list[str], before: str | None) -> list[dict]:
+def _jobs(engines: list[str], before: str | None, micro_batches: list[int], batch: int) -> list[dict]:
     jobs = [{"kind": "densenet"}]
+    for engine in engines:
+        jobs += [{"kind": "cnn", "engine": engine, "micro_batch": m} for m in micro_batches if m <= batch]
     for engine in engines:
         jobs += [{"kind": "cnn", "engine": engine}, {"kind": "reader", "engine": engine}]
     jobs.append({"kind": "reader", "engine": "torch", "read_heatmaps": True})
@@ -184,12 +194,39 @@ def _jobs(engines: list[str], before: str | None) -> list[dict]:
 def _name(r: dict, backbone: str, args) -> str:
     if r["kind"] == "densenet":
         return f"MONAI DenseNet-121 alone ({args.input} px image -> scores)"
+    if r["kind"] == "cnn" and r.get("micro_batch"):
+        return f"Reader.forward alone, {r['engine']}, CNN calls of {r['micro_batch']}"
     if r["kind"] == "cnn":
         return f"Reader.forward alone, {r['engine']} (preprocess + CNN)"
     if r["commit"]:
         return f"Reader at {r['commit']}, torch ({args.input} px image -> Result)"
     extra = ", every heatmap read" if r["read_heatmaps"] else ""
     return f"Reader, {r['engine']}{extra} ({args.input} px image -> Result)"
+
+
+def _summary(results: list[dict], engines: list[str]) -> dict:
+    """The ratios the targets are about, each within this run: per engine, the Reader's
+    images/s at the largest batch over batch 1 (>= 1: batching never slows it down), its time
+    over its own forward pass per batch, and its images/s over the --before Reader's."""
+    readers = [r for r in results if r["kind"] == "reader" and not r["commit"] and not r["read_heatmaps"]]
+    batches = sorted({r["batch"] for r in readers})
+    out: dict = {}
+    for engine in engines:
+        by_batch = {r["batch"]: r for r in readers if r["engine"] == engine}
+        if not by_batch:
+            continue
+        row = {"images_per_s": {b: round(r["images_per_s"], 3) for b, r in by_batch.items()},
+               "time_x_own_cnn": {b: round(r["time_ratio_vs_own_cnn"], 3) for b, r in by_batch.items()}}
+        if len(batches) > 1 and batches[0] in by_batch and batches[-1] in by_batch:
+            row[f"batch_{batches[-1]}_over_batch_{batches[0]}_per_image"] = round(
+                by_batch[batches[-1]]["images_per_s"] / by_batch[batches[0]]["images_per_s"], 3)
+        if all("speedup_vs_before" in r for r in by_batch.values()):
+            row["images_per_s_x_before"] = {b: round(r["speedup_vs_before"], 3) for b, r in by_batch.items()}
+        out[engine] = row
+    if out:
+        out["fastest"] = {b: max(engines_, key=lambda e: out[e]["images_per_s"].get(b, 0))
+                          for engines_ in [list(out)] for b in batches}
+    return out
 
 
 def main(argv=None) -> int:
@@ -210,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", nargs="+", default=None, help="default: torch and those installed")
     ap.add_argument("--before", metavar="COMMIT", default=None,
                     help="also measure the Reader of this git commit (torch engine)")
+    ap.add_argument("--micro-batches", type=int, nargs="*", default=[],
+                    help="also measure Reader.forward with CNN calls of these sizes")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path)
@@ -238,7 +277,7 @@ def main(argv=None) -> int:
         rows, results = [], []
         for batch in args.batches:
             reps = max(2, args.repeats if batch == 1 else max(2, args.repeats // 2))
-            jobs = _jobs(engines, args.before)
+            jobs = _jobs(engines, args.before, args.micro_batches, batch)
             samples: dict[int, list] = {i: [] for i in range(len(jobs))}
             for round_ in range(args.rounds):
                 order = list(range(len(jobs)))
@@ -257,7 +296,7 @@ def main(argv=None) -> int:
                      "peak_mb": max(x["peak_mb"] for x in runs), "rounds": len(runs)}
                 r["images_per_s"] = batch / r["latency_s_median"]
                 by_key[i] = r
-            cnn = {r["engine"]: r for r in by_key.values() if r["kind"] == "cnn"}
+            cnn = {r["engine"]: r for r in by_key.values() if r["kind"] == "cnn" and not r["micro_batch"]}
             base = next(r for r in by_key.values() if r["kind"] == "densenet")
             before = next((r for r in by_key.values() if r["commit"]), None)
             for r in by_key.values():
@@ -274,6 +313,9 @@ def main(argv=None) -> int:
     print()
     print(markdown_table(["what", "batch", "images/s", "ms per call (median)", "peak MB",
                           "time x DenseNet", "time x own CNN", "images/s x before"], rows, digits=2))
+    summary = _summary(results, engines)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
@@ -286,7 +328,7 @@ def main(argv=None) -> int:
                           "run's input size, normalise (decoding excluded for all alike)",
             "baseline": "MONAI DenseNet-121 on the same float32 images: cxr.preprocess resize and "
                         "stretch to the run's input size, normalise, forward, sigmoid",
-            "results": results}, indent=1))
+            "summary": summary, "results": results}, indent=1))
     return 0
 
 

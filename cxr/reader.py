@@ -42,6 +42,7 @@ from `cxr.training`.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -82,10 +83,14 @@ class Reader:
     whole batch on a GPU)."""
 
     #: Images per CNN call on the CPU, for every engine. A DenseNet-121 at batch 32 keeps 32
-    #: images' concatenated feature maps alive per dense block and spills the CPU's caches: on
-    #: 2 cores it read fewer images per second at batch 32 than at batch 1. Batches are cut into
-    #: calls of this size (the fastest measured there; the scores are bit-identical).
-    CPU_MICRO_BATCH = 4
+    #: images' concatenated feature maps alive per dense block (4 MB per image in the first
+    #: block at 256 px) and spills the CPU's caches: on 2 cores (32 MB L3) it read fewer images
+    #: per second at batch 32 than at batch 1. Batches are cut into calls of this size (scores
+    #: bit-identical). Measured there, torch channels-last, 32 images: calls of 8 were the
+    #: fastest on a quiet machine (18 images/s; 15 in calls of 1, 3 in calls of 16 or 32); under
+    #: a load of 7 on the 2 cores larger calls did better (calls of 8: 1.6, 32: 2.0, 1: 1.0) and
+    #: ONNX Runtime was within noise from 4 to 32.
+    CPU_MICRO_BATCH = 8
 
     def __init__(self, spec: RunSpec, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
                  model_id: str = "", amp: bool = True, gate=True, engine: str = "torch",
@@ -192,7 +197,7 @@ class Reader:
             arr = arr[0]
         if arr.ndim not in (2, 3) or arr.size == 0:
             raise CxrError(f"expected an image (H, W) float32 in [0, 1], got shape {arr.shape}")
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.float32, copy=False)  # a 1024-px film: no 4 MB copy per image
         if arr.max() > 1.0 + 1e-3 or arr.min() < -1e-3:
             raise CxrError(f"image values must lie in [0, 1] (got {arr.min():.3g}..{arr.max():.3g}); "
                            "load files with cxr.load_image, or divide by the maximum")
@@ -260,10 +265,12 @@ class Reader:
     def _boxes(self, heatmaps: np.ndarray, targets: Sequence[str], sizes: Sequence[tuple[int, int]],
                sides: Sequence[str | None] | None = None) -> list[list[Box]]:
         """Boxes of maps already at the model's input size (`heatmaps_at`), all found at once,
-        each in its image's (h, w) pixels; with a `side` word, only on that side of the patient."""
+        each in its image's (h, w) pixels; with a `side` word, only on that side of the patient
+        (that map's other half is zeroed in place: pass maps made for this)."""
         size = self.image_size
-        if sides and any(side in ("left", "right") for side in sides):
-            heatmaps = np.stack([side_consistent(m, side) for m, side in zip(heatmaps, sides)])
+        for i, side in enumerate(sides or ()):
+            if side in ("left", "right"):
+                heatmaps[i] = side_consistent(heatmaps[i], side)
         found = boxes_from_heatmaps(heatmaps, targets, self.spec.localization)
         return [[b.scaled(w / size, h / size) for b in boxes] for boxes, (h, w) in zip(found, sizes)]
 
@@ -354,10 +361,16 @@ class Reader:
 
     @torch.no_grad()
     def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int) -> list[Result]:
+        maps, logits, emb = self.forward(images)
+        with _one_thread(self.device):
+            return self._results(images, maps, logits, emb, heatmaps, beams)
+
+    def _results(self, images: list[np.ndarray], maps: torch.Tensor, logits: torch.Tensor,
+                 emb: torch.Tensor, heatmaps: bool, beams: int) -> list[Result]:
+        """Everything after the CNN: scores, findings, annotations, boxes, Results."""
         from .records import term_tokens
         from .reports.mesh import parse_term
 
-        maps, logits, emb = self.forward(images)
         scores, best = self.scores(logits)
         normal = self.targets.index(NORMAL) if NORMAL in self.targets else None
         study = self.spec.study
@@ -446,6 +459,32 @@ class Reader:
             _, _, emb = self.forward(pixels)
             out.append(emb.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
+
+
+_THREADPOOLS = None
+
+
+@contextmanager
+def _one_thread(device: torch.device):
+    """One thread for torch, BLAS and OpenMP while a block runs on the CPU. What follows the
+    CNN is small work (a few GRU steps on a handful of findings, maps of 16x16 to 256x256): a
+    second thread only waits on the first, and on a busy CPU those waits and the spinning
+    BLAS/OpenMP workers cost more than the work (up to half the time of a film's forward
+    pass, measured on 2 shared cores)."""
+    global _THREADPOOLS
+    if device.type != "cpu":
+        yield
+        return
+    from threadpoolctl import ThreadpoolController
+
+    _THREADPOOLS = _THREADPOOLS or ThreadpoolController()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _THREADPOOLS.limit(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _numpy(x) -> np.ndarray:

@@ -67,26 +67,30 @@ class Annotator(nn.Module):
 
     @torch.no_grad()
     def greedy(self, embedding, labels, max_len: int = 6) -> list[list[int]]:
+        n, device = embedding.shape[0], embedding.device
         state = self.init_state(embedding, labels)
-        words = torch.full((embedding.shape[0],), START, dtype=torch.long, device=embedding.device)
-        seqs = [[] for _ in range(embedding.shape[0])]
-        done = torch.zeros(embedding.shape[0], dtype=torch.bool, device=embedding.device)
+        words = torch.full((n,), START, dtype=torch.long, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        used = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=device)  # words written so far
+        steps, kept = [], []
         for step in range(max_len):
             logp, state = self._step(words, state)
             logp[:, PAD] = logp[:, START] = -float("inf")
             if step == 0:  # an annotation has at least one word
                 logp[:, END] = -float("inf")
-            for i, seq in enumerate(seqs):  # a MeSH term never repeats a part
-                if seq:
-                    logp[i, seq] = -float("inf")
+            logp.masked_fill_(used, -float("inf"))  # a MeSH term never repeats a part
             words = logp.argmax(-1)
-            for i, w in enumerate(words.tolist()):
-                if not done[i] and w != END:
-                    seqs[i].append(w)
+            keep = ~done & (words != END)
+            used[keep, words[keep]] = True
+            steps.append(words)
+            kept.append(keep)
             done |= words == END
             if done.all():
                 break
-        return seqs
+        if not steps:
+            return [[] for _ in range(n)]
+        words_at, kept_at = torch.stack(steps, 1).tolist(), torch.stack(kept, 1).tolist()
+        return [[w for w, k in zip(ws, ks) if k] for ws, ks in zip(words_at, kept_at)]
 
     @torch.no_grad()
     def beam(self, embedding, labels, beams: int = 3, max_len: int = 6) -> list[list[int]]:

@@ -22,9 +22,9 @@ cascade's annotation) the RNN reads the CNN's last feature map, not its average:
   is the logit that the finding lies there, trained from the side and site words alone ("left":
   the image's right half yes, its left half no; "bilateral": both; "base": the lower third). At
   use the side and site words weigh those logits with the field heads (a product of experts):
-  alone they chose the side worse than the heads (demo phantom, frozen CNN: .43 vs .61), but
-  as a training signal they sharpen the map (phantom nodule test: IoBB >= .25 in 9 of 24 films
-  instead of 2).
+  alone they chose the side worse than the heads on the demo's phantom, but as a training
+  signal they sharpen the map (`tests/test_grounded.py`'s phantom nodule: a box at least a
+  quarter inside the nodule on 9 of 24 films instead of 2).
 - **Report cross-attention** (Bhalodia et al. 2021), training only: the finding's report text
   (its sentence, or the MeSH term's words where there is no text) is encoded by a small GRU;
   regions x text tokens give a text-conditioned map whose pooled regions must predict the

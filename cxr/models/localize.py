@@ -83,17 +83,16 @@ def boxes_from_heatmaps(heatmaps: np.ndarray, labels: Sequence[str],
     area = np.bincount(flat, minlength=n + 1)[1:]
     slices = ndimage.find_objects(components)
     of_map = np.array([s[0].start for s in slices])
+    by_map = np.argsort(of_map, kind="stable")  # each map's components, in the order a 2-D pass numbers them
+    starts = np.flatnonzero(np.diff(of_map[by_map], prepend=-1))
     min_px = params.min_area * heatmaps[0].size
-    for k in np.unique(of_map):
-        ids = np.flatnonzero(of_map == k)  # this map's components, in the order a 2-D pass numbers them
-        for i in ids[np.argsort(-mass[ids])]:
-            if area[i] < min_px:
-                continue
+    for ids in np.split(by_map, starts[1:]):
+        order = ids[np.argsort(-mass[ids])]  # largest mass first, as boxes_from_heatmap
+        k = of_map[ids[0]]
+        for i in order[area[order] >= min_px][:params.max_boxes]:
             _, ys, xs = slices[i]
             out[k].append(Box(labels[k], float(xs.start), float(ys.start), float(xs.stop - xs.start),
                               float(ys.stop - ys.start)))
-            if len(out[k]) >= params.max_boxes:
-                break
     return out
 
 

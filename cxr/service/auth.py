@@ -4,6 +4,8 @@ Tokens come from a file (`--tokens FILE`) or the environment (`CXR_TOKENS`), one
 `TOKEN ROLE NAME` (`#` starts a comment; TOKEN may be written `sha256:HEX` so that the file holds
 no usable secret), or as JSON: a list of {"token" | "sha256", "role", "name"}. Only sha256 hashes
 are kept in memory, and a presented token is compared with every stored hash in constant time.
+Where a hospital has an OpenID Connect provider, its signed JWTs are accepted too
+(`--oidc-issuer`, see oidc.py), their role taken from a claim.
 
 Roles are ordered, each allowing what the ones before it allow:
 

@@ -33,6 +33,15 @@ def configure(parser) -> None:
     parser.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
                         help="what runs the CNN (onnxruntime / openvino: the graph of `cxr export "
                         "RUN --onnx`, on the CPU)")
+    parser.add_argument("--oidc-issuer", metavar="URL", default=None,
+                        help="also accept JWTs signed by this OpenID Connect issuer (its JWKS from "
+                        "URL/.well-known/openid-configuration; see cxr/service/oidc.py)")
+    parser.add_argument("--oidc-audience", default="cxr", help="the `aud` the JWTs must carry (default cxr)")
+    parser.add_argument("--oidc-role-claim", default="roles",
+                        help="claim naming the role: read, annotate or admin (default roles; a dotted "
+                        "path such as realm_access.roles reaches a nested claim)")
+    parser.add_argument("--oidc-role", action="append", default=[], metavar="NAME=ROLE",
+                        help="the provider's role NAME means cxr's ROLE (repeatable)")
     parser.add_argument("--tokens", type=Path, default=None,
                         help="bearer tokens: lines `TOKEN ROLE NAME` (roles read < annotate < admin) "
                         "or JSON (default: $CXR_TOKENS; none: open, loopback only)")
@@ -61,6 +70,14 @@ def run(args) -> int:
         raise CxrError("--upload-dir is a file, not a folder", args.upload_dir)
     _check_listen(args.host, args.port)
     tokens = Tokens.load(args.tokens)
+    if args.oidc_issuer:
+        from .oidc import Credentials, OidcVerifier
+
+        pairs = [item.partition("=") for item in args.oidc_role]
+        if any(not sep for _, sep, _ in pairs):
+            raise CxrError("--oidc-role expects NAME=ROLE")
+        tokens = Credentials(tokens, OidcVerifier(args.oidc_issuer, args.oidc_audience, args.oidc_role_claim,
+                                                  {name: role for name, _, role in pairs}))
     if not tokens and not _loopback(args.host):
         raise CxrError(f"refusing to serve {args.host} without tokens: anyone who reaches it could "
                        f"read and search the archive; give --tokens FILE or set {ENV} (an open "
@@ -77,6 +94,8 @@ def run(args) -> int:
                      device=args.device, threads=args.threads, reader=reader, archive=archive,
                      tokens=tokens, audit_log=args.audit_log)
     access = f"{len(tokens)} token(s)" if tokens else "open: no tokens (loopback only)"
+    if args.oidc_issuer:
+        access += f", OIDC tokens of {args.oidc_issuer}"
     print(f"cxr serve: {reader.model_id} ({args.engine}) on {'https' if tls else 'http'}://{args.host}:"
           f"{args.port}/ ({access}; audit log {app.state.audit.path}; API docs at /docs; research use "
           "only)", flush=True)
