@@ -282,6 +282,11 @@ def readme_block(res: dict) -> str:
             f"({_f(pair['difference']['mean_auc'], True)}) one target, {worst}, moves from {_f(t_auc[worst])} to {_f(r_auc[worst])}; its mined labels agree "
             f"with the true ones at precision {_f(mined.get('precision'))} and recall "
             f"{_f(mined.get('recall'))} ({mined.get('given')} studies).")
+    outside = [f"{f} ({_f(m[f'context_detected_{f}']['difference'], True)} on "
+               f"{' / '.join(str(x) for x in m[f'context_detected_{f}']['n_per_seed'])} findings)"
+               for f in FIELDS if (m[f"context_detected_{f}"]["difference"] or 0) < -res["target"]["context"]]
+    if outside:
+        note += f" Outside the context target: detected {', '.join(outside)}."
     marker = "<!-- figures: benchmarks/results/report_labels.json -->"
     return "\n".join([marker, textwrap.fill(intro, 100), "", marker, table(res), "", marker,
                       textwrap.fill(note, 100)])

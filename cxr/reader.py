@@ -32,7 +32,8 @@ words from the CNN's feature map: `heatmaps["Opacity"]` is its finding map (wher
 finding is; the boxes come from it) and `heatmaps["Opacity:left"]` the map it attended to while
 writing "left". Older runs (Shin's annotator on the pooled embedding) give CAM heatmaps and boxes.
 Either way a finding's boxes lie on the side its words name (PA display: the patient's left is
-the image's right), so words and boxes never contradict each other.
+the image's right), and a bilateral one gets a box on each side, so words and boxes never
+contradict each other.
 
     reader.localise(image, ["Cardiomegaly"])        # boxes of named targets, detected or not
     feats = reader.forward(images); scores, _ = reader.scores(feats.logits)   # the raw steps
@@ -56,7 +57,7 @@ from .images import pixels_of
 from .models.annotator import Annotator, decode
 from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
-from .models.localize import Heatmaps, boxes_from_heatmaps, heatmaps_at, side_consistent
+from .models.localize import Heatmaps, boxes_from_heatmaps, half_at_own_peak, heatmaps_at
 from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
@@ -265,13 +266,23 @@ class Reader:
     def _boxes(self, heatmaps: np.ndarray, targets: Sequence[str], sizes: Sequence[tuple[int, int]],
                sides: Sequence[str | None] | None = None) -> list[list[Box]]:
         """Boxes of maps already at the model's input size (`heatmaps_at`), all found at once,
-        each in its image's (h, w) pixels; with a `side` word, only on that side of the patient
-        (that map's other half is zeroed in place: pass maps made for this)."""
+        each in its image's (h, w) pixels; with a `side` word, only on that side of the patient,
+        from that side's map at its own peak (`half_at_own_peak`; replaced in place: pass maps
+        made for this); "bilateral": the first box of each side's own map, one per lung."""
         size = self.image_size
-        for i, side in enumerate(sides or ()):
+        sides = list(sides or [None] * len(heatmaps))
+        for i, side in enumerate(sides):
             if side in ("left", "right"):
-                heatmaps[i] = side_consistent(heatmaps[i], side)
+                heatmaps[i] = half_at_own_peak(heatmaps[i], side)
+        both = [i for i, side in enumerate(sides) if side == "bilateral"]
+        if both:  # each bilateral map is looked at twice, once per side, and keeps one box of each
+            halves = np.stack([half_at_own_peak(heatmaps[i], s) for i in both for s in ("right", "left")])
+            heatmaps = np.concatenate([heatmaps, halves])
+            targets = list(targets) + [targets[i] for i in both for _ in range(2)]
         found = boxes_from_heatmaps(heatmaps, targets, self.spec.localization)
+        for k, i in enumerate(both):
+            n = len(sides)
+            found[i] = found[n + 2 * k][:1] + found[n + 2 * k + 1][:1]
         return [[b.scaled(w / size, h / size) for b in boxes] for boxes, (h, w) in zip(found, sizes)]
 
     SOURCES = ("cam", "attention", "word")

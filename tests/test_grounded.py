@@ -9,7 +9,8 @@ import torch
 from cxr.models.annotator import decode, encode, pad_batch
 from cxr.models.cnn import create_cnn
 from cxr.models.grounded import GroundedAnnotator, coordinates, field_word_ids, zone_masks
-from cxr.models.localize import boxes_from_heatmap, side_consistent, side_of_box, to_heatmap
+from cxr.models.localize import (boxes_from_heatmap, half_at_own_peak, side_consistent, side_of_box,
+                                  to_heatmap)
 from cxr.records import Box
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "opacity", "nodule", "lung", "base", "upper lobe",
@@ -37,6 +38,12 @@ def test_side_consistency_uses_the_pa_convention():
     assert right and all(side_of_box(b, 10) == "right" and b.x < 5 for b in right)
     assert np.array_equal(side_consistent(heat, "bilateral"), heat)
     assert side_of_box(Box("x", 6, 0, 2, 2), 10) == "left"
+    # bilateral: each side's map at its own peak, so the weaker lung gets its box too
+    heat[6:8, 7:9] = 0.3
+    assert all(side_of_box(b, 10) == "right" for b in boxes_from_heatmap(heat, "Opacity"))
+    sides = [side_of_box(b, 10) for s in ("left", "right")
+             for b in boxes_from_heatmap(half_at_own_peak(heat, s), "Opacity")[:1]]
+    assert sides == ["left", "right"]
 
 
 def _blobs(n, size, rng):
@@ -209,7 +216,7 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
     reader = Reader(dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets}), tensors, "cpu")
     ed = EvalData(spec, open_source(spec.data.spec))
     results = reader([ed.prep.paths[i] for i in range(len(ed.prep.paths))], heatmaps=True)
-    seen_words = 0
+    seen_words = sided = 0
     for r in results:
         width = r.image_size[1]
         for f in r.findings:
@@ -220,7 +227,22 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
             seen_words += len(words)
             if f.side in ("left", "right"):
                 assert all(side_of_box(b, width) == f.side for b in f.boxes), (f.side, f.boxes)
+                sided += bool(f.boxes)
+            if f.side == "bilateral":  # one box on each side
+                assert sorted(side_of_box(b, width) for b in f.boxes) == ["left", "right"], f.boxes
+                sided += 1
     assert seen_words > 0
+    # the rule itself, on maps with a strong blob in the image's left half (the patient's right)
+    # and a weak one in its right half: every side word gets boxes on its side only, "bilateral"
+    # one box on each side
+    size = reader.image_size
+    heat = np.zeros((size, size), np.float32)
+    heat[size // 2:size // 2 + 8, 8:16] = 1.0
+    heat[size // 2:size // 2 + 8, size - 16:size - 8] = 0.3
+    sides = ["left", "right", "bilateral", None]
+    found = reader._boxes(np.stack([heat] * 4), ["Opacity"] * 4, [(2 * size, 2 * size)] * 4, sides)
+    said = [sorted(side_of_box(b, 2 * size) for b in boxes) for boxes in found]
+    assert said == [["left"], ["right"], ["left", "right"], ["right"]], said
     boxed = next(i for i in range(len(ed.prep.paths)) if ed.truth_boxes(i))
     label = ed.truth_boxes(boxed)[0].label
     for source in ("cam", "attention", "word"):

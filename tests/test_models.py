@@ -62,6 +62,22 @@ def test_load_pretrained_reports_keys(tmp_path):
     assert load_pretrained(create_cnn("tiny", 7), tmp_path / "w.pt", head=True)["missing"] == []
 
 
+def test_load_pretrained_from_a_run_folder(tiny_run, tmp_path):
+    """`--pretrained RUN`: a finished run's CNN starts another (phantom pre-training), head left out."""
+    from cxr.checkpoint import load_spec, load_tensors, unprefixed
+
+    arch = load_spec(tiny_run).architecture
+    model = create_cnn(arch.backbone, 3)
+    report = load_pretrained(model, tiny_run)
+    assert report["loaded"] and not any(k.startswith("head.") for k in report["loaded"])
+    cnn = unprefixed("cnn", load_tensors(tiny_run / "weights.safetensors"))
+    key = report["loaded"][0]
+    assert torch.equal(model.state_dict()[key], cnn[key])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CxrError, match="not a cxr run"):
+        load_pretrained(model, tmp_path / "empty")
+
+
 def test_load_pretrained_refuses_pickled_objects(tmp_path):
     import argparse
 

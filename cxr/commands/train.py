@@ -36,7 +36,7 @@ HELP = {
     "views": "frontal | lateral | all",
     "device": "auto | cpu | cuda | cuda:N (torchrun sets one per process)",
     "amp": "mixed precision on CUDA",
-    "pretrained": "CNN state dict to start from (safetensors or weights-only torch file)",
+    "pretrained": "CNN to start from: a cxr run folder (its CNN, e.g. a phantom run) or a state dict (safetensors or weights-only torch file)",
     "cache_dir": "where the decoded image cache goes (default RUN/cache)",
     "max_images": "use only the first N studies (quick trials)",
     "fractions": "train val test fractions, by patient",

@@ -208,10 +208,16 @@ def without_batch_norm(model: nn.Module) -> nn.Module:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a weights-only torch file (never unpickles objects)."""
+    """A state dict from safetensors or a weights-only torch file (never unpickles objects), or
+    a cxr run's folder: its weights, whose `cnn.` tensors `load_pretrained` picks out (how a
+    phantom run pre-trains a real-film run)."""
     path = Path(path)
     if not path.exists():
         raise CxrError("pretrained weights not found", path)
+    if path.is_dir():
+        if not (path / "weights.safetensors").exists():
+            raise CxrError("not a cxr run (no weights.safetensors) nor a weights file", path)
+        path = path / "weights.safetensors"
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

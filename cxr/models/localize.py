@@ -99,7 +99,8 @@ def boxes_from_heatmaps(heatmaps: np.ndarray, labels: Sequence[str],
 def side_consistent(heatmap: np.ndarray, side: str | None) -> np.ndarray:
     """The heatmap with the half of the image that contradicts the side word set to 0, so that a
     "left" finding never gets a right-sided box. On a PA/AP film the patient faces the viewer:
-    the patient's LEFT is the IMAGE's RIGHT. "bilateral" or no side: unchanged."""
+    the patient's LEFT is the IMAGE's RIGHT. "bilateral" or no side: unchanged (see
+    `half_at_own_peak` for a bilateral finding's boxes)."""
     if side not in ("left", "right"):
         return heatmap
     out = heatmap.copy()
@@ -109,6 +110,15 @@ def side_consistent(heatmap: np.ndarray, side: str | None) -> np.ndarray:
     else:
         out[:, heatmap.shape[1] - mid:] = 0
     return out
+
+
+def half_at_own_peak(heatmap: np.ndarray, side: str) -> np.ndarray:
+    """The heatmap on one side of the patient only (`side_consistent`), scaled to that side's own
+    peak: a "bilateral" finding's boxes come one from each side's map, so that a weaker lung
+    still gets its box and no box straddles the midline."""
+    out = side_consistent(heatmap, side)
+    top = float(out.max())
+    return out / top if top > 0 else out
 
 
 def side_of_box(box: Box, width: float) -> str:
