@@ -162,6 +162,8 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
               f"{M.fmt(fold_auc['mean'])} ({time.time() - tf:.0f} s)", flush=True)
     y = labels_matrix(studies)
     auc = M.auc_per_label(y, np.nan_to_num(scores, nan=0.0), FINDINGS)
+    auc["ci95"] = M.bootstrap_auc_ci(y, np.nan_to_num(scores, nan=0.0), FINDINGS,
+                                     groups=[s.patient_id for s in studies], n=1000, seed=0)
     fold_means = [f["mean_auc"] for f in per_fold if f["mean_auc"] is not None]
     return {"auc": auc, "folds": per_fold,
             "mean_auc_over_folds": float(np.mean(fold_means)) if fold_means else None,

@@ -89,6 +89,42 @@ def auc_per_label(y_true, scores, labels: Sequence[str]) -> dict:
 
 
 # -------------------------------------------------------------------------------------- BLEU
+
+def bootstrap_auc_ci(y_true, scores, labels: Sequence[str], groups: Sequence | None = None,
+                     n: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap interval of each label's AUC and of their mean: `n` resamples of the
+    `groups` (patients, so one patient's films move together; each row its own group if None)
+    with replacement. A resample where a label has one class only is skipped for that label.
+    Returns {"per_label": {label: [lo, hi] or None}, "mean": [lo, hi] or None, "n": n, "level": level}."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    rows_of = [np.flatnonzero(inverse == g) for g in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {label: [] for label in labels}
+    means = []
+    for _ in range(n):
+        rows = np.concatenate([rows_of[g] for g in rng.integers(0, len(ids), len(ids))])
+        got = []
+        for j, label in enumerate(labels):
+            known = rows[~np.isnan(y[rows, j])]
+            yj = y[known, j]
+            if 0 < yj.sum() < len(yj):
+                draws[label].append(float(roc_auc_score(yj, s[known, j])))
+                got.append(draws[label][-1])
+        if len(got) == len(labels):
+            means.append(float(np.mean(got)))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+
+    def interval(values):
+        return [float(v) for v in np.percentile(values, q)] if len(values) >= n // 2 else None
+
+    return {"per_label": {label: interval(v) for label, v in draws.items()},
+            "mean": interval(means), "n": n, "level": level}
+
 def annotation_tokens(annotation, vocabulary: Iterable[str] = ()) -> list[str]:
     """Tokens of an annotation, where a token is one '/'-part of a MeSH term ("upper lobe" is one).
 

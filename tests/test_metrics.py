@@ -182,3 +182,29 @@ def test_markdown_table_and_references():
     assert metrics.reference_for("Pleural Effusion", metrics.WANG2017_AUC) == 0.7362
     assert metrics.reference_for("Effusion", metrics.WANG2017_IOBB_05) == 0.3333
     assert metrics.reference_for("Catheter", metrics.WANG2017_AUC) is None
+
+
+def test_bootstrap_auc_interval_holds_the_auc_and_narrows_with_data():
+    """The 95% interval brackets the AUC, is wider on fewer patients, and moves a patient's
+    films together (two copies of each film as one patient: same width as the films alone)."""
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        y = rng.integers(0, 2, (n, 2)).astype(float)
+        return y, y * 0.8 + rng.normal(0, 0.6, y.shape)
+
+    y, s = data(400)
+    auc = metrics.auc_per_label(y, s, ["a", "b"])
+    ci = metrics.bootstrap_auc_ci(y, s, ["a", "b"], n=300)
+    for k in ("a", "b"):
+        lo, hi = ci["per_label"][k]
+        assert lo < auc["per_label"][k] < hi and hi - lo < 0.15
+    small = metrics.bootstrap_auc_ci(y[:60], s[:60], ["a", "b"], n=300)
+    assert np.diff(small["per_label"]["a"])[0] > np.diff(ci["per_label"]["a"])[0]
+    assert ci["mean"][0] < auc["mean"] < ci["mean"][1]
+    twice = metrics.bootstrap_auc_ci(np.repeat(y, 2, 0), np.repeat(s, 2, 0), ["a", "b"],
+                               groups=np.repeat(np.arange(len(y)), 2), n=300)
+    alone = np.diff(ci["per_label"]["a"])[0]
+    assert abs(np.diff(twice["per_label"]["a"])[0] - alone) < 0.35 * alone
+    rows_as_groups = metrics.bootstrap_auc_ci(np.repeat(y, 2, 0), np.repeat(s, 2, 0), ["a", "b"], n=300)
+    assert np.diff(rows_as_groups["per_label"]["a"])[0] < 0.85 * alone  # too narrow: copies counted as patients
