@@ -6,6 +6,7 @@ real `cxr.training.train`, cascade included. Tests of the Reader, archive and se
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,26 @@ def make_tiny_run(out_dir: str | Path, n: int = 28, size: int = 64, phantom: boo
         return train(config, out_dir / "run", studies=studies)
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def archive_migrated(url: str, revision: str, down: bool = False):
+    """A connection (in one transaction) to the archive at `url` after Alembic took it up (or
+    `down`) to `revision`: how a test writes rows as an older cxr did, then opens the file with
+    today's `Archive` to check the upgrade keeps them."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    from .archive.db import MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(cfg, revision)
+            yield conn
+    finally:
+        engine.dispose()

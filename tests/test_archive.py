@@ -67,20 +67,12 @@ def names(archive, hits):
 
 def test_an_archive_of_the_first_schema_is_upgraded_keeping_its_rows(tmp_path):
     """0001 -> 0002 adds images.quality (the gate's report); rows indexed before keep theirs NULL."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine
+    from cxr.testing import archive_migrated
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0001")
+    with archive_migrated(url, "0001") as conn:
         conn.execute(text("insert into images (sha256, model_id, path, status, indexed_at) values "
                           "('" + "a" * 64 + "', 'm', '/old.png', 'failed', '2026-01-01')"))
-    engine.dispose()
     archive = Archive(url)
     with archive.engine.connect() as conn:
         assert conn.execute(text("select version_num from alembic_version")).scalar() == HEAD_REVISION

@@ -264,35 +264,24 @@ def test_mined_mentions_keep_their_place_in_the_text(archive):
 
 
 def test_an_archive_of_schema_0003_gains_mention_offsets_keeping_its_rows(tmp_path):
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
 
-    from cxr.archive.db import MIGRATIONS
+    from cxr.testing import archive_migrated
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
+    with archive_migrated(url, "0003") as conn:
         conn.execute(text("insert into images (id, sha256, model_id, path, status, indexed_at) "
                           "values (1, '" + "a" * 64 + "', 'm', '/old.png', 'ok', '2026-01-01')"))
         conn.execute(text("insert into reports (image_id, text) values (1, 'FINDINGS: Effusion.')"))
         conn.execute(text("insert into report_findings (image_id, disease, label_key, certainty, "
                           "location) values (1, 'Pleural Effusion', 'pleural effusion', "
                           "'positive', '')"))
-    engine.dispose()
     with Archive(url) as upgraded:
         old = upgraded.get(1)
         assert old.report == "FINDINGS: Effusion." and old.report_findings[0]["span"] is None
         assert [h.id for h in upgraded.search(report="effusion")] == [1]
-    with engine.begin() as conn:  # and back down
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0003")
+    with archive_migrated(url, "0003", down=True) as conn:  # and back down
         assert conn.execute(text("select count(*) from report_findings")).scalar() == 1
-    engine.dispose()
 
 
 def test_mention_offsets_on_real_open_i_reports(shared_data):
