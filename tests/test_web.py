@@ -2,6 +2,7 @@
 Playwright) against the real service: upload, findings, opacity slider, search, more like this."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -39,23 +40,31 @@ def site(tiny_run, radiographs, tmp_path_factory):
         yield base
 
 
-@pytest.fixture(scope="module")
-def page(site):
+@contextlib.contextmanager
+def chromium_page(url: str, width: int, height: int):
+    """A headless Chromium page at `url`; `page.errors` collects the page's script errors and
+    console errors, which the tests assert empty."""
     needs_in_ci(os.path.exists(CHROMIUM), "Chromium")
     from playwright import sync_api  # the `test` extra
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page = browser.new_page(viewport={"width": width, "height": height})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("console", lambda m: m.type == "error" and errors.append(m.text))
             page.set_default_timeout(30_000)
-            page.goto(site + "/")
+            page.goto(url)
             page.errors = errors
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(site):
+    with chromium_page(site + "/", 1280, 1000) as page:
+        yield page
 
 
 def test_upload_see_findings_slide_opacity_search_and_more_like_this(page, radiographs, tmp_path):

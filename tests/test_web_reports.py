@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, needs_in_ci
-from test_web import ARGS, CHROMIUM
+from conftest import ROOT
+from dicom_servers import free_port
+from test_web import chromium_page
 
 # the run reports Opacity on every image and never Pulmonary Atelectasis (thresholds 0 / 2),
 # so each report below plants what the page must show
@@ -41,20 +39,13 @@ def _planted_run(tiny_run: Path, out: Path) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_run, radiographs, tmp_path_factory):
     """(base URL, name -> archive id) of `cxr serve` over an archive `cxr index` filled from a
     folder with a report column."""
-    import httpx
-
     from cxr.archive.db import Archive
     from cxr.cli import main
+    from cxr.service.loadtest import start_server
 
     tmp = tmp_path_factory.mktemp("web_reports")
     folder = tmp / "pacs"
@@ -71,51 +62,24 @@ def served(tiny_run, radiographs, tmp_path_factory):
     with Archive(db) as archive:
         ids = {Path(h.path).stem: h.id for h in archive.search(limit=10)}
     assert set(ids) == set(REPORTS)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    log = open(tmp / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "cxr.cli", "serve", str(run), "--db", db,
-                               "--port", str(port), "--threads", "1", "--log-level", "warning"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
-    base = f"http://127.0.0.1:{port}"
+    server = start_server(run, db, port, threads=1, timeout=120, log=tmp / "serve.log", cwd=tmp,
+                          env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"cxr serve did not start: {(tmp / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield base, ids
+        yield f"http://127.0.0.1:{port}", ids
     finally:
         server.terminate()
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def page(served):
-    needs_in_ci(os.path.exists(CHROMIUM), "Chromium")
-    from playwright import sync_api
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.set_default_timeout(30_000)
-            page.goto(served[0] + "/")
-            page.errors = errors
-            yield page
-        finally:
-            browser.close()
+    with chromium_page(served[0] + "/", 1400, 1100) as page:
+        yield page
 
 
 def test_report_panel_marks_mined_findings_and_the_planted_disagreement(page, served, tmp_path):

@@ -81,24 +81,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: str | Path, db_url: str, port: int, max_batch: int, batch_wait_ms: float,
-                 timeout: float = 300.0, device: str | None = None,
-                 threads: int | None = None) -> subprocess.Popen:
-    """`cxr serve` in a subprocess; returns once /health answers (or raises)."""
+def start_server(run: str | Path, db_url: str, port: int, max_batch: int | None = None,
+                 batch_wait_ms: float | None = None, timeout: float = 300.0,
+                 device: str | None = None, threads: int | None = None,
+                 log: Path | None = None, cwd: Path | None = None,
+                 env: dict | None = None) -> subprocess.Popen:
+    """`cxr serve` in a subprocess; returns once /health answers (or raises, with the tail of
+    `log`, where its output goes, when one is given). Batching left out: the server's defaults."""
     import httpx
 
     cmd = [sys.executable, "-m", "cxr.cli", "serve", str(run), "--db", db_url, "--port", str(port),
-           "--max-batch", str(max_batch), "--batch-wait-ms", str(batch_wait_ms),
            "--log-level", "warning"]
+    if max_batch is not None:
+        cmd += ["--max-batch", str(max_batch)]
+    if batch_wait_ms is not None:
+        cmd += ["--batch-wait-ms", str(batch_wait_ms)]
     if device:
         cmd += ["--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None)
+    out = open(log, "w") if log else None
+    proc = subprocess.Popen(cmd, stdout=out or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT if out else None, cwd=cwd, env=env)
+    if out:
+        out.close()  # the child holds its own copy
+
+    def tail() -> str:
+        return f": {Path(log).read_text(errors='replace')[-2000:]}" if log else ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"cxr serve exited with status {proc.returncode}")
+            raise RuntimeError(f"cxr serve exited with status {proc.returncode}{tail()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
@@ -106,7 +120,7 @@ def start_server(run: str | Path, db_url: str, port: int, max_batch: int, batch_
             pass
         time.sleep(0.2)
     proc.terminate()
-    raise TimeoutError(f"cxr serve did not answer within {timeout:g} s")
+    raise TimeoutError(f"cxr serve did not answer within {timeout:g} s{tail()}")
 
 
 async def _clients(base: str, images: list[Path], seconds: float, clients: int,
