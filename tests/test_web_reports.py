@@ -64,16 +64,16 @@ def served(tiny_run, radiographs, tmp_path_factory):
     assert set(ids) == set(REPORTS)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    server = start_server(run, db, port, threads=1, timeout=120, log=tmp / "serve.log", cwd=tmp,
-                          env=env)
-    try:
-        yield f"http://127.0.0.1:{port}", ids
-    finally:
-        server.terminate()
+    with open(tmp / "serve.log", "w") as log:
+        server = start_server(run, db, port, threads=1, timeout=120, log=log, cwd=tmp, env=env)
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            yield f"http://127.0.0.1:{port}", ids
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -84,10 +84,10 @@ def _free_port() -> int:
 def start_server(run: str | Path, db_url: str, port: int, max_batch: int | None = None,
                  batch_wait_ms: float | None = None, timeout: float = 300.0,
                  device: str | None = None, threads: int | None = None,
-                 log: Path | None = None, cwd: Path | None = None,
-                 env: dict | None = None) -> subprocess.Popen:
+                 log=None, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     """`cxr serve` in a subprocess; returns once /health answers (or raises, with the tail of
-    `log`, where its output goes, when one is given). Batching left out: the server's defaults."""
+    `log`, a file the caller opened for writing, where the server's output then goes). Batching
+    left out: the server's defaults."""
     import httpx
 
     cmd = [sys.executable, "-m", "cxr.cli", "serve", str(run), "--db", db_url, "--port", str(port),
@@ -100,14 +100,11 @@ def start_server(run: str | Path, db_url: str, port: int, max_batch: int | None 
         cmd += ["--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
-    out = open(log, "w") if log else None
-    proc = subprocess.Popen(cmd, stdout=out or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT if out else None, cwd=cwd, env=env)
-    if out:
-        out.close()  # the child holds its own copy
+    proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT if log else None, cwd=cwd, env=env)
 
     def tail() -> str:
-        return f": {Path(log).read_text(errors='replace')[-2000:]}" if log else ""
+        return f": {Path(log.name).read_text(errors='replace')[-2000:]}" if log else ""
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
