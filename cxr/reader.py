@@ -263,13 +263,22 @@ class Reader:
             out[rows] = (self._head[classes] @ flat[b]).reshape(len(rows), h, w)
         return out
 
+    BOX_SUBCELLS = 8  # boxes are found on a grid of 8 x 8 points per cell of the CNN's map
+
+    def box_grid(self, map_size: int) -> int:
+        """Side of the square grid boxes are found on: the model's input size, or 8 points per
+        map cell where that is coarser (a 16x16 map of a 256-px model: 128). A bilinearly
+        upsampled map changes linearly within a cell, so finer points add no box edge worth the
+        time (at 256 px, labelling the input-size grid cost a tenth of DenseNet-121 itself)."""
+        return min(self.image_size, self.BOX_SUBCELLS * int(map_size))
+
     def _boxes(self, heatmaps: np.ndarray, targets: Sequence[str], sizes: Sequence[tuple[int, int]],
                sides: Sequence[str | None] | None = None) -> list[list[Box]]:
-        """Boxes of maps already at the model's input size (`heatmaps_at`), all found at once,
-        each in its image's (h, w) pixels; with a `side` word, only on that side of the patient,
-        from that side's map at its own peak (`half_at_own_peak`; replaced in place: pass maps
-        made for this); "bilateral": the first box of each side's own map, one per lung."""
-        size = self.image_size
+        """Boxes of maps already on the box grid (`heatmaps_at` to `box_grid`), all found at
+        once, each in its image's (h, w) pixels; with a `side` word, only on that side of the
+        patient, from that side's map at its own peak (`half_at_own_peak`; replaced in place:
+        pass maps made for this); "bilateral": the first box of each side's own map, one per lung."""
+        size = heatmaps.shape[-1]
         sides = list(sides or [None] * len(heatmaps))
         for i, side in enumerate(sides):
             if side in ("left", "right"):
@@ -315,8 +324,9 @@ class Reader:
             g = self._ground([0] * len(cols), cols, maps)
             grids = _numpy(g["finding"] if source == "attention" else torch.stack(
                 [m[0] if len(m) else f for m, f in zip(g["words"], g["finding"])]))
-        at_input = heatmaps_at(grids, (self.image_size, self.image_size))
-        return dict(zip(targets, self._boxes(at_input, targets, [(h, w)] * len(targets))))
+        grid = self.box_grid(max(maps.shape[2:]))
+        at_grid = heatmaps_at(grids, (grid, grid))
+        return dict(zip(targets, self._boxes(at_grid, targets, [(h, w)] * len(targets))))
 
     def _ground(self, rows: list[int], labels: list[int], maps: torch.Tensor) -> dict:
         """The grounded annotator on (image row, target) pairs: token lists, word maps and
@@ -411,15 +421,15 @@ class Reader:
             own = set(term_tokens(self.targets[t]))
             parsed[b, t] = parse_term("/".join([self.targets[t]] + [w for w in toks if w not in own])) if toks else None
         # each detected disease's map (the grounded annotator's finding map, else its CAM), all
-        # brought to the model's input size (where boxes are found) at once for the whole batch;
+        # brought to the box grid (`box_grid`) at once for the whole batch;
         # full-size heatmaps are made only when read (`Heatmaps`)
         located = [(b, t) for b, t in pairs if t != normal]
         if grounded:
             small_maps = np.stack([_numpy(grounded[p][0]) for p in located]) if located else None
         else:
             small_maps = self._batch_cams(maps, best, located)
-        size = self.image_size
-        at_input = heatmaps_at(small_maps, (size, size)) if located else None
+        grid = self.box_grid(max(maps.shape[2:]))
+        at_input = heatmaps_at(small_maps, (grid, grid)) if located else None
         where = {pair: i for i, pair in enumerate(located)}
         # on the side its words name (a grounded finding map: where it looked)
         located_boxes = self._boxes(at_input, [self.targets[t] for _, t in located],
