@@ -2,8 +2,9 @@
 base run, on the same patient split and seed, for several seeds; the paired differences (arm minus
 base, per seed) with their spread say what helps.
 
-    python benchmarks/ablation.py --json benchmarks/results/ablation.json          # the full run
-    python benchmarks/ablation.py --reduced --json benchmarks/results/ablation.json  # what fits a busy machine
+    python benchmarks/ablation.py --json benchmarks/results/ablation.json           # every arm, < 1 h on 2 cores
+    python benchmarks/ablation.py --large --json benchmarks/results/ablation.json   # 64 px, twice the epochs
+    python benchmarks/ablation.py --reduced --json benchmarks/results/ablation.json # what fits a busy machine
 
 Arms (base: NIN with batch norm, data dropout, no class weighting, Shin's global GRU annotator, no cascade):
   googlenet, densenet121      the CNN (at the small input the base uses)
@@ -20,8 +21,11 @@ the annotator given the true disease (Shin et al.'s measure of the cascade). The
 compared with its control, every other arm with the base.
 
 Data: the demo's phantom set (1,500 studies at 256 px, seed 0; simulated once into the data cache)
-and its kind of patient split (70/10/20, seeded by the run seed). `--reduced` takes its first 600
-studies at 48 px, 4 epochs, and leaves DenseNet-121 out; the JSON's `settings` say what ran.
+and its kind of patient split (70/10/20, seeded by the run seed). The default trains every arm on
+all of it at 64 px for 6 CNN epochs; `--large` for 8; `--reduced` takes the first 600
+studies and leaves DenseNet-121 out. `--workers` runs (arm, seed) jobs side by side, each with
+its share of the cores (default: 2 workers on 2 or more cores); the JSON's `settings` say what
+ran and `wall_seconds` how long it took from start to end.
 """
 from __future__ import annotations
 
@@ -49,8 +53,11 @@ ARMS = {
     "cascade": {"cascade": True},
 }
 BASELINE_OF = {arm: ("control" if arm == "cascade" else "base") for arm in ARMS if arm != "base"}
-FULL = dict(n=1500, max_images=None, image_size=64, epochs=8, rnn_epochs=20, seeds=3,
-            arms=list(ARMS))
+# the default: every arm, all 1,500 studies, sized to run in under an hour on 2 cores (2 workers)
+DEFAULT = dict(n=1500, max_images=None, image_size=64, epochs=6, rnn_epochs=15, seeds=3,
+               arms=list(ARMS))
+LARGE = dict(n=1500, max_images=None, image_size=64, epochs=8, rnn_epochs=20, seeds=3,
+             arms=list(ARMS))
 REDUCED = dict(n=1500, max_images=600, image_size=48, epochs=4, rnn_epochs=10, seeds=3,
                arms=["base", "googlenet", "no_batch_norm", "no_data_dropout", "class_weighted", "lstm",
                      "control", "cascade"])
@@ -149,6 +156,7 @@ def combine(paths: list[Path], json_out: Path | None) -> int:
     out["combined_from"] = len(parts)
     out["seconds"] = round(sum(r["seconds"] for runs in out["results"].values() for r in runs.values()), 1)
     _finish(out, out["settings"], json_out, time.time(), done=True)
+    out["wall_seconds"] = None  # pieces run apart: no one wall time
     out["seconds"] = round(sum(r["seconds"] for runs in out["results"].values() for r in runs.values()), 1)
     if json_out:
         json_out.write_text(json.dumps(out, indent=1) + "\n")
@@ -177,6 +185,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, default=Path("ablation-runs"), help="runs (resumable)")
+    ap.add_argument("--large", action="store_true", help="8 CNN and 20 RNN epochs (over an hour on 2 cores)")
+    ap.add_argument("--workers", type=int, help="(arm, seed) jobs run side by side (default: 2 on 2+ cores)")
     ap.add_argument("--reduced", action="store_true",
                     help="the first 600 studies, 48 px, 4 epochs, no DenseNet (what a busy 2-core machine allows)")
     ap.add_argument("--arms", help="comma-separated subset of: " + ", ".join(ARMS))
@@ -193,7 +203,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.combine:
         return combine(args.combine, args.json)
-    s = dict(REDUCED if args.reduced else FULL)
+    s = dict(REDUCED if args.reduced else LARGE if args.large else DEFAULT)
     for key in ("seeds", "epochs", "image_size"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
@@ -202,10 +212,9 @@ def main(argv=None) -> int:
         unknown = [a for a in s["arms"] if a not in ARMS]
         if unknown:
             raise SystemExit(f"unknown arm(s): {', '.join(unknown)}")
-    import torch
+    import os
 
     from cxr.sources import open_source
-    from cxr.training import train
 
     data = args.data
     if not data:
@@ -216,24 +225,75 @@ def main(argv=None) -> int:
     if s["max_images"]:
         studies = studies[:s["max_images"]]  # the test split is then that subset's test patients
     work = args.work.expanduser()
-    out = {"settings": s, "data": data, "threads": torch.get_num_threads(), "arms": s["arms"],
+    cores = os.cpu_count() or 1
+    workers = max(1, args.workers or min(2, cores))
+    threads = max(1, cores // workers)
+    s["workers"], s["threads_per_worker"] = workers, threads
+    out = {"settings": s, "data": data, "threads": threads, "arms": s["arms"],
            "baseline_of": {a: BASELINE_OF[a] for a in s["arms"] if a in BASELINE_OF},
-           "results": {}, "differences": {}, "summary": {}}
+           "results": {}, "differences": {}, "summary": {}, "machine": f"{cores} CPU cores"}
     t_all = time.time()
-    for seed in range(args.first_seed, args.first_seed + s["seeds"]):
-        for arm in s["arms"]:
-            t0 = time.time()
-            cfg = base_config(s, data, seed, work / "cache", **ARMS[arm])
-            run = train(cfg, work / f"{arm}-seed{seed}", studies=studies)
-            record = measure(run, studies)
-            record["seconds"] = round(time.time() - t0, 1)
-            out["results"].setdefault(arm, {})[str(seed)] = record
-            print(f"seed {seed} {arm:16s} AUC {M.fmt(record['mean_auc'])} BLEU-4 {M.fmt(record['bleu4'])} "
-                  f"({record['seconds']:.0f} s)", flush=True)
-            _finish(out, s, args.json, t_all, done=False)  # what has run so far survives a stop
+    _image_cache(studies, s, work / "cache")  # once, before the workers share it
+    # the slowest arms first, so that the last jobs left are short ones
+    order = sorted(s["arms"], key=lambda a: -SLOW.get(a, 1))
+    jobs = [(arm, seed) for arm in order for seed in range(args.first_seed, args.first_seed + s["seeds"])]
+    done = 0
+
+    def record(arm: str, seed: int, rec: dict) -> None:
+        nonlocal done
+        done += 1
+        out["results"].setdefault(arm, {})[str(seed)] = rec
+        print(f"[{done}/{len(jobs)}, {time.time() - t_all:.0f} s] seed {seed} {arm:16s} "
+              f"AUC {M.fmt(rec['mean_auc'])} BLEU-4 {M.fmt(rec['bleu4'])} ({rec['seconds']:.0f} s)", flush=True)
+        _finish(out, s, args.json, t_all, done=False)  # what has run so far survives a stop
+
+    if workers == 1:
+        for arm, seed in jobs:
+            record(arm, seed, run_job(s, data, seed, arm, str(work), threads))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(run_job, s, data, seed, arm, str(work), threads): (arm, seed)
+                       for arm, seed in jobs}
+            for future in as_completed(futures):
+                record(*futures[future], future.result())
     _finish(out, s, args.json, t_all, done=True)
     print(readme_block(out))
     return 0
+
+
+# relative cost of an arm (orders the jobs; the two-stage arms train twice)
+SLOW = {"control": 2.2, "cascade": 2.2, "densenet121": 1.5, "googlenet": 1.2}
+
+
+def run_job(s: dict, data: str, seed: int, arm: str, work: str, threads: int) -> dict:
+    """Train and measure one (arm, seed) in this process with `threads` threads (a worker)."""
+    import torch
+
+    from cxr.sources import open_source
+    from cxr.training import train
+
+    torch.set_num_threads(threads)
+    studies = open_source(data)
+    if s["max_images"]:
+        studies = studies[:s["max_images"]]
+    t0 = time.time()
+    cfg = base_config(s, data, seed, Path(work) / "cache", **ARMS[arm])
+    run = train(cfg, Path(work) / f"{arm}-seed{seed}", studies=studies)
+    rec = measure(run, studies)
+    rec["seconds"] = round(time.time() - t0, 1)
+    return rec
+
+
+def _image_cache(studies, s: dict, cache: Path) -> None:
+    """Decode and resize the images once (every run reads the same cache)."""
+    from cxr.dataset import build_cache
+    from cxr.training.prepare import prepare
+
+    prep = prepare(studies, "frontal", (0.7, 0.1, 0.2), 0, 20)
+    build_cache(prep.paths, s["image_size"], cache, 0, False)
 
 
 def _finish(out: dict, s: dict, path: Path | None, t_all: float, done: bool) -> None:
@@ -242,7 +302,7 @@ def _finish(out: dict, s: dict, path: Path | None, t_all: float, done: bool) -> 
         if base and base in out["results"] and arm in out["results"]:
             out["differences"][arm] = {k: paired(out["results"], arm, base, k) for k in ("mean_auc", "bleu4")}
     out["summary"] = {arm: summary(runs) for arm, runs in out["results"].items()}
-    out["seconds"] = round(time.time() - t_all, 1)
+    out["seconds"] = out["wall_seconds"] = round(time.time() - t_all, 1)
     out["complete"] = done
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
