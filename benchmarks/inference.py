@@ -240,8 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=256, help="model input size of the random run")
     ap.add_argument("--input", type=int, default=1024, help="side of the input images (resized by the Reader)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3,
                     help="every measurement this many times, interleaved (a shared machine's load "
                          "then falls on all alike); the median over all rounds is reported")
     ap.add_argument("--engines", nargs="+", default=None, help="default: torch and those installed")
