@@ -27,8 +27,8 @@ from ..errors import CxrError
 
 # The default demo: chosen so that the whole run takes minutes on 2 CPU cores and the detector is
 # clearly better than chance on the phantom's test patients (see the report for the figures).
-DEFAULTS = dict(n=1500, size=256, image_size=128, crop=112, backbone="tiny", epochs=10,
-                cascade_epochs=5, rnn_epochs=40, batch_size=32, min_label_count=20,
+DEFAULTS = dict(n=1500, size=256, image_size=128, crop=112, backbone="tiny", epochs=20,
+                cascade_epochs=10, rnn_epochs=40, batch_size=32, min_label_count=20,
                 min_cluster_members=120, images_per_cluster=60, rnn_hidden=128, rnn_embed=64,
                 lr=3e-3, rnn_lr=5e-3, ground_epochs=12, ground_lr=3e-3, ground_cnn_lr=0.1, attn_dim=64)
 QUICK = dict(n=60, size=128, image_size=64, crop=56, backbone="tiny", epochs=2, cascade_epochs=1,
