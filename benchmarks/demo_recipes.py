@@ -22,15 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TRAIN_KEYS = ("backbone", "image_size", "crop", "epochs", "cascade_epochs", "rnn_epochs", "batch_size",
-              "min_label_count", "min_cluster_members", "images_per_cluster", "rnn_hidden",
-              "rnn_embed", "lr", "rnn_lr", "ground_epochs", "ground_lr", "ground_cnn_lr", "attn_dim", "seed")
-
-
 def run_recipe(name: str, extra: dict, data: str, work: Path, device: str) -> dict:
     import numpy as np
 
-    from cxr.commands.demo import DEFAULTS
+    from cxr.commands.demo import DEFAULTS, TRAIN_KEYS
     from cxr.evaluation import evaluate_run
     from cxr.sources import open_source
     from cxr.training import TrainConfig, train

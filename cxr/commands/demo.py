@@ -35,6 +35,10 @@ QUICK = dict(n=60, size=128, image_size=64, crop=56, backbone="tiny", epochs=2, 
              rnn_epochs=6, batch_size=16, min_label_count=2, min_cluster_members=8,
              images_per_cluster=4, rnn_hidden=32, rnn_embed=16, lr=3e-3, rnn_lr=1e-2,
              ground_epochs=2, ground_lr=3e-3, ground_cnn_lr=0.1, attn_dim=16)
+# the demo's settings that are TrainConfig fields (the rest say what to simulate)
+TRAIN_KEYS = ("backbone", "image_size", "crop", "epochs", "cascade_epochs", "rnn_epochs", "batch_size",
+              "min_label_count", "min_cluster_members", "images_per_cluster", "rnn_hidden",
+              "rnn_embed", "lr", "rnn_lr", "ground_epochs", "ground_lr", "ground_cnn_lr", "attn_dim", "seed")
 STATE = "demo.json"
 # settings that may change when a demo is resumed (training continues from its last epoch)
 RESUMABLE = ("epochs", "cascade_epochs", "rnn_epochs")
@@ -123,11 +127,8 @@ def run_demo(out: str | Path, settings: dict, workers: int = 1, examples: int = 
               f"{settings['epochs']} + {settings['cascade_epochs']} epochs, GRU annotator) "
               f"into {out / 'run'}")
     t0 = time.time()
-    keys = ("backbone", "image_size", "crop", "epochs", "cascade_epochs", "rnn_epochs", "batch_size",
-            "min_label_count", "min_cluster_members", "images_per_cluster", "rnn_hidden",
-            "rnn_embed", "lr", "rnn_lr", "ground_epochs", "ground_lr", "ground_cnn_lr", "attn_dim", "seed")
     config = TrainConfig(data=spec, rnn="gru", device=device or "auto", progress=progress,
-                         num_workers=0, **{k: settings[k] for k in keys})
+                         num_workers=0, **{k: settings[k] for k in TRAIN_KEYS})
     run_dir = train(config, out / "run", studies=studies)
     times.setdefault("train", round(time.time() - t0, 1))
     save()
