@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cxr.service.loadtest import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc", "/usr/local/share/orthanc/plugins")
 
@@ -106,13 +108,7 @@ class Orthanc:
         return len(self.post("/tools/find", {"Level": "Instance", "Query": query}))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
 
 
 def cxr_command(*args: str) -> list[str]:
@@ -165,14 +161,7 @@ class Node:
         self.proc.wait()
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.terminate()
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc, 60)
 
     def journal(self) -> dict:
         from cxr.net.journal import journal_counts

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,7 +44,7 @@ def served(tiny_run, radiographs, tmp_path_factory):
     folder with a report column."""
     from cxr.archive.db import Archive
     from cxr.cli import main
-    from cxr.service.loadtest import start_server
+    from cxr.service.loadtest import start_server, stop_process
 
     tmp = tmp_path_factory.mktemp("web_reports")
     folder = tmp / "pacs"
@@ -69,11 +68,7 @@ def served(tiny_run, radiographs, tmp_path_factory):
         try:
             yield f"http://127.0.0.1:{port}", ids
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_process(server, 20)
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,21 @@ def start_server(run: str | Path, db_url: str, port: int, max_batch: int | None 
     raise TimeoutError(f"cxr serve did not answer within {timeout:g} s{tail()}")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int | None:
+    """Stop a server process started here (or by a test): SIGTERM, then SIGKILL after `timeout`
+    seconds; returns its exit code (None: there was no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 async def _clients(base: str, images: list[Path], seconds: float, clients: int,
                    params: dict) -> tuple[list[float], int, list[str], float]:
     import httpx
@@ -181,11 +196,7 @@ def load_test(run: str | Path, images: list[Path], seconds: float = 60, clients:
                 _clients(base, images, seconds, clients, params))
             after = httpx.get(f"{base}/health", timeout=10).json()["batching"]
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, 30)
     batches = after["batches"] - before["batches"]
     items = after["items"] - before["items"]
     rps = ok / elapsed if elapsed else 0.0
