@@ -233,7 +233,7 @@ def main(argv=None) -> int:
            "baseline_of": {a: BASELINE_OF[a] for a in s["arms"] if a in BASELINE_OF},
            "results": {}, "differences": {}, "summary": {}, "machine": f"{cores} CPU cores"}
     t_all = time.time()
-    _image_cache(studies, s, work / "cache")  # once, before the workers share it
+    _image_cache(studies, base_config(s, data, 0, work / "cache"))  # once, before the workers share it
     # the slowest arms first, so that the last jobs left are short ones
     order = sorted(s["arms"], key=lambda a: -SLOW.get(a, 1))
     jobs = [(arm, seed) for arm in order for seed in range(args.first_seed, args.first_seed + s["seeds"])]
@@ -287,13 +287,14 @@ def run_job(s: dict, data: str, seed: int, arm: str, work: str, threads: int) ->
     return rec
 
 
-def _image_cache(studies, s: dict, cache: Path) -> None:
-    """Decode and resize the images once (every run reads the same cache)."""
+def _image_cache(studies, cfg) -> None:
+    """Decode and resize the images once, as `train` would with `cfg` (every run reads the same
+    cache: the image list does not depend on the seed or the arm)."""
     from cxr.dataset import build_cache
     from cxr.training.prepare import prepare
 
-    prep = prepare(studies, "frontal", (0.7, 0.1, 0.2), 0, 20)
-    build_cache(prep.paths, s["image_size"], cache, 0, False)
+    prep = prepare(studies, cfg.views, cfg.fractions, cfg.seed, cfg.min_label_count)
+    build_cache(prep.paths, cfg.image_size, cfg.cache_dir, 0, False)
 
 
 def _finish(out: dict, s: dict, path: Path | None, t_all: float, done: bool) -> None:

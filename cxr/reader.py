@@ -272,6 +272,11 @@ class Reader:
         time (at 256 px, labelling the input-size grid cost a tenth of DenseNet-121 itself)."""
         return min(self.image_size, self.BOX_SUBCELLS * int(map_size))
 
+    def _on_box_grid(self, cams: np.ndarray) -> np.ndarray:
+        """Maps (N, h, w) -> heatmaps (N, g, g) in [0, 1] on the box grid of their own size."""
+        grid = self.box_grid(max(np.shape(cams)[-2:]))
+        return heatmaps_at(cams, (grid, grid))
+
     def _boxes(self, heatmaps: np.ndarray, targets: Sequence[str], sizes: Sequence[tuple[int, int]],
                sides: Sequence[str | None] | None = None) -> list[list[Box]]:
         """Boxes of maps already on the box grid (`heatmaps_at` to `box_grid`), all found at
@@ -324,9 +329,7 @@ class Reader:
             g = self._ground([0] * len(cols), cols, maps)
             grids = _numpy(g["finding"] if source == "attention" else torch.stack(
                 [m[0] if len(m) else f for m, f in zip(g["words"], g["finding"])]))
-        grid = self.box_grid(max(maps.shape[2:]))
-        at_grid = heatmaps_at(grids, (grid, grid))
-        return dict(zip(targets, self._boxes(at_grid, targets, [(h, w)] * len(targets))))
+        return dict(zip(targets, self._boxes(self._on_box_grid(grids), targets, [(h, w)] * len(targets))))
 
     def _ground(self, rows: list[int], labels: list[int], maps: torch.Tensor) -> dict:
         """The grounded annotator on (image row, target) pairs: token lists, word maps and
@@ -428,11 +431,10 @@ class Reader:
             small_maps = np.stack([_numpy(grounded[p][0]) for p in located]) if located else None
         else:
             small_maps = self._batch_cams(maps, best, located)
-        grid = self.box_grid(max(maps.shape[2:]))
-        at_input = heatmaps_at(small_maps, (grid, grid)) if located else None
+        at_grid = self._on_box_grid(small_maps) if located else None
         where = {pair: i for i, pair in enumerate(located)}
         # on the side its words name (a grounded finding map: where it looked)
-        located_boxes = self._boxes(at_input, [self.targets[t] for _, t in located],
+        located_boxes = self._boxes(at_grid, [self.targets[t] for _, t in located],
                                     [images[b].shape[:2] for b, _ in located],
                                     [parsed[p].side if parsed.get(p) else None for p in located]) if located else []
         results = []

@@ -37,10 +37,10 @@ def test_a_disease_named_on_both_sides_of_one_image_is_taught_bilateral():
              (1, 1, ["opacity", "lung", "left"]),                                        # one side only
              (2, 1, ["opacity", "left"]), (2, 1, ["opacity", "bilateral"]),              # side + both
              (3, 1, ["opacity", "lung", "base"]), (3, 1, ["opacity", "right"])]          # no side + a side
-    got = study_sides(pairs, words, side_ids).tolist()
+    got = study_sides(pairs, {w: i for i, w in enumerate(words)}, side_ids).tolist()
     assert got == [k["bilateral"], k["bilateral"], -100, -100, k["bilateral"], k["bilateral"], -100, -100]
     # a vocabulary without "bilateral" leaves every pair to its own words
-    assert study_sides(pairs, WORDS, field_word_ids(WORDS)["side"]).tolist() == [-100] * len(pairs)
+    assert study_sides(pairs, INDEX, field_word_ids(WORDS)["side"]).tolist() == [-100] * len(pairs)
     # and the loss takes the study's side over the sequence's
     torch.manual_seed(0)
     model = GroundedAnnotator(len(words), 3, 8, field_word_ids(words), hidden=16, embed_dim=8, attn_dim=8,

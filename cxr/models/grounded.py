@@ -409,7 +409,7 @@ def zone_prior(words: list[str]) -> torch.Tensor:
     return w
 
 
-def study_sides(pairs, words: list[str], side_ids: list[int]) -> torch.Tensor:
+def study_sides(pairs, word_index: dict[str, int], side_ids: list[int]) -> torch.Tensor:
     """Per (image, disease, tokens) pair, the side target the whole image supports: where one
     image names a disease on both sides (two terms, "left" and "right", or one side and
     "bilateral"), each of its side-bearing terms is taught "bilateral", since the film shows the
@@ -417,7 +417,8 @@ def study_sides(pairs, words: list[str], side_ids: list[int]) -> torch.Tensor:
     Without this the same image and disease were taught "left" and "right" at once, and the
     per-half presence of one term ("left": the other half holds none) contradicted the other.
     Returns (n_pairs,) indices within `side_ids`, -100 where the pair's own words decide."""
-    names = {words[wid]: k for k, wid in enumerate(side_ids)}
+    position = {wid: k for k, wid in enumerate(side_ids)}
+    names = {w: position[wid] for w, wid in word_index.items() if wid in position}
     out = torch.full((len(pairs),), -100, dtype=torch.long)
     if "bilateral" not in names:
         return out

@@ -162,8 +162,7 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
     train_idx = np.asarray([i for i in train_idx if int(i) in by_image])
     tokens = pad_batch([encode(p[2], word_index) for p in pairs])
     pair_label = torch.tensor([p[1] for p in pairs])
-    words = sorted(word_index, key=word_index.get)
-    pair_side = study_sides(pairs, words, model.field_words["side"])
+    pair_side = study_sides(pairs, word_index, model.field_words["side"])
     for epoch in range(start, epochs):
         seed = _epoch_seed(cfg, phase, epoch)
         torch.manual_seed(seed)
