@@ -221,7 +221,12 @@ def main(argv=None) -> int:
         from cxr.commands.train import _phantom_default
 
         data = _phantom_default(s["n"], 256, 0)
-    studies = open_source(data)
+    from cxr.errors import CxrError
+
+    try:
+        studies = open_source(data)
+    except CxrError as exc:
+        raise SystemExit(f"ablation: {exc}") from None
     if s["max_images"]:
         studies = studies[:s["max_images"]]  # the test split is then that subset's test patients
     work = args.work.expanduser()

@@ -33,6 +33,13 @@ def run_recipe(name: str, extra: dict, data: str, work: Path, device: str) -> di
     s = {**DEFAULTS, "seed": 0, **extra}
     if "image_size" in extra and "crop" not in extra:
         s["crop"] = s["image_size"] - s["image_size"] // 8
+    import dataclasses
+
+    from cxr.errors import CxrError
+
+    unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CxrError(f"recipe {name}: not a training setting: {', '.join(unknown)}")
     other = {k: v for k, v in extra.items() if k not in TRAIN_KEYS}
     studies = open_source(data)
     t0 = time.time()
@@ -85,8 +92,21 @@ def main(argv=None) -> int:
                     "(JSON; `cxr demo`'s defaults at the time)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+
+    def settings_of(text: str, what: str) -> dict:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            ap.error(f"{what} is not JSON ({exc}): {text}")
+        if not isinstance(value, dict):
+            ap.error(f"{what} must be a JSON object of settings, not {text}")
+        return value
+
     if args.collect:
-        out = collect(args.collect, args.machine, args.note, json.loads(args.base))
+        missing = [str(p) for p in args.collect if not p.is_file()]
+        if missing:
+            ap.error(f"no such log: {', '.join(missing)}")
+        out = collect(args.collect, args.machine, args.note, settings_of(args.base, "--base"))
         if args.json:
             args.json.write_text(json.dumps(out, indent=1) + "\n")
         print(table(out["rows"]))
@@ -94,7 +114,12 @@ def main(argv=None) -> int:
     if not (args.data and args.recipe):
         ap.error("give --data and --recipe (or --collect)")
     name, settings = args.recipe
-    row = run_recipe(name, json.loads(settings), args.data, args.work, args.device)
+    from cxr.errors import CxrError
+
+    try:
+        row = run_recipe(name, settings_of(settings, f"recipe {name}"), args.data, args.work, args.device)
+    except CxrError as exc:
+        raise SystemExit(f"demo_recipes: {exc}") from None
     print("RESULT", json.dumps(row), flush=True)
     return 0
 
