@@ -86,6 +86,7 @@ def test_report_panel_marks_mined_findings_and_the_planted_disagreement(page, se
     panel = page.locator("#report-panel")
     expect(panel).to_be_visible()
     expect(page.locator("#report-text")).to_contain_text("Left basilar atelectasis. No pneumothorax.")
+    expect(page.locator("#report-panel .legend")).to_be_visible()
     # the mined finding, highlighted where it stands, named, styled by certainty
     atelectasis = page.locator("#report-text mark.mention.positive")
     expect(atelectasis).to_have_count(1)
@@ -125,6 +126,7 @@ def test_report_panel_marks_mined_findings_and_the_planted_disagreement(page, se
     page.locator(f"#studies li[data-id='{ids['silent']}']").click()
     expect(page.locator("#report-text")).to_have_text("No report for this study.")
     expect(page.locator("#disagreements li")).to_have_count(0)
+    expect(page.locator("#report-panel .legend")).to_be_hidden()  # no marks, no key to them
     assert page.errors == []
     if os.environ.get("CXR_SCREENSHOTS"):
         shutil.copy(tmp_path / "report.png", Path(os.environ["CXR_SCREENSHOTS"]) / "report.png")

@@ -242,6 +242,7 @@ async function loadReport(id) {
   if (r.report) box.replaceChildren(...markedReport(r.report, r.mentions));
   else box.replaceChildren(el("p", { class: "muted" },
     r.report === "" ? "The report was not stored." : "No report for this study."));
+  panel.querySelector(".legend").hidden = !r.report;  // a key to marks only where there are marks
   const list = $("disagreements");
   list.replaceChildren();
   for (const d of r.report_only) list.append(el("li", { class: "report-only" }, `Report says ${d}, the model does not`));
