@@ -8,7 +8,7 @@ import torch
 
 from cxr.models.annotator import decode, encode, pad_batch
 from cxr.models.cnn import create_cnn
-from cxr.models.grounded import GroundedAnnotator, coordinates, field_word_ids, study_sides, zone_masks
+from cxr.models.grounded import GroundedAnnotator, coordinates, field_word_ids, zone_masks
 from cxr.models.localize import (boxes_from_heatmap, half_at_own_peak, side_consistent, side_of_box,
                                   to_heatmap)
 from cxr.records import Box
@@ -26,32 +26,6 @@ def test_coordinates_and_zones_follow_the_image():
     z = zone_masks(6, 6)
     assert z.shape == (11, 36) and z[0].sum() == z[1].sum() == 18
     assert not (z[0] & z[1]).any() and (z[2] | z[3] | z[4]).all()
-
-
-def test_a_disease_named_on_both_sides_of_one_image_is_taught_bilateral():
-    words = WORDS + ["bilateral"]
-    side_ids = field_word_ids(words)["side"]
-    k = {words[wid]: n for n, wid in enumerate(side_ids)}
-    pairs = [(0, 1, ["opacity", "lung", "left"]), (0, 1, ["opacity", "lung", "right"]),  # both sides
-             (0, 2, ["nodule", "right"]),                                               # another disease
-             (1, 1, ["opacity", "lung", "left"]),                                        # one side only
-             (2, 1, ["opacity", "left"]), (2, 1, ["opacity", "bilateral"]),              # side + both
-             (3, 1, ["opacity", "lung", "base"]), (3, 1, ["opacity", "right"])]          # no side + a side
-    got = study_sides(pairs, {w: i for i, w in enumerate(words)}, side_ids).tolist()
-    assert got == [k["bilateral"], k["bilateral"], -100, -100, k["bilateral"], k["bilateral"], -100, -100]
-    # a vocabulary without "bilateral" leaves every pair to its own words
-    assert study_sides(pairs, INDEX, field_word_ids(WORDS)["side"]).tolist() == [-100] * len(pairs)
-    # and the loss takes the study's side over the sequence's
-    torch.manual_seed(0)
-    model = GroundedAnnotator(len(words), 3, 8, field_word_ids(words), hidden=16, embed_dim=8, attn_dim=8,
-                              vocab=words).eval()  # no dropout: the losses compare exactly
-    maps = torch.randn(2, 8, 4, 4)
-    tokens = pad_batch([encode(["opacity", "left"], {w: i for i, w in enumerate(words)})] * 2)
-    labels = torch.tensor([1, 1])
-    own, _ = model.loss(maps, labels, tokens)
-    told, _ = model.loss(maps, labels, tokens, side=torch.tensor([k["bilateral"], -100]))
-    same, _ = model.loss(maps, labels, tokens, side=torch.tensor([-100, -100]))
-    assert float(same) == pytest.approx(float(own)) and float(told) != pytest.approx(float(own))
 
 
 def test_side_consistency_uses_the_pa_convention():

@@ -290,17 +290,13 @@ class GroundedAnnotator(nn.Module):
         return out
 
     def loss(self, maps, labels, tokens, text: torch.Tensor | None = None,
-             text_weight: float = 1.0, side: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             text_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
         """Word cross-entropy + field cross-entropy (+ report cross-attention and its distillation
-        into the finding map when `text` (B, L) report tokens are given). `side` (B,): the side
-        target (index within the side words) where the study says more than the sequence does
-        (`study_sides`), -100 to take it from the tokens. Returns (loss, parts)."""
+        into the finding map when `text` (B, L) report tokens are given). Returns (loss, parts)."""
         logits, _, alpha_f, fields = self(maps, labels, tokens)
         parts = {"words": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
                                           ignore_index=PAD)}
         targets = self.field_targets(tokens)
-        if side is not None and "side" in targets:
-            targets["side"] = torch.where(side >= 0, side, targets["side"])
         for f, lg in fields.items():
             if (targets[f] >= 0).any():
                 parts[f] = F.cross_entropy(lg, targets[f], ignore_index=-100)
@@ -407,29 +403,6 @@ def zone_prior(words: list[str]) -> torch.Tensor:
         for z, v in _ZONE_OF_WORD.get(word, {}).items():
             w[i, z] = ZONE_WEIGHT * v
     return w
-
-
-def study_sides(pairs, word_index: dict[str, int], side_ids: list[int]) -> torch.Tensor:
-    """Per (image, disease, tokens) pair, the side target the whole image supports: where one
-    image names a disease on both sides (two terms, "left" and "right", or one side and
-    "bilateral"), each of its side-bearing terms is taught "bilateral", since the film shows the
-    finding in both lungs and a radiologist reading it says so; a term alone keeps its own side.
-    Without this the same image and disease were taught "left" and "right" at once, and the
-    per-half presence of one term ("left": the other half holds none) contradicted the other.
-    Returns (n_pairs,) indices within `side_ids`, -100 where the pair's own words decide."""
-    position = {wid: k for k, wid in enumerate(side_ids)}
-    names = {w: position[wid] for w, wid in word_index.items() if wid in position}
-    out = torch.full((len(pairs),), -100, dtype=torch.long)
-    if "bilateral" not in names:
-        return out
-    said: dict[tuple[int, int], set[str]] = {}
-    for i, t, tokens in pairs:
-        said.setdefault((int(i), int(t)), set()).update(w for w in tokens if w in names)
-    for k, (i, t, tokens) in enumerate(pairs):
-        both = said[(int(i), int(t))]
-        if any(w in names for w in tokens) and (len(both) > 1 or "bilateral" in both):
-            out[k] = names["bilateral"]
-    return out
 
 
 def field_word_ids(words: list[str]) -> dict[str, list[int]]:

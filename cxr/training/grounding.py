@@ -15,7 +15,7 @@ import torch
 
 from ..preprocess import MEAN, STD, normalise
 from ..models.annotator import encode, pad_batch
-from ..models.grounded import GroundedAnnotator, study_sides
+from ..models.grounded import GroundedAnnotator
 from .loops import Context, _epoch_seed, _resume, _save, cosine_lr, masked_bce, phase_done
 
 _WORD = re.compile(r"[a-z]+")
@@ -162,7 +162,6 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
     train_idx = np.asarray([i for i in train_idx if int(i) in by_image])
     tokens = pad_batch([encode(p[2], word_index) for p in pairs])
     pair_label = torch.tensor([p[1] for p in pairs])
-    pair_side = study_sides(pairs, word_index, model.field_words["side"])
     for epoch in range(start, epochs):
         seed = _epoch_seed(cfg, phase, epoch)
         torch.manual_seed(seed)
@@ -188,7 +187,7 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
             sel = torch.tensor([where[int(pairs[k][0])] for k in ks], device=dev)
             text = texts[ks].to(dev) if texts is not None else None
             g_loss, g_parts = model.loss(maps.float()[sel], pair_label[ks].to(dev), tokens[ks].to(dev),
-                                         text, text_weight, side=pair_side[ks].to(dev))
+                                         text, text_weight)
             loss = loss + g_loss
             for k, v in g_parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * len(b)
