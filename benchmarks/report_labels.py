@@ -12,8 +12,8 @@ patient split, the same demo-like settings; trained twice:
 
 Both are evaluated on the same test images against the TRUE labels: mean AUC (over each run's
 targets, and over the targets both have), and context accuracy (side / location / severity) of the
-detected findings (`cxr evaluate`) and of the annotation written for each true finding given its
-disease (more findings, so a steadier figure). The issue's target: AUC within .02, context within
+detected findings (`cxr evaluate`) and of the annotation written for each disease of the truth
+given that disease (more findings, so a steadier figure). The issue's target: AUC within .02, context within
 .05. Open-i's indexers write lung emphysema under two headings (`Emphysema`, `Pulmonary Emphysema`),
 the miner one; the truth folds them (`cxr.reports.text.HEADING_ALIASES`), for both runs alike.
 Resumable: the set and each run continue where they stopped.
@@ -64,8 +64,8 @@ def _fold(raw: str) -> str:
 
 
 def given_disease_context(run: Path, studies) -> dict:
-    """Context accuracy of the annotation the run writes for each true finding of a test image,
-    given its disease (what the annotator learned, without the detector's misses)."""
+    """Context accuracy of the annotation the run writes for each disease of a test image's truth,
+    given that disease (what the annotator learned, without the detector's misses)."""
     import torch
 
     from cxr import metrics as M
@@ -92,9 +92,11 @@ def given_disease_context(run: Path, studies) -> dict:
         features = reader.forward([load_image(ed.prep.paths[i]) for i, _ in chunk])
         rows, labels = [], []
         for j, (_, truth) in enumerate(chunk):
-            for f in truth:
+            # one annotation per disease of the image, as the Reader writes it: a disease the truth
+            # names on each side is then scored once, left + right as bilateral (`match_findings`)
+            for disease in dict.fromkeys(f.disease for f in truth):
                 rows.append(j)
-                labels.append(t_index[f.disease.lower()])
+                labels.append(t_index[disease.lower()])
         # the grounded annotator writes from the feature maps, Shin's from the pooled embedding
         toks = reader.annotate(features.embeddings[rows], torch.tensor(labels),
                                maps=features.maps[rows] if reader.ground is not None else None)
@@ -272,7 +274,8 @@ def readme_block(res: dict) -> str:
              f"its report text alone (`--labels-from report`, default `--uncertain ignore`), and both are "
              f"scored on the true labels. The mined labels agree with the truth at precision "
              f"{_f(agree['precision'])} and recall {_f(agree['recall'])} (micro, every study). \"Given the disease\": the annotation each run writes for every "
-             f"true finding of a test image, told its disease; \"detected\": what `cxr evaluate` scores, "
+             f"disease of a test image's truth, told the disease (named on each side, it is one finding: "
+             f"left + right scores as bilateral); \"detected\": what `cxr evaluate` scores, "
              f"the findings each run reports (few, so noisy).")
     note = (f"Targets: AUC within {_f(res['target']['auc'])}, context within "
             f"{_f(res['target']['context'])} (mean over the seeds): "
