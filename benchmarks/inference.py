@@ -7,8 +7,9 @@ same precision (float32): every measurement gets the same 1024-px float32 arrays
 preprocesses them with `cxr.preprocess` to the model's input size (decoding is left out for all
 alike), so a ratio says what the cascade's extra outputs cost, not what a baseline was spared.
 
-With `--before COMMIT` the Reader of that commit (its cxr/reader.py, from git) is measured too,
-with the torch engine: the speed-up of the current Reader over it is then a ratio in one run.
+With `--before COMMIT` the Reader of that commit (its cxr/reader.py, annotator and CAM/box code,
+from git) is measured too, with the torch engine: the speed-up of the current Reader over it is
+then a ratio in one run.
 With `--micro-batches 1 4 8 32` the Reader's own forward pass is also measured with each of those
 CNN call sizes (`Reader.micro_batch`) at each batch: what `Reader.CPU_MICRO_BATCH` is chosen from.
 The JSON's `summary` holds the ratios the targets are about: per engine, images/s at the largest
@@ -88,25 +89,40 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+#: the modules the Reader's own work after the CNN lives in, taken from `--before`'s commit too
+BEFORE_MODULES = ("cxr.models.annotator", "cxr.models.localize")
+
+
 def _reader_class(commit: str | None):
-    """The Reader class of the working tree, or of `commit` (its reader.py loaded from git
-    inside the current cxr package, so it uses today's helpers as it did then)."""
+    """The Reader class of the working tree, or of `commit`: its reader.py, annotator
+    (`cxr.models.annotator`) and CAM/box code (`cxr.models.localize`) loaded from git inside the
+    current cxr package (the network, preprocessing and checkpoint code are today's). Only ever
+    called in a measurement's own process: the old modules replace today's in `sys.modules`."""
     if not commit:
         from cxr.reader import Reader
 
         return Reader
+    import importlib
     import importlib.util
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{commit}:cxr/reader.py"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
-    spec = importlib.util.spec_from_loader("cxr._reader_before", loader=None)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "cxr"
-    sys.modules[spec.name] = module
-    exec(compile(source, f"{commit}:cxr/reader.py", "exec"), module.__dict__)
-    return module.Reader
+
+    def load(name: str, path: str):
+        source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, check=True,
+                                capture_output=True, text=True).stdout
+        spec = importlib.util.spec_from_loader(name, loader=None)
+        module = importlib.util.module_from_spec(spec)
+        module.__package__ = name.rpartition(".")[0]
+        sys.modules[name] = module
+        exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
+        return module
+
+    for name in BEFORE_MODULES:
+        importlib.import_module(name.rpartition(".")[0])
+        setattr(sys.modules[name.rpartition(".")[0]], name.rpartition(".")[2],
+                load(name, name.replace(".", "/") + ".py"))
+    return load("cxr._reader_before", "cxr/reader.py").Reader
 
 
 def measure(job: dict) -> dict:

@@ -80,18 +80,20 @@ class Reader:
     """A trained run, ready to read images. Everything it knows about the run is `spec` (a
     `cxr.runspec.RunSpec`); `tensors` are the run's weights ("cnn.*", "rnn.*"). `gate`: True for
     the shipped quality gate (loaded once, on first use), a `QualityGate` to use that one, False
-    for none. `micro_batch`: images per CNN call (default: `CPU_MICRO_BATCH` on the CPU, the
-    whole batch on a GPU)."""
+    for none. `micro_batch`: images per CNN call (default: the engine's `CPU_MICRO_BATCH` on the
+    CPU, the whole batch on a GPU)."""
 
-    #: Images per CNN call on the CPU, for every engine. A DenseNet-121 at batch 32 keeps 32
+    #: Images per CNN call on the CPU, per engine. A DenseNet-121 at batch 32 keeps 32
     #: images' concatenated feature maps alive per dense block (4 MB per image in the first
     #: block at 256 px) and spills the CPU's caches: on 2 cores (32 MB L3) it read fewer images
     #: per second at batch 32 than at batch 1. Batches are cut into calls of this size (scores
     #: bit-identical). Measured there, torch channels-last, 32 images: calls of 8 were the
     #: fastest on a quiet machine (18 images/s; 15 in calls of 1, 3 in calls of 16 or 32); under
     #: a load of 7 on the 2 cores larger calls did better (calls of 8: 1.6, 32: 2.0, 1: 1.0) and
-    #: ONNX Runtime was within noise from 4 to 32.
-    CPU_MICRO_BATCH = 8
+    #: ONNX Runtime was within noise from 2 to 8 (and slower in calls of 32). OpenVINO, compiled
+    #: for latency, was fastest in calls of 1 (21.8 images/s against 18.7-20.2 in calls of 8,
+    #: two rounds on a quiet machine).
+    CPU_MICRO_BATCH = {"torch": 8, "onnxruntime": 8, "openvino": 1}
 
     def __init__(self, spec: RunSpec, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
                  model_id: str = "", amp: bool = True, gate=True, engine: str = "torch",
@@ -132,7 +134,7 @@ class Reader:
         self._channels_last = self.device.type == "cpu" and engine == "torch"
         if self._channels_last:
             self.cnn.to(memory_format=torch.channels_last)
-        self.micro_batch = micro_batch or (self.CPU_MICRO_BATCH if self.device.type == "cpu" else None)
+        self.micro_batch = micro_batch or (self.CPU_MICRO_BATCH[engine] if self.device.type == "cpu" else None)
         self.rnn.to(self.device).eval()
         self.model_id = model_id or spec.model_name
         # the head's weights as one array: CAMs of a whole batch are then a few small products

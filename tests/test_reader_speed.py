@@ -112,3 +112,21 @@ def test_boxes_of_a_stack_are_the_boxes_of_each_map():
         assert boxes_from_heatmaps(heat, labels, params) == \
             [boxes_from_heatmap(heat[i], labels[i], params) for i in range(n)]
     assert boxes_from_heatmaps(np.zeros((0, 8, 8), np.float32), []) == []
+
+
+def test_the_annotators_gru_step_with_looked_up_input_gates_is_nn_gru():
+    """Greedy decoding reads each word's input gates from a table (`Annotator._gru_step`); the
+    state and the words must be those of `nn.GRU`, and new weights must remake the table."""
+    from cxr.models.annotator import Annotator
+
+    torch.manual_seed(3)
+    ann = Annotator(30, 6, 24, 64, 16, "gru").eval()
+    emb, labels = torch.randn(9, 24), torch.randint(0, 6, (9,))
+    words = torch.randint(0, 30, (9,))
+    with torch.no_grad():
+        for _ in range(2):
+            state = ann.init_state(emb, labels)
+            _, want = ann.rnn(ann.word(words).unsqueeze(1), state)
+            _, got = ann._step(words, state)
+            assert torch.allclose(got, want, atol=1e-6)
+            ann.word.weight.mul_(1.5)  # changed in place: the table must follow
