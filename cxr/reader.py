@@ -62,7 +62,7 @@ from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
 from .operating import decide
-from .runspec import RunSpec
+from .runspec import LocalizeParams, RunSpec
 
 NORMAL = "normal"
 
@@ -280,7 +280,7 @@ class Reader:
         return heatmaps_at(cams, (grid, grid))
 
     def _boxes(self, heatmaps: np.ndarray, targets: Sequence[str], sizes: Sequence[tuple[int, int]],
-               sides: Sequence[str | None] | None = None) -> list[list[Box]]:
+               sides: Sequence[str | None] | None = None, params: LocalizeParams | None = None) -> list[list[Box]]:
         """Boxes of maps already on the box grid (`heatmaps_at` to `box_grid`), all found at
         once, each in its image's (h, w) pixels; with a `side` word, only on that side of the
         patient, from that side's map at its own peak (`half_at_own_peak`; replaced in place:
@@ -295,7 +295,7 @@ class Reader:
             halves = np.stack([half_at_own_peak(heatmaps[i], s) for i in both for s in ("right", "left")])
             heatmaps = np.concatenate([heatmaps, halves])
             targets = list(targets) + [targets[i] for i in both for _ in range(2)]
-        found = boxes_from_heatmaps(heatmaps, targets, self.spec.localization)
+        found = boxes_from_heatmaps(heatmaps, targets, params or self.spec.localization)
         for k, i in enumerate(both):
             n = len(sides)
             found[i] = found[n + 2 * k][:1] + found[n + 2 * k + 1][:1]
@@ -304,13 +304,15 @@ class Reader:
     SOURCES = ("cam", "attention", "word")
 
     @torch.no_grad()
-    def localise(self, image, targets: Sequence[str], source: str = "cam") -> dict[str, list[Box]]:
+    def localise(self, image, targets: Sequence[str], source: str = "cam",
+                 boxes: LocalizeParams | None = None) -> dict[str, list[Box]]:
         """Boxes of each named target on one image (path or array), whether the target is
         detected or not: the ChestX-ray8 protocol localises the disease an image is known to
         have. Boxes of detected findings come with `reader(image)` already. `source`: "cam"
         (class activation map), "attention" (the grounded annotator's finding map, the image
         branch taught by the report cross-attention) or "word" (its map while writing the
-        finding's word); the last two need a grounded run."""
+        finding's word); the last two need a grounded run. `boxes`: how maps become boxes
+        (default: the run's; `cxr.models.localize.chestxray8_params()`: ChestX-ray8's)."""
         if not targets:
             return {}
         unknown = [t for t in targets if t not in self.targets]
@@ -331,7 +333,8 @@ class Reader:
             g = self._ground([0] * len(cols), cols, maps)
             grids = _numpy(g["finding"] if source == "attention" else torch.stack(
                 [m[0] if len(m) else f for m, f in zip(g["words"], g["finding"])]))
-        return dict(zip(targets, self._boxes(self._on_box_grid(grids), targets, [(h, w)] * len(targets))))
+        return dict(zip(targets, self._boxes(self._on_box_grid(grids), targets, [(h, w)] * len(targets),
+                                             params=boxes)))
 
     def _ground(self, rows: list[int], labels: list[int], maps: torch.Tensor) -> dict:
         """The grounded annotator on (image row, target) pairs: token lists, word maps and

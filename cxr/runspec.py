@@ -65,11 +65,21 @@ class Preprocessing:
 class LocalizeParams:
     """CAM heatmap -> boxes (`cxr.models.localize`): `threshold` on the [0, 1] heatmap;
     components smaller than `min_area` (fraction of the image) are dropped; at most `max_boxes`
-    per finding, by CAM mass."""
+    per finding, by CAM mass. `also`: further thresholds whose components are boxes too, listed
+    after the first threshold's (ChestX-ray8 thresholds its heatmaps at 180/255 and at 60/255:
+    `cxr.models.localize.CHESTXRAY8_THRESHOLDS`)."""
 
     threshold: float = 0.5
     max_boxes: int = 2
     min_area: float = 0.002
+    also: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "also", tuple(float(t) for t in self.also))
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return (float(self.threshold), *self.also)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -12,6 +12,7 @@ from cxr.models.grounded import GroundedAnnotator, coordinates, field_word_ids, 
 from cxr.models.localize import (boxes_from_heatmap, half_at_own_peak, side_consistent, side_of_box,
                                   to_heatmap)
 from cxr.records import Box
+from cxr.runspec import LocalizeParams
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "opacity", "nodule", "lung", "base", "upper lobe",
          "left", "right"]
@@ -240,9 +241,16 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
     heat[size // 2:size // 2 + 8, 8:16] = 1.0
     heat[size // 2:size // 2 + 8, size - 16:size - 8] = 0.3
     sides = ["left", "right", "bilateral", None]
-    found = reader._boxes(np.stack([heat] * 4), ["Opacity"] * 4, [(2 * size, 2 * size)] * 4, sides)
+    one = LocalizeParams(0.5)  # one threshold: one box per blob above it
+    found = reader._boxes(np.stack([heat] * 4), ["Opacity"] * 4, [(2 * size, 2 * size)] * 4, sides, one)
     said = [sorted(side_of_box(b, 2 * size) for b in boxes) for boxes in found]
     assert said == [["left"], ["right"], ["left", "right"], ["right"]], said
+    # the run's own rule (ChestX-ray8's two thresholds: the weak blob is a region at 60/255) keeps
+    # every box of a sided word on its side, and one box per side for "bilateral"
+    found = reader._boxes(np.stack([heat] * 4), ["Opacity"] * 4, [(2 * size, 2 * size)] * 4, sides)
+    said = [sorted(side_of_box(b, 2 * size) for b in boxes) for boxes in found]
+    assert [set(s) for s in said] == [{"left"}, {"right"}, {"left", "right"}, {"left", "right"}], said
+    assert said[2] == ["left", "right"], said
     boxed = next(i for i in range(len(ed.prep.paths)) if ed.truth_boxes(i))
     label = ed.truth_boxes(boxed)[0].label
     for source in ("cam", "attention", "word"):

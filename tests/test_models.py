@@ -197,6 +197,24 @@ def test_cam_boxes_on_a_synthetic_map():
     assert up[35, 35] > up[5, 5]
 
 
+def test_chestxray8_boxes_come_from_both_of_its_thresholds():
+    """Wang et al.'s extraction: a box around every region above 180/255, then above 60/255."""
+    from cxr.models.localize import boxes_from_heatmaps, chestxray8_params
+
+    heat = np.zeros((100, 120), dtype=np.float32)
+    heat[20:80, 10:70] = 0.4        # a broad region, between 60 and 180 of 255
+    heat[40:50, 30:45] = 1.0        # its bright core
+    heat[5:15, 100:115] = 0.8       # a separate bright speck
+    params = chestxray8_params(max_boxes=3, min_area=0.001)
+    boxes = [(b.x, b.y, b.w, b.h) for b in boxes_from_heatmap(heat, "Mass", params)]
+    assert boxes == [(30, 40, 15, 10), (100, 5, 15, 10), (10, 20, 60, 60), (100, 5, 15, 10)]
+    # the stack version gives the same boxes, map by map
+    stacked = boxes_from_heatmaps(np.stack([heat, heat[::-1]]), ["Mass", "Mass"], params)
+    assert [(b.x, b.y, b.w, b.h) for b in stacked[0]] == boxes and len(stacked[1]) == 4
+    # one threshold (the default) gives only the first kind
+    assert [(b.x, b.y) for b in boxes_from_heatmap(heat, "Mass", LocalizeParams(0.5, 3, 0.001))] == [(30, 40), (100, 5)]
+
+
 def test_data_dropout_keeps_expected_fraction():
     from cxr.dataset import data_dropout_indices, normal_keep_probability
 

@@ -63,7 +63,9 @@ def test_interrupted_run_resumes_and_finishes(tmp_path, studies):
     assert len(config["refined"]["names"]) == config["architecture"]["num_classes"] > 3  # the cascade split labels
     assert all(0 <= p < 3 for p in config["refined"]["parents"])
     assert config["vocabulary"][:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "opacity" in config["vocabulary"]
-    assert config["localization"]["threshold"] == 0.5
+    # ChestX-ray8's box rule, the default: thresholds 180 and 60 of 255
+    assert config["localization"]["threshold"] == pytest.approx(180 / 255)
+    assert config["localization"]["also"] == [pytest.approx(60 / 255)]
     assert config["data"]["spec"] == "folder:synthetic" and config["data"]["split_seed"] == 0
     patients = config["data"]["patients"]
     assert not set(patients["train"]) & set(patients["test"])
@@ -95,13 +97,17 @@ def test_without_cascade_and_with_class_weights(tmp_path, studies):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"broken")
     broken = dataclasses.replace(studies[0], id="broken", images=[dataclasses.replace(studies[0].images[0], path=bad)])
-    out = train(_config(cascade=False, class_weighted=True, data_dropout=False, rnn="lstm"), tmp_path / "r",
-                studies=[*studies, broken])
+    out = train(_config(cascade=False, class_weighted=True, data_dropout=False, rnn="lstm", boxes="threshold",
+                        localize_threshold=0.4), tmp_path / "r", studies=[*studies, broken])
     config = json.loads((out / "config.json").read_text())
     assert list(config["data"]["unreadable"]) == [str(bad)]
     assert config["stage"] == "stage1" and not (out / "stage1").exists()
     assert config["architecture"]["rnn"] == "lstm"
     assert config["train_config"]["class_weighted"] is True
+    # the box rule is stored in the run: here one threshold (the default is ChestX-ray8's, below)
+    from cxr.checkpoint import load_spec
+
+    assert load_spec(out).localization.thresholds == (0.4,)
 
 
 def test_image_cache_is_built_once(tmp_path, studies):
@@ -131,6 +137,8 @@ def test_config_checks():
         TrainConfig(image_size=128, crop=224)
     with pytest.raises(CxrError, match="fractions"):
         TrainConfig(fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(CxrError, match="unknown boxes"):
+        TrainConfig(boxes="yolo")
     assert TrainConfig.from_dict(TrainConfig(epochs=3).to_dict()).epochs == 3
 
 
@@ -228,6 +236,10 @@ def test_same_config_same_weights(tmp_path, studies):
     a = train(cfg, tmp_path / "a", studies=studies)
     b = train(cfg, tmp_path / "b", studies=studies)
     assert weights_hash(a) == weights_hash(b)
+    from cxr.checkpoint import load_spec
+    from cxr.models.localize import CHESTXRAY8_THRESHOLDS
+
+    assert load_spec(a).localization.thresholds == pytest.approx(CHESTXRAY8_THRESHOLDS)  # the default box rule
     c = train(_config(epochs=1, rnn_epochs=2, cascade=False, seed=1), tmp_path / "c", studies=studies)
     assert weights_hash(c) != weights_hash(a)
 

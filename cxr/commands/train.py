@@ -46,6 +46,9 @@ HELP = {
     "operating_point": "what the study-level normal/abnormal threshold is chosen for on the validation "
                        "patients: sensitivity=S, specificity=S or f1",
     "pooling": "CNN head pooling: avg (CAM) | lse (ChestX-ray8 log-sum-exp)",
+    "boxes": "how heatmaps become boxes: chestxray8 (the paper's: a box around each region above 180/255 "
+             "and each above 60/255; better by IoBB and IoU on phantom and real films) | threshold (one "
+             "threshold, --localize-threshold)",
     "lse_r": "sharpness of LSE pooling (small: average, large: max)",
     "transition": "ChestX-ray8 transition layer width before pooling (0: none)",
     "annotator": "grounded (attends over the feature map; words from where it looks) | global (Shin's)",

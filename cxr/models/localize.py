@@ -2,8 +2,9 @@
 
 CAM (Zhou et al. 2016): with global average pooling and a linear head, the score of class k is the
 mean over positions of sum_c w_kc * f_c(x, y), so ``sum_c w_kc f_c`` is a map of where the evidence
-for k lies. ChestX-ray8 normalises that map, thresholds it and puts a box around each connected
-component; so do we.
+for k lies. ChestX-ray8 normalises that map to [0, 255], thresholds it at 60 and at 180 and puts a
+box around each isolated region of either binary map; `cxr train --boxes chestxray8` does the same
+(`CHESTXRAY8_THRESHOLDS`), the default one threshold (`LocalizeParams.threshold`, 0.5).
 """
 from __future__ import annotations
 
@@ -33,11 +34,29 @@ def to_heatmap(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return (up / top if top > 0 else up).cpu().numpy().astype(np.float32)
 
 
+#: ChestX-ray8's box extraction (Wang et al. 2017, sec. 4.3): heatmaps in [0, 255] thresholded at
+#: 180 and at 60, a box around every isolated region of each; here at most `max_boxes` per threshold
+CHESTXRAY8_THRESHOLDS = (180 / 255, 60 / 255)
+
+
+def chestxray8_params(max_boxes: int = 2, min_area: float = 0.002) -> LocalizeParams:
+    """Box extraction as ChestX-ray8 does it: the tight regions (180/255) first, then the broad."""
+    return LocalizeParams(CHESTXRAY8_THRESHOLDS[0], max_boxes, min_area, CHESTXRAY8_THRESHOLDS[1:])
+
+
 def boxes_from_heatmap(heatmap: np.ndarray, label: str, params: LocalizeParams | None = None) -> list[Box]:
     """Threshold the heatmap, label 8-connected components, one box per component (largest
-    CAM mass first), in the heatmap's pixel coordinates."""
+    CAM mass first), in the heatmap's pixel coordinates; then the same at each further
+    threshold of `params.also`."""
     params = params or LocalizeParams()
-    mask = heatmap >= params.threshold
+    boxes = []
+    for threshold in params.thresholds:
+        boxes += _boxes_at(heatmap, label, params, threshold)
+    return boxes
+
+
+def _boxes_at(heatmap: np.ndarray, label: str, params: LocalizeParams, threshold: float) -> list[Box]:
+    mask = heatmap >= threshold
     components, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
         return []
@@ -73,9 +92,18 @@ def boxes_from_heatmaps(heatmaps: np.ndarray, labels: Sequence[str],
     params = params or LocalizeParams()
     heatmaps = np.asarray(heatmaps)
     out: list[list[Box]] = [[] for _ in range(len(heatmaps))]
+    for threshold in params.thresholds:
+        for boxes, more in zip(out, _stack_boxes_at(heatmaps, labels, params, threshold)):
+            boxes += more
+    return out
+
+
+def _stack_boxes_at(heatmaps: np.ndarray, labels: Sequence[str], params: LocalizeParams,
+                    threshold: float) -> list[list[Box]]:
+    out: list[list[Box]] = [[] for _ in range(len(heatmaps))]
     if not len(heatmaps):
         return out
-    mask = heatmaps >= params.threshold
+    mask = heatmaps >= threshold
     components, n = ndimage.label(mask, structure=_IN_PLANE)
     if n == 0:
         return out

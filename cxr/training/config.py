@@ -57,8 +57,9 @@ class TrainConfig:
     ground_cnn_lr: float = 0.1       # the CNN's share of ground_lr in that phase: keeps detection from drifting
     attn_dim: int = 128              # the grounded annotator's region/attention width
     report_text: bool = True         # train with report cross-attention (Bhalodia et al. 2021)
-    localize_threshold: float = 0.5  # heatmap threshold for boxes
-    max_boxes: int = 2
+    boxes: str = "chestxray8"        # chestxray8 (a box per region above 180/255 and above 60/255) | threshold
+    localize_threshold: float = 0.5  # the heatmap threshold of --boxes threshold
+    max_boxes: int = 2               # per finding and threshold
     cache_dir: str | None = None     # image cache (default RUN/cache)
     progress: bool = True
     max_images: int | None = None    # use only the first N studies' images (quick trials)
@@ -80,6 +81,8 @@ class TrainConfig:
             raise CxrError(f"unknown annotator {self.annotator!r}; choose grounded or global")
         if self.views not in ("frontal", "lateral", "all"):
             raise CxrError(f"unknown views {self.views!r}; choose frontal, lateral or all")
+        if self.boxes not in ("threshold", "chestxray8"):
+            raise CxrError(f"unknown boxes {self.boxes!r}; choose threshold or chestxray8")
         if self.labels not in ("diseases", "shin2016"):
             raise CxrError(f"unknown labels {self.labels!r}; choose diseases or shin2016")
         if self.labels_from not in ("labels", "report"):

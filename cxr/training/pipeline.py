@@ -28,6 +28,7 @@ from ..errors import CxrError
 from ..models.annotator import Annotator
 from ..models.cascade import RefinedLabels, output_probabilities, refine, to_original
 from ..models.cnn import create_cnn, load_pretrained
+from ..models.localize import chestxray8_params
 from ..preprocess import MEAN, STD, STRETCH
 from ..records import MAX_TOKENS, Study
 from ..runspec import Architecture, Calibration, DataSpec, LabelMining, LocalizeParams, Preprocessing, RunSpec
@@ -422,7 +423,8 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         calibration=Calibration(method="platt", params=calibration),
         thresholds=thresholds,
         threshold_rule=rule,
-        localization=LocalizeParams(cfg.localize_threshold, cfg.max_boxes),
+        localization=(chestxray8_params(cfg.max_boxes) if cfg.boxes == "chestxray8"
+                      else LocalizeParams(cfg.localize_threshold, cfg.max_boxes)),
         validation=metrics,
         train_config=cfg.to_dict(),
         pretrained=ctx.progress.get("pretrained"),
