@@ -54,7 +54,8 @@ def random_run(out: Path, backbone: str, image_size: int) -> Path:
     from cxr.models.cnn import create_cnn
     from cxr.preprocess import MEAN, STD, STRETCH
     from cxr.records import MAX_TOKENS
-    from cxr.runspec import Architecture, Calibration, DataSpec, LocalizeParams, Preprocessing, RunSpec
+    from cxr.models.localize import chestxray8_params
+    from cxr.runspec import Architecture, Calibration, DataSpec, Preprocessing, RunSpec
 
     torch.manual_seed(0)
     cnn = create_cnn(backbone, len(TARGETS))
@@ -71,7 +72,7 @@ def random_run(out: Path, backbone: str, image_size: int) -> Path:
         calibration=Calibration(method="platt", params={t: [1.0, 0.0] for t in TARGETS}),
         thresholds={t: 0.0 for t in TARGETS},  # every disease detected: the worst case
         threshold_rule="all 0: every disease detected",
-        localization=LocalizeParams(threshold=0.5, max_boxes=2, min_area=0.002),
+        localization=chestxray8_params(),  # the default box rule: two thresholds, two labellings
         validation={}, train_config={}, pretrained=None,
         data=DataSpec(spec="", views="frontal", split_seed=0, fractions=[1.0, 0.0, 0.0],
                       patients={"train": [], "val": [], "test": []}, counts={}, unreadable={},
