@@ -288,14 +288,16 @@ def main(argv=None) -> int:
                          for t in FINDINGS},
         "settings": {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
                      "lr": args.lr, "class_weighted": args.class_weighted, "pooling": args.pooling,
-                     "pretrain_epochs": args.pretrain_epochs, "ensemble": args.ensemble, **args.set,
+                     "pretrain_epochs": args.pretrain_epochs, "phantom_n": args.phantom_n,
+                     "ensemble": args.ensemble, **args.set,
                      "inner_split": "85/15 of the training patients (validation for calibration "
                                     "and thresholds)"},
         "modes": {},
         "published": {"wang2017_auc": M.WANG2017_AUC,
                       "wang2017_auc_mean": float(np.mean(list(M.WANG2017_AUC.values()))),
                       "wang2017_iobb_0.5": M.WANG2017_IOBB_05,
-                      "wang2017_iobb_0.5_mean": float(np.mean(list(M.WANG2017_IOBB_05.values())))},
+                      "wang2017_iobb_0.5_mean": float(np.mean(list(M.WANG2017_IOBB_05.values()))),
+                      "wang2017_training_images": 108948},
     }
     print(f"{len(studies)} images of {len(set(patients))} patients, {args.folds} folds by patient",
           flush=True)
