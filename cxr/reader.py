@@ -314,7 +314,7 @@ class Reader:
         (class activation map), "attention" (the grounded annotator's finding map, the image
         branch taught by the report cross-attention) or "word" (its map while writing the
         finding's word); the last two need a grounded run. `boxes`: how maps become boxes
-        (default: the run's; `cxr.models.localize.chestxray8_params()`: ChestX-ray8's)."""
+        (default: the run's own rule; e.g. `LocalizeParams(0.5)` for one threshold)."""
         if not targets:
             return {}
         unknown = [t for t in targets if t not in self.targets]

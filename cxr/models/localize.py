@@ -3,8 +3,9 @@
 CAM (Zhou et al. 2016): with global average pooling and a linear head, the score of class k is the
 mean over positions of sum_c w_kc * f_c(x, y), so ``sum_c w_kc f_c`` is a map of where the evidence
 for k lies. ChestX-ray8 normalises that map to [0, 255], thresholds it at 60 and at 180 and puts a
-box around each isolated region of either binary map; `cxr train --boxes chestxray8` does the same
-(`CHESTXRAY8_THRESHOLDS`), the default one threshold (`LocalizeParams.threshold`, 0.5).
+box around each isolated region of either binary map; runs do the same by default
+(`CHESTXRAY8_THRESHOLDS`, `cxr train --boxes chestxray8`), or use one threshold
+(`--boxes threshold`, `LocalizeParams.threshold`).
 """
 from __future__ import annotations
 
