@@ -18,9 +18,12 @@ the `--before` Reader's.
 
     python benchmarks/inference.py [--run RUN] [--backbone densenet121] [--before COMMIT] [--json OUT]
 
-Without --run a run with random weights is written (the timing does not depend on the weights,
-but thresholds are set low so that every image gets several findings, each with an annotation,
-a heatmap and boxes: the worst case). Each measurement runs in its own process, so the peak
+Without --run two runs with random weights are written, with the same CNN: one with Shin's
+global annotator and one with the grounded annotator (`cxr train`'s default, which attends over
+the feature map at every word); the Reader of each is measured (the timing does not depend on the
+weights, but thresholds are set low so that every image gets seven findings, each with an
+annotation, a heatmap and boxes: the worst case). The summary's `grounded_annotator` holds the
+second run's ratios. Each measurement runs in its own process, so the peak
 memory (resident set, or CUDA max allocated) is that measurement's own.
 """
 from __future__ import annotations
@@ -44,8 +47,12 @@ WORDS = ["<pad>", "<start>", "<end>", "<unk>", "normal", "opacity", "lung", "bas
          "mild", "moderate", "cardiomegaly", "pleural effusion", "small", "upper lobe", "nodule"]
 
 
-def random_run(out: Path, backbone: str, image_size: int) -> Path:
-    """A complete run directory with random weights (the Reader's checkpoint format)."""
+ATTN_DIM = 128  # `cxr train`'s default width of the grounded annotator
+
+
+def random_run(out: Path, backbone: str, image_size: int, annotator: str = "grounded") -> Path:
+    """A complete run directory with random weights (the Reader's checkpoint format), with the
+    annotator `cxr train` gives by default (grounded) or Shin's global one."""
     import torch
 
     from cxr.checkpoint import prefixed, save_run
@@ -60,11 +67,19 @@ def random_run(out: Path, backbone: str, image_size: int) -> Path:
     torch.manual_seed(0)
     cnn = create_cnn(backbone, len(TARGETS))
     rnn = Annotator(len(WORDS), len(TARGETS), cnn.num_features, 512, 256, "gru")
+    weights = {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())}
+    if annotator == "grounded":
+        from cxr.models.grounded import GroundedAnnotator, field_word_ids
+
+        ground = GroundedAnnotator(len(WORDS), len(TARGETS), cnn.num_features, field_word_ids(WORDS),
+                                   512, 256, "gru", ATTN_DIM, vocab=WORDS)
+        weights.update(prefixed("ground", ground.state_dict()))
     spec = RunSpec(
         stage="random", cxr_version="bench", created="", seed=0,
         architecture=Architecture(backbone=backbone, num_classes=len(TARGETS), in_chans=1,
                                   image_dim=cnn.num_features, rnn="gru", rnn_hidden=512, rnn_embed=256,
-                                  vocab_size=len(WORDS), num_labels=len(TARGETS), max_tokens=MAX_TOKENS),
+                                  vocab_size=len(WORDS), num_labels=len(TARGETS), max_tokens=MAX_TOKENS,
+                                  annotator=annotator, attn_dim=ATTN_DIM if annotator == "grounded" else 0),
         targets=TARGETS,
         refined=RefinedLabels.identity(TARGETS),
         vocabulary=WORDS,
@@ -78,8 +93,7 @@ def random_run(out: Path, backbone: str, image_size: int) -> Path:
                       patients={"train": [], "val": [], "test": []}, counts={}, unreadable={},
                       label_counts={}),
     )
-    return save_run(out, {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())},
-                    spec)
+    return save_run(out, weights, spec)
 
 
 def _peak_mb(device) -> float:
@@ -178,6 +192,7 @@ def measure(job: dict) -> dict:
     med = statistics.median(times)
     return {"kind": job["kind"], "engine": job.get("engine", "torch"), "commit": job.get("commit"),
             "read_heatmaps": bool(job.get("read_heatmaps")), "micro_batch": job.get("micro_batch"),
+            "annotator": job.get("annotator"),
             "batch": batch, "latency_s_median": med,
             "latency_s_p90": sorted(times)[max(0, int(0.9 * len(times)) - 1)],
             "images_per_s": batch / med, "peak_mb": _peak_mb(device), "repeats": repeats,
@@ -196,12 +211,15 @@ def _engines() -> list[str]:
     return found
 
 
-def _jobs(engines: list[str], before: str | None, micro_batches: list[int], batch: int) -> list[dict]:
+def _jobs(engines: list[str], before: str | None, micro_batches: list[int], batch: int,
+          grounded: bool = False) -> list[dict]:
     jobs = [{"kind": "densenet"}]
     for engine in engines:
         jobs += [{"kind": "cnn", "engine": engine, "micro_batch": m} for m in micro_batches if m <= batch]
     for engine in engines:
         jobs += [{"kind": "cnn", "engine": engine}, {"kind": "reader", "engine": engine}]
+        if grounded:
+            jobs.append({"kind": "reader", "engine": engine, "annotator": "grounded"})
     jobs.append({"kind": "reader", "engine": "torch", "read_heatmaps": True})
     if before:
         jobs.append({"kind": "reader", "engine": "torch", "commit": before})
@@ -218,14 +236,17 @@ def _name(r: dict, backbone: str, args) -> str:
     if r["commit"]:
         return f"Reader at {r['commit']}, torch ({args.input} px image -> Result)"
     extra = ", every heatmap read" if r["read_heatmaps"] else ""
+    extra += ", grounded annotator" if r.get("annotator") == "grounded" else ""
     return f"Reader, {r['engine']}{extra} ({args.input} px image -> Result)"
 
 
-def _summary(results: list[dict], engines: list[str]) -> dict:
+def _summary(results: list[dict], engines: list[str], annotator: str | None = None) -> dict:
     """The ratios the targets are about, each within this run: per engine, the Reader's
     images/s at the largest batch over batch 1 (>= 1: batching never slows it down), its time
-    over its own forward pass per batch, and its images/s over the --before Reader's."""
-    readers = [r for r in results if r["kind"] == "reader" and not r["commit"] and not r["read_heatmaps"]]
+    over its own forward pass per batch, and its images/s over the --before Reader's; of the
+    run with `annotator` ("grounded": the second random run; None: the first, or --run)."""
+    readers = [r for r in results if r["kind"] == "reader" and not r["commit"] and not r["read_heatmaps"]
+               and r.get("annotator") == annotator]
     batches = sorted({r["batch"] for r in readers})
     out: dict = {}
     for engine in engines:
@@ -275,17 +296,19 @@ def main(argv=None) -> int:
         engines = ["torch"]
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(args.run) if args.run else random_run(Path(tmp) / "run", args.backbone, args.image_size)
+        run = Path(args.run) if args.run else random_run(Path(tmp) / "run", args.backbone, args.image_size,
+                                                         "global")
+        grounded = None if args.run else random_run(Path(tmp) / "grounded", args.backbone, args.image_size)
         from cxr.checkpoint import load_spec
 
         if set(engines) - {"torch"}:
             from cxr.cli import main as cxr_main
 
-            onnx_out = Path(tmp) / "model.onnx" if args.run else None
-            cxr_main(["export", str(run), "--onnx"] + (["--out", str(onnx_out)] if onnx_out else []))
-            if onnx_out:  # a given run is not written to: the Readers read the graph from a copy
+            if args.run:  # a given run is not written to: the Readers read the graph from a copy
                 raise SystemExit("--run with ONNX engines: run `cxr export RUN --onnx` first, then "
                                  "pass --engines explicitly")
+            for each in (run, grounded):
+                cxr_main(["export", str(each), "--onnx"])
         spec = load_spec(run)
         size = spec.preprocessing.image_size
         backbone = spec.architecture.backbone
@@ -294,13 +317,14 @@ def main(argv=None) -> int:
         rows, results = [], []
         for batch in args.batches:
             reps = max(2, args.repeats if batch == 1 else max(2, args.repeats // 2))
-            jobs = _jobs(engines, args.before, args.micro_batches, batch)
+            jobs = _jobs(engines, args.before, args.micro_batches, batch, grounded is not None)
             samples: dict[int, list] = {i: [] for i in range(len(jobs))}
             for round_ in range(args.rounds):
                 order = list(range(len(jobs)))
                 for i in (order if round_ % 2 == 0 else order[::-1]):
                     job = {**jobs[i], "batch": batch, "repeats": reps, "threads": args.threads,
-                           "device": args.device, "run": str(run), "input": args.input, "size": size,
+                           "device": args.device, "input": args.input, "size": size,
+                           "run": str(grounded if jobs[i].get("annotator") == "grounded" else run),
                            "stretch": pre.stretch, "mean": pre.mean, "std": pre.std}
                     with ctx.Pool(1) as pool:
                         samples[i].append(pool.apply(measure, (job,)))
@@ -331,6 +355,8 @@ def main(argv=None) -> int:
     print(markdown_table(["what", "batch", "images/s", "ms per call (median)", "peak MB",
                           "time x DenseNet", "time x own CNN", "images/s x before"], rows, digits=2))
     summary = _summary(results, engines)
+    if any(r.get("annotator") == "grounded" for r in results):
+        summary["grounded_annotator"] = _summary(results, engines, "grounded")
     for key, value in summary.items():
         print(f"{key}: {value}")
     if args.json:

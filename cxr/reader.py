@@ -344,7 +344,11 @@ class Reader:
         h, w = maps.shape[2:]
         lab = torch.tensor(labels, dtype=torch.long, device=maps.device)
         n = self.spec.architecture.max_tokens + 1
-        seqs, wmaps, finding, _ = self.ground.generate(maps[rows], lab, n, where=self._where)
+        images, item_rows = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        if len(images) < len(maps):  # only the images with a finding (a copy: avoided when all have)
+            maps = maps[torch.from_numpy(images)]
+        seqs, wmaps, finding, _ = self.ground.generate(maps, lab, n, where=self._where,
+                                                       rows=item_rows.reshape(-1))
         return {"tokens": [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in seqs],
                 "words": [m.reshape(-1, h, w) for m in wmaps], "finding": finding.reshape(-1, h, w)}
 

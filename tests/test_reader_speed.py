@@ -141,3 +141,24 @@ def test_the_annotators_gru_step_with_looked_up_input_gates_is_nn_gru():
             _, got = ann._step(words, state)
             assert torch.allclose(got, want, atol=1e-6)
             ann.word.weight.mul_(1.5)  # changed in place: the table must follow
+
+
+def test_greedy_with_the_gate_table_writes_the_words_of_nn_gru():
+    """Greedy decoding in eval mode (input gates from the table, one additive bar per row) must
+    write exactly the words that `nn.GRU` steps give (train mode, no dropout in a step),
+    including rows that end early and rows that never end, on many random annotators."""
+    from cxr.models.annotator import Annotator
+
+    ended_early = never_ended = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        ann = Annotator(12, 5, 16, 32, 8, "gru", dropout=0.0)
+        with torch.no_grad():
+            ann.out.bias[2] += float(torch.randn(())) * 2  # <end> more or less likely
+        emb, labels = torch.randn(6, 16), torch.randint(0, 5, (6,))
+        fast = ann.eval().greedy(emb, labels, max_len=6)
+        general = ann.train().greedy(emb, labels, max_len=6)  # nn.GRU, no dropout in a step
+        assert fast == general, seed
+        ended_early += sum(len(s) < 6 for s in fast)
+        never_ended += sum(len(s) == 6 for s in fast)
+    assert ended_early and never_ended  # both kinds of row were compared

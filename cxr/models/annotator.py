@@ -92,24 +92,28 @@ class Annotator(nn.Module):
 
     @torch.no_grad()
     def greedy(self, embedding, labels, max_len: int = 6) -> list[list[int]]:
+        """Greedy decoding. The words a row may not write next (pad, start, a word it already
+        wrote: a MeSH term never repeats a part; <end> at the first step) are one additive bar
+        per row, updated in place (at batch 1 the Reader's time after the CNN is mostly these
+        steps, and a mask rebuilt each step cost a third of a step); a finished row's later
+        words are barred too, and dropped anyway."""
         n, device = embedding.shape[0], embedding.device
         state = self.init_state(embedding, labels)
+        bar = torch.zeros(n, self.vocab_size, device=device)
+        bar[:, [PAD, START, END]] = -float("inf")
         words = torch.full((n,), START, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
-        used = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=device)  # words written so far
         steps, kept = [], []
         for step in range(max_len):
             logp, state = self._step(words, state)
-            logp[:, PAD] = logp[:, START] = -float("inf")
-            if step == 0:  # an annotation has at least one word
-                logp[:, END] = -float("inf")
-            logp.masked_fill_(used, -float("inf"))  # a MeSH term never repeats a part
-            words = logp.argmax(-1)
+            words = (logp + bar).argmax(-1)
+            bar.scatter_(1, words[:, None], -float("inf"))
+            if step == 0:  # an annotation has at least one word; then it may end
+                bar[:, END] = 0.0
             keep = ~done & (words != END)
-            used[keep, words[keep]] = True
             steps.append(words)
             kept.append(keep)
-            done |= words == END
+            done |= ~keep
             if done.all():
                 break
         if not steps:
