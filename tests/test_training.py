@@ -261,3 +261,14 @@ def test_one_trainer_per_run_dir(tmp_path, studies):
         finally:
             holder.kill()
             holder.wait()
+
+
+def test_a_heatmap_threshold_without_the_one_threshold_rule_is_refused(tmp_path, capsys):
+    """`--localize-threshold` would be stored and never used under ChestX-ray8's box rule (the
+    default): the command says so, in one line, before reading any data."""
+    from cxr.cli import main
+
+    code = main(["train", "--data", f"folder:{tmp_path}", "--out", str(tmp_path / "run"),
+                 "--localize-threshold", "0.3"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--boxes threshold" in err and "Traceback" not in err

@@ -137,6 +137,10 @@ def run(args) -> int:
             settings[f.name] = value
     settings["progress"] = not args.no_progress
     config = TrainConfig.from_dict(settings)
+    if getattr(args, "localize_threshold", None) is not None and config.boxes != "threshold":
+        # it would be stored and never used: ChestX-ray8's rule has its own two thresholds
+        raise CxrError(f"--localize-threshold applies to --boxes threshold only (this run's box rule "
+                       f"is {config.boxes}: regions above 180/255 and above 60/255); add --boxes threshold")
     if config.data.strip() == "phantom":
         config.data = _phantom_default(args.phantom_n, config.image_size, config.seed)
     out = train(config, args.out, resume=not args.fresh)
