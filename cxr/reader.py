@@ -126,6 +126,11 @@ class Reader:
             weights.setdefault("presence_bias", torch.zeros(5))
             self.ground.load_state_dict(weights)
             self.ground.to(self.device).eval()
+        # the map a detected finding's boxes and heatmap come from (`LocalizeParams.source`; a run
+        # from before it: the finding map of a grounded run, else the CAM)
+        self.box_source = spec.localization.source or ("attention" if self.ground is not None else "cam")
+        if self.ground is None:
+            self.box_source = "cam"
         self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
                              arch.rnn_embed, arch.rnn)
         self.rnn.load_state_dict(unprefixed("rnn", tensors))
@@ -434,12 +439,15 @@ class Reader:
         for (b, t), toks in words.items():
             own = set(term_tokens(self.targets[t]))
             parsed[b, t] = parse_term("/".join([self.targets[t]] + [w for w in toks if w not in own])) if toks else None
-        # each detected disease's map (the grounded annotator's finding map, else its CAM), all
-        # brought to the box grid (`box_grid`) at once for the whole batch;
-        # full-size heatmaps are made only when read (`Heatmaps`)
+        # each detected disease's map (the run's `box_source`: the grounded annotator's finding
+        # map or its map while writing the finding's word, or the CAM), all brought to the box
+        # grid (`box_grid`) at once for the whole batch; full-size heatmaps are made only when
+        # read (`Heatmaps`)
         located = [(b, t) for b, t in pairs if t != normal]
-        if grounded:
-            small_maps = np.stack([_numpy(grounded[p][0]) for p in located]) if located else None
+        if grounded and self.box_source != "cam":
+            word = self.box_source == "word"  # the first word's map: the finding's own word
+            small_maps = np.stack([_numpy(grounded[p][1][0] if word and len(grounded[p][1]) else grounded[p][0])
+                                   for p in located]) if located else None
         else:
             small_maps = self._batch_cams(maps, best, located)
         at_grid = self._on_box_grid(small_maps) if located else None

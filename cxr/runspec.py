@@ -73,13 +73,22 @@ class LocalizeParams:
     max_boxes: int = 2
     min_area: float = 0.002
     also: tuple[float, ...] = ()
+    # the map a detected finding's boxes and heatmap come from: "cam", "attention" (the grounded
+    # annotator's finding map) or "word" (its map while writing the finding's word); "" (runs
+    # from before this field): the finding map for a grounded run, the CAM otherwise
+    source: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "also", tuple(float(t) for t in self.also))
+        if self.source not in BOX_SOURCES + ("",):
+            raise CxrError(f"unknown box source {self.source!r}; choose {', '.join(BOX_SOURCES)}")
 
     @property
     def thresholds(self) -> tuple[float, ...]:
         return (float(self.threshold), *self.also)
+
+
+BOX_SOURCES = ("cam", "attention", "word")
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -272,3 +272,36 @@ def test_a_heatmap_threshold_without_the_one_threshold_rule_is_refused(tmp_path,
                  "--localize-threshold", "0.3"])
     err = capsys.readouterr().err
     assert code != 0 and "--boxes threshold" in err and "Traceback" not in err
+
+
+def test_box_source_follows_whether_the_words_say_where(tmp_path, studies):
+    """auto: the grounded finding map gives the boxes when the training annotations name sides
+    and sites (its presence loss learns where from them); with labels that name no place (NIH's)
+    the map written with the finding's word does, and the Reader draws that map; --box-source
+    overrides, and a global-annotator run keeps the CAM."""
+    import dataclasses
+
+    from cxr.reader import Reader
+    from cxr.training.pipeline import where_share
+
+    assert where_share([["opacity", "lung", "base", "left"], ["cardiomegaly", "mild"]]) == 0.5
+    placed = load_spec(train(_config(), tmp_path / "placed", studies=studies))
+    assert placed.localization.source == "attention"
+    bare = [dataclasses.replace(s, findings=[dataclasses.replace(f, side=None, location=(), raw="")
+                                              for f in s.findings]) for s in studies]
+    run = train(_config(), tmp_path / "bare", studies=bare)
+    assert load_spec(run).localization.source == "word"
+    reader = Reader.load(run, gate=False)
+    hits = [f for s in studies for r in [reader(s.images[0].path)] for f in r.findings
+            if f.disease != "normal" and f.annotation]
+    assert hits, "no finding written on the synthetic films"
+    result = next(r for s in studies for r in [reader(s.images[0].path)]
+                  if any(f.disease != "normal" and f.annotation for f in r.findings))
+    f = next(f for f in result.findings if f.disease != "normal" and f.annotation)
+    first_word = f.annotation.split()[0]
+    assert np.array_equal(result.heatmaps[f.disease], result.heatmaps[f"{f.disease}:{first_word}"])
+    assert load_spec(train(_config(box_source="cam"), tmp_path / "cam", studies=bare)).localization.source == "cam"
+    assert load_spec(train(_config(annotator="global"), tmp_path / "glob",
+                           studies=studies)).localization.source == "cam"
+    with pytest.raises(CxrError, match="grounded"):
+        TrainConfig(annotator="global", box_source="word")

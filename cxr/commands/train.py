@@ -49,6 +49,11 @@ HELP = {
     "boxes": "how heatmaps become boxes: chestxray8 (the paper's: a box around each region above 180/255 "
              "and each above 60/255; better by IoBB and IoU on phantom and real films) | threshold (one "
              "threshold, --localize-threshold)",
+    "box_source": "the map a detected finding's boxes and heatmap come from: cam | attention (the grounded "
+                  "annotator's finding map) | word (its map while writing the finding's word) | auto: the "
+                  "finding map when at least a tenth of the training annotations name a side or site (what "
+                  "teaches that map where), else the word map (on real NIH films, whose labels name none, "
+                  "it localised better than the finding map and the CAM)",
     "lse_r": "sharpness of LSE pooling (small: average, large: max)",
     "transition": "ChestX-ray8 transition layer width before pooling (0: none)",
     "annotator": "grounded (attends over the feature map; words from where it looks) | global (Shin's)",

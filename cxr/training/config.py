@@ -60,6 +60,7 @@ class TrainConfig:
     boxes: str = "chestxray8"        # chestxray8 (a box per region above 180/255 and above 60/255) | threshold
     localize_threshold: float = 0.5  # the heatmap threshold of --boxes threshold
     max_boxes: int = 2               # per finding and threshold
+    box_source: str = "auto"         # auto | cam | attention | word: the map a finding's boxes come from
     cache_dir: str | None = None     # image cache (default RUN/cache)
     progress: bool = True
     max_images: int | None = None    # use only the first N studies' images (quick trials)
@@ -83,6 +84,10 @@ class TrainConfig:
             raise CxrError(f"unknown views {self.views!r}; choose frontal, lateral or all")
         if self.boxes not in ("threshold", "chestxray8"):
             raise CxrError(f"unknown boxes {self.boxes!r}; choose threshold or chestxray8")
+        if self.box_source not in ("auto", "cam", "attention", "word"):
+            raise CxrError(f"unknown box source {self.box_source!r}; choose auto, cam, attention or word")
+        if self.box_source in ("attention", "word") and self.annotator != "grounded":
+            raise CxrError(f"--box-source {self.box_source} needs the grounded annotator (--annotator grounded)")
         if self.labels not in ("diseases", "shin2016"):
             raise CxrError(f"unknown labels {self.labels!r}; choose diseases or shin2016")
         if self.labels_from not in ("labels", "report"):

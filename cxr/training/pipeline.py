@@ -12,6 +12,7 @@ Without the cascade, stage 1 is written to RUN/ directly (and RUN/stage1/ is not
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -395,6 +396,33 @@ def _calibrate(ctx: Context, cnn, prep: Prepared, refined: RefinedLabels, val_id
             {t: float(th) for t, th in thresholds.items()}, metrics, gate, rule)
 
 
+WHERE_MIN = 0.1  # share of training annotations naming a side or site that teaches the finding map where
+
+
+def where_share(sequences) -> float:
+    """The share of annotation token lists that name a side or a site (left, base, upper lobe...)."""
+    from ..reports.mesh import word_class
+
+    seqs = list(sequences)
+    where = sum(any(word_class(w) in ("side", "location") for w in tokens) for tokens in seqs)
+    return where / len(seqs) if seqs else 0.0
+
+
+def box_source(cfg: TrainConfig, grounded: bool, prep: Prepared, train_rows: np.ndarray) -> str:
+    """The map a detected finding's boxes come from (`LocalizeParams.source`): `--box-source`, or
+    for auto: with the grounded annotator its finding map when at least WHERE_MIN of the training
+    annotations name a side or site (its presence loss learns where from those words alone, and on
+    the phantom it localised best), else its map while writing the finding's word (with labels
+    that name no place, as NIH's, the finding map learns none: on real NIH films the word map
+    localised better than both it and the CAM, `benchmarks/real_nih.py`); the CAM without one."""
+    if not grounded:  # Shin's annotator, or the cascade's first stage before the grounded one
+        return "cam"
+    if cfg.box_source != "auto":
+        return cfg.box_source
+    share = where_share(tokens for i, _, tokens in prep.pairs if train_rows[i])
+    return "attention" if share >= WHERE_MIN else "word"
+
+
 def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, prep: Prepared,
                refined: RefinedLabels, val_idx, ground=None) -> None:
     cfg = ctx.cfg
@@ -423,8 +451,10 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         calibration=Calibration(method="platt", params=calibration),
         thresholds=thresholds,
         threshold_rule=rule,
-        localization=(chestxray8_params(cfg.max_boxes) if cfg.boxes == "chestxray8"
-                      else LocalizeParams(cfg.localize_threshold, cfg.max_boxes)),
+        localization=dataclasses.replace(
+            chestxray8_params(cfg.max_boxes) if cfg.boxes == "chestxray8"
+            else LocalizeParams(cfg.localize_threshold, cfg.max_boxes),
+            source=box_source(cfg, ground is not None, prep, train_rows)),
         validation=metrics,
         train_config=cfg.to_dict(),
         pretrained=ctx.progress.get("pretrained"),
