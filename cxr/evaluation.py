@@ -248,8 +248,13 @@ def _localisation(out: Outputs, data: EvalData, progress: bool) -> dict | None:
     best = max(sources, key=lambda src: per_source[src]["iobb"]["mean"]["0.5"] or 0.0)
     return {"protocol_given_disease": per_source["cam"], "sources": per_source, "best_source": best,
             "reader_output": M.localisation_accuracy(detected),
+            "reader_box_source": getattr(out.reader, "box_source", "cam"),
             "n_images": len(with_boxes)}
 
+
+# the map a run's detected findings get their boxes from (`LocalizeParams.source`), in words
+BOX_SOURCE_TITLES = {"cam": "class activation map", "attention": "grounded finding map",
+                     "word": "grounded annotator's map while writing the finding's word"}
 
 # how each localisation source is named in tables
 SOURCE_TITLES = {
@@ -447,8 +452,10 @@ def metric_tables(m: dict) -> list[Table]:
             "scored where the truth states it."))
     loc = m.get("localisation")
     if loc:
+        own = BOX_SOURCE_TITLES.get(loc.get("reader_box_source", ""), "")  # the run's stored map
         for key, title in (("protocol_given_disease", "CAM of the true disease (ChestX-ray8 protocol)"),
-                           ("reader_output", "boxes the Reader outputs (detected findings only)")):
+                           ("reader_output", "boxes the Reader outputs (detected findings only"
+                                             + (f"; from the {own}" if own else "") + ")")):
             la = loc[key]
             ths = [str(t) for t in la["thresholds"]]
             for measure in (("iobb", "iou") if key == "protocol_given_disease" else ("iobb",)):

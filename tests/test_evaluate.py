@@ -46,7 +46,12 @@ def test_evaluate_writes_json_and_markdown(evaluated, tiny_run):
     assert set(m["context"]["fields"]) == {"side", "location", "severity"}
     loc = m["localisation"]["protocol_given_disease"]
     assert loc["thresholds"] == [0.1, 0.25, 0.5, 0.75, 0.9] and loc["n"]
+    # the map the Reader's own boxes come from is the run's stored one, and the table says which
+    stored = config["localization"].get("source") or ("attention" if config["architecture"].get(
+        "annotator") == "grounded" else "cam")
+    assert m["localisation"]["reader_box_source"] == stored
     md = (evaluated / "metrics.md").read_text()
+    assert f"detected findings only; from the {ev.BOX_SOURCE_TITLES[stored]})" in md
     for heading in ("## Detection", "## Annotation BLEU", "## Context", "## Localisation accuracy by IoBB",
                     "## Calibration"):
         assert heading in md
