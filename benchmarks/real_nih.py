@@ -26,7 +26,10 @@ well below the paper's, with wide uncertainty (about 60-240 positives per findin
 The measured figures are in benchmarks/results/real_nih.json (the README's table is taken from
 it); `phantom_vs_scratch` there counts the findings and folds where pre-training helped. With a
 grounded run (the default annotator) the grounded maps are scored too (`localisation_sources`:
-CAM, the finding map, the finding word's attention): benchmarks/results/real_nih_grounded.json.
+CAM, the finding map, the finding word's attention), and `reader_output_by_box_source` scores
+the boxes of the findings the Reader itself reports (a finding it does not report is a miss) with
+each box source, paired on the same films; `box_source_stored` counts the source each fold's run
+stored (`cxr train --box-source auto`).
 """
 from __future__ import annotations
 
@@ -137,7 +140,7 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
 
     n = len(studies)
     member_scores = np.full((args.ensemble, n, len(FINDINGS)), np.nan)  # each member's out-of-fold scores
-    per_fold, src_pairs = [], {}
+    per_fold, src_pairs, out_pairs, stored = [], {}, {}, {}
     t0 = time.time()
     for k in range(args.folds):
         tf = time.time()
@@ -166,6 +169,16 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
                 for rule, params in (("chestxray8", wang), ("threshold", one)):
                     boxes = reader.localise(image, labels, source=src, boxes=params)
                     src_pairs.setdefault((src, rule), []).append((truth, [b for t in labels for b in boxes[t]]))
+            # what a user sees: the boxes of the findings the Reader itself reports (at its stored
+            # thresholds: a finding it does not report is a miss), with the box source the run
+            # stored and, paired on the same film, with each other source
+            stored[reader.box_source] = stored.get(reader.box_source, 0) + 1
+            own = reader.box_source
+            for src in ("cam", "attention", "word") if reader.ground is not None else ("cam",):
+                reader.box_source = src
+                found = reader(image, heatmaps=False, force=True).findings
+                out_pairs.setdefault(src, []).append((truth, [b for f in found for b in f.boxes]))
+            reader.box_source = own
         # the ensemble's score: the mean of its members' calibrated probabilities
         scores = member_scores.mean(0)  # rows of later folds stay NaN
         y = labels_matrix([studies[i] for i in test_rows])
@@ -190,6 +203,8 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
                                      if rule == "chestxray8"},
             "localisation_sources_one_threshold": {src: M.localisation_accuracy(p) for (src, rule), p
                                                    in src_pairs.items() if rule == "threshold"},
+            "reader_output_by_box_source": {src: M.localisation_accuracy(p) for src, p in out_pairs.items()},
+            "box_source_stored": stored,
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -233,6 +248,12 @@ def tables(result: dict) -> str:
     if rows:
         out += ["Localisation by source and box rule (mean over findings, T = 0.5):", "",
                 M.markdown_table(["mode", "source", "boxes", "T(IoBB)=0.5", "T(IoU)=0.5"], rows), ""]
+    rows = [[m, src, la["iobb"]["mean"]["0.25"], la["iobb"]["mean"]["0.5"], la["iou"]["mean"]["0.5"]]
+            for m in modes for src, la in (result["modes"][m].get("reader_output_by_box_source") or {}).items()]
+    if rows:
+        out += ["Boxes of the findings the Reader reports, by box source (stored: "
+                + "; ".join(f"{m} {result['modes'][m].get('box_source_stored')}" for m in modes) + "):", "",
+                M.markdown_table(["mode", "box source", "T(IoBB)=0.25", "T(IoBB)=0.5", "T(IoU)=0.5"], rows), ""]
     for m in modes:
         la = result["modes"][m]["localisation"]
         ths = [str(t) for t in la["thresholds"]]
