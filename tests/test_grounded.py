@@ -277,3 +277,29 @@ def test_chestxray8_lse_pooling_sits_between_mean_and_max(one_torch_thread):
     assert ((mid > mean) & (mid < top)).all()
     cnn = create_cnn("tiny", 4, pooling="lse", lse_r=5.0, transition=32)
     assert cnn(torch.rand(2, 1, 64, 64)).shape == (2, 4) and cnn.num_features == 32
+
+
+def test_one_annotator_decodes_from_several_threads_at_once():
+    """Nothing of one call is kept on the module (its zones and presence logits were, once): two
+    threads decoding different batches at the same time get what each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cxr.models.grounded import field_word_ids
+
+    torch.manual_seed(0)
+    words = ["<pad>", "<start>", "<end>", "<unk>", "opacity", "lung", "base", "left", "right", "mild"]
+    model = GroundedAnnotator(len(words), 3, 32, field_word_ids(words), 32, 16, "gru", 16,
+                              vocab=words).eval()
+    jobs = [(torch.randn(n, 32, 12, 12), torch.randint(0, 3, (n,))) for n in (3, 5, 2, 7)]
+
+    def decode_(job):
+        seqs, _, finding, fields = model.generate(*job)
+        return seqs, finding, {f: p.clone() for f, p in fields.items()}
+
+    alone = [decode_(job) for job in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(20):
+            for got, want in zip(pool.map(decode_, jobs), alone):
+                assert got[0] == want[0]
+                assert torch.equal(got[1], want[1])
+                assert all(torch.equal(got[2][f], want[2][f]) for f in want[2])

@@ -36,6 +36,7 @@ Token ids follow `cxr.models.annotator` (0 pad, 1 start, 2 end, 3 unk).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,16 @@ def zone_masks(h: int, w: int, device=None) -> torch.Tensor:
     halves = [x < 0, x >= 0]
     thirds = [y < -1 / 3, (y >= -1 / 3) & (y < 1 / 3), y >= 1 / 3]
     return torch.stack(halves + thirds + [a & b for a in halves for b in thirds])
+
+
+@lru_cache(maxsize=32)
+def _zone_masks(h: int, w: int, device: torch.device) -> torch.Tensor:
+    return zone_masks(h, w, device)
+
+
+def zone_masks_of(maps: torch.Tensor) -> torch.Tensor:
+    """`zone_masks` of a feature map batch's (h, w), made once per size and device (read only)."""
+    return _zone_masks(int(maps.shape[-2]), int(maps.shape[-1]), maps.device)
 
 
 def zone_evidence(scores: torch.Tensor, masks: torch.Tensor, r: float = 4.0) -> torch.Tensor:
@@ -200,18 +211,19 @@ class GroundedAnnotator(nn.Module):
         feats = torch.relu(self.region(maps.float()))
         coords = coordinates(h, w, maps.device).expand(b, -1, -1, -1)
         values = torch.cat([feats, coords], 1).flatten(2).transpose(1, 2)
-        self._zones = zone_masks(h, w, maps.device)
         return values, self.keys(values)
 
-    def finding(self, values, keys, labels, work=None):
-        """The finding map (B, R) and the vector the field heads read: the regions pooled under
-        the map, the finding's embedding, and its evidence per zone (B, ctx+attn+ZONES)."""
+    def finding(self, values, keys, labels, zones, work=None):
+        """The finding map (B, R), the vector the field heads read (the regions pooled under the
+        map, the finding's embedding, and its evidence per zone: B, ctx+attn+ZONES) and the
+        presence logits per half and third (B, 5). `zones`: `zone_masks` of the map's (h, w).
+        Nothing is kept on the module: one Reader may be called from several threads."""
         q = self.label(labels)
         scores = self.find_attn.scores(keys, q, work)
-        self._presence = zone_presence(scores, self._zones) + self.presence_bias
+        presence = zone_presence(scores, zones) + self.presence_bias
         alpha = torch.softmax(scores, -1)
-        zones = zone_evidence(scores, self._zones)
-        return alpha, torch.cat([torch.bmm(alpha[:, None], values)[:, 0], q, zones], -1)
+        evidence = zone_evidence(scores, zones)
+        return alpha, torch.cat([torch.bmm(alpha[:, None], values)[:, 0], q, evidence], -1), presence
 
     def presence_loss(self, presence: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict:
         """Binary cross-entropy of the per-zone presence logits (B, 5) against what the side and
@@ -299,8 +311,12 @@ class GroundedAnnotator(nn.Module):
     def forward(self, maps, labels, tokens):
         """Teacher forcing: word logits (B, T-1, V), word maps (B, T-1, R), finding map (B, R),
         field logits {field: (B, n_f)}; `tokens` = <start> w1 .. wn <end> <pad>..."""
+        return self._teacher(maps, labels, tokens)[:4]
+
+    def _teacher(self, maps, labels, tokens):
+        """`forward`, and the presence logits per half and third (B, 5) that the loss needs."""
         values, keys = self.regions(maps)
-        alpha_f, pooled = self.finding(values, keys, labels)
+        alpha_f, pooled, presence = self.finding(values, keys, labels, zone_masks_of(maps))
         q = self.label(labels)
         state = self._init_state(pooled)
         logits, alphas = [], []
@@ -308,7 +324,7 @@ class GroundedAnnotator(nn.Module):
             lg, state, a = self._step(tokens[:, t], state, values, keys, q)
             logits.append(lg)
             alphas.append(a)
-        return torch.stack(logits, 1), torch.stack(alphas, 1), alpha_f, self.field_logits(pooled)
+        return torch.stack(logits, 1), torch.stack(alphas, 1), alpha_f, self.field_logits(pooled), presence
 
     def field_targets(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per field, the index (within the field's words) of the first such word in each
@@ -328,19 +344,19 @@ class GroundedAnnotator(nn.Module):
              text_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
         """Word cross-entropy + field cross-entropy (+ report cross-attention and its distillation
         into the finding map when `text` (B, L) report tokens are given). Returns (loss, parts)."""
-        logits, _, alpha_f, fields = self(maps, labels, tokens)
+        logits, _, alpha_f, fields, presence = self._teacher(maps, labels, tokens)
         parts = {"words": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
                                           ignore_index=PAD)}
         targets = self.field_targets(tokens)
         for f, lg in fields.items():
             if (targets[f] >= 0).any():
                 parts[f] = F.cross_entropy(lg, targets[f], ignore_index=-100)
-        parts.update(self.presence_loss(self._presence, targets))
+        parts.update(self.presence_loss(presence, targets))
         if text is not None and self.text is not None:
             values, keys = self.regions(maps)
             beta, pooled_t = self.text_map(values, keys, text)
             parts["text_label"] = F.cross_entropy(self.text_label(pooled_t), labels)
-            zones = zone_evidence(torch.log(beta + 1e-8), self._zones)
+            zones = zone_evidence(torch.log(beta + 1e-8), zone_masks_of(maps))
             for f, lg in self.field_logits(torch.cat([pooled_t, self.label(labels), zones], -1)).items():
                 if (targets[f] >= 0).any():
                     parts[f"text_{f}"] = F.cross_entropy(lg, targets[f], ignore_index=-100)
@@ -418,10 +434,10 @@ class GroundedAnnotator(nn.Module):
             rows = torch.as_tensor(rows, dtype=torch.long, device=values.device)
             values, keys = values[rows], keys[rows]
         work = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)  # attention's block, reused
-        alpha_f, pooled = self.finding(values, keys, labels, work)
+        alpha_f, pooled, presence = self.finding(values, keys, labels, zone_masks_of(maps), work)
         field_logp = {f: torch.log_softmax(lg, -1) for f, lg in self.field_logits(pooled).items()}
         if where:  # the side and site words also weigh where the map lies (a product of experts)
-            for f, lp in self.where_logp(self._presence).items():
+            for f, lp in self.where_logp(presence).items():
                 if f in field_logp:
                     field_logp[f] = torch.log_softmax(field_logp[f] + lp, -1)
         q = self.label(labels)
