@@ -43,7 +43,7 @@ def one_threshold_localisation(run_dir: Path, studies, threshold: float = 0.5) -
     threshold (the box rule before ChestX-ray8's became the default), paired with the demo's."""
     from cxr import metrics as M
     from cxr.checkpoint import load_spec
-    from cxr.evaluation import EvalData
+    from cxr.evaluation import EvalData, boxes_of_true_diseases, map_sources
     from cxr.images import load_image
     from cxr.reader import Reader
     from cxr.runspec import LocalizeParams
@@ -51,17 +51,15 @@ def one_threshold_localisation(run_dir: Path, studies, threshold: float = 0.5) -
     ed = EvalData(load_spec(run_dir), studies)
     reader = Reader.load(run_dir, device="cpu")
     rule = LocalizeParams(threshold, reader.spec.localization.max_boxes, reader.spec.localization.min_area)
-    sources = ["cam"] + (["attention", "word"] if reader.ground is not None else [])
+    sources = map_sources(reader)
     pairs: dict[str, list] = {src: [] for src in sources}
     for i in ed.indices("test"):
         truth = ed.truth_boxes(i)
         if not truth:
             continue
-        labels = sorted({b.label for b in truth})
         image = load_image(ed.prep.paths[i])
         for src in sources:
-            boxes = reader.localise(image, labels, source=src, boxes=rule)
-            pairs[src].append((truth, [b for t in labels for b in boxes[t]]))
+            pairs[src].append((truth, boxes_of_true_diseases(reader, image, truth, src, rule)))
     return {src: {"iobb": la["iobb"]["mean"], "iou": la["iou"]["mean"]}
             for src, la in ((src, M.localisation_accuracy(p)) for src, p in pairs.items())}
 

@@ -132,6 +132,7 @@ def phantom_pretraining(args, work: Path) -> tuple[Path, dict]:
 
 
 def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained: Path | None) -> dict:
+    from cxr.evaluation import boxes_of_true_diseases, map_sources
     from cxr.images import load_image
     from cxr.models.localize import chestxray8_params
     from cxr.reader import Reader
@@ -156,27 +157,28 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
         reader = readers[0]  # boxes come from the first member (a run's own maps)
         for i in test_rows:
             image = load_image(studies[i].images[0].path)
-            for j, member in enumerate(readers):  # every test film scored; the gate turns rotated ones back
-                result = member(image, heatmaps=False, force=True)
+            results = [member(image, heatmaps=False, force=True)  # the gate turns rotated films back
+                       for member in readers]
+            for j, (member, result) in enumerate(zip(readers, results)):
                 for t in member.targets:
                     if t in FINDINGS:
                         member_scores[j, i, FINDINGS.index(t)] = result.scores[t]
             truth = [b for b in studies[i].images[0].boxes if b.label in reader.targets]
-            labels = sorted({b.label for b in truth})
             # each map source, its boxes by ChestX-ray8's rule (thresholds 180 and 60 of 255, the
             # default) and by one threshold at 0.5 (the default before)
-            for src in ("cam", "attention", "word") if reader.ground is not None else ("cam",):
+            for src in map_sources(reader):
                 for rule, params in (("chestxray8", wang), ("threshold", one)):
-                    boxes = reader.localise(image, labels, source=src, boxes=params)
-                    src_pairs.setdefault((src, rule), []).append((truth, [b for t in labels for b in boxes[t]]))
+                    src_pairs.setdefault((src, rule), []).append(
+                        (truth, boxes_of_true_diseases(reader, image, truth, src, params)))
             # what a user sees: the boxes of the findings the Reader itself reports (at its stored
             # thresholds: a finding it does not report is a miss), with the box source the run
-            # stored and, paired on the same film, with each other source
-            stored[reader.box_source] = stored.get(reader.box_source, 0) + 1
+            # stored (the first member's reading above) and, paired on the same film, with each
+            # other source
             own = reader.box_source
-            for src in ("cam", "attention", "word") if reader.ground is not None else ("cam",):
+            stored[own] = stored.get(own, 0) + 1
+            for src in map_sources(reader):
                 reader.box_source = src
-                found = reader(image, heatmaps=False, force=True).findings
+                found = (results[0] if src == own else reader(image, heatmaps=False, force=True)).findings
                 out_pairs.setdefault(src, []).append((truth, [b for f in found for b in f.boxes]))
             reader.box_source = own
         # the ensemble's score: the mean of its members' calibrated probabilities

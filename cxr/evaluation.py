@@ -224,6 +224,22 @@ def _top1(out: Outputs, y: np.ndarray) -> float | None:
     return float((out.scores.argmax(1) == y.argmax(1)).mean())
 
 
+def map_sources(reader) -> tuple[str, ...]:
+    """The maps a run's boxes can come from: the CAM, and the grounded annotator's two maps
+    where the run has one (`Reader.SOURCES`)."""
+    return tuple(reader.SOURCES) if getattr(reader, "ground", None) is not None else ("cam",)
+
+
+def boxes_of_true_diseases(reader, image, truth: Sequence[Box], source: str = "cam",
+                           boxes=None) -> list[Box]:
+    """ChestX-ray8's protocol on one image: the boxes `reader.localise` finds for every disease
+    the image has a true box of, from map `source` by rule `boxes` (default: the run's), in the
+    diseases' name order: what `cxr.metrics.localisation_accuracy` pairs with `truth`."""
+    labels = sorted({b.label for b in truth})
+    found = reader.localise(image, labels, source=source, boxes=boxes)
+    return [b for t in labels for b in found[t]]
+
+
 def _localisation(out: Outputs, data: EvalData, progress: bool) -> dict | None:
     from tqdm.auto import tqdm
 
@@ -232,17 +248,15 @@ def _localisation(out: Outputs, data: EvalData, progress: bool) -> dict | None:
     with_boxes = [(k, i) for k, i in enumerate(out.idx) if data.truth_boxes(i)]
     if not with_boxes:
         return None
-    sources = ["cam"] + (["attention", "word"] if getattr(out.reader, "ground", None) is not None else [])
+    sources = map_sources(out.reader)
     given: dict[str, list] = {src: [] for src in sources}
     detected = []
     for k, i in tqdm(with_boxes, desc="localising", unit="img", disable=not progress, leave=False,
                      file=sys.stderr):
         truth = data.truth_boxes(i)
-        labels = sorted({b.label for b in truth})
         image = load_image(data.prep.paths[i])
         for src in sources:
-            boxes = out.reader.localise(image, labels, source=src)
-            given[src].append((truth, [b for t in labels for b in boxes[t]]))
+            given[src].append((truth, boxes_of_true_diseases(out.reader, image, truth, src)))
         detected.append((truth, out.results[k].boxes))
     per_source = {src: M.localisation_accuracy(given[src]) for src in sources}
     best = max(sources, key=lambda src: per_source[src]["iobb"]["mean"]["0.5"] or 0.0)

@@ -62,7 +62,7 @@ from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
 from .operating import decide
-from .runspec import LocalizeParams, RunSpec
+from .runspec import BOX_SOURCES, LocalizeParams, RunSpec
 
 NORMAL = "normal"
 
@@ -128,9 +128,7 @@ class Reader:
             self.ground.to(self.device).eval()
         # the map a detected finding's boxes and heatmap come from (`LocalizeParams.source`; a run
         # from before it: the finding map of a grounded run, else the CAM)
-        self.box_source = spec.localization.source or ("attention" if self.ground is not None else "cam")
-        if self.ground is None:
-            self.box_source = "cam"
+        self.box_source = "cam" if self.ground is None else (spec.localization.source or "attention")
         self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
                              arch.rnn_embed, arch.rnn)
         self.rnn.load_state_dict(unprefixed("rnn", tensors))
@@ -308,7 +306,7 @@ class Reader:
             found[i] = found[n + 2 * k][:1] + found[n + 2 * k + 1][:1]
         return [[b.scaled(w / size, h / size) for b in boxes] for boxes, (h, w) in zip(found, sizes)]
 
-    SOURCES = ("cam", "attention", "word")
+    SOURCES = BOX_SOURCES
 
     @torch.no_grad()
     def localise(self, image, targets: Sequence[str], source: str = "cam",

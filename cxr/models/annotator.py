@@ -19,6 +19,22 @@ PAD, START, END, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 
 
+def gru_update(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The GRU's new state from its input gates `gi` (x W_ih + b_ih) and hidden gates `gh`
+    (h W_hh + b_hh), each (B, 3H) in nn.GRU's r, z, n order, as nn.GRU and nn.GRUCell compute it."""
+    i_r, i_z, i_n = gi.chunk(3, 1)
+    h_r, h_z, h_n = gh.chunk(3, 1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
+def weights_version(*tensors: torch.Tensor) -> tuple:
+    """Changes whenever any of the tensors is replaced or changed in place: the key of a table
+    made from weights (an optimiser step or `load_state_dict` makes it stale)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 class Annotator(nn.Module):
     def __init__(self, vocab_size: int, num_labels: int, image_dim: int, hidden: int = 256,
                  embed_dim: int = 128, cell: str = "gru", dropout: float = 0.1):
@@ -73,17 +89,12 @@ class Annotator(nn.Module):
         input gates (embedding x W_ih + b_ih) are one table made once per set of weights, so a
         step reads only W_hh (two thirds of the weights; the step was most of the Reader's time
         after the CNN at batch 1)."""
-        gi = self._input_gates()[words]
         gh = F.linear(h, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)
-        i_r, i_z, i_n = gi.chunk(3, 1)
-        h_r, h_z, h_n = gh.chunk(3, 1)
-        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        return n + z * (h - n)
+        return gru_update(self._input_gates()[words], gh, h)
 
     def _input_gates(self) -> torch.Tensor:
         w = (self.word.weight, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0)
-        key = tuple((t.data_ptr(), t._version) for t in w)
+        key = weights_version(*w)
         if getattr(self, "_gates_key", None) != key:
             with torch.no_grad():
                 self._gates = F.linear(w[0], w[1], w[2])

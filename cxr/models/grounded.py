@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .annotator import END, PAD, START
+from .annotator import END, PAD, START, gru_update, weights_version
 
 FIELDS = ("side", "location", "severity")
 COORDS = 3  # x, y, |x|
@@ -193,6 +193,7 @@ class GroundedAnnotator(nn.Module):
         names = [vocab[i] for i in self.field_words["location"]] if vocab else []
         self.register_buffer("site_third", torch.tensor([SITE_THIRD.get(w, -1) for w in names],
                                                         dtype=torch.long), persistent=False)
+        self._init_decoding_tables(vocab_size)
         self.word = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
         self.init_h = nn.Linear(pooled_dim, hidden)
         self.init_c = nn.Linear(pooled_dim, hidden) if cell == "lstm" else None
@@ -293,19 +294,14 @@ class GroundedAnnotator(nn.Module):
         `Annotator._gru_step`): a step reads the context's columns of W_ih and W_hh only.
         Within 1e-6 of the GRUCell (the input product is summed in two parts)."""
         cell, dim = self.rnn_cell, self.word.embedding_dim
-        key = tuple((t.data_ptr(), t._version) for t in (self.word.weight, cell.weight_ih, cell.bias_ih))
+        key = weights_version(self.word.weight, cell.weight_ih, cell.bias_ih)
         if getattr(self, "_gates_key", None) != key:
             with torch.no_grad():
                 self._gates = F.linear(self.word.weight, cell.weight_ih[:, :dim], cell.bias_ih)
                 self._ctx_weight = cell.weight_ih[:, dim:].contiguous()
             self._gates_key = key
         gi = self._gates[words] + F.linear(ctx, self._ctx_weight)
-        gh = F.linear(h, cell.weight_hh, cell.bias_hh)
-        i_r, i_z, i_n = gi.chunk(3, 1)
-        h_r, h_z, h_n = gh.chunk(3, 1)
-        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        return n + z * (h - n)
+        return gru_update(gi, F.linear(h, cell.weight_hh, cell.bias_hh), h)
 
     # ------------------------------------------------------------------ training
     def forward(self, maps, labels, tokens):
@@ -381,42 +377,40 @@ class GroundedAnnotator(nn.Module):
         return beta, torch.bmm(beta[:, None], values)[:, 0]
 
     # ------------------------------------------------------------------ use
-    def _ground(self, logp: torch.Tensor, fields: tuple) -> torch.Tensor:
+    def _init_decoding_tables(self, vocab_size: int) -> None:
+        """What greedy decoding looks up at every word, made once from the vocabulary (not
+        saved): the fields' word ids (K,) in the heads' order, the field of each (K,), each
+        field's ids padded with `vocab_size` (a column of -inf in `_ground`), and `barred_after`
+        (V, V): the words a term may no longer hold once word w is in it, w itself (a MeSH term
+        never repeats a part) and, for a side or grade word, its whole field (nor names two
+        sides or two grades)."""
+        self._field_names = [f for f in FIELDS if self.field_words[f]]  # the order of self.heads
+        words = [self.field_words[f] for f in self._field_names]
+        width = max(map(len, words), default=0)
+        self.register_buffer("field_ids", torch.tensor([i for ids in words for i in ids], dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("field_owner", torch.tensor([k for k, ids in enumerate(words) for _ in ids],
+                                                         dtype=torch.long), persistent=False)
+        self.register_buffer("field_slots", torch.tensor([ids + [vocab_size] * (width - len(ids)) for ids in words],
+                                                         dtype=torch.long).reshape(len(words), width),
+                             persistent=False)
+        barred = torch.eye(vocab_size, dtype=torch.bool)
+        for f in ("side", "severity"):
+            ids = torch.tensor(self.field_words[f], dtype=torch.long)
+            barred[ids[:, None], ids[None, :]] = True
+        self.register_buffer("barred_after", barred, persistent=False)
+
+    def _ground(self, logp: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
         """Within each context class, the field head chooses the word; the RNN keeps the
-        probability that a word of that class comes next. `fields` is `_field_table`'s: all
-        fields at once (a few operations a step, not a few per field)."""
-        ids, owner, slots, head = fields
-        if not len(ids):
+        probability that a word of that class comes next. `head`: the field heads'
+        log-probabilities (B, K), in `field_ids`' order; all fields at once."""
+        if head is None:
             return logp
         padded = torch.cat([logp, torch.full_like(logp[:, :1], -float("inf"))], 1)
-        mass = torch.logsumexp(padded[:, slots], -1)  # (B, fields): each field's share
+        mass = torch.logsumexp(padded[:, self.field_slots], -1)  # (B, fields): each field's share
         logp = logp.clone()
-        logp[:, ids] = mass[:, owner] + head
+        logp[:, self.field_ids] = mass[:, self.field_owner] + head
         return logp
-
-    def _field_table(self, field_logp: dict[str, torch.Tensor], vocab: int) -> tuple:
-        """The fields' word ids (K,), the field of each (K,), each field's ids padded with
-        `vocab` (a column of -inf in `_ground`), and the heads' log-probabilities (B, K)."""
-        names = [f for f in field_logp if self.field_words[f]]
-        device = next(iter(field_logp.values())).device if field_logp else None
-        ids = [i for f in names for i in self.field_words[f]]
-        owner = [k for k, f in enumerate(names) for _ in self.field_words[f]]
-        width = max((len(self.field_words[f]) for f in names), default=0)
-        slots = [self.field_words[f] + [vocab] * (width - len(self.field_words[f])) for f in names]
-        head = torch.cat([field_logp[f] for f in names], -1) if names else None
-        as_ids = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return as_ids(ids), as_ids(owner), as_ids(slots).reshape(len(names), width), head
-
-    def _barred_after(self, vocab: int, device) -> torch.Tensor:
-        """(V, V) bool: the words a term may no longer hold once word w is in it: w itself (a
-        MeSH term never repeats a part) and, for a side or grade word, its whole field (nor
-        names two sides or two grades)."""
-        out = torch.eye(vocab, dtype=torch.bool, device=device)
-        for f in ("side", "severity"):
-            ids = self.field_words[f]
-            if ids:
-                out[torch.tensor(ids)[:, None], torch.tensor(ids)[None, :]] = True
-        return out
 
     @torch.no_grad()
     def generate(self, maps, labels, max_len: int = 6, grounded: bool = True, where: bool = True,
@@ -443,8 +437,7 @@ class GroundedAnnotator(nn.Module):
         q = self.label(labels)
         state = self._init_state(pooled)
         n, vocab, device = labels.shape[0], self.out.out_features, maps.device
-        fields = self._field_table(field_logp, vocab)
-        barred_after = self._barred_after(vocab, device)
+        head = torch.cat([field_logp[f] for f in self._field_names], -1) if self._field_names else None
         # one additive bar per item on the words it may not write next (pad and start always,
         # <end> at the first step, and `barred_after` each word it wrote), updated in place
         bar = torch.zeros(n, vocab, device=device)
@@ -456,9 +449,9 @@ class GroundedAnnotator(nn.Module):
             lg, state, alpha = self._step(words, state, values, keys, q, work)
             logp = torch.log_softmax(lg, -1)
             if grounded:
-                logp = self._ground(logp, fields)
+                logp = self._ground(logp, head)
             words = (logp + bar).argmax(-1)
-            bar.masked_fill_(barred_after[words], -float("inf"))
+            bar.masked_fill_(self.barred_after[words], -float("inf"))
             if step == 0:
                 bar[:, END] = 0.0
             keep = ~done & (words != END)

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import CxrError
+from ..runspec import BOX_SOURCES
 
 
 @dataclass
@@ -84,8 +85,8 @@ class TrainConfig:
             raise CxrError(f"unknown views {self.views!r}; choose frontal, lateral or all")
         if self.boxes not in ("threshold", "chestxray8"):
             raise CxrError(f"unknown boxes {self.boxes!r}; choose threshold or chestxray8")
-        if self.box_source not in ("auto", "cam", "attention", "word"):
-            raise CxrError(f"unknown box source {self.box_source!r}; choose auto, cam, attention or word")
+        if self.box_source not in ("auto", *BOX_SOURCES):
+            raise CxrError(f"unknown box source {self.box_source!r}; choose {', '.join(('auto', *BOX_SOURCES))}")
         if self.box_source in ("attention", "word") and self.annotator != "grounded":
             raise CxrError(f"--box-source {self.box_source} needs the grounded annotator (--annotator grounded)")
         if self.labels not in ("diseases", "shin2016"):
