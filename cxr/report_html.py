@@ -164,12 +164,13 @@ def example_html(ex: Example, width: int = 300) -> str:
         for i, f in enumerate(res.findings)) or "<li><i>no finding above its threshold</i></li>"
     truth = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in ex.truth) \
         or "<li><i>normal</i></li>"
+    study = f'<p class="study">{html.escape(res.study_text)}</p>' if res.study_text else ""
     top = sorted(res.scores.items(), key=lambda kv: -kv[1])[:5]
     scores = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in top)
     return (f'<div class="example"><h4>{html.escape(ex.id)}</h4>'
             f'<div class="pair"><img alt="{html.escape(ex.id)}" src="{raw}">'
             f'<img alt="{html.escape(ex.id)} with heatmap and boxes" src="{over}"></div>'
-            f'<div class="lists"><div><h5>cxr says</h5><ul>{found}</ul></div>'
+            f'<div class="lists"><div><h5>cxr says</h5>{study}<ul>{found}</ul></div>'
             f'<div><h5>truth</h5><ul>{truth}</ul></div></div>'
             f'{word_maps_html(ex)}'
             f'<p class="note">top scores: {scores}</p></div>')

@@ -72,6 +72,15 @@ class Result:
                 f"{len(self.heatmaps)} heatmaps)")
 
     @property
+    def study_text(self) -> str | None:
+        """The study-level answer in words, e.g. "study: abnormal (p abnormal 0.91)": what a
+        reader of a picture or page must see first (a study called abnormal may name no finding
+        above its threshold); None for a run without a study-level answer."""
+        if self.call is None or self.abnormal is None:
+            return None
+        return f"study: {self.call} (p abnormal {self.abnormal:.2f})"
+
+    @property
     def boxes(self) -> list[Box]:
         return [b for f in self.findings for b in f.boxes]
 

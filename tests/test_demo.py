@@ -106,4 +106,6 @@ def test_report_on_the_tiny_run(tiny_run, tmp_path):
     for words in ("mean AUC", "study level: sensitivity", "BLEU-4 before cascade", "Localisation accuracy by IoBB",
                   "Research use only", examples[0].id):
         assert words in text
+    # each example says the study-level answer first (that copy calls every study abnormal)
+    assert text.count("study: abnormal (p abnormal") == len(examples)
     assert "http://" not in doc.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained

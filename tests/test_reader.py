@@ -183,3 +183,12 @@ def test_localise_matches_the_boxes_of_findings(tiny_run):
         reader.localise(image, ["Unicorn"])
     with pytest.raises(CxrError, match="unknown localisation source"):
         reader.localise(image, diseases, source="guess")
+
+
+def test_the_study_answer_in_words():
+    """What the overlay, the demo report and the web page print first about a film."""
+    from cxr.results import Result
+
+    assert Result(scores={}, call="abnormal", abnormal=0.9123).study_text == "study: abnormal (p abnormal 0.91)"
+    assert Result(scores={}, call="normal", abnormal=0.05).study_text == "study: normal (p abnormal 0.05)"
+    assert Result(scores={}).study_text is None  # a run without a study-level answer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def test_upload_see_findings_slide_opacity_search_and_more_like_this(page, radio
     expect(page.locator("#status")).to_contain_text("finding(s) in " + png.name)
     findings = page.locator("#findings .finding")
     expect(findings.first).to_be_visible()
+    # the study-level answer comes first, in words, with its probability
+    expect(page.locator("#findings .study")).to_have_text(re.compile(r"^Study: (ab)?normal \(p abnormal 0\.\d\d\)$"))
     assert findings.count() >= 1
     first = findings.first.inner_text()
     assert any(c.isdigit() for c in first) and findings.first.locator(".annotation").inner_text()

@@ -73,14 +73,14 @@ def overlay(image: np.ndarray, result, path: Path, min_side: int = 512) -> Path:
         font = ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
-    lines = []
+    lines = [(result.study_text, (255, 255, 255))] if result.study_text else []
     for k, f in enumerate(result.findings):
         colour = COLOURS[k % len(COLOURS)]
         for b in f.boxes:
             draw.rectangle([b.x * scale, b.y * scale, (b.x + b.w) * scale, (b.y + b.h) * scale],
                            outline=colour, width=max(2, canvas.height // 200))
         lines.append((f"{f.disease} {f.score:.2f}: {f.annotation}", colour))
-    if not lines:
+    if not result.findings:
         lines.append(("no finding above threshold", (255, 255, 255)))
     y = 4
     for text, colour in lines:

@@ -103,9 +103,12 @@ function drawBoxes(findings, size) {
   svg.style.display = $("show-boxes").checked ? "" : "none";
 }
 
-function showFindings(findings, scores) {
+function showFindings(findings, scores, call, abnormal) {
   const box = $("findings");
   box.replaceChildren();
+  // the study-level answer first: a study called abnormal may name no finding above its threshold
+  if (call && abnormal != null)
+    box.append(el("p", { class: "study" }, `Study: ${call} (p abnormal ${abnormal.toFixed(2)})`));
   if (!findings.length) box.append(el("p", { class: "muted" }, "No finding above its threshold."));
   findings.forEach((f, k) => {
     const colour = COLOURS[k % COLOURS.length];
@@ -141,7 +144,7 @@ function show(item, src, subject) {
   for (const name of names) select.append(el("option", { value: name }, name));
   if (!names.length) select.append(el("option", { value: "" }, "none"));
   drawHeat(names[0]);
-  showFindings(item.findings, item.scores);
+  showFindings(item.findings, item.scores, item.call, item.abnormal);
   $("report-panel").hidden = true;
   $("more-like").disabled = !(item.id || item.embedding);
 }
