@@ -109,6 +109,9 @@ def run(args) -> int:
 
     bar = tqdm(total=len(files), desc="annotating", unit="img", disable=args.json is not None
                and str(args.json) == "-" or len(files) < 2)
+
+    def say(line: str) -> None:  # a line of its own, not glued to the progress bar
+        tqdm.write(line, file=sys.stderr)
     for s in range(0, len(files), max(args.batch_size, 1)):
         chunk, images = [], []
         for f in files[s:s + args.batch_size]:
@@ -117,7 +120,7 @@ def run(args) -> int:
                 chunk.append(f)
             except CxrError as exc:
                 failed += 1
-                print(f"cxr annotate: skipped {exc}", file=sys.stderr)
+                say(f"cxr annotate: skipped {exc}")
                 entries.append({"path": str(f), "error": exc.problem})
         results = reader(images, heatmaps=args.overlay is not None, beams=args.beams,
                          batch_size=args.batch_size, force=args.force) if images else []
@@ -126,12 +129,12 @@ def run(args) -> int:
             quality = result.quality
             if quality is not None and not quality.accepted:
                 refused += 1
-                print(f"{f}: {quality.summary()}", file=sys.stderr)
+                say(f"{f}: {quality.summary()}")
                 if not quality.forced:
                     entries.append(entry)
                     continue
             elif quality is not None and quality.notes:
-                print(f"{f}: {'; '.join(quality.notes)}", file=sys.stderr)
+                say(f"{f}: {'; '.join(quality.notes)}")
             if args.overlay:
                 image = reader.gate.correct(image.pixels, quality) if quality else image.pixels
                 name = f.stem or f.name
