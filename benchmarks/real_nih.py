@@ -15,7 +15,9 @@ one run: an ensemble is what several runs' `Result.scores`, averaged, would give
 
 The defaults are the recipe that read real films best here (benchmarks/real_nih_sweep.py and the
 runs after it): tiny CNN at 64 px, 40 epochs, log-sum-exp pooling, pre-trained for 20 epochs on
-1,500 phantom films.
+1,500 phantom films. `--members 5` reads with five CNN trunks in one network (`cxr train
+--members`: trained apart, logits averaged; the phantom pre-training then has five too):
+benchmarks/results/real_nih_members5.json.
 
 What the numbers can and cannot say: every one of these 656 images carries at least one of the 8
 findings (they are the images the radiologists boxed), so a finding's AUC here is "this finding
@@ -86,7 +88,7 @@ def base_config(args, **kw):
                     rnn_epochs=3, rnn_hidden=32, rnn_embed=16, batch_size=32, lr=args.lr,
                     min_label_count=5, cascade=False, fractions=(0.85, 0.15, 0.0),
                     num_workers=0, progress=False, class_weighted=args.class_weighted,
-                    pooling=args.pooling)
+                    pooling=args.pooling, members=args.members)
     settings.update(kw)
     settings.update(args.set or {})
     return TrainConfig(**settings)
@@ -284,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--phantom-n", type=int, default=1500)
     ap.add_argument("--pretrain-epochs", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--members", type=int, default=1,
+                    help="CNN trunks in each run's network, trained apart, logits averaged (cxr train --members)")
     ap.add_argument("--ensemble", type=int, default=1, help="runs per fold (seeds), scores averaged")
     ap.add_argument("--modes", default="scratch,phantom")
     ap.add_argument("--seed", type=int, default=0)
@@ -312,7 +316,7 @@ def main(argv=None) -> int:
         "settings": {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
                      "lr": args.lr, "class_weighted": args.class_weighted, "pooling": args.pooling,
                      "pretrain_epochs": args.pretrain_epochs, "phantom_n": args.phantom_n,
-                     "ensemble": args.ensemble, **args.set,
+                     "members": args.members, "ensemble": args.ensemble, **args.set,
                      "inner_split": "85/15 of the training patients (validation for calibration "
                                     "and thresholds)"},
         "modes": {},

@@ -110,7 +110,8 @@ class Reader:
         self.thresholds = np.array([spec.thresholds[t] for t in self.targets], dtype=np.float32)
         self.platt = [tuple(spec.calibration.params[t]) for t in self.targets]
         self.cnn = create_cnn(arch.backbone, arch.num_classes, arch.in_chans, pooling=arch.pooling,
-                              lse_r=arch.lse_r, transition=arch.transition, batch_norm=arch.batch_norm)
+                              lse_r=arch.lse_r, transition=arch.transition, batch_norm=arch.batch_norm,
+                              members=arch.members)
         self.cnn.load_state_dict(unprefixed("cnn", tensors))
         # the grounded annotator (attends over the feature map; cxr.models.grounded), if the run has one
         self.ground = None

@@ -114,6 +114,7 @@ class Architecture:
     attn_dim: int = 0             # the grounded annotator's width (weights "ground.*")
     batch_norm: bool = True            # False: batch norms replaced by per-channel scale and shift
     head: str = "sigmoid"              # sigmoid: multi-label | softmax: one pattern per image (shin2016)
+    members: int = 1                   # CNN trunks side by side (an ensemble in one network)
 
 
 @dataclass(kw_only=True, frozen=True)

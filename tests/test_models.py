@@ -268,3 +268,45 @@ def test_optimizer_state_round_trip(tmp_path):
     for k in a["state"]:
         for name in a["state"][k]:
             assert torch.equal(torch.as_tensor(a["state"][k][name]), torch.as_tensor(b["state"][k][name]))
+
+
+def test_members_are_an_ensemble_inside_one_network(tmp_path):
+    """`members=K`: K trunks, maps concatenated; the head's logit is the mean of the members' own
+    logits (so CAM still explains it), a member's logit depends on its own trunk alone, its loss
+    trains only its own trunk, and one trunk's pretrained weights start every member."""
+    from safetensors.torch import save_file
+
+    from cxr.training.loops import masked_bce, per_member
+
+    torch.manual_seed(0)
+    model = create_cnn("tiny", 4, members=3, pooling="lse").eval()
+    single = create_cnn("tiny", 4)
+    assert model.num_features == 3 * single.num_features
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        maps = model.forward_features(x)
+        logits, members = model(x), model(x, members=True)
+    assert members.shape == (3, 2, 4)
+    assert torch.allclose(members.mean(0), logits, atol=1e-5)
+    model.pooling = "avg"  # CAM's identity holds for average pooling
+    with torch.no_grad():
+        cam = class_activation_maps(maps, model.head.weight, torch.tensor([[1], [1]]))
+        assert torch.allclose(cam.mean(dim=(2, 3))[:, 0] + model.head.bias[1], model.forward_head(maps)[:, 1],
+                              atol=1e-4)
+        before = model(x, members=True)
+        model.features.trunks[2][0][0].weight.mul_(3.0)
+        after = model(x, members=True)
+    assert torch.equal(before[:2], after[:2]) and not torch.allclose(before[2], after[2])
+    model.train()
+    loss = per_member(model(x, members=True)[:1], lambda lg: masked_bce(lg, torch.ones_like(lg)))
+    loss.backward()
+    assert model.features.trunks[0][0][0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.features.trunks[1].parameters())
+    save_file(single.state_dict(), str(tmp_path / "one.safetensors"))
+    report = load_pretrained(model, tmp_path / "one.safetensors")
+    assert not report["missing"] and not report["mismatched"]
+    for trunk in model.features.trunks:
+        assert torch.equal(trunk[0][0].weight, single.features[0][0].weight)
+    with pytest.raises(CxrError, match="transition"):
+        create_cnn("tiny", 2, members=2, transition=8)
+

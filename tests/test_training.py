@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cxr.checkpoint import load_spec
 from cxr.errors import CxrError
@@ -305,3 +306,26 @@ def test_box_source_follows_whether_the_words_say_where(tmp_path, studies):
                            studies=studies)).localization.source == "cam"
     with pytest.raises(CxrError, match="grounded"):
         TrainConfig(annotator="global", box_source="word")
+
+
+def test_members_train_read_and_export_as_one_model(studies, tmp_path):
+    """`--members 2`: the run records it, the Reader builds the same network and reads, the
+    members' trunks were trained apart (different weights), and the exported graph gives the
+    Reader's scores."""
+    from cxr.cli import main
+    from cxr.reader import Reader
+
+    run = train(_config(members=2, cascade=False), tmp_path / "run", studies=studies)
+    assert load_spec(run).architecture.members == 2
+    reader = Reader.load(run, gate=False)
+    trunks = reader.cnn.features.trunks
+    assert len(trunks) == 2 and not torch.equal(trunks[0][0][0].weight, trunks[1][0][0].weight)
+    film = studies[0].images[0].path
+    want = reader(film)
+    assert want.embedding.shape == (reader.cnn.num_features,) and want.findings
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(run), "--onnx"]) == 0
+    got = Reader.load(run, gate=False, engine="onnxruntime")(film)
+    assert max(abs(got.scores[k] - want.scores[k]) for k in want.scores) < 1e-3
+    with pytest.raises(CxrError, match="transition"):
+        _config(members=2, transition=8)

@@ -56,6 +56,10 @@ HELP = {
                   "it localised better than the finding map and the CAM)",
     "lse_r": "sharpness of LSE pooling (small: average, large: max)",
     "transition": "ChestX-ray8 transition layer width before pooling (0: none)",
+    "members": "CNN trunks side by side in one network, each trained on its own loss, with its own "
+               "bootstrap weights of the images and from its own initialisation, their logits "
+               "averaged: an ensemble that reads, exports and annotates as one model (K times the "
+               "CNN's time)",
     "annotator": "grounded (attends over the feature map; words from where it looks) | global (Shin's)",
     "ground_epochs": "epochs of the joint CNN + grounded annotator phase",
     "ground_lr": "learning rate of that phase",

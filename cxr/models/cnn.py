@@ -13,6 +13,13 @@ average (CAM's) or ChestX-ray8's log-sum-exp (`pooling="lse"`, sharpness `lse_r`
 - ``densenet121``: MONAI's DenseNet-121 (CheXNet's network), 2-D, 1 input channel.
 - ``tiny``: four conv blocks, for tests and the CPU demo (stride 8).
 
+`members=K` builds K such trunks side by side, an ensemble inside one network: their feature
+maps are concatenated (K x C channels) and the head's logit is the mean of the members' own
+logits (`MemberHead`), so everything downstream (CAM, the annotators, the embedding, the exported
+graph) reads one wider map. In training each member is scored on its own (`forward(x,
+members=True)`), with its own Poisson(1) weight per image (online bagging), so the members learn
+as separately trained models would, from different initialisations and bootstrap samples.
+
 All are trained from scratch by default; `load_pretrained` takes a user-given state dict.
 """
 from __future__ import annotations
@@ -112,12 +119,54 @@ _FEATURES = {"tiny": TinyFeatures, "nin": NINFeatures, "googlenet": GoogLeNetFea
 POOLINGS = ("avg", "lse")
 
 
+class MemberFeatures(nn.Module):
+    """K backbone trunks on the same image, maps concatenated along the channels (member k owns
+    channels k*C .. (k+1)*C - 1)."""
+
+    def __init__(self, backbone: str, in_chans: int, members: int):
+        super().__init__()
+        self.trunks = nn.ModuleList(_FEATURES[backbone](in_chans) for _ in range(members))
+        self.member_features = self.trunks[0].num_features
+        self.num_features = members * self.member_features
+
+    def forward(self, x):
+        """x (B, c, H, W) for all members, or (K, B, c, H, W): one view per member (training
+        gives each member its own augmentation)."""
+        views = x if x.dim() == 5 else [x] * len(self.trunks)
+        return torch.cat([trunk(v) for trunk, v in zip(self.trunks, views)], 1)
+
+
 def lse_pool(maps: torch.Tensor, r: float) -> torch.Tensor:
     """ChestX-ray8's log-sum-exp pooling: (1/r) log(mean exp(r x)); r -> 0 is the mean, r -> inf
     the max. Computed around the max so that exp never overflows."""
     flat = maps.flatten(2)
     top = flat.amax(-1, keepdim=True)
     return (top + torch.log(torch.exp(r * (flat - top)).mean(-1, keepdim=True)) / r)[..., 0]
+
+
+class MemberHead(nn.Module):
+    """The linear head of K members. Each member's own weights (classes, C) are `member_weight`'s
+    k-th block of channels, at the scale of a single model's head (so they learn at its pace);
+    `weight`, their sum's share, member_weight / K, is what the mean of the members' logits
+    applies to the concatenated pooled maps, and what CAM reads."""
+
+    def __init__(self, members: int, in_features: int, out_features: int):
+        super().__init__()
+        self.members, self.in_features, self.out_features = members, in_features, out_features
+        bound = (in_features // members) ** -0.5  # nn.Linear's initialisation, per member
+        self.member_weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.member_weight / self.members
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def linear_head(members: int, in_features: int, out_features: int) -> nn.Module:
+    return nn.Linear(in_features, out_features) if members == 1 else MemberHead(members, in_features, out_features)
 
 
 class Classifier(nn.Module):
@@ -130,21 +179,27 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, backbone: str, num_classes: int, in_chans: int = 1, drop: float = 0.0,
-                 pooling: str = "avg", lse_r: float = 10.0, transition: int = 0):
+                 pooling: str = "avg", lse_r: float = 10.0, transition: int = 0, members: int = 1):
         super().__init__()
         if backbone not in _FEATURES:
             raise CxrError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
         if pooling not in POOLINGS:
             raise CxrError(f"unknown pooling {pooling!r}; choose avg or lse")
+        if members < 1:
+            raise CxrError(f"members must be at least 1, got {members}")
+        if members > 1 and transition:
+            raise CxrError("a transition layer would mix the members' maps; use members 1 or transition 0")
         self.backbone, self.pooling, self.lse_r = backbone, pooling, float(lse_r)
-        self.features = _FEATURES[backbone](in_chans)
+        self.members = int(members)
+        self.features = (_FEATURES[backbone](in_chans) if members == 1
+                         else MemberFeatures(backbone, in_chans, members))
         self.num_features = self.features.num_features
         # ChestX-ray8's transition layer: a 3x3 conv to a uniform width before pooling
         self.transition = conv_bn(self.num_features, transition, 3) if transition else None
         if transition:
             self.num_features = transition
         self.drop = nn.Dropout(drop)
-        self.head = nn.Linear(self.num_features, num_classes)
+        self.head = linear_head(self.members, self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.features(x)
@@ -160,27 +215,37 @@ class Classifier(nn.Module):
     def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(self.pool_for_head(maps)))
 
+    def member_logits(self, maps: torch.Tensor) -> torch.Tensor:
+        """(K, B, classes): each member's own logit (its block of `MemberHead.member_weight` on
+        its channels, plus the bias); their mean is `forward_head(maps)`."""
+        parts = self.drop(self.pool_for_head(maps)).unflatten(1, (self.members, -1))  # B, K, C
+        weight = self.head.member_weight.unflatten(1, (self.members, -1))               # n, K, C
+        return torch.einsum("bkc,nkc->kbn", parts, weight) + self.head.bias
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_features(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, members: bool = False) -> torch.Tensor:
+        """Logits (B, classes); with `members`, each member's own (K, B, classes)."""
+        maps = self.forward_features(x)
+        return self.member_logits(maps) if members else self.forward_head(maps)
 
     def reset_head(self, num_classes: int, parents: list[int] | None = None) -> None:
         """A new head with `num_classes` outputs; with `parents`, output i starts as a copy of the
         old output parents[i] (the cascade's refined labels start where their disease was)."""
         old = self.head
-        self.head = nn.Linear(self.num_features, num_classes).to(old.weight.device)
+        self.head = linear_head(self.members, self.num_features, num_classes).to(old.bias.device)
+        weight = "weight" if self.members == 1 else "member_weight"
         if parents is not None:
             with torch.no_grad():
-                self.head.weight.copy_(old.weight[parents])
+                getattr(self.head, weight).copy_(getattr(old, weight)[parents])
                 self.head.bias.copy_(old.bias[parents])
 
 
 def create_cnn(backbone: str, num_classes: int, in_chans: int = 1, drop: float = 0.0,
                pooling: str = "avg", lse_r: float = 10.0, transition: int = 0,
-               batch_norm: bool = True) -> Classifier:
-    model = Classifier(backbone, num_classes, in_chans, drop, pooling, lse_r, transition)
+               batch_norm: bool = True, members: int = 1) -> Classifier:
+    model = Classifier(backbone, num_classes, in_chans, drop, pooling, lse_r, transition, members)
     return model if batch_norm else without_batch_norm(model)
 
 
@@ -268,4 +333,9 @@ def _best_key_mapping(state: dict[str, torch.Tensor], own: set[str]) -> dict[str
     for cand in list(candidates):
         candidates.append({("features.trunk." + k[len("features."):]) if k.startswith("features.") else k: v
                            for k, v in cand.items()})
+    members = {k.split(".")[2] for k in own if k.startswith("features.trunks.")}
+    for cand in list(candidates):  # one trunk's weights start every member of an ensemble
+        candidates.append({**{k: v for k, v in cand.items() if not k.startswith("features.")},
+                           **{f"features.trunks.{m}.{k[len('features.'):]}": v for m in members
+                              for k, v in cand.items() if k.startswith("features.")}})
     return max(candidates, key=lambda c: len(own & set(c)))

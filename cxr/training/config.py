@@ -52,6 +52,7 @@ class TrainConfig:
     pooling: str = "avg"             # avg (CAM's) | lse (ChestX-ray8's log-sum-exp pooling)
     lse_r: float = 10.0              # LSE sharpness: small = average, large = max
     transition: int = 0              # ChestX-ray8 transition layer width before pooling (0: none)
+    members: int = 1                 # CNN trunks side by side, each trained on its own: an ensemble in one network
     annotator: str = "grounded"      # grounded (attends over the feature map) | global (Shin's)
     ground_epochs: int = 12          # joint CNN + grounded-annotator epochs after the last CNN phase
     ground_lr: float = 1e-3
@@ -98,6 +99,10 @@ class TrainConfig:
         from ..operating import OperatingPoint
 
         self.operating_point = str(OperatingPoint.parse(self.operating_point))
+        if self.members < 1:
+            raise CxrError(f"members must be at least 1, got {self.members}")
+        if self.members > 1 and self.transition:
+            raise CxrError("a transition layer would mix the members' maps; use --members 1 or --transition 0")
         if self.crop > self.image_size:
             raise CxrError(f"crop {self.crop} is larger than image_size {self.image_size}")
         if len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-6:

@@ -16,7 +16,7 @@ import torch
 from ..preprocess import MEAN, STD, normalise
 from ..models.annotator import encode, pad_batch
 from ..models.grounded import GroundedAnnotator
-from .loops import Context, _epoch_seed, _resume, _save, cosine_lr, masked_bce, phase_done
+from .loops import Context, _epoch_seed, _resume, _save, cosine_lr, masked_bce, per_member, phase_done
 
 _WORD = re.compile(r"[a-z]+")
 _NEGATED = re.compile(r"^\s*(no|without|there is no|there are no|negative)\b")
@@ -179,9 +179,9 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
             y = torch.from_numpy(labels[b]).to(dev)
             with ctx.autocast():
                 maps = cnn.forward_features(x)
-                logits = cnn.forward_head(maps)
+                logits = cnn.member_logits(maps) if cnn.members > 1 else cnn.forward_head(maps)
             m = None if mask is None else torch.from_numpy(mask[b]).to(dev)
-            loss = cnn_weight * masked_bce(logits.float(), y, m)
+            loss = cnn_weight * per_member(logits, lambda lg: masked_bce(lg.float(), y, m))
             ks = [k for i in b for k in by_image[int(i)]]
             where = {int(i): j for j, i in enumerate(b)}
             sel = torch.tensor([where[int(pairs[k][0])] for k in ks], device=dev)

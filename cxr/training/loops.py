@@ -147,14 +147,27 @@ def mean_auc(y: np.ndarray, p: np.ndarray) -> float | None:
 
 
 def cnn_loss(logits: torch.Tensor, y: torch.Tensor, labels: str, pos_weight=None, class_weight=None,
-             mask: torch.Tensor | None = None):
+             mask: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None):
     """Multi-label BCE (`labels` "diseases"), or Shin et al.'s softmax cross-entropy ("shin2016";
     the target row is normalised, so an image whose terms fell into two refined sub-labels of its
     pattern counts half to each). `mask` (0 = unknown label, e.g. an ignored uncertain mention)
-    leaves those (image, label) terms out of the BCE: the mean is over the known ones."""
+    leaves those (image, label) terms out of the BCE: the mean is over the known ones.
+    `sample_weight` (B,) weighs the images (a weighted mean)."""
     if labels == "shin2016":
-        return F.cross_entropy(logits, y / y.sum(1, keepdim=True).clamp(min=1), weight=class_weight)
+        target = y / y.sum(1, keepdim=True).clamp(min=1)
+        if sample_weight is None:
+            return F.cross_entropy(logits, target, weight=class_weight)
+        terms = F.cross_entropy(logits, target, weight=class_weight, reduction="none")
+        return (terms * sample_weight).sum() / sample_weight.sum().clamp(min=1e-6)
+    if sample_weight is not None:
+        mask = (torch.ones_like(y) if mask is None else mask) * sample_weight[:, None]
     return masked_bce(logits, y, mask, pos_weight)
+
+
+def per_member(logits: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`loss` of (B, classes) logits, or the mean of each member's for (K, B, classes): an
+    ensemble inside one network (`Classifier(members=K)`) learns as K separate models would."""
+    return torch.stack([loss(lg) for lg in logits]).mean() if logits.dim() == 3 else loss(logits)
 
 
 def masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None, pos_weight=None):
@@ -163,6 +176,16 @@ def masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None 
         return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
     terms = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="none")
     return (terms * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _member_logits(ctx: Context, net, members: int, x: torch.Tensor, gen) -> torch.Tensor:
+    """(K, B, classes) logits of an ensemble network's members, each on its own augmented view of
+    the batch (`Classifier(members=K)`)."""
+    cfg = ctx.cfg
+    views = torch.stack([normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
+                         for _ in range(members)])
+    with ctx.autocast():
+        return net(views, members=True)
 
 
 def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np.ndarray,
@@ -222,16 +245,25 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
         for x, y, rows_b in bar:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             m = None if mask is None else torch.from_numpy(mask[rows_b.numpy()]).to(dev)
-            x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
-            with ctx.autocast():
-                logits = net(x)
-            loss = cnn_loss(logits.float(), y, cfg.labels, pos_weight, class_weight, m)
+            if model.members > 1:
+                logits = _member_logits(ctx, net, model.members, x, gen)
+                # online bagging: each member weighs each image of the batch by its own Poisson(1)
+                # draw, as a bootstrap sample would, so the members differ in what they learn from
+                # as well as in where they start and how their images were augmented
+                weights = torch.poisson(torch.ones(model.members, len(y)), generator=gen).to(dev)
+                loss = torch.stack([cnn_loss(lg.float(), y, cfg.labels, pos_weight, class_weight, m, w)
+                                    for lg, w in zip(logits, weights)]).mean()
+            else:
+                x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
+                with ctx.autocast():
+                    logits = net(x)
+                loss = cnn_loss(logits.float(), y, cfg.labels, pos_weight, class_weight, m)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            total += float(loss.detach()) * len(x)
-            count += len(x)
+            total += float(loss.detach()) * len(y)
+            count += len(y)
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         seconds = time.time() - t0
         record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / max(count, 1), "images": count,

@@ -208,7 +208,7 @@ def _run(ctx: Context, prep: Prepared) -> Path:
 
     # ---- stage 1: CNN on the mined targets, then the RNN
     cnn = create_cnn(cfg.backbone, n_t, drop=cfg.dropout, pooling=cfg.pooling, lse_r=cfg.lse_r,
-                     transition=cfg.transition, batch_norm=cfg.batch_norm)
+                     transition=cfg.transition, batch_norm=cfg.batch_norm, members=cfg.members)
     if cfg.pretrained and not ctx.progress["phases"].get("cnn1"):
         report = load_pretrained(cnn, cfg.pretrained)
         ctx.progress["pretrained"] = {"path": str(cfg.pretrained), "loaded": len(report["loaded"]),
@@ -442,7 +442,7 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
                                   pooling=cfg.pooling, lse_r=cfg.lse_r, transition=cfg.transition,
                                   annotator="grounded" if ground is not None else "global",
                                   attn_dim=cfg.attn_dim if ground is not None else 0,
-                                  batch_norm=cfg.batch_norm, head=_head(ctx)),
+                                  batch_norm=cfg.batch_norm, head=_head(ctx), members=cfg.members),
         targets=list(prep.targets),
         refined=refined,
         vocabulary=list(prep.words),
