@@ -178,16 +178,6 @@ def masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None 
     return (terms * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _member_logits(ctx: Context, net, members: int, x: torch.Tensor, gen) -> torch.Tensor:
-    """(K, B, classes) logits of an ensemble network's members, each on its own augmented view of
-    the batch (`Classifier(members=K)`)."""
-    cfg = ctx.cfg
-    views = torch.stack([normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
-                         for _ in range(members)])
-    with ctx.autocast():
-        return net(views, members=True)
-
-
 def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np.ndarray,
               epochs: int, evaluate: Callable[[], dict] | None = None, normal_col: int | None = None,
               sample_labels: np.ndarray | None = None, mask: np.ndarray | None = None):
@@ -245,8 +235,12 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
         for x, y, rows_b in bar:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             m = None if mask is None else torch.from_numpy(mask[rows_b.numpy()]).to(dev)
+            # an ensemble network's members (`Classifier(members=K)`) each see their own augmented view
+            views = [normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
+                     for _ in range(model.members)]
+            with ctx.autocast():
+                logits = net(torch.stack(views), members=True) if model.members > 1 else net(views[0])
             if model.members > 1:
-                logits = _member_logits(ctx, net, model.members, x, gen)
                 # online bagging: each member weighs each image of the batch by its own Poisson(1)
                 # draw, as a bootstrap sample would, so the members differ in what they learn from
                 # as well as in where they start and how their images were augmented
@@ -254,9 +248,6 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
                 loss = torch.stack([cnn_loss(lg.float(), y, cfg.labels, pos_weight, class_weight, m, w)
                                     for lg, w in zip(logits, weights)]).mean()
             else:
-                x = normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
-                with ctx.autocast():
-                    logits = net(x)
                 loss = cnn_loss(logits.float(), y, cfg.labels, pos_weight, class_weight, m)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
