@@ -59,3 +59,12 @@ def test_annotate_nothing_readable(tiny_run, tmp_path, capsys):
     bad.write_bytes(b"nope")
     assert main(["annotate", str(tiny_run), str(bad), "--json", str(tmp_path / "o.json")]) == 2
     assert "none of the 1 images" in capsys.readouterr().err
+
+
+def test_annotate_an_empty_folder_names_it(tiny_run, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "readme.txt").write_text("not an image")
+    assert main(["annotate", str(tiny_run), str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"no image files in {empty}" in err and "Traceback" not in err

@@ -102,8 +102,9 @@ def run(args) -> int:
         raise CxrError("--batch-size and --beams must be at least 1")
     reader = Reader.load(args.run, device=args.device, engine=args.engine)
     files = expand(args.images)
-    if not files:
-        raise CxrError("no image files given")
+    if not files:  # only folders were given, and none holds an image
+        raise CxrError(f"no image files in {', '.join(str(p) for p in args.images)} "
+                       "(PNG, JPEG, TIFF or DICOM files, or folders holding them)")
     entries, failed, refused, used_names = [], 0, 0, set()
     from tqdm.auto import tqdm
 
