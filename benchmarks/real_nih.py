@@ -8,16 +8,18 @@ T(IoBB) and T(IoU)), beside Wang et al. 2017.
         [--phantom-run cxr-demo/run | --phantom-data cxr-demo/data] [--epochs 40] [--set KEY=VALUE]
         [--ensemble K]
 
-`--ensemble K` trains K runs per fold that differ only in their seed and scores each film with
-the mean of their calibrated probabilities (boxes from the first run); the JSON's
-`auc_by_ensemble_size` gives the pooled mean AUC of the first 1..K runs' mean. The Reader reads
-one run: an ensemble is what several runs' `Result.scores`, averaged, would give.
+`--ensemble K` trains each fold's run with `cxr train --ensemble K`: K networks that differ only
+in their seed, on one patient split, merged into one run (logits averaged; the first network's
+annotator, maps and boxes) and read by one Reader, as a user would; the JSON's
+`auc_by_ensemble_size` gives the pooled mean AUC of the mean of the first 1..K networks' own
+calibrated scores (each network is a complete run under the fold's run folder).
 
 The defaults are the recipe that read real films best here (benchmarks/real_nih_sweep.py and the
 runs after it): tiny CNN at 64 px, 40 epochs, log-sum-exp pooling, pre-trained for 20 epochs on
-1,500 phantom films. `--members 5` reads with five CNN trunks in one network (`cxr train
---members`: trained apart, logits averaged; the phantom pre-training then has five too):
-benchmarks/results/real_nih_members5.json.
+1,500 phantom films, and five networks merged into one run (`cxr train --ensemble 5`;
+`--ensemble 1` is the single network of benchmarks/results/real_nih_single.json). `--members 5 --ensemble 1`
+reads with five CNN trunks in one network trained together (`cxr train --members`; the phantom
+pre-training then has five too): benchmarks/results/real_nih_members5.json.
 
 What the numbers can and cannot say: every one of these 656 images carries at least one of the 8
 findings (they are the images the radiologists boxed), so a finding's AUC here is "this finding
@@ -140,31 +142,34 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
     from cxr.reader import Reader
     from cxr.runspec import LocalizeParams
     from cxr.training import train
+    from cxr.training.ensemble import member_dirs
 
     n = len(studies)
-    member_scores = np.full((args.ensemble, n, len(FINDINGS)), np.nan)  # each member's out-of-fold scores
+    scores = np.full((n, len(FINDINGS)), np.nan)  # out-of-fold scores of the run a user gets
+    member_scores = np.full((args.ensemble, n, len(FINDINGS)), np.nan)  # each network's own
     per_fold, src_pairs, out_pairs, stored = [], {}, {}, {}
     t0 = time.time()
     for k in range(args.folds):
         tf = time.time()
         train_studies = [s for s, f in zip(studies, folds) if f != k]
         test_rows = [i for i, f in enumerate(folds) if f == k]
-        readers = []
         wang, one = chestxray8_params(), LocalizeParams(0.5)
-        for j in range(args.ensemble):  # members differ only in their seed
-            cfg = base_config(args, data=f"nih:{args.data}", seed=k + 1000 * j, cache_dir=str(work / "cache"),
-                              pretrained=str(pretrained) if pretrained else None)
-            readers.append(Reader.load(train(cfg, work / (f"{name}-fold{k}" + (f"-m{j}" if j else "")),
-                                             studies=train_studies)))
-        reader = readers[0]  # boxes come from the first member (a run's own maps)
+        cfg = base_config(args, data=f"nih:{args.data}", seed=k, cache_dir=str(work / "cache"),
+                          pretrained=str(pretrained) if pretrained else None, ensemble=args.ensemble)
+        run = train(cfg, work / f"{name}-fold{k}", studies=train_studies)
+        reader = Reader.load(run)  # with --ensemble K, the merged run: K networks read as one
+        networks = [Reader.load(d) for d in member_dirs(run)]
         for i in test_rows:
             image = load_image(studies[i].images[0].path)
-            results = [member(image, heatmaps=False, force=True)  # the gate turns rotated films back
-                       for member in readers]
-            for j, (member, result) in enumerate(zip(readers, results)):
+            result = reader(image, heatmaps=False, force=True)  # the gate turns rotated films back
+            for t in reader.targets:
+                if t in FINDINGS:
+                    scores[i, FINDINGS.index(t)] = result.scores[t]
+            for j, member in enumerate(networks):
+                alone = member(image, heatmaps=False, force=True)
                 for t in member.targets:
                     if t in FINDINGS:
-                        member_scores[j, i, FINDINGS.index(t)] = result.scores[t]
+                        member_scores[j, i, FINDINGS.index(t)] = alone.scores[t]
             truth = [b for b in studies[i].images[0].boxes if b.label in reader.targets]
             # each map source, its boxes by ChestX-ray8's rule (thresholds 180 and 60 of 255, the
             # default) and by one threshold at 0.5 (the default before)
@@ -174,17 +179,15 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
                         (truth, boxes_of_true_diseases(reader, image, truth, src, params)))
             # what a user sees: the boxes of the findings the Reader itself reports (at its stored
             # thresholds: a finding it does not report is a miss), with the box source the run
-            # stored (the first member's reading above) and, paired on the same film, with each
+            # stored (the reading above) and, paired on the same film, with each
             # other source
             own = reader.box_source
             stored[own] = stored.get(own, 0) + 1
             for src in map_sources(reader):
                 reader.box_source = src
-                found = (results[0] if src == own else reader(image, heatmaps=False, force=True)).findings
+                found = (result if src == own else reader(image, heatmaps=False, force=True)).findings
                 out_pairs.setdefault(src, []).append((truth, [b for f in found for b in f.boxes]))
             reader.box_source = own
-        # the ensemble's score: the mean of its members' calibrated probabilities
-        scores = member_scores.mean(0)  # rows of later folds stay NaN
         y = labels_matrix([studies[i] for i in test_rows])
         fold_auc = M.auc_per_label(y, np.nan_to_num(scores[test_rows], nan=0.0), FINDINGS)
         per_fold.append({"fold": k, "test_images": len(test_rows), "mean_auc": fold_auc["mean"],
@@ -196,9 +199,10 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
     auc["ci95"] = M.bootstrap_auc_ci(y, np.nan_to_num(scores, nan=0.0), FINDINGS,
                                      groups=[s.patient_id for s in studies], n=1000, seed=0)
     fold_means = [f["mean_auc"] for f in per_fold if f["mean_auc"] is not None]
-    # pooled mean AUC of the first m members' mean score, m = 1..K: what each added seed buys
+    # pooled mean AUC of the mean of the first m networks' own calibrated scores, m = 1..K: what
+    # each added network buys (the merged run averages logits and is calibrated once: `auc`)
     by_size = {m: M.auc_per_label(y, np.nan_to_num(member_scores[:m].mean(0), nan=0.0), FINDINGS)["mean"]
-               for m in range(1, args.ensemble + 1)}
+               for m in range(1, args.ensemble + 1)} if args.ensemble > 1 else {}
     return {"auc": auc, "folds": per_fold, "ensemble": args.ensemble, "auc_by_ensemble_size": by_size,
             "mean_auc_over_folds": float(np.mean(fold_means)) if fold_means else None,
             "sd_auc_over_folds": float(np.std(fold_means)) if fold_means else None,
@@ -288,7 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--members", type=int, default=1,
                     help="CNN trunks in each run's network, trained apart, logits averaged (cxr train --members)")
-    ap.add_argument("--ensemble", type=int, default=1, help="runs per fold (seeds), scores averaged")
+    ap.add_argument("--ensemble", type=int, default=5,
+                    help="networks per fold's run (cxr train --ensemble: seeds, merged into one run)")
     ap.add_argument("--modes", default="scratch,phantom")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", type=parse_setting, metavar="KEY=VALUE",

@@ -160,7 +160,7 @@ class RunSpec:
     localises, and which data and split it came from."""
 
     cxr_version: str
-    stage: str                                 # "stage1" | "cascade"
+    stage: str                                 # "stage1" | "cascade" | "ensemble" (cxr train --ensemble)
     created: str                               # UTC, ISO 8601
     architecture: Architecture
     targets: list[str]                         # the output keys (original labels)

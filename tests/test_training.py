@@ -329,3 +329,36 @@ def test_members_train_read_and_export_as_one_model(studies, tmp_path):
     assert max(abs(got.scores[k] - want.scores[k]) for k in want.scores) < 1e-3
     with pytest.raises(CxrError, match="transition"):
         _config(members=2, transition=8)
+
+
+def test_ensemble_merges_networks_trained_apart_into_one_run(studies, tmp_path):
+    """`--ensemble 2`: two networks (seeds 0 and 1, one patient split) become one members-2 run
+    whose logits are the mean of theirs, whose words and maps are the first network's (the plain
+    run of seed 0), calibrated on the shared validation patients; it reads and resumes as a run."""
+    from cxr.reader import Reader
+    from cxr.training.ensemble import member_dirs
+
+    run = train(_config(ensemble=2, cascade=False), tmp_path / "run", studies=studies)
+    nets = member_dirs(run)
+    spec, specs = load_spec(run), [load_spec(d) for d in nets]
+    assert len(nets) == 2 and spec.architecture.members == 2 and spec.stage == "ensemble"
+    assert [s.seed for s in specs] == [0, 1] and specs[0].data.patients == specs[1].data.patients == spec.data.patients
+    merged, parts = Reader.load(run, gate=False), [Reader.load(d, gate=False) for d in nets]
+    assert not torch.equal(parts[0].cnn.head.weight, parts[1].cnn.head.weight)  # trained apart
+    from cxr.images import load_image
+
+    films = [load_image(s.images[0].path) for s in studies[:6]]
+    feats, own = merged.forward(films), [p.forward(films) for p in parts]
+    assert torch.allclose(feats.logits, (own[0].logits + own[1].logits) / 2, atol=1e-5)
+    # the first network's annotator on its own channels: the same words and finding map
+    both = torch.arange(len(films)) % len(merged.targets)
+    words = merged._ground(list(range(len(films))), both.tolist(), feats.maps)
+    first = parts[0]._ground(list(range(len(films))), both.tolist(), own[0].maps)
+    assert words["tokens"] == first["tokens"]
+    assert torch.allclose(words["finding"], first["finding"], atol=1e-5)
+    assert spec.validation["val_images"] == specs[0].validation["val_images"]
+    assert train(_config(ensemble=2, cascade=False), tmp_path / "run", studies=studies) == run  # finished: kept
+    with pytest.raises(CxrError, match="no-cascade"):
+        _config(ensemble=2)
+    with pytest.raises(CxrError, match="members 1"):
+        _config(ensemble=2, members=2, cascade=False)

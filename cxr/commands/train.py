@@ -60,6 +60,12 @@ HELP = {
                "bootstrap weights of the images and from its own initialisation, their logits "
                "averaged: an ensemble that reads, exports and annotates as one model (K times the "
                "CNN's time)",
+    "ensemble": "K networks trained one after another from seeds seed..seed+K-1 on one patient split, "
+                "then merged into one run: their CNNs become the members of one network (logits "
+                "averaged), the first network's annotator writes the words and draws the maps; "
+                "calibrated and its operating points chosen on the shared validation patients (K "
+                "times the training time and the CNN's reading time; needs --no-cascade)",
+    "split_seed": "seed of the patient split (default: --seed)",
     "annotator": "grounded (attends over the feature map; words from where it looks) | global (Shin's)",
     "ground_epochs": "epochs of the joint CNN + grounded annotator phase",
     "ground_lr": "learning rate of that phase",

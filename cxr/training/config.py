@@ -43,6 +43,7 @@ class TrainConfig:
     views: str = "frontal"           # frontal | lateral | all (Open-i has both per report)
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train/val/test, by patient
     seed: int = 0
+    split_seed: int | None = None    # the patient split's seed (None: seed)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     amp: bool = True                 # mixed precision on CUDA (bf16 where supported, else fp16)
     num_workers: int = 2             # DataLoader workers and image-decoding threads
@@ -53,6 +54,7 @@ class TrainConfig:
     lse_r: float = 10.0              # LSE sharpness: small = average, large = max
     transition: int = 0              # ChestX-ray8 transition layer width before pooling (0: none)
     members: int = 1                 # CNN trunks side by side, each trained on its own: an ensemble in one network
+    ensemble: int = 1                # networks trained apart (seeds seed..seed+K-1, one split), merged into one run
     annotator: str = "grounded"      # grounded (attends over the feature map) | global (Shin's)
     ground_epochs: int = 12          # joint CNN + grounded-annotator epochs after the last CNN phase
     ground_lr: float = 1e-3
@@ -103,6 +105,15 @@ class TrainConfig:
             raise CxrError(f"members must be at least 1, got {self.members}")
         if self.members > 1 and self.transition:
             raise CxrError("a transition layer would mix the members' maps; use --members 1 or --transition 0")
+        if self.ensemble < 1:
+            raise CxrError(f"ensemble must be at least 1, got {self.ensemble}")
+        if self.ensemble > 1 and self.members > 1:
+            raise CxrError("--ensemble K merges K one-member networks; use --members 1 with it")
+        if self.ensemble > 1 and self.cascade:
+            raise CxrError("--ensemble needs --no-cascade: each network's cascade would refine its labels "
+                           "its own way, and the merged head needs one label space")
+        if self.ensemble > 1 and self.transition:
+            raise CxrError("a transition layer would mix the members' maps; use --transition 0 with --ensemble")
         if self.crop > self.image_size:
             raise CxrError(f"crop {self.crop} is larger than image_size {self.image_size}")
         if len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-6:
@@ -121,6 +132,10 @@ class TrainConfig:
     # settings that may change between an interrupted run and its resumption
     RESUMABLE_CHANGES = ("epochs", "cascade_epochs", "rnn_epochs", "device", "amp", "num_workers",
                          "progress", "cache_dir")
+
+    @property
+    def patient_split_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     def same_run(self, other: "TrainConfig") -> list[str]:
         """Names of settings that differ in a way that makes resuming wrong."""

@@ -127,6 +127,10 @@ def train(config: TrainConfig, out: str | Path, studies: list[Study] | None = No
         return out
     rank, world, local = _distributed()
     with _locked(out, enabled=rank == 0):
+        if cfg.ensemble > 1:
+            from .ensemble import train_ensemble
+
+            return train_ensemble(cfg, out, studies, on_epoch, rank)
         return _train(cfg, out, progress, studies, rank, world, local, on_epoch)
 
 
@@ -135,17 +139,7 @@ def _train(cfg: TrainConfig, out: Path, progress: dict | None, studies, rank: in
     device = _device(cfg, local)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2 ** 32))
-    if studies is None:
-        studies = load_studies(cfg)
-    if cfg.max_images:
-        studies = studies[:cfg.max_images]
-    mining = None
-    if cfg.labels_from == "report":
-        studies, mining = _labels_from_reports(studies, cfg, out, rank)
-    stored = (progress or {}).get("prepared") or {}
-    prep = prepare(studies, cfg.views, cfg.fractions, cfg.seed, cfg.min_label_count,
-                   patient_split=stored.get("patient_split"), targets=stored.get("targets"),
-                   words=stored.get("words"), label_space=cfg.labels)
+    prep, mining = _prepare_data(cfg, out, studies, rank, (progress or {}).get("prepared") or {})
     out.mkdir(parents=True, exist_ok=True)
     progress = progress or {"config": cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             "prepared": {"patient_split": prep.patient_split, "targets": prep.targets,
@@ -173,6 +167,24 @@ def _train(cfg: TrainConfig, out: Path, progress: dict | None, studies, rank: in
     return _run(ctx, prep)
 
 
+def _prepare_data(cfg: TrainConfig, out: Path, studies: list[Study] | None, rank: int,
+                  stored: dict) -> tuple[Prepared, object]:
+    """The studies of `cfg.data` (or `studies`), labelled (mined from the reports with
+    `--labels-from report`) and prepared: split, targets and words as `stored` gives them (a
+    resumed run's, or an ensemble's first network's), else from the split seed."""
+    if studies is None:
+        studies = load_studies(cfg)
+    if cfg.max_images:
+        studies = studies[:cfg.max_images]
+    mining = None
+    if cfg.labels_from == "report":
+        studies, mining = _labels_from_reports(studies, cfg, out, rank)
+    prep = prepare(studies, cfg.views, cfg.fractions, cfg.patient_split_seed, cfg.min_label_count,
+                   patient_split=stored.get("patient_split"), targets=stored.get("targets"),
+                   words=stored.get("words"), label_space=cfg.labels)
+    return prep, mining
+
+
 def _labels_from_reports(studies: list[Study], cfg: TrainConfig, out: Path, rank: int):
     """`--labels-from report`: every study's findings mined from its report text
     (`cxr.reports.report_labels`), the records kept in RUN/mined_labels.jsonl."""
@@ -193,6 +205,44 @@ def _labels_from_reports(studies: list[Study], cfg: TrainConfig, out: Path, rank
             print(f"cxr train: {summary}", file=sys.stderr)
     return studies, LabelMining(uncertain=cfg.uncertain, records=RECORDS,
                                 studies=len(records) - left_out, left_out=left_out)
+
+
+def write_merged(cfg: TrainConfig, out: Path, tensors: dict[str, torch.Tensor], first, first_dir: Path,
+                 studies: list[Study] | None) -> None:
+    """An ensemble's merged run (`cxr.training.ensemble`): the networks' weights as one
+    members-K network, calibrated and its operating points chosen on the validation patients
+    they share, written as `_write_run` writes any run."""
+    from ..checkpoint import unprefixed
+
+    device = _device(cfg, 0)
+    prep, mining = _prepare_data(cfg, out, studies, 0, {"patient_split": first.data.patients,
+                                                        "targets": list(first.targets),
+                                                        "words": list(first.vocabulary)})
+    images, failed = build_cache(prep.paths, cfg.image_size, Path(cfg.cache_dir or out / "cache").expanduser(),
+                                 cfg.num_workers, False)
+    if failed:
+        prep.split[list(failed)] = -1
+        prep.unreadable = {prep.paths[i]: problem for i, problem in failed.items()}
+    arch = first.architecture
+    cnn = create_cnn(cfg.backbone, len(prep.targets), drop=cfg.dropout, pooling=cfg.pooling, lse_r=cfg.lse_r,
+                     batch_norm=cfg.batch_norm, members=cfg.ensemble)
+    cnn.load_state_dict(unprefixed("cnn", tensors))
+    rnn = Annotator(len(prep.words), len(prep.targets), cnn.num_features, arch.rnn_hidden, arch.rnn_embed, arch.rnn)
+    rnn.load_state_dict(unprefixed("rnn", tensors))
+    ground = None
+    if arch.annotator == "grounded":
+        from ..models.grounded import GroundedAnnotator, field_word_ids
+
+        ground = GroundedAnnotator(len(prep.words), len(prep.targets), cnn.num_features,
+                                   field_word_ids(prep.words), arch.rnn_hidden, arch.rnn_embed, arch.rnn,
+                                   arch.attn_dim, vocab=prep.words)
+        ground.load_state_dict(unprefixed("ground", tensors))
+    ctx = Context(cfg, out, device, images, progress={"pretrained": first.pretrained})
+    ctx.mining = mining
+    cnn.to(device)
+    val_idx = prep.indices("val")
+    scored_val = val_idx if prep.mask is None else val_idx[prep.mask[val_idx].all(1)]
+    _write_run(ctx, out, "ensemble", cnn, rnn, prep, RefinedLabels.identity(prep.targets), scored_val, ground)
 
 
 def _run(ctx: Context, prep: Prepared) -> Path:
@@ -442,7 +492,7 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
                                   pooling=cfg.pooling, lse_r=cfg.lse_r, transition=cfg.transition,
                                   annotator="grounded" if ground is not None else "global",
                                   attn_dim=cfg.attn_dim if ground is not None else 0,
-                                  batch_norm=cfg.batch_norm, head=_head(ctx), members=cfg.members),
+                                  batch_norm=cfg.batch_norm, head=_head(ctx), members=cnn.members),
         targets=list(prep.targets),
         refined=refined,
         vocabulary=list(prep.words),
@@ -458,7 +508,7 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         validation=metrics,
         train_config=cfg.to_dict(),
         pretrained=ctx.progress.get("pretrained"),
-        data=DataSpec(spec=cfg.data, views=cfg.views, split_seed=cfg.seed, fractions=list(cfg.fractions),
+        data=DataSpec(spec=cfg.data, views=cfg.views, split_seed=cfg.patient_split_seed, fractions=list(cfg.fractions),
                       patients=prep.patient_split, counts=counts, unreadable=prep.unreadable,
                       label_counts={t: int(prep.labels[train_rows, k].sum())
                                     for k, t in enumerate(prep.targets)}),
