@@ -338,7 +338,20 @@ def test_ensemble_merges_networks_trained_apart_into_one_run(studies, tmp_path):
     from cxr.reader import Reader
     from cxr.training.ensemble import member_dirs
 
-    run = train(_config(ensemble=2, cascade=False), tmp_path / "run", studies=studies)
+    def stop_in_second_network(phase, epoch, record):
+        if (phase, epoch) == ("m1:cnn1", 1):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):  # interrupted in the second network: resumes from there
+        train(_config(ensemble=2, cascade=False), tmp_path / "run", studies=studies,
+              on_epoch=stop_in_second_network)
+    assert len(member_dirs(tmp_path / "run")) == 1 and not (tmp_path / "run" / "config.json").exists()
+    first_weights = (tmp_path / "run" / "members" / "0" / "weights.safetensors").read_bytes()
+    seen = []
+    run = train(_config(ensemble=2, cascade=False), tmp_path / "run", studies=studies,
+                on_epoch=lambda phase, epoch, record: seen.append((phase, epoch)))
+    assert not any(phase.startswith("m0:") for phase, _ in seen) and ("m1:cnn1", 1) not in seen
+    assert (run / "members" / "0" / "weights.safetensors").read_bytes() == first_weights
     nets = member_dirs(run)
     spec, specs = load_spec(run), [load_spec(d) for d in nets]
     assert len(nets) == 2 and spec.architecture.members == 2 and spec.stage == "ensemble"
