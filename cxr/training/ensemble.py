@@ -1,4 +1,5 @@
-"""`cxr train --ensemble K`: K networks trained apart, read as one run.
+"""`cxr train --ensemble K`: K networks trained apart, read as one run (what merges them;
+`cxr.training.pipeline` trains them).
 
 Averaging the scores of separately trained networks lifted real-film AUC more than any recipe
 change (`benchmarks/real_nih.py`), but a user reads one run. So the K networks (seeds seed ..
@@ -13,14 +14,11 @@ on the shared validation patients; it reads, exports and serves as any run does.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 from pathlib import Path
 
 import torch
 
-from ..atomic import write_atomic
-from ..checkpoint import load_spec, load_tensors, unprefixed
+from ..checkpoint import unprefixed
 from ..errors import CxrError
 from .config import TrainConfig
 
@@ -86,28 +84,3 @@ def check_compatible(specs: list) -> None:
             raise CxrError("the ensemble's networks were trained on different patient splits")
     if first.architecture.members != 1 or first.architecture.transition:
         raise CxrError("only one-member networks without a transition layer can be merged")
-
-
-def train_ensemble(cfg: TrainConfig, out: Path, studies, on_epoch, rank: int) -> Path:
-    """Train the K networks (each resumable on its own), then merge them into `out`."""
-    from .pipeline import train, write_merged
-
-    progress = out / "state" / "progress.json"
-    if rank == 0:
-        write_atomic(progress, json.dumps({"config": cfg.to_dict(), "ensemble": cfg.ensemble}, indent=1))
-    runs = []
-    for j in range(cfg.ensemble):
-        if rank == 0 and cfg.progress:
-            print(f"cxr train: network {j + 1} of {cfg.ensemble} (seed {cfg.seed + j})", file=sys.stderr)
-        hook = (lambda phase, epoch, record, j=j: on_epoch(f"m{j}:{phase}", epoch, record)) if on_epoch else None
-        runs.append(train(member_config(cfg, j, out), out / MEMBERS_DIR / str(j), studies=studies,
-                          on_epoch=hook))
-    if rank != 0:
-        return out
-    specs = [load_spec(r) for r in runs]
-    check_compatible(specs)
-    merged = merge_tensors([load_tensors(r / "weights.safetensors") for r in runs])
-    write_merged(cfg, out, merged, specs[0], runs[0], studies)
-    state = {"config": cfg.to_dict(), "ensemble": cfg.ensemble, "finished": True}
-    write_atomic(progress, json.dumps(state, indent=1))
-    return out

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic import write_atomic
 from ..checkpoint import prefixed, save_run
 from ..dataset import build_cache
 from ..errors import CxrError
@@ -128,9 +129,7 @@ def train(config: TrainConfig, out: str | Path, studies: list[Study] | None = No
     rank, world, local = _distributed()
     with _locked(out, enabled=rank == 0):
         if cfg.ensemble > 1:
-            from .ensemble import train_ensemble
-
-            return train_ensemble(cfg, out, studies, on_epoch, rank)
+            return _train_ensemble(cfg, out, studies, on_epoch, rank)
         return _train(cfg, out, progress, studies, rank, world, local, on_epoch)
 
 
@@ -207,7 +206,36 @@ def _labels_from_reports(studies: list[Study], cfg: TrainConfig, out: Path, rank
                                 studies=len(records) - left_out, left_out=left_out)
 
 
-def write_merged(cfg: TrainConfig, out: Path, tensors: dict[str, torch.Tensor], first, first_dir: Path,
+def _train_ensemble(cfg: TrainConfig, out: Path, studies, on_epoch, rank: int) -> Path:
+    """`--ensemble K` (`cxr.training.ensemble`): the K networks, each a resumable run of its own
+    under RUN/members/j, then their merged run in `out`."""
+    import sys
+
+    from ..checkpoint import load_spec, load_tensors
+    from .ensemble import MEMBERS_DIR, check_compatible, member_config, merge_tensors
+
+    progress = out / "state" / "progress.json"
+    if rank == 0:
+        write_atomic(progress, json.dumps({"config": cfg.to_dict(), "ensemble": cfg.ensemble}, indent=1))
+    runs = []
+    for j in range(cfg.ensemble):
+        if rank == 0 and cfg.progress:
+            print(f"cxr train: network {j + 1} of {cfg.ensemble} (seed {cfg.seed + j})", file=sys.stderr)
+        hook = (lambda phase, epoch, record, j=j: on_epoch(f"m{j}:{phase}", epoch, record)) if on_epoch else None
+        runs.append(train(member_config(cfg, j, out), out / MEMBERS_DIR / str(j), studies=studies,
+                          on_epoch=hook))
+    if rank != 0:
+        return out
+    specs = [load_spec(r) for r in runs]
+    check_compatible(specs)
+    merged = merge_tensors([load_tensors(r / "weights.safetensors") for r in runs])
+    write_merged(cfg, out, merged, specs[0], studies)
+    write_atomic(progress, json.dumps({"config": cfg.to_dict(), "ensemble": cfg.ensemble, "finished": True},
+                                      indent=1))
+    return out
+
+
+def write_merged(cfg: TrainConfig, out: Path, tensors: dict[str, torch.Tensor], first,
                  studies: list[Study] | None) -> None:
     """An ensemble's merged run (`cxr.training.ensemble`): the networks' weights as one
     members-K network, calibrated and its operating points chosen on the validation patients
