@@ -150,9 +150,8 @@ def _train(cfg: TrainConfig, out: Path, progress: dict | None, studies, rank: in
         torch.distributed.barrier()
     if rank != 0:
         images, failed = build_cache(prep.paths, cfg.image_size, cache_dir, cfg.num_workers, False)
-    if failed:  # unreadable files are left out of every split (and listed in the run config)
-        prep.split[list(failed)] = -1
-        prep.unreadable = {prep.paths[i]: problem for i, problem in failed.items()}
+    prep.leave_out(failed)  # unreadable files are left out of every split (and listed in the run config)
+    if failed:
         if rank == 0:
             import sys
 
@@ -248,9 +247,7 @@ def write_merged(cfg: TrainConfig, out: Path, tensors: dict[str, torch.Tensor], 
                                                         "words": list(first.vocabulary)})
     images, failed = build_cache(prep.paths, cfg.image_size, Path(cfg.cache_dir or out / "cache").expanduser(),
                                  cfg.num_workers, False)
-    if failed:
-        prep.split[list(failed)] = -1
-        prep.unreadable = {prep.paths[i]: problem for i, problem in failed.items()}
+    prep.leave_out(failed)
     arch = first.architecture
     cnn = create_cnn(cfg.backbone, len(prep.targets), drop=cfg.dropout, pooling=cfg.pooling, lse_r=cfg.lse_r,
                      batch_norm=cfg.batch_norm, members=cfg.ensemble)
@@ -268,9 +265,8 @@ def write_merged(cfg: TrainConfig, out: Path, tensors: dict[str, torch.Tensor], 
     ctx = Context(cfg, out, device, images, progress={"pretrained": first.pretrained})
     ctx.mining = mining
     cnn.to(device)
-    val_idx = prep.indices("val")
-    scored_val = val_idx if prep.mask is None else val_idx[prep.mask[val_idx].all(1)]
-    _write_run(ctx, out, "ensemble", cnn, rnn, prep, RefinedLabels.identity(prep.targets), scored_val, ground)
+    _write_run(ctx, out, "ensemble", cnn, rnn, prep, RefinedLabels.identity(prep.targets), prep.scored("val"),
+               ground)
 
 
 def _run(ctx: Context, prep: Prepared) -> Path:
@@ -278,9 +274,7 @@ def _run(ctx: Context, prep: Prepared) -> Path:
     train_idx, val_idx = prep.indices("train"), prep.indices("val")
     if len(train_idx) == 0:
         raise CxrError("the training split is empty")
-    # validation metrics, calibration and thresholds need every label known: studies with an
-    # ignored uncertain mention (`--labels-from report --uncertain ignore`) are left out of them
-    scored_val = val_idx if prep.mask is None else val_idx[prep.mask[val_idx].all(1)]
+    scored_val = prep.scored("val")  # every label known (see Prepared.scored)
     n_t = len(prep.targets)
     normal_col = prep.targets.index(NORMAL) if NORMAL in prep.targets else None
 

@@ -53,6 +53,19 @@ class Prepared:
     def indices(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLITS.index(name))
 
+    def scored(self, name: str) -> np.ndarray:
+        """The split's images whose every label is known: validation metrics, calibration and
+        thresholds leave out studies with an ignored uncertain mention (`--labels-from report
+        --uncertain ignore`)."""
+        idx = self.indices(name)
+        return idx if self.mask is None else idx[self.mask[idx].all(1)]
+
+    def leave_out(self, failed: dict[int, str]) -> None:
+        """Unreadable images (index -> problem) are left out of every split and listed."""
+        if failed:
+            self.split[list(failed)] = -1
+            self.unreadable = {self.paths[i]: problem for i, problem in failed.items()}
+
     @property
     def word_index(self) -> dict[str, int]:
         return {w: i for i, w in enumerate(self.words)}
