@@ -32,8 +32,9 @@ words from the CNN's feature map: `heatmaps["Opacity"]` is its finding map (wher
 finding is; the boxes come from it) and `heatmaps["Opacity:left"]` the map it attended to while
 writing "left". Older runs (Shin's annotator on the pooled embedding) give CAM heatmaps and boxes.
 Either way a finding's boxes lie on the side its words name (PA display: the patient's left is
-the image's right), and a bilateral one gets a box on each side, so words and boxes never
-contradict each other.
+the image's right), a bilateral one gets a box on each side, and a finding with a site word is
+boxed within that site's band of rows ("base": the lower 60% of the film), so words and boxes
+never contradict each other.
 
     reader.localise(image, ["Cardiomegaly"])        # boxes of named targets, detected or not
     feats = reader.forward(images); scores, _ = reader.scores(feats.logits)   # the raw steps
@@ -57,7 +58,8 @@ from .images import pixels_of
 from .models.annotator import Annotator, decode
 from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
-from .models.localize import Heatmaps, boxes_from_heatmaps, half_at_own_peak, heatmaps_at
+from .models.localize import (Heatmaps, boxes_from_heatmaps, half_at_own_peak, heatmaps_at,
+                              site_consistent)
 from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
@@ -269,6 +271,10 @@ class Reader:
             out[rows] = (self._head[classes] @ flat[b]).reshape(len(rows), h, w)
         return out
 
+    #: A finding's boxes stay in its site word's band of rows (`site_consistent`); off only to
+    #: measure what that rule changes (`benchmarks/words_and_boxes.py`).
+    boxes_follow_site = True
+
     BOX_SUBCELLS = 4  # boxes are found on a grid of 4 x 4 points per cell of the CNN's map
 
     def box_grid(self, map_size: int) -> int:
@@ -286,12 +292,17 @@ class Reader:
         return heatmaps_at(cams, (grid, grid))
 
     def _boxes(self, heatmaps: np.ndarray, targets: Sequence[str], sizes: Sequence[tuple[int, int]],
-               sides: Sequence[str | None] | None = None, params: LocalizeParams | None = None) -> list[list[Box]]:
+               sides: Sequence[str | None] | None = None, params: LocalizeParams | None = None,
+               sites: Sequence[Sequence[str]] | None = None) -> list[list[Box]]:
         """Boxes of maps already on the box grid (`heatmaps_at` to `box_grid`), all found at
-        once, each in its image's (h, w) pixels; with a `side` word, only on that side of the
+        once, each in its image's (h, w) pixels; with a site word ("base", "apex"), only within
+        that site's band of rows (`site_consistent`); with a `side` word, only on that side of the
         patient, from that side's map at its own peak (`half_at_own_peak`; replaced in place:
         pass maps made for this); "bilateral": the first box of each side's own map, one per lung."""
         size = heatmaps.shape[-1]
+        for i, location in enumerate((sites or ()) if self.boxes_follow_site else ()):
+            if location:
+                heatmaps[i] = site_consistent(heatmaps[i], location)
         sides = list(sides or [None] * len(heatmaps))
         for i, side in enumerate(sides):
             if side in ("left", "right"):
@@ -454,7 +465,9 @@ class Reader:
         # on the side its words name (a grounded finding map: where it looked)
         located_boxes = self._boxes(at_grid, [self.targets[t] for _, t in located],
                                     [images[b].shape[:2] for b, _ in located],
-                                    [parsed[p].side if parsed.get(p) else None for p in located]) if located else []
+                                    [parsed[p].side if parsed.get(p) else None for p in located],
+                                    sites=[parsed[p].location if parsed.get(p) else () for p in located]) \
+            if located else []
         results = []
         for b, image in enumerate(images):
             h, w = image.shape[:2]

@@ -10,7 +10,7 @@ from cxr.models.annotator import decode, encode, pad_batch
 from cxr.models.cnn import create_cnn
 from cxr.models.grounded import GroundedAnnotator, coordinates, field_word_ids, zone_masks
 from cxr.models.localize import (boxes_from_heatmap, half_at_own_peak, side_consistent, side_of_box,
-                                  to_heatmap)
+                                  site_band, to_heatmap)
 from cxr.records import Box
 from cxr.runspec import LocalizeParams
 
@@ -232,6 +232,11 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
             if f.side == "bilateral":  # one box on each side
                 assert sorted(side_of_box(b, width) for b in f.boxes) == ["left", "right"], f.boxes
                 sided += 1
+            band = site_band(f.location)
+            if band and f.boxes:  # and at the height its site word names
+                top = max(b.y + b.h for b in f.boxes) / r.image_size[0]
+                bottom = min(b.y for b in f.boxes) / r.image_size[0]
+                assert top > band[0] and bottom < band[1], (f.location, f.boxes)
     assert seen_words > 0
     # the rule itself, on maps with a strong blob in the image's left half (the patient's right)
     # and a weak one in its right half: every side word gets boxes on its side only, "bilateral"
@@ -251,6 +256,16 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
     said = [sorted(side_of_box(b, 2 * size) for b in boxes) for boxes in found]
     assert [set(s) for s in said] == [{"left"}, {"right"}, {"left", "right"}, {"left", "right"}], said
     assert said[2] == ["left", "right"], said
+    # and the height: a strong blob at the apex, a weak one at the base: "base" is boxed at the
+    # base, "apex" at the apex, a finding without a site word at the stronger blob
+    heat = np.zeros((size, size), np.float32)
+    heat[size // 8:size // 8 + 8, 8:16] = 1.0
+    heat[size - size // 8 - 8:size - size // 8, 8:16] = 0.3
+    found = reader._boxes(np.stack([heat] * 3), ["Opacity"] * 3, [(size, size)] * 3, ["right"] * 3, one,
+                          sites=[("base",), ("apex",), ()])
+    centres = [[(b.y + b.h / 2) / size for b in boxes] for boxes in found]
+    assert all(len(c) == 1 for c in centres), centres
+    assert centres[0][0] > 0.7 and centres[1][0] < 0.3 and centres[2][0] < 0.3, centres
     boxed = next(i for i in range(len(ed.prep.paths)) if ed.truth_boxes(i))
     label = ed.truth_boxes(boxed)[0].label
     for source in ("cam", "attention", "word"):

@@ -152,6 +152,38 @@ def half_at_own_peak(heatmap: np.ndarray, side: str) -> np.ndarray:
     return out / top if top > 0 else out
 
 
+# Per site word, the band of image rows (fractions of the height, top = 0) where the peak of its
+# finding's map may lie on a PA/AP chest film: wide enough for films framed loosely or tightly
+# (on the phantom, every true box of a site word has its centre inside its band), narrow enough
+# that a "base" finding is never boxed at the apex, nor an "apex" one at the diaphragm.
+SITE_BANDS = {"apex": (0.0, 0.5), "upper lobe": (0.0, 0.7), "middle lobe": (0.2, 0.75),
+              "lingula": (0.2, 0.75), "hilum": (0.2, 0.75), "lower lobe": (0.3, 1.0),
+              "base": (0.4, 1.0), "retrocardiac": (0.3, 1.0)}
+
+
+def site_band(location: Sequence[str] | None) -> tuple[float, float] | None:
+    """The row band of the first site word that has one (None: no such word)."""
+    for word in location or ():
+        if word in SITE_BANDS:
+            return SITE_BANDS[word]
+    return None
+
+
+def site_consistent(heatmap: np.ndarray, location: Sequence[str] | None) -> np.ndarray:
+    """The heatmap with the rows outside its site word's band (`SITE_BANDS`) set to 0 and the
+    rest scaled to its own peak, so that the words and the box agree on the height as
+    `side_consistent` makes them agree on the side; unchanged without a site word."""
+    band = site_band(location)
+    if band is None:
+        return heatmap
+    rows = heatmap.shape[0]
+    lo, hi = int(np.floor(band[0] * rows)), int(np.ceil(band[1] * rows))
+    out = np.zeros_like(heatmap)
+    out[lo:hi] = heatmap[lo:hi]
+    top = float(out.max())
+    return out / top if top > 0 else out
+
+
 def side_of_box(box: Box, width: float) -> str:
     """The patient's side a box's centre lies on (PA display: image right = patient left)."""
     return "left" if box.x + box.w / 2 >= width / 2 else "right"
