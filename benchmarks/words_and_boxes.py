@@ -14,6 +14,9 @@ its true side, site and box). For the reported findings that have a site word ("
 - the same two figures for the findings with no site word, which the rule leaves alone (a check:
   they must not move).
 
+How sure the words are: per context field, the accuracy of the reported findings' words in bins
+of the annotator's confidence in them (`DetectedFinding.confidence`).
+
 And the study-level answer: of the studies called abnormal, how many name no finding (no disease
 at or above its threshold), how many of those are truly abnormal, and how often the disease
 nearest its threshold (in odds) is one the study has: what naming it anyway would be worth.
@@ -61,6 +64,38 @@ def box_figures(ed, idx, results) -> dict:
                      "iobb_0.5": row["hit"] / row["findings"] if row["findings"] else None}
         if "in_band" in row:
             out[name]["in_band"] = row["in_band"] / row["boxes"] if row["boxes"] else None
+    return out
+
+
+CONFIDENCE_BINS = (0.0, 0.5, 0.7, 0.9, 1.0001)
+
+
+def confidence_figures(ed, idx, results) -> dict:
+    """Per context field, the accuracy of the reported findings' words (paired with the truth as
+    `cxr evaluate` pairs them) in bins of the annotator's confidence in the word it wrote."""
+    from cxr import metrics as M
+
+    seen = {f: [] for f in ("side", "location", "severity")}
+    for i, r in zip(idx, results):
+        said = [f for f in r.findings if f.disease != "normal"]
+        for true, pred in M.match_findings(ed.truth_findings(i), said):
+            if pred is None:
+                continue
+            for field, rows in seen.items():
+                if M._norm(getattr(true, field)) is None or field not in pred.confidence:
+                    continue
+                rows.append((pred.confidence[field], M._field_ok(true, pred, field)))
+    out = {}
+    for field, rows in seen.items():
+        p = np.array([c for c, _ in rows])
+        ok = np.array([o for _, o in rows], dtype=float)
+        bins = []
+        for lo, hi in zip(CONFIDENCE_BINS[:-1], CONFIDENCE_BINS[1:]):
+            m = (p >= lo) & (p < hi)
+            bins.append({"from": lo, "to": min(hi, 1.0), "n": int(m.sum()),
+                         "accuracy": float(ok[m].mean()) if m.any() else None,
+                         "mean_confidence": float(p[m].mean()) if m.any() else None})
+        out[field] = {"n": len(rows), "accuracy": float(ok.mean()) if rows else None, "bins": bins}
     return out
 
 
@@ -114,10 +149,15 @@ def main(argv=None) -> int:
         readings["site_band" if follow else "side_only"] = box_figures(ed, idx, reader(paths, heatmaps=False))
     results = reader(paths, heatmaps=False)
     out = {"benchmark": "words_and_boxes", "demo": str(args.demo), "split": "test", "studies": len(idx),
-           "site_bands": SITE_BANDS, "boxes": readings, "study": study_figures(ed, idx, results, reader)}
+           "site_bands": SITE_BANDS, "boxes": readings, "study": study_figures(ed, idx, results, reader),
+           "word_confidence": confidence_figures(ed, idx, results)}
     rows = [[name, kind, r[kind]["findings"], r[kind].get("in_band"), r[kind]["iobb_0.5"]]
             for name, r in readings.items() for kind in ("site", "no_site")]
     print(markdown_table(["boxes", "findings", "n", "box centres in the site band", "IoBB .5"], rows, digits=3))
+    for field, c in out["word_confidence"].items():
+        print(f"{field} words ({c['n']} with a truth and a confidence): accuracy {c['accuracy']}")
+        for b in c["bins"]:
+            print(f"  confidence {b['from']:.1f}-{b['to']:.1f}: n {b['n']}, accuracy {b['accuracy']}")
     st = out["study"]
     print(f"studies called abnormal: {st['called_abnormal']}; with no disease above its threshold: "
           f"{st['no_finding_above_threshold']} ({st['of_which_truly_abnormal']} truly abnormal); the "

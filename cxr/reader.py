@@ -362,10 +362,27 @@ class Reader:
         images, item_rows = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         if len(images) < len(maps):  # only the images with a finding (a copy: avoided when all have)
             maps = maps[torch.from_numpy(images)]
-        seqs, wmaps, finding, _ = self.ground.generate(maps, lab, n, where=self._where,
-                                                       rows=item_rows.reshape(-1))
+        seqs, wmaps, finding, fields = self.ground.generate(maps, lab, n, where=self._where,
+                                                            rows=item_rows.reshape(-1))
         return {"tokens": [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in seqs],
-                "words": [m.reshape(-1, h, w) for m in wmaps], "finding": finding.reshape(-1, h, w)}
+                "words": [m.reshape(-1, h, w) for m in wmaps], "finding": finding.reshape(-1, h, w),
+                "confidence": self._word_confidence(seqs, fields)}
+
+    def _word_confidence(self, seqs: list[list[int]], fields: dict[str, torch.Tensor]) -> list[dict[str, float]]:
+        """Per item, the probability the grounded annotator gave the side, site and grade word it
+        wrote, among that field's words (its field head, weighed with where the map lies): how
+        sure it was of "left" rather than "right" or "bilateral"."""
+        probs = {f: _numpy(p) for f, p in fields.items()}
+        column = {f: {wid: j for j, wid in enumerate(self.ground.field_words[f])} for f in probs}
+        out = []
+        for k, seq in enumerate(seqs):
+            said = {}
+            for f, ids in column.items():
+                wid = next((w for w in seq if w in ids), None)
+                if wid is not None:
+                    said[f] = round(float(probs[f][k, ids[wid]]), 4)
+            out.append(said)
+        return out
 
     def annotate(self, embeddings: torch.Tensor, labels: torch.Tensor, beams: int = 1,
                  maps: torch.Tensor | None = None) -> list[list[str]]:
@@ -435,11 +452,12 @@ class Reader:
                     hits = [normal]
                 detected.append(hits)
         pairs = [(b, t) for b, hits in enumerate(detected) for t in hits]
-        grounded = {}
+        grounded, confidence = {}, {}
         if self.ground is not None and pairs:
             g = self._ground([b for b, _ in pairs], [t for _, t in pairs], maps)
             tokens = g["tokens"]
             grounded = {p: (g["finding"][k], g["words"][k]) for k, p in enumerate(pairs)}
+            confidence = dict(zip(pairs, g["confidence"]))
         else:
             tokens = self.annotate(emb[[b for b, _ in pairs]] if pairs else emb[:0],
                                    torch.tensor([t for _, t in pairs], dtype=torch.long), beams)
@@ -487,7 +505,8 @@ class Reader:
                     organ=term.organ if term else None,
                     location=tuple(term.location) if term else (),
                     side=term.side if term else None,
-                    severity=term.severity if term else None, boxes=boxes))
+                    severity=term.severity if term else None, boxes=boxes,
+                    confidence=_confidence_of_term(confidence.get((b, t), {}), term)))
             findings.sort(key=lambda f: -f.score)
             results.append(Result(
                 scores={t: float(scores[b, k]) for k, t in enumerate(self.targets)}, findings=findings,
@@ -539,6 +558,15 @@ def _one_thread(device: torch.device):
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _confidence_of_term(confidence: dict[str, float], term) -> dict[str, float]:
+    """The word confidences of the fields the parsed term kept (a side word the parser did not
+    take as the side is not reported as one)."""
+    if term is None:
+        return {}
+    kept = {"side": term.side, "location": term.location, "severity": term.severity}
+    return {f: p for f, p in confidence.items() if kept.get(f)}
 
 
 def _numpy(x) -> np.ndarray:

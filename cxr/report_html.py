@@ -146,6 +146,14 @@ def reliability_svg(calibration: dict, size: int = 260) -> str:
     return "".join(parts)
 
 
+def _confidence_line(f) -> str:
+    """The annotator's confidence in each context word it wrote, e.g. "side .83 · severity .91"."""
+    if not f.confidence:
+        return ""
+    parts = " · ".join(f"{html.escape(k)} {v:.2f}" for k, v in f.confidence.items())
+    return f'<br><small class="muted">sure of the words: {parts}</small>'
+
+
 def example_html(ex: Example, width: int = 300) -> str:
     """Raw image, overlay (heatmaps of the detected findings, their boxes, true boxes in green),
     and the generated annotations next to the true terms."""
@@ -160,7 +168,7 @@ def example_html(ex: Example, width: int = 300) -> str:
     found = "".join(
         f'<li><span class="swatch" style="background:rgb{PRED_COLOURS[i % len(PRED_COLOURS)]}">'
         f'</span><b>{html.escape(f.disease)}</b> {f.score:.2f}'
-        f'<br><code>{html.escape(f.annotation or "")}</code></li>'
+        f'<br><code>{html.escape(f.annotation or "")}</code>{_confidence_line(f)}</li>'
         for i, f in enumerate(res.findings)) or "<li><i>no finding above its threshold</i></li>"
     truth = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in ex.truth) \
         or "<li><i>normal</i></li>"

@@ -26,6 +26,10 @@ class DetectedFinding:
     side: str | None = None
     severity: str | None = None
     boxes: list[Box] = field(default_factory=list)
+    # per context field the annotation names ("side", "location", "severity"): the probability
+    # the grounded annotator gave the word it wrote among that field's words (empty: Shin's
+    # annotator, or a field it did not name)
+    confidence: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -33,6 +37,7 @@ class DetectedFinding:
             "organ": self.organ, "location": list(self.location), "side": self.side,
             "severity": self.severity,
             "boxes": [dict(label=b.label, x=b.x, y=b.y, w=b.w, h=b.h) for b in self.boxes],
+            "confidence": {k: float(v) for k, v in self.confidence.items()},
         }
 
 

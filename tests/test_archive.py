@@ -105,6 +105,31 @@ def test_schema_comes_from_the_migration_and_survives_reopening(tmp_path):
         Archive("not a url")
 
 
+def test_the_annotators_word_confidence_is_stored_with_the_finding(archive, tmp_path):
+    """Each finding keeps how sure the annotator was of its side, site and grade words
+    (migration 0005); a finding without them reads back an empty mapping, and an archive
+    of schema 0004 is upgraded with its findings kept."""
+    from cxr.testing import archive_migrated
+
+    sure = finding("Opacity", 0.9, "left", ("base",), "moderate")
+    sure.confidence = {"side": 0.83, "location": 0.61, "severity": 0.5}
+    (new,) = archive.add_results([Entry("/data/sure.png", "c" * 64, MODEL, result=result([sure], np.ones(32)))])
+    assert archive.get(new).findings[0].confidence == {"side": 0.83, "location": 0.61, "severity": 0.5}
+    assert archive.get(archive.ids["left_base_mild"]).findings[0].confidence == {}
+    assert result([sure], np.ones(4)).to_dict()["findings"][0]["confidence"]["side"] == 0.83
+
+    url = f"sqlite:///{tmp_path / 'v4.db'}"
+    with archive_migrated(url, "0004") as conn:
+        conn.execute(text("insert into images (sha256, model_id, path, status, indexed_at) values "
+                          "('" + "a" * 64 + "', 'm', '/old.png', 'ok', '2026-01-01')"))
+        conn.execute(text("insert into findings (image_id, disease, disease_key, score, annotation, "
+                          "location, side) values (1, 'Opacity', 'opacity', 0.7, 'opacity left', '', 'left')"))
+    upgraded = Archive(url)
+    old = upgraded.get(1)
+    assert old.findings[0].side == "left" and old.findings[0].confidence == {}
+    upgraded.close()
+
+
 def test_a_batch_stored_twice_is_stored_once_and_failures_keep_their_reason(archive):
     assert archive.count() == 7 and archive.count(status="failed") == 1
     again = archive.add_results([Entry("/elsewhere/copy.png", f"{0:064x}", MODEL,

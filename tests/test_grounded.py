@@ -217,7 +217,7 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
     reader = Reader(dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets}), tensors, "cpu")
     ed = EvalData(spec, open_source(spec.data.spec))
     results = reader([ed.prep.paths[i] for i in range(len(ed.prep.paths))], heatmaps=True)
-    seen_words = sided = 0
+    seen_words = sided = confident = 0
     for r in results:
         width = r.image_size[1]
         for f in r.findings:
@@ -232,12 +232,18 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
             if f.side == "bilateral":  # one box on each side
                 assert sorted(side_of_box(b, width) for b in f.boxes) == ["left", "right"], f.boxes
                 sided += 1
+            # how sure it was of each context word it wrote, and of no other
+            named = {"side": f.side, "location": f.location, "severity": f.severity}
+            assert set(f.confidence) == {k for k, v in named.items() if v}, (f, f.confidence)
+            assert all(0.0 < p <= 1.0 for p in f.confidence.values()), f.confidence
+            confident += len(f.confidence)
             band = site_band(f.location)
             if band and f.boxes:  # and at the height its site word names
                 top = max(b.y + b.h for b in f.boxes) / r.image_size[0]
                 bottom = min(b.y for b in f.boxes) / r.image_size[0]
                 assert top > band[0] and bottom < band[1], (f.location, f.boxes)
     assert seen_words > 0
+    assert confident > 0
     # the rule itself, on maps with a strong blob in the image's left half (the patient's right)
     # and a weak one in its right half: every side word gets boxes on its side only, "bilateral"
     # one box on each side

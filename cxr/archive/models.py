@@ -88,6 +88,8 @@ class FindingRow(Base):
     side: Mapped[str | None] = mapped_column(String(16), nullable=True)
     severity: Mapped[str | None] = mapped_column(String(32), nullable=True)
     boxes: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # the annotator's probability of each context word it wrote (migration 0005; NULL before)
+    confidence: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     image: Mapped[ImageRow] = relationship(back_populates="findings")
 

@@ -112,7 +112,11 @@ function showFindings(findings, scores, call, abnormal) {
   if (!findings.length) box.append(el("p", { class: "muted" }, "No finding above its threshold."));
   findings.forEach((f, k) => {
     const colour = COLOURS[k % COLOURS.length];
-    const chips = [f.side, ...(f.location || []), f.severity, f.organ].filter(Boolean)
+    // each context word with the annotator's confidence in it (of that field's words)
+    const sure = f.confidence || {};
+    const word = (w, field) => (w && sure[field] != null ? `${w} ${sure[field].toFixed(2)}` : w);
+    const chips = [word(f.side, "side"), ...(f.location || []).map((w, i) => (i ? w : word(w, "location"))),
+                   word(f.severity, "severity"), f.organ].filter(Boolean)
       .map((c) => el("span", { class: "chip" }, c));
     box.append(el("div", { class: "finding", style: `--c:${colour}`, "data-disease": f.disease },
       el("div", {}, el("span", { class: "name" }, f.disease), " ",
