@@ -370,9 +370,14 @@ class Reader:
 
     def _word_confidence(self, seqs: list[list[int]], fields: dict[str, torch.Tensor]) -> list[dict[str, float]]:
         """Per item, the probability the grounded annotator gave the side, site and grade word it
-        wrote, among that field's words (its field head, weighed with where the map lies): how
-        sure it was of "left" rather than "right" or "bilateral"."""
+        wrote, among that field's words (its field head, weighed with where the map lies), with
+        the run's temperature per field (`RunSpec.word_temperature`, fitted on the validation
+        findings): how sure it was of "left" rather than "right" or "bilateral"."""
         probs = {f: _numpy(p) for f, p in fields.items()}
+        for f, t in self.spec.word_temperature.items():  # calibrated on the validation findings
+            if f in probs:
+                scaled = np.power(np.clip(probs[f], 1e-12, 1.0), 1.0 / t)
+                probs[f] = scaled / scaled.sum(-1, keepdims=True)
         column = {f: {wid: j for j, wid in enumerate(self.ground.field_words[f])} for f in probs}
         out = []
         for k, seq in enumerate(seqs):

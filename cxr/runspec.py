@@ -180,6 +180,10 @@ class RunSpec:
                                                # threshold); None: a run from before it existed
     labels_from: str = "labels"                # labels: the source's own | report: mined from its text
     label_mining: LabelMining | None = None    # how, when labels_from is "report"
+    # per context field (side, location, severity), the temperature that calibrates the grounded
+    # annotator's confidence in the word it writes, fitted on the validation findings; a field
+    # absent (a run from before, or too few validation words): 1, the raw field probabilities
+    word_temperature: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         problems = []

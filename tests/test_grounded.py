@@ -244,6 +244,16 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
                 assert top > band[0] and bottom < band[1], (f.location, f.boxes)
     assert seen_words > 0
     assert confident > 0
+    # the run's temperature per field applies to the confidence, never to the word: at a very
+    # high temperature every severity word is equally likely
+    hot = Reader(dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets},
+                                     word_temperature={"severity": 1e4}), tensors, "cpu")
+    n_grades = len(hot.ground.field_words["severity"])
+    for r, h in zip(results[:8], hot([ed.prep.paths[i] for i in range(8)], heatmaps=False)):
+        assert [f.annotation for f in r.findings] == [f.annotation for f in h.findings]
+        for f in h.findings:
+            if "severity" in f.confidence:
+                assert f.confidence["severity"] == pytest.approx(1 / n_grades, abs=1e-3)
     # the rule itself, on maps with a strong blob in the image's left half (the patient's right)
     # and a weak one in its right half: every side word gets boxes on its side only, "bilateral"
     # one box on each side
@@ -324,3 +334,25 @@ def test_one_annotator_decodes_from_several_threads_at_once():
                 assert got[0] == want[0]
                 assert torch.equal(got[1], want[1])
                 assert all(torch.equal(got[2][f], want[2][f]) for f in want[2])
+
+
+def test_word_temperature_fits_overconfident_and_underconfident_words():
+    """Temperature scaling (one number per field): words right 60% of the time at a stated 95%
+    get T > 1 (less sure), words right 95% of the time at a stated 60% get T < 1."""
+    from cxr.training.grounding import fit_temperature
+
+    rng = np.random.default_rng(0)
+    n, k = 400, 3
+
+    def words(stated: float, right: float):
+        logp = np.full((n, k), np.log((1 - stated) / (k - 1)))
+        logp[:, 0] = np.log(stated)  # always says word 0
+        truth = np.where(rng.random(n) < right, 0, rng.integers(1, k, n))
+        return logp, truth
+
+    over = fit_temperature(*words(0.95, 0.6))
+    under = fit_temperature(*words(0.6, 0.95))
+    assert over > 1.5 and under < 0.8, (over, under)
+    logp, truth = words(0.95, 0.6)
+    scaled = np.exp(logp[0] / over) / np.exp(logp[0] / over).sum()
+    assert scaled[0] == pytest.approx(0.6, abs=0.05)  # now says what it gets right

@@ -134,6 +134,70 @@ def train_grounded(ctx: Context, phase: str, model: GroundedAnnotator, maps: tor
     return model
 
 
+MIN_CALIBRATION_WORDS = 10  # fewer validation words of a field: its confidence stays uncalibrated
+
+
+@torch.no_grad()
+def field_log_probs(ctx: Context, cnn, model: GroundedAnnotator, pairs, idx: np.ndarray,
+                    word_index: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per context field, over the (image, finding) pairs of images `idx` whose annotation names
+    that field: the annotator's log-probabilities of the field's words, as `generate` weighs
+    them (field head plus where the map lies), and the index of the word the annotation has."""
+    from ..models.grounded import zone_masks_of
+
+    rows = set(int(i) for i in idx)
+    chosen = [k for k, p in enumerate(pairs) if int(p[0]) in rows]
+    out: dict[str, tuple[list, list]] = {}
+    if not chosen:
+        return {}
+    images = np.unique([int(pairs[k][0]) for k in chosen])
+    maps = feature_maps(ctx, cnn, images)
+    where = {int(i): j for j, i in enumerate(images)}
+    model.to(ctx.device).eval()
+    for s in range(0, len(chosen), 256):
+        ks = chosen[s:s + 256]
+        m = maps[[where[int(pairs[k][0])] for k in ks]].to(ctx.device).float()
+        labels = torch.tensor([pairs[k][1] for k in ks], device=ctx.device)
+        tokens = pad_batch([encode(pairs[k][2], word_index) for k in ks]).to(ctx.device)
+        values, keys = model.regions(m)
+        _, pooled, presence = model.finding(values, keys, labels, zone_masks_of(m))
+        logp = {f: torch.log_softmax(lg, -1) for f, lg in model.field_logits(pooled).items()}
+        for f, lp in model.where_logp(presence).items():
+            if f in logp:
+                logp[f] = torch.log_softmax(logp[f] + lp, -1)
+        targets = model.field_targets(tokens)
+        for f, lp in logp.items():
+            ok = targets[f] >= 0
+            if ok.any():
+                got = out.setdefault(f, ([], []))
+                got[0].append(lp[ok].cpu().numpy())
+                got[1].append(targets[f][ok].cpu().numpy())
+    return {f: (np.concatenate(a), np.concatenate(b)) for f, (a, b) in out.items()}
+
+
+def fit_temperature(logp: np.ndarray, truth: np.ndarray) -> float:
+    """The temperature T minimising the negative log-likelihood of the true words under
+    softmax(logp / T) (Guo et al. 2017's temperature scaling: one number per field, so the word
+    chosen never changes, only how sure it says it is)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logp / np.exp(log_t), axis=1)[np.arange(len(truth)), truth].mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def word_temperatures(ctx: Context, cnn, model: GroundedAnnotator, pairs, val_idx: np.ndarray,
+                      word_index: dict[str, int]) -> dict[str, float]:
+    """Per context field with at least `MIN_CALIBRATION_WORDS` validation words, its temperature."""
+    fitted = {}
+    for f, (logp, truth) in field_log_probs(ctx, cnn, model, pairs, val_idx, word_index).items():
+        if len(truth) >= MIN_CALIBRATION_WORDS:
+            fitted[f] = round(fit_temperature(logp, truth), 4)
+    return fitted
+
+
 def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels: np.ndarray,
                 train_idx: np.ndarray, pairs, word_index: dict[str, int], epochs: int, lr: float,
                 texts: torch.Tensor | None = None, text_weight: float = 1.0, cnn_weight: float = 1.0,

@@ -499,6 +499,11 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
                refined: RefinedLabels, val_idx, ground=None) -> None:
     cfg = ctx.cfg
     calibration, thresholds, metrics, gate, rule = _calibrate(ctx, cnn, prep, refined, val_idx)
+    temperature = {}
+    if ground is not None:  # how sure the grounded annotator's side / site / grade words are
+        from .grounding import word_temperatures
+
+        temperature = word_temperatures(ctx, cnn, ground, prep.pairs, val_idx, prep.word_index)
     if not ctx.main:
         return
     counts = {name: int((prep.split == i).sum()) for i, name in enumerate(("train", "val", "test"))}
@@ -538,6 +543,7 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
         study=gate,
         labels_from=cfg.labels_from,
         label_mining=ctx.mining,
+        word_temperature=temperature,
     )
     tensors = {**prefixed("cnn", cnn.state_dict()), **prefixed("rnn", rnn.state_dict())}
     if ground is not None:  # the report-text branch is for training only: not kept
