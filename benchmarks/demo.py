@@ -94,20 +94,19 @@ def readme_block(m: dict) -> str:
     ])
 
 
-MARKER = "<!-- figures: benchmarks/results/demo.json -->"
+BEGIN, END = "<!-- written by benchmarks/demo.py -->", "<!-- end of what benchmarks/demo.py writes -->"
 
 
 def update_readme(readme: Path, block: str) -> bool:
-    """Replace the README's demo figures (from the first demo marker to the end of the block after
-    the last one) with `block`; False when the README has no such markers."""
+    """Replace what lies between the README's BEGIN and END markers with `block`, and nothing
+    else (paragraphs written by hand about the same figures stay); False when the README has no
+    such markers."""
     text = readme.read_text()
-    first, last = text.find(MARKER), text.rfind(MARKER)
-    if first < 0:
+    first, last = text.find(BEGIN), text.find(END)
+    if first < 0 or last < first:
         return False
-    end = text.find("\n\n", last)
-    end = len(text) if end < 0 else end
     tmp = readme.with_suffix(".tmp")
-    tmp.write_text(text[:first] + block + text[end:])
+    tmp.write_text(text[:first + len(BEGIN)] + "\n" + block + "\n" + text[last:])
     tmp.replace(readme)
     return True
 

@@ -15,7 +15,9 @@ its true side, site and box). For the reported findings that have a site word ("
   they must not move).
 
 How sure the words are: per context field, the accuracy of the reported findings' words in bins
-of the annotator's confidence in them (`DetectedFinding.confidence`).
+of the annotator's confidence in them (`DetectedFinding.confidence`), and the expected
+calibration error over those bins, with the run's temperatures (`RunSpec.word_temperature`) and
+without (the field heads' raw probabilities; the words are the same).
 
 And the study-level answer: of the studies called abnormal, how many name no finding (no disease
 at or above its threshold), how many of those are truly abnormal, and how often the disease
@@ -95,7 +97,11 @@ def confidence_figures(ed, idx, results) -> dict:
             bins.append({"from": lo, "to": min(hi, 1.0), "n": int(m.sum()),
                          "accuracy": float(ok[m].mean()) if m.any() else None,
                          "mean_confidence": float(p[m].mean()) if m.any() else None})
-        out[field] = {"n": len(rows), "accuracy": float(ok.mean()) if rows else None, "bins": bins}
+        # expected calibration error over the bins: how far the stated confidence is from the
+        # share of words that were right
+        ece = sum(b["n"] * abs(b["accuracy"] - b["mean_confidence"]) for b in bins if b["n"]) / max(len(rows), 1)
+        out[field] = {"n": len(rows), "accuracy": float(ok.mean()) if rows else None,
+                      "mean_confidence": float(p.mean()) if rows else None, "ece": float(ece), "bins": bins}
     return out
 
 
@@ -129,7 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from cxr.checkpoint import load_spec
+    import dataclasses
+
+    from cxr.checkpoint import load_run, load_spec
     from cxr.evaluation import EvalData
     from cxr.metrics import markdown_table
     from cxr.models.localize import SITE_BANDS
@@ -148,16 +156,23 @@ def main(argv=None) -> int:
         reader.boxes_follow_site = follow
         readings["site_band" if follow else "side_only"] = box_figures(ed, idx, reader(paths, heatmaps=False))
     results = reader(paths, heatmaps=False)
+    # the word confidence as the annotator's field heads give it, and with the run's temperatures
+    raw = Reader(dataclasses.replace(reader.spec, word_temperature={}), load_run(run)[1], "cpu", gate=False)
     out = {"benchmark": "words_and_boxes", "demo": str(args.demo), "split": "test", "studies": len(idx),
            "site_bands": SITE_BANDS, "boxes": readings, "study": study_figures(ed, idx, results, reader),
-           "word_confidence": confidence_figures(ed, idx, results)}
+           "word_temperature": reader.spec.word_temperature,
+           "word_confidence": {"calibrated": confidence_figures(ed, idx, results),
+                               "raw": confidence_figures(ed, idx, raw(paths, heatmaps=False))}}
     rows = [[name, kind, r[kind]["findings"], r[kind].get("in_band"), r[kind]["iobb_0.5"]]
             for name, r in readings.items() for kind in ("site", "no_site")]
     print(markdown_table(["boxes", "findings", "n", "box centres in the site band", "IoBB .5"], rows, digits=3))
-    for field, c in out["word_confidence"].items():
-        print(f"{field} words ({c['n']} with a truth and a confidence): accuracy {c['accuracy']}")
-        for b in c["bins"]:
-            print(f"  confidence {b['from']:.1f}-{b['to']:.1f}: n {b['n']}, accuracy {b['accuracy']}")
+    print(f"word temperatures: {out['word_temperature']}")
+    for kind, figures in out["word_confidence"].items():
+        for field, c in figures.items():
+            print(f"{kind} {field} words ({c['n']}): accuracy {c['accuracy']:.3f}, mean confidence "
+                  f"{c['mean_confidence']:.3f}, ECE {c['ece']:.3f}")
+            for b in c["bins"]:
+                print(f"  confidence {b['from']:.1f}-{b['to']:.1f}: n {b['n']}, accuracy {b['accuracy']}")
     st = out["study"]
     print(f"studies called abnormal: {st['called_abnormal']}; with no disease above its threshold: "
           f"{st['no_finding_above_threshold']} ({st['of_which_truly_abnormal']} truly abnormal); the "
