@@ -7,7 +7,8 @@ split, one recipe per process, so recipes run side by side on a machine with the
 
 Each recipe prints one `RESULT {...}` line: mean AUC, the study-level AUC and, at the stored
 operating point, sensitivity / specificity / normal recall, the context accuracy of detected
-findings (side / location / severity, with their counts), mean localisation accuracy at
+findings (side / location / severity, with their counts) and of the words written for every true
+finding when told its disease (`given_disease`: paired across recipes), mean localisation accuracy at
 T(IoBB) = 0.5 per source, and the train / evaluate seconds. `--collect` gathers those lines from
 the recipes' logs into one JSON with a table (the demo's defaults were chosen from it). Settings
 not given keep `cxr demo`'s defaults; a `seed` changes the split as well as the initialisation.
@@ -55,6 +56,7 @@ def run_recipe(name: str, extra: dict, data: str, work: Path, device: str) -> di
             "best_spec_at_target": st.get("best_specificity_at_target"),
             "side": m["context"]["fields"]["side"], "location": m["context"]["fields"]["location"],
             "severity": m["context"]["fields"]["severity"], "iobb05": iobb,
+            "given_disease": (m["context"].get("given_disease") or {}).get("fields"),
             "train_s": round(t1 - t0), "eval_s": round(time.time() - t1)}
 
 
@@ -63,9 +65,11 @@ def table(rows: list[dict]) -> str:
 
     return markdown_table(
         ["recipe", "settings", "mean AUC", "study AUC", "sens", "spec", "side", "location", "severity",
-         "attention IoBB .5"],
+         "side / location / severity given the disease", "attention IoBB .5"],
         [[r["name"], json.dumps(r["extra"]), r["auc"], r["study_auc"], r["sens"], r["spec"],
           r["side"]["accuracy"], r["location"]["accuracy"], r["severity"]["accuracy"],
+          " / ".join(f"{r['given_disease'][f]['accuracy']:.3f}" for f in ("side", "location", "severity"))
+          if r.get("given_disease") else None,
           r["iobb05"].get("attention")] for r in rows], digits=3)
 
 

@@ -13,7 +13,8 @@ stored patient split) and writes `metrics.json` and `metrics.md` (also printed):
   each true finding, conditioned on its disease: the annotator alone) and "end to end" (the
   sequence of each detected finding against all true sequences of its image);
 - context: accuracy of side, location and severity of detected findings, where the truth states
-  them (the phantom's complete terms, Open-i MeSH terms);
+  them (the phantom's complete terms, Open-i MeSH terms), and of the words written for every true
+  finding when the annotator is told its disease (`context.given_disease`: paired across runs);
 - localisation: ChestX-ray8 accuracy at T(IoBB) and T(IoU) in {0.1, 0.25, 0.5, 0.75, 0.9}
   against the boxes the source provides, with the CAM of the true disease (Wang et al.'s
   protocol) and with what the Reader outputs (boxes of detected findings only); for a grounded
@@ -128,6 +129,7 @@ class Outputs:
         from tqdm.auto import tqdm
 
         self.reader, self.idx = reader, idx
+        self._given = None  # `given_disease`, made when first asked for
         self.results = []
         bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not progress, leave=False,
                    file=sys.stderr)
@@ -143,19 +145,21 @@ class Outputs:
 
 
 # ---------------------------------------------------------------------------- the metrics
-def _bleu(out: Outputs, data: EvalData, vocabulary: Sequence[str], beams: int) -> dict:
-    """BLEU given the true disease, and end to end (detected findings vs the image's truth)."""
+def given_disease(out: Outputs, data: EvalData, beams: int) -> tuple[list[tuple[int, int]], list[list[str]]]:
+    """The annotation the reader writes for every true (image, disease) pair of `out`'s images,
+    told the disease (computed once per Outputs): what BLEU and the context fields "given the
+    disease" score, paired on the same findings whatever a model detects."""
     import torch
 
+    if out._given is not None:
+        return out._given
     rows = {int(i): k for k, i in enumerate(out.idx)}
-    pairs = [(i, t) for (i, t) in data.sequences if i in rows]
-    given = {"n": 0}
+    pairs = sorted((i, t) for (i, t) in data.sequences if i in rows)
+    hyps: list[list[str]] = []
     if pairs and out.embeddings is not None and getattr(out.reader, "ground", None) is not None:
         # the grounded annotator writes from the feature maps: run the CNN again, 32 images a time
         from .images import load_image
 
-        pairs.sort()
-        hyps = []
         images = sorted({i for i, _ in pairs})
         for s in range(0, len(images), 32):
             chunk = images[s:s + 32]
@@ -164,14 +168,39 @@ def _bleu(out: Outputs, data: EvalData, vocabulary: Sequence[str], beams: int) -
             sel = [(i, t) for i, t in pairs if i in where]
             hyps += out.reader.annotate(torch.zeros(len(sel), 1), torch.tensor([t for _, t in sel]),
                                         maps=maps[[where[i] for i, _ in sel]])
-        refs = [data.sequences[p] for p in pairs]
-        given = M.bleu_scores(refs, [M.annotation_tokens(h, vocabulary) for h in hyps])
     elif pairs and out.embeddings is not None:
         emb = torch.from_numpy(out.embeddings[[rows[i] for i, _ in pairs]])
         labels = torch.tensor([t for _, t in pairs], dtype=torch.long)
-        hyps = []
         for s in range(0, len(pairs), 256):
             hyps += out.reader.annotate(emb[s:s + 256], labels[s:s + 256], beams)
+    out._given = (pairs, hyps)
+    return out._given
+
+
+def _context_given_disease(out: Outputs, data: EvalData, beams: int) -> dict | None:
+    """Context accuracy of the words the reader writes when told each true disease of each image
+    (`given_disease`): side, site and grade read on every true finding, not only on those a model
+    happens to detect, so two runs are compared on the same findings."""
+    from .records import term_tokens
+    from .reports.mesh import parse_term
+
+    pairs, hyps = given_disease(out, data, beams)
+    if not pairs:
+        return None
+    said: dict[int, list] = defaultdict(list)
+    for (i, t), toks in zip(pairs, hyps):
+        target = data.targets[t]
+        own = set(term_tokens(target))
+        term = parse_term("/".join([target] + [w for w in toks if w not in own]))
+        said[i].append(term)
+    return M.context_accuracy((data.truth_findings(i), said.get(int(i), [])) for i in out.idx)
+
+
+def _bleu(out: Outputs, data: EvalData, vocabulary: Sequence[str], beams: int) -> dict:
+    """BLEU given the true disease, and end to end (detected findings vs the image's truth)."""
+    pairs, hyps = given_disease(out, data, beams)
+    given = {"n": 0}
+    if pairs:
         refs = [data.sequences[p] for p in pairs]
         given = M.bleu_scores(refs, [M.annotation_tokens(h, vocabulary) for h in hyps])
     refs, hyps = [], []
@@ -352,6 +381,7 @@ def evaluate_run(run: str | Path, data: str | None = None, split: str = "test",
         context = M.context_accuracy(
             (ed.truth_findings(i), [f for f in main.results[k].findings if f.disease != "normal"])
             for k, i in enumerate(idx))
+        context["given_disease"] = _context_given_disease(main, ed, beams)
 
     loc = _localisation(main, ed, progress)
     if loc:
@@ -457,13 +487,18 @@ def metric_tables(m: dict) -> list[Table]:
             "sequences of its image. Tokens are MeSH term parts. " + m.get("bleu_smoothing", "")))
     ctx = m.get("context")
     if ctx:
-        rows = [[f, v["accuracy"], v["n"]] for f, v in ctx["fields"].items()]
-        rows += [["all three fields", ctx["exact"], ctx["n_matched"]],
-                 ["true findings detected", ctx["detected"], ctx["n_true"]]]
+        given = ctx.get("given_disease") or {"fields": {}}
+        rows = [[f, v["accuracy"], v["n"], (given["fields"].get(f) or {}).get("accuracy"),
+                 (given["fields"].get(f) or {}).get("n")] for f, v in ctx["fields"].items()]
+        rows += [["all three fields", ctx["exact"], ctx["n_matched"], given.get("exact"), given.get("n_matched")],
+                 ["true findings detected", ctx["detected"], ctx["n_true"], None, None]]
         tables.append(Table(
-            "Context of detected findings", ["field", "accuracy", "n"], rows,
+            "Context of the findings: detected, and given the disease",
+            ["field", "detected findings: accuracy", "n", "given the disease: accuracy", "n"], rows,
             "A true finding is paired with a detected finding of the same disease; a field is "
-            "scored where the truth states it."))
+            "scored where the truth states it. Given the disease: the words the annotator writes "
+            "when told each true finding's disease, so every true finding is read, whatever the "
+            "detector found (two runs compare on the same findings)."))
     loc = m.get("localisation")
     if loc:
         own = BOX_SOURCE_TITLES.get(loc.get("reader_box_source", ""), "")  # the run's stored map
