@@ -53,6 +53,7 @@ def readme_block(m: dict) -> str:
         return "/".join(_f(row[f"bleu{i}"]) for i in (1, 2, 3, 4))
 
     ctx = m["context"]["fields"]
+    given = (m["context"].get("given_disease") or {}).get("fields")
     loc = m["localisation"]["protocol_given_disease"]
     ths = [str(x) for x in loc["thresholds"]]
     return "\n".join([
@@ -81,6 +82,9 @@ def readme_block(m: dict) -> str:
         f"{b4('stage1', 'test', 'end_to_end')} → {b4('cascade', 'test', 'end_to_end')} |",
         "| context of detected findings: side / location / severity | "
         + " / ".join(_f(ctx[k]["accuracy"], 2) for k in ("side", "location", "severity")) + " |",
+        *([f"| context given the disease (every true finding): side / location / severity | "
+           + " / ".join(_f(given[k]["accuracy"]) for k in ("side", "location", "severity")) + " |"]
+          if given else []),
         f"| localisation, CAM of the true disease, mean accuracy at T(IoBB) = {'/'.join(ths)} | "
         + " / ".join(_f(loc["iobb"]["mean"][k], 2) for k in ths) + " |",
         "",

@@ -77,6 +77,9 @@ HELP = {
     "uncertain": "with --labels-from report, an uncertain mention (\"cannot exclude pneumonia\"): ignore "
                  "(masked out of the loss) | positive | negative (CheXpert's U-Ignore/U-Ones/U-Zeros)",
     "report_text": "teach the grounded annotator with report cross-attention (training only)",
+    "side_mil": "weight of the side-word loss in the CNN phases: a training-only head's map per finding, "
+                "pooled (LSE) over each image half, learns from the side words alone which half holds it "
+                "(\"left\": the image's right half on a PA film), teaching the CNN where findings lie; 0: off",
 }
 SKIP = {"progress"}
 

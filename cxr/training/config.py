@@ -61,6 +61,7 @@ class TrainConfig:
     ground_cnn_lr: float = 0.1       # the CNN's share of ground_lr in that phase: keeps detection from drifting
     attn_dim: int = 128              # the grounded annotator's region/attention width
     report_text: bool = True         # train with report cross-attention (Bhalodia et al. 2021)
+    side_mil: float = 0.1            # CNN phases: weight of the side-word loss per image half (0: off)
     boxes: str = "chestxray8"        # chestxray8 (a box per region above 180/255 and above 60/255) | threshold
     localize_threshold: float = 0.5  # the heatmap threshold of --boxes threshold
     max_boxes: int = 2               # per finding and threshold

@@ -178,22 +178,53 @@ def masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None 
     return (terms * mask).sum() / mask.sum().clamp(min=1)
 
 
+def half_logits(side_head, maps: torch.Tensor, r: float = 5.0) -> torch.Tensor:
+    """(B, classes, 2): a 1x1 head's map per class, LSE-pooled over the image's left half and its
+    right half (ChestX-ray8's pooling, per half): the logits that each half holds the finding."""
+    from ..models.cnn import lse_pool
+
+    cam = side_head(maps)
+    w = cam.shape[-1]
+    return torch.stack([lse_pool(cam[..., : w // 2], r), lse_pool(cam[..., w - w // 2:], r)], -1)
+
+
+class SideWords(torch.nn.Module):
+    """The CNN with a training-only head that learns, from the side words alone, which image half
+    holds each finding ("left": the image's right half on a PA film; "bilateral": both). Its
+    gradient is what teaches the trunk where a finding lies during the CNN phases, which the
+    grounded annotator's side words then read; the head itself is not kept in the run."""
+
+    def __init__(self, model, classes: int):
+        super().__init__()
+        self.model = model
+        self.head = torch.nn.Conv2d(model.num_features, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.model.forward_features(x)
+        return self.model.forward_head(maps), half_logits(self.head, maps.float())
+
+
 def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np.ndarray,
               epochs: int, evaluate: Callable[[], dict] | None = None, normal_col: int | None = None,
-              sample_labels: np.ndarray | None = None, mask: np.ndarray | None = None):
+              sample_labels: np.ndarray | None = None, mask: np.ndarray | None = None,
+              halves: np.ndarray | None = None):
     """Multi-label BCE training of `model` on `labels` (N, K) over `train_idx` rows; `mask` (N, K)
     0 marks unknown labels, left out of the loss. Data dropout decides on `sample_labels` (default
-    `labels`) whose column `normal_col` means normal."""
+    `labels`) whose column `normal_col` means normal. `halves` (N, K, 2), NaN where unknown: which
+    image half holds each label, from the side words (`SideWords`, weighed by `cfg.side_mil`)."""
     cfg, dev = ctx.cfg, ctx.device
     model.to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = _resume(ctx, phase, {"model": model}, opt)
+    sided = SideWords(model, labels.shape[1]).to(dev) \
+        if halves is not None and cfg.side_mil > 0 and model.members == 1 else None
+    modules = {"model": model} if sided is None else {"model": model, "side": sided.head}
+    opt = torch.optim.AdamW((sided or model).parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = _resume(ctx, phase, modules, opt)
     if phase_done(ctx, phase) or start >= epochs:
         return model
-    net = model
+    net = sided or model
     if ctx.world > 1:
         if dev.type == "cuda":
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dev.index] if dev.type == "cuda" else None)
     pos_weight = class_weight = None
@@ -229,7 +260,7 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
         for group in opt.param_groups:
             group["lr"] = cosine_lr(cfg.lr, epoch, epochs)
         net.train()
-        total, count, t0 = 0.0, 0, time.time()
+        total, count, t0, side_total = 0.0, 0, time.time(), 0.0
         bar = tqdm(loader, desc=f"{phase} epoch {epoch + 1}/{epochs}", leave=False, unit="batch",
                    disable=not (cfg.progress and ctx.main))
         for x, y, rows_b in bar:
@@ -238,8 +269,17 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
             # an ensemble network's members (`Classifier(members=K)`) each see their own augmented view
             views = [normalise(augment(x, cfg.rotation, 0.05, cfg.intensity, generator=gen), MEAN, STD)
                      for _ in range(model.members)]
+            side_loss = None
             with ctx.autocast():
-                logits = net(torch.stack(views), members=True) if model.members > 1 else net(views[0])
+                if sided is not None:
+                    logits, half = net(views[0])
+                    want = torch.from_numpy(halves[rows_b.numpy()]).to(dev)
+                    known = ~torch.isnan(want)
+                    # every batch adds the term (0 without a side word), so DDP's ranks agree
+                    side_loss = F.binary_cross_entropy_with_logits(half[known], want[known]) \
+                        if known.any() else half.sum() * 0.0
+                else:
+                    logits = net(torch.stack(views), members=True) if model.members > 1 else net(views[0])
             if model.members > 1:
                 # online bagging: each member weighs each image of the batch by its own Poisson(1)
                 # draw, as a bootstrap sample would, so the members differ in what they learn from
@@ -249,6 +289,9 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
                                     for lg, w in zip(logits, weights)]).mean()
             else:
                 loss = cnn_loss(logits.float(), y, cfg.labels, pos_weight, class_weight, m)
+            if side_loss is not None:
+                loss = loss + cfg.side_mil * side_loss.float()
+                side_total += float(side_loss.detach()) * len(y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -259,12 +302,14 @@ def train_cnn(ctx: Context, phase: str, model, labels: np.ndarray, train_idx: np
         seconds = time.time() - t0
         record = {"phase": phase, "epoch": epoch + 1, "train_loss": total / max(count, 1), "images": count,
                   "seconds": round(seconds, 3), "images_per_s": round(count * ctx.world / max(seconds, 1e-9), 2)}
+        if sided is not None:
+            record["train_side_words"] = side_total / max(count, 1)
         if evaluate is not None:
             record.update(evaluate())
         ctx.log(record)
         if cfg.progress and ctx.main:
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        _save(ctx, phase, {"model": model}, opt, epoch + 1, epoch + 1 >= epochs)
+        _save(ctx, phase, modules, opt, epoch + 1, epoch + 1 >= epochs)
         if ctx.on_epoch:
             ctx.on_epoch(phase, epoch + 1, record)
     return model

@@ -294,7 +294,9 @@ def _run(ctx: Context, prep: Prepared) -> Path:
                   f"{len(report['mismatched'])} of another shape", file=sys.stderr)
     identity = RefinedLabels.identity(prep.targets)
     evaluate = _evaluator(ctx, cnn, prep, scored_val, identity)
-    train_cnn(ctx, "cnn1", cnn, prep.labels, train_idx, cfg.epochs, evaluate, normal_col, mask=prep.mask)
+    halves = side_halves(prep, len(prep.targets)) if cfg.side_mil else None
+    train_cnn(ctx, "cnn1", cnn, prep.labels, train_idx, cfg.epochs, evaluate, normal_col, mask=prep.mask,
+              halves=halves)
     ground = None
     if not cfg.cascade:
         ground = _train_grounding(ctx, "ground", cnn, prep.labels, prep, train_idx, prep.mask)
@@ -322,8 +324,12 @@ def _run(ctx: Context, prep: Prepared) -> Path:
             cnn.reset_head(len(refined.names))
         evaluate = _evaluator(ctx, cnn, prep, scored_val, refined)
         # data dropout in stage 2 decides on the original targets (normal = all normal sub-labels)
+        halves2 = None
+        if halves is not None:  # a refined label carries its disease's sides where the image has it
+            halves2 = halves[:, refined.parents].copy()
+            halves2[labels2 < 0.5] = np.nan
         train_cnn(ctx, "cnn2", cnn, labels2, train_idx, cfg.cascade_epochs or cfg.epochs, evaluate,
-                  normal_col, sample_labels=prep.labels, mask=mask2)
+                  normal_col, sample_labels=prep.labels, mask=mask2, halves=halves2)
         ground = _train_grounding(ctx, "ground", cnn, labels2, prep, train_idx, mask2)
         rnn = _train_annotator(ctx, "rnn2", cnn, rnn, prep, train_idx, val_idx)
         _write_run(ctx, ctx.out, "cascade", cnn, rnn, prep, refined, scored_val, ground)
@@ -333,6 +339,26 @@ def _run(ctx: Context, prep: Prepared) -> Path:
         for f in ctx.state_dir.glob("*.safetensors"):
             f.unlink()
     return ctx.out
+
+
+def side_halves(prep: Prepared, n_targets: int) -> np.ndarray:
+    """(N, targets, 2): per image and disease, whether each image half holds it, from the side
+    words of its annotations (a left and a right finding: both); NaN where unknown (no side
+    word, or a finding of that disease without one: then only the named halves are known)."""
+    from ..models.grounded import SIDE_HALVES  # image-left half = the patient's right on a PA film
+
+    out = np.full((len(prep.paths), n_targets, 2), np.nan, dtype=np.float32)
+    unsided = set()
+    for i, t, tokens in prep.pairs:
+        side = next((w for w in tokens if w in SIDE_HALVES), None)
+        if side is None:
+            unsided.add((i, t))
+            continue
+        now = np.nan_to_num(out[i, t], nan=0.0)
+        out[i, t] = np.maximum(now, SIDE_HALVES[side])
+    for i, t in unsided:
+        out[i, t][out[i, t] == 0] = np.nan
+    return out
 
 
 def _train_grounding(ctx: Context, phase: str, cnn, labels: np.ndarray, prep: Prepared, train_idx,
