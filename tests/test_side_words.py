@@ -65,3 +65,22 @@ def test_the_side_words_teach_the_cnn_which_half_holds_the_finding(tmp_path):
     side = [json.loads(line)["train_side_words"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert len(side) == cfg.epochs
     assert side[-1] < 0.35 < np.log(2), side
+
+
+def test_a_phase_saved_without_the_side_head_is_refused_in_one_line(tmp_path):
+    """Resuming a CNN phase saved by a cxr without the side-word head: a clear error, not a
+    state-dict traceback."""
+    import pytest
+
+    from cxr.errors import CxrError
+    from cxr.training.loops import _save
+
+    images = np.zeros((4, 16, 16), np.uint16)
+    cfg = TrainConfig(backbone="tiny", image_size=16, crop=16, epochs=2, batch_size=2, side_mil=0.1,
+                      num_workers=0, progress=False, data_dropout=False)
+    cnn = create_cnn("tiny", 1)
+    ctx = Context(cfg, tmp_path, torch.device("cpu"), images)
+    _save(ctx, "cnn1", {"model": cnn}, torch.optim.AdamW(cnn.parameters()), 1, False)
+    halves = np.full((4, 1, 2), np.nan, np.float32)
+    with pytest.raises(CxrError, match="without its 'side' part"):
+        train_cnn(ctx, "cnn1", cnn, np.ones((4, 1), np.float32), np.arange(4), 2, halves=halves)

@@ -79,7 +79,14 @@ def _resume(ctx: Context, phase: str, modules: dict[str, torch.nn.Module], opt) 
         return 0
     tensors = load_tensors(path)
     for name, module in modules.items():
-        module.load_state_dict(unprefixed(name, tensors))
+        saved = unprefixed(name, tensors)
+        if not saved:  # e.g. a phase saved by a cxr without the side-word head
+            from ..errors import CxrError
+
+            raise CxrError(f"phase {phase} was saved without its {name!r} part (an older cxr or other "
+                           "settings): finish the run with the cxr that started it, or start again with --fresh",
+                           ctx.out)
+        module.load_state_dict(saved)
     if opt is not None and info.get("opt"):
         # CPU tensors: Optimizer.load_state_dict moves moments to each parameter's device and keeps
         # `step` where the optimizer wants it (CPU unless capturable/fused)
