@@ -134,7 +134,8 @@ def train_grounded(ctx: Context, phase: str, model: GroundedAnnotator, maps: tor
     return model
 
 
-MIN_CALIBRATION_WORDS = 10  # fewer validation words of a field: its confidence stays uncalibrated
+MIN_CALIBRATION_WORDS = 100  # fewer validation words of a field: its confidence stays uncalibrated (a few
+# dozen gave the demo a side temperature that made its test words less well calibrated, not more)
 
 
 @torch.no_grad()
