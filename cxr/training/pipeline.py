@@ -295,6 +295,8 @@ def _run(ctx: Context, prep: Prepared) -> Path:
     identity = RefinedLabels.identity(prep.targets)
     evaluate = _evaluator(ctx, cnn, prep, scored_val, identity)
     halves = side_halves(prep, len(prep.targets)) if cfg.side_mil else None
+    if halves is not None and np.isnan(halves).all():  # no side word in the labels (NIH): nothing to learn
+        halves = None
     train_cnn(ctx, "cnn1", cnn, prep.labels, train_idx, cfg.epochs, evaluate, normal_col, mask=prep.mask,
               halves=halves)
     ground = None
