@@ -27,6 +27,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def finished_demo(demo: Path, script: str):
+    """A finished `cxr demo --out DIR`: its run folder, and its data (`EvalData`) with the test
+    split's indices; a folder that is not one stops `script` with one line."""
+    from cxr.checkpoint import load_spec
+    from cxr.evaluation import EvalData
+    from cxr.sources import open_source
+
+    run, data = demo / "run", demo / "data"
+    if not (run / "config.json").is_file() or not (data / "cases.jsonl").is_file():
+        raise SystemExit(f"{script}: {demo} is not a finished `cxr demo` folder (run/, data/cases.jsonl)")
+    ed = EvalData(load_spec(run), open_source(f"phantom:{data}"))
+    return run, ed, ed.indices("test")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", type=Path, default=Path("cxr-demo"), help="a finished `cxr demo --out DIR`")
@@ -35,17 +49,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from cxr import metrics as M
-    from cxr.checkpoint import load_spec
-    from cxr.evaluation import EvalData
     from cxr.operating import abnormal_truth
     from cxr.reader import Reader
-    from cxr.sources import open_source
 
-    run, data = args.demo / "run", args.demo / "data"
-    if not (run / "config.json").is_file() or not (data / "cases.jsonl").is_file():
-        raise SystemExit(f"demo_errors: {args.demo} is not a finished `cxr demo` folder (run/, data/cases.jsonl)")
-    ed = EvalData(load_spec(run), open_source(f"phantom:{data}"))
-    idx = ed.indices("test")
+    run, ed, idx = finished_demo(args.demo, "demo_errors")
+    data = args.demo / "data"
     results = Reader.load(run, device="cpu", gate=False)([ed.prep.paths[i] for i in idx], heatmaps=False)
     render = {}
     with open(data / "cases.jsonl") as fh:

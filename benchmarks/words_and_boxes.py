@@ -137,18 +137,13 @@ def main(argv=None) -> int:
 
     import dataclasses
 
-    from cxr.checkpoint import load_run, load_spec
-    from cxr.evaluation import EvalData
+    from cxr.checkpoint import load_run
     from cxr.metrics import markdown_table
     from cxr.models.localize import SITE_BANDS
     from cxr.reader import Reader
-    from cxr.sources import open_source
+    from demo_errors import finished_demo  # the script beside this one
 
-    run, data = args.demo / "run", args.demo / "data"
-    if not (run / "config.json").is_file() or not (data / "cases.jsonl").is_file():
-        raise SystemExit(f"words_and_boxes: {args.demo} is not a finished `cxr demo` folder (run/, data/cases.jsonl)")
-    ed = EvalData(load_spec(run), open_source(f"phantom:{data}"))
-    idx = ed.indices("test")
+    run, ed, idx = finished_demo(args.demo, "words_and_boxes")
     paths = [ed.prep.paths[i] for i in idx]
     reader = Reader.load(run, device="cpu", gate=False)
     readings = {}

@@ -181,18 +181,14 @@ def _context_given_disease(out: Outputs, data: EvalData, beams: int) -> dict | N
     """Context accuracy of the words the reader writes when told each true disease of each image
     (`given_disease`): side, site and grade read on every true finding, not only on those a model
     happens to detect, so two runs are compared on the same findings."""
-    from .records import term_tokens
-    from .reports.mesh import parse_term
+    from .reports.mesh import annotation_term
 
     pairs, hyps = given_disease(out, data, beams)
     if not pairs:
         return None
     said: dict[int, list] = defaultdict(list)
     for (i, t), toks in zip(pairs, hyps):
-        target = data.targets[t]
-        own = set(term_tokens(target))
-        term = parse_term("/".join([target] + [w for w in toks if w not in own]))
-        said[i].append(term)
+        said[i].append(annotation_term(data.targets[t], toks))
     return M.context_accuracy((data.truth_findings(i), said.get(int(i), [])) for i in out.idx)
 
 

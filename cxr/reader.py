@@ -440,8 +440,7 @@ class Reader:
     def _results(self, images: list[np.ndarray], maps: torch.Tensor, logits: torch.Tensor,
                  emb: torch.Tensor, heatmaps: bool, beams: int) -> list[Result]:
         """Everything after the CNN: scores, findings, annotations, boxes, Results."""
-        from .records import term_tokens
-        from .reports.mesh import parse_term
+        from .reports.mesh import annotation_term
 
         scores, best = self.scores(logits)
         normal = self.targets.index(NORMAL) if NORMAL in self.targets else None
@@ -470,8 +469,7 @@ class Reader:
         # the finding is known: the words are read as its qualifiers, whatever their order
         parsed = {}
         for (b, t), toks in words.items():
-            own = set(term_tokens(self.targets[t]))
-            parsed[b, t] = parse_term("/".join([self.targets[t]] + [w for w in toks if w not in own])) if toks else None
+            parsed[b, t] = annotation_term(self.targets[t], toks) if toks else None
         # each detected disease's map (the run's `box_source`: the grounded annotator's finding
         # map or its map while writing the finding's word, or the CAM), all brought to the box
         # grid (`box_grid`) at once for the whole batch; full-size heatmaps are made only when

@@ -271,6 +271,17 @@ class GroundedAnnotator(nn.Module):
         return {f: head(self.drop(pooled)) + (self.zone_heads[f](zones) if f in self.zone_heads else 0)
                 for f, head in self.heads.items()}
 
+    def field_log_probs(self, pooled: torch.Tensor, presence: torch.Tensor,
+                        where: bool = True) -> dict[str, torch.Tensor]:
+        """Per field, log-probabilities over its words: the field heads, and with `where` the
+        side and site words also weighed by where the map lies (a product of experts)."""
+        logp = {f: torch.log_softmax(lg, -1) for f, lg in self.field_logits(pooled).items()}
+        if where:
+            for f, lp in self.where_logp(presence).items():
+                if f in logp:
+                    logp[f] = torch.log_softmax(logp[f] + lp, -1)
+        return logp
+
     def _init_state(self, pooled):
         h = torch.tanh(self.init_h(pooled))
         if self.cell == "lstm":
@@ -429,11 +440,7 @@ class GroundedAnnotator(nn.Module):
             values, keys = values[rows], keys[rows]
         work = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)  # attention's block, reused
         alpha_f, pooled, presence = self.finding(values, keys, labels, zone_masks_of(maps), work)
-        field_logp = {f: torch.log_softmax(lg, -1) for f, lg in self.field_logits(pooled).items()}
-        if where:  # the side and site words also weigh where the map lies (a product of experts)
-            for f, lp in self.where_logp(presence).items():
-                if f in field_logp:
-                    field_logp[f] = torch.log_softmax(field_logp[f] + lp, -1)
+        field_logp = self.field_log_probs(pooled, presence, where)
         q = self.label(labels)
         state = self._init_state(pooled)
         n, vocab, device = labels.shape[0], self.out.out_features, maps.device

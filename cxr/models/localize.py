@@ -147,9 +147,14 @@ def half_at_own_peak(heatmap: np.ndarray, side: str) -> np.ndarray:
     """The heatmap on one side of the patient only (`side_consistent`), scaled to that side's own
     peak: a "bilateral" finding's boxes come one from each side's map, so that a weaker lung
     still gets its box and no box straddles the midline."""
-    out = side_consistent(heatmap, side)
-    top = float(out.max())
-    return out / top if top > 0 else out
+    return at_own_peak(side_consistent(heatmap, side))
+
+
+def at_own_peak(heatmap: np.ndarray) -> np.ndarray:
+    """The heatmap divided by its maximum (unchanged where it is all zero): what is left of a map
+    after a rule cut part of it away is found by the box thresholds as strongly as a whole one."""
+    top = float(heatmap.max())
+    return heatmap / top if top > 0 else heatmap
 
 
 # Per site word, the band of image rows (fractions of the height, top = 0) where the peak of its
@@ -180,8 +185,7 @@ def site_consistent(heatmap: np.ndarray, location: Sequence[str] | None) -> np.n
     lo, hi = int(np.floor(band[0] * rows)), int(np.ceil(band[1] * rows))
     out = np.zeros_like(heatmap)
     out[lo:hi] = heatmap[lo:hi]
-    top = float(out.max())
-    return out / top if top > 0 else out
+    return at_own_peak(out)
 
 
 def side_of_box(box: Box, width: float) -> str:

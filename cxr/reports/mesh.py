@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..records import Finding
+from ..records import Finding, term_tokens
 
 NORMAL = "normal"
 NO_INDEXING = "No Indexing"
@@ -142,6 +142,14 @@ def parse_term(term: str) -> Finding:
         disease=disease, organ=organ, location=tuple(location), side=side, severity=severity,
         certainty="positive", raw=term, source="mesh", attributes=tuple(attributes),
     )
+
+
+def annotation_term(disease: str, tokens: list[str]) -> Finding:
+    """A generated annotation read as a term of the disease it was written for: its words are
+    that disease's qualifiers whatever their order (the disease's own words are left out, so
+    "opacity lung base left" for Opacity gives location ("base",), side "left")."""
+    own = set(term_tokens(disease))
+    return parse_term("/".join([disease] + [w for w in tokens if w not in own]))
 
 
 WORD_CLASSES: dict[str, tuple[str, ...]] = {

@@ -162,10 +162,7 @@ def field_log_probs(ctx: Context, cnn, model: GroundedAnnotator, pairs, idx: np.
         tokens = pad_batch([encode(pairs[k][2], word_index) for k in ks]).to(ctx.device)
         values, keys = model.regions(m)
         _, pooled, presence = model.finding(values, keys, labels, zone_masks_of(m))
-        logp = {f: torch.log_softmax(lg, -1) for f, lg in model.field_logits(pooled).items()}
-        for f, lp in model.where_logp(presence).items():
-            if f in logp:
-                logp[f] = torch.log_softmax(logp[f] + lp, -1)
+        logp = model.field_log_probs(pooled, presence)
         targets = model.field_targets(tokens)
         for f, lp in logp.items():
             ok = targets[f] >= 0

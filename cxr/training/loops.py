@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from ..atomic import append_line, write_atomic
 from ..checkpoint import load_tensors, optimizer_tensors, prefixed, restore_optimizer, save_tensors, unprefixed
 from ..dataset import XrayDataset, augment, data_dropout_indices
+from ..errors import CxrError
 from ..models.annotator import Annotator, encode, pad_batch
 from ..preprocess import MEAN, STD, normalise
 from .config import TrainConfig
@@ -81,8 +82,6 @@ def _resume(ctx: Context, phase: str, modules: dict[str, torch.nn.Module], opt) 
     for name, module in modules.items():
         saved = unprefixed(name, tensors)
         if not saved:  # e.g. a phase saved by a cxr without the side-word head
-            from ..errors import CxrError
-
             raise CxrError(f"phase {phase} was saved without its {name!r} part (an older cxr or other "
                            "settings): finish the run with the cxr that started it, or start again with --fresh",
                            ctx.out)
