@@ -29,6 +29,24 @@ def test_coordinates_and_zones_follow_the_image():
     assert not (z[0] & z[1]).any() and (z[2] | z[3] | z[4]).all()
 
 
+@pytest.mark.parametrize("h,w", [(16, 16), (7, 5), (3, 2), (2, 2)])
+def test_zone_sums_by_slices_match_the_masks(h, w):
+    """At inference the zone log-sum-exps come from the map's half x third slices: the same
+    values as the masked sums within 1e-5 (maps too small for every third: the masks serve)."""
+    from cxr.models.grounded import zone_blocks, zone_evidence, zone_presence
+
+    torch.manual_seed(0)
+    scores, masks = torch.randn(5, h * w) * 4, zone_masks(h, w)
+    assert (zone_blocks(h, w) is None) == (h < 3)
+    with torch.no_grad():
+        for f in (zone_evidence, zone_presence):
+            torch.testing.assert_close(f(scores, masks, grid=(h, w)), f(scores, masks), atol=1e-5, rtol=1e-5)
+    scores[:, masks[5]] += 8.0  # a zone that stands out must stand out the same way
+    with torch.no_grad():
+        fast = zone_evidence(scores, masks, grid=(h, w))
+    assert int(fast.argmax(-1)[0]) in (0, 2, 5)
+
+
 def test_side_consistency_uses_the_pa_convention():
     heat = np.zeros((10, 10), np.float32)
     heat[2:4, 1:3] = 1.0   # image left = the patient's RIGHT

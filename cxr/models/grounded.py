@@ -100,6 +100,11 @@ def zone_masks(h: int, w: int, device=None) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
+def _coordinates(h: int, w: int, device: torch.device) -> torch.Tensor:
+    return coordinates(h, w, device)
+
+
+@lru_cache(maxsize=32)
 def _zone_masks(h: int, w: int, device: torch.device) -> torch.Tensor:
     return zone_masks(h, w, device)
 
@@ -109,13 +114,41 @@ def zone_masks_of(maps: torch.Tensor) -> torch.Tensor:
     return _zone_masks(int(maps.shape[-2]), int(maps.shape[-1]), maps.device)
 
 
-def zone_evidence(scores: torch.Tensor, masks: torch.Tensor, r: float = 4.0) -> torch.Tensor:
+@lru_cache(maxsize=32)
+def zone_blocks(h: int, w: int) -> tuple | None:
+    """The zones of `zone_masks` as row and column ranges: ((top, middle, lower thirds' rows),
+    (image-left, image-right halves' columns)); None where a third or a half is empty (maps
+    under 3 x 2 cells: the masks then serve)."""
+    c = coordinates(h, w)
+    left = int((c[0, 0] < 0).sum())
+    top, mid = int((c[1, :, 0] < -1 / 3).sum()), int((c[1, :, 0] < 1 / 3).sum())
+    rows, cols = ((0, top), (top, mid), (mid, h)), ((0, left), (left, w))
+    return None if any(b <= a for a, b in rows + cols) else (rows, cols)
+
+
+def _zone_lse(scores: torch.Tensor, masks: torch.Tensor, r: float, grid: tuple[int, int] | None):
+    """Log-sum-exp of r x the evidence (B, R) inside each zone: (B, ZONES). At inference with
+    the map's (h, w) `grid`, from the six half x third crossings as slices of the map (a zone's
+    log-sum-exp is that of its crossings'), within 1e-6 of the masked sum over every zone at
+    once, which cost a twentieth of the grounded annotator's time at batch 1."""
+    blocks = zone_blocks(*grid) if grid is not None and not torch.is_grad_enabled() else None
+    if blocks is None:
+        neg = torch.finfo(scores.dtype).min / 4
+        s = r * scores[:, None, :]
+        return torch.logsumexp(torch.where(masks[None], s, torch.full_like(s, neg)), -1)
+    (rows, cols), n = blocks, len(scores)
+    s = (r * scores).view(n, *grid)
+    cross = torch.stack([torch.logsumexp(s[:, a:b, c:d].reshape(n, -1), -1)
+                         for c, d in cols for a, b in rows], -1).view(n, 2, 3)
+    return torch.cat([torch.logsumexp(cross, 2), torch.logsumexp(cross, 1), cross.flatten(1)], 1)
+
+
+def zone_evidence(scores: torch.Tensor, masks: torch.Tensor, r: float = 4.0,
+                  grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Log-mean-exp (sharpness r) of the evidence (B, R) inside each zone, minus the same over
-    the whole image: (B, ZONES), 0 where a zone holds as much evidence as the image."""
-    neg = torch.finfo(scores.dtype).min / 4
-    s = r * scores[:, None, :]
-    inside = torch.where(masks[None], s, torch.full_like(s, neg))
-    zone = torch.logsumexp(inside, -1) - torch.log(masks.sum(-1).clamp(min=1).float())
+    the whole image: (B, ZONES), 0 where a zone holds as much evidence as the image. `grid`:
+    the map's (h, w), for the faster sum at inference (`_zone_lse`)."""
+    zone = _zone_lse(scores, masks, r, grid) - torch.log(masks.sum(-1).clamp(min=1).float())
     whole = torch.logsumexp(r * scores, -1, keepdim=True) - math.log(scores.shape[-1])
     return (zone - whole) / r
 
@@ -128,14 +161,12 @@ SITE_THIRD = {"upper lobe": 0, "apex": 0, "middle lobe": 1, "lingula": 1, "hilum
               "base": 2, "lower lobe": 2, "retrocardiac": 2}
 
 
-def zone_presence(scores: torch.Tensor, masks: torch.Tensor, r: float = PRESENCE_R) -> torch.Tensor:
+def zone_presence(scores: torch.Tensor, masks: torch.Tensor, r: float = PRESENCE_R,
+                  grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Log-mean-exp (sharpness r) of the evidence (B, R) in the two halves and three thirds:
     (B, 5) logits that the finding lies there (ChestX-ray8's LSE pooling, per zone)."""
     masks = masks[:5]
-    neg = torch.finfo(scores.dtype).min / 4
-    s = r * scores[:, None, :]
-    inside = torch.where(masks[None], s, torch.full_like(s, neg))
-    return (torch.logsumexp(inside, -1) - torch.log(masks.sum(-1).clamp(min=1).float())) / r
+    return (_zone_lse(scores, masks, r, grid)[:, :5] - torch.log(masks.sum(-1).clamp(min=1).float())) / r
 
 
 class TextEncoder(nn.Module):
@@ -210,20 +241,20 @@ class GroundedAnnotator(nn.Module):
         """CNN maps (B, C, h, w) -> (values (B, R, attn+3), keys (B, R, attn))."""
         b, _, h, w = maps.shape
         feats = torch.relu(self.region(maps.float()))
-        coords = coordinates(h, w, maps.device).expand(b, -1, -1, -1)
+        coords = _coordinates(h, w, maps.device).expand(b, -1, -1, -1)
         values = torch.cat([feats, coords], 1).flatten(2).transpose(1, 2)
         return values, self.keys(values)
 
-    def finding(self, values, keys, labels, zones, work=None):
+    def finding(self, values, keys, labels, zones, work=None, grid=None):
         """The finding map (B, R), the vector the field heads read (the regions pooled under the
         map, the finding's embedding, and its evidence per zone: B, ctx+attn+ZONES) and the
-        presence logits per half and third (B, 5). `zones`: `zone_masks` of the map's (h, w).
-        Nothing is kept on the module: one Reader may be called from several threads."""
+        presence logits per half and third (B, 5). `zones`: `zone_masks` of the map's (h, w)
+        `grid`. Nothing is kept on the module: one Reader may be called from several threads."""
         q = self.label(labels)
         scores = self.find_attn.scores(keys, q, work)
-        presence = zone_presence(scores, zones) + self.presence_bias
+        presence = zone_presence(scores, zones, grid=grid) + self.presence_bias
         alpha = torch.softmax(scores, -1)
-        evidence = zone_evidence(scores, zones)
+        evidence = zone_evidence(scores, zones, grid=grid)
         return alpha, torch.cat([torch.bmm(alpha[:, None], values)[:, 0], q, evidence], -1), presence
 
     def presence_loss(self, presence: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict:
@@ -439,7 +470,8 @@ class GroundedAnnotator(nn.Module):
             rows = torch.as_tensor(rows, dtype=torch.long, device=values.device)
             values, keys = values[rows], keys[rows]
         work = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)  # attention's block, reused
-        alpha_f, pooled, presence = self.finding(values, keys, labels, zone_masks_of(maps), work)
+        alpha_f, pooled, presence = self.finding(values, keys, labels, zone_masks_of(maps), work,
+                                                 tuple(maps.shape[-2:]))
         field_logp = self.field_log_probs(pooled, presence, where)
         q = self.label(labels)
         state = self._init_state(pooled)
