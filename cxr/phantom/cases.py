@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -107,6 +107,10 @@ POINT_KINDS = {"nodule", "mass", "granuloma"}  # drawn one per lesion: bilateral
 PAIRED_KINDS = {"catheter", "diaphragm_elevated"}  # bilateral -> one on each side
 SINGLE_KINDS = {"cardiomegaly", "hypoinflation", "hyperdistention", "emphysema",
                 "aortic_calcinosis", "granulomatous_disease"}  # at most one per study
+# Kinds the renderer draws on both lungs whatever the term says (`findings._inflation`,
+# `_emphysema`): a term naming one side ("Lung/left/hyperdistention", four Open-i terms) would
+# not describe its image, so the complete term drops that side ("bilateral" stays: it is true).
+BOTH_LUNG_KINDS = {"hypoinflation", "hyperdistention", "emphysema"}
 # Lesion diameter in mm by kind and size word (None = not stated).
 SIZE_MM: dict[str, dict[str | None, tuple[float, float]]] = {
     "nodule": {None: (6.0, 20.0), "small": (4.0, 8.0), "large": (15.0, 28.0)},
@@ -360,6 +364,9 @@ class CaseGenerator:
         that is multiple or bilateral; context the term lacks is drawn."""
         kind = m.kind
         filled: list[str] = []
+        if kind in BOTH_LUNG_KINDS and m.side in ("left", "right"):
+            m = replace(m, side=None, parts=m.parts if self.terms == "as_reported"
+                                    else [p for p in m.parts if p != m.side])
         side, site, severity = m.side, m.site, m.severity
         if kind in NEEDS_SITE and site is None:
             site = self._draw_site(kind, side, rng)
