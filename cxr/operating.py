@@ -29,7 +29,7 @@ PRIOR = 0.5              # a finding's threshold when its validation split says 
 PRIOR_POSITIVES = 10     # how many validation positives weigh as much as the prior
 MIN_POSITIVES = 5        # below this, the prior alone
 KINDS = ("sensitivity", "specificity", "f1")
-SIGNALS = ("normal", "max_disease")
+SIGNALS = ("normal", "max_disease", "normal_and_disease")
 
 
 def _logit(p) -> np.ndarray:
@@ -121,11 +121,14 @@ class StudyGate:
     """The study-level answer of a run: which score says abnormal, its Platt calibration, and the
     threshold chosen for `operating_point` (with what it gave on the validation patients).
 
-    Signals, on the calibrated per-target scores: "normal" (the `normal` target, sign flipped) or
+    Signals, on the calibrated per-target scores: "normal" (the `normal` target, sign flipped),
     "max_disease" (the highest disease score: small findings that barely move the `normal` output
-    still raise it). Training keeps whichever ranks the validation studies better."""
+    still raise it) or "normal_and_disease" (the sum of the two logits: both pieces of evidence
+    at once, as a product of experts; on the demo's three seeds it ranked the test studies
+    better than either alone each time). Training keeps whichever ranks the validation studies
+    best."""
 
-    signal: str                        # "normal" | "max_disease"
+    signal: str                        # "normal" | "max_disease" | "normal_and_disease"
     platt: list[float]                 # [a, b] on the signal's logit (abnormal direction)
     threshold: float                   # on the calibrated abnormal probability
     operating_point: str = "sensitivity=0.9"
@@ -138,10 +141,11 @@ class StudyGate:
     def signal_logit(self, scores: np.ndarray, targets: list[str]) -> np.ndarray:
         """The uncalibrated abnormal logit of each row of calibrated per-target scores (B, T)."""
         scores = np.asarray(scores, dtype=np.float64)
+        against_normal = -_logit(scores[:, targets.index(NORMAL)]) if self.signal != "max_disease" else 0.0
         if self.signal == "normal":
-            return -_logit(scores[:, targets.index(NORMAL)])
+            return against_normal
         cols = [k for k, t in enumerate(targets) if t != NORMAL]
-        return _logit(scores[:, cols].max(1))
+        return against_normal + _logit(scores[:, cols].max(1))
 
     def probability(self, scores: np.ndarray, targets: list[str]) -> np.ndarray:
         a, b = self.platt
@@ -177,8 +181,9 @@ def choose(scores: np.ndarray, labels: np.ndarray, targets: list[str], point: Op
     if y.all() or not y.any():
         raise CxrError("the validation split needs both normal and abnormal studies to choose an "
                        f"operating point ({int(y.sum())} abnormal, {int((1 - y).sum())} normal)")
-    signals = [s for s, ok in (("normal", NORMAL in targets), ("max_disease", any(t != NORMAL for t in targets)))
-               if ok]
+    has_normal, has_disease = NORMAL in targets, any(t != NORMAL for t in targets)
+    signals = [s for s, ok in (("normal", has_normal), ("max_disease", has_disease),
+                               ("normal_and_disease", has_normal and has_disease)) if ok]
     aucs = {s: _auc(y, StudyGate(s, [1.0, 0.0], 0.5).signal_logit(scores, targets)) for s in signals}
     signal = max(signals, key=lambda s: aucs[s])
     (a, b), = fit_platt(StudyGate(signal, [1.0, 0.0], 0.5).signal_logit(scores, targets)[:, None], y[:, None])

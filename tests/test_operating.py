@@ -94,7 +94,7 @@ def test_gate_and_decisions():
     labels[~normal, 1 + rng.integers(0, 2, (~normal).sum())] = 1
     raw = np.clip(np.where(labels > 0, rng.beta(5, 2, labels.shape), rng.beta(2, 5, labels.shape)), 0.01, 0.99)
     gate, th = O.choose(raw, labels, targets, O.OperatingPoint.parse("sensitivity=0.9"), fit_platt)
-    assert gate.signal in ("normal", "max_disease") and gate.validation["sensitivity"] >= 0.85
+    assert gate.signal in O.SIGNALS and gate.validation["sensitivity"] >= 0.85
     assert th["normal"] == pytest.approx(1 - gate.threshold)
     p = gate.probability(raw, targets)
     assert abs(p.mean() - (~normal).mean()) < 0.05  # calibrated on average
@@ -111,6 +111,26 @@ def test_gate_and_decisions():
 
     again = O.StudyGate(**json.loads(json.dumps(dataclasses.asdict(gate))))
     assert np.allclose(again.probability(raw, targets), p)
+
+
+def test_gate_takes_both_signals_when_each_sees_part_of_the_truth():
+    """The `normal` output and the highest disease score, each a noisy view of the same truth:
+    their summed logits rank the studies better than either, and the gate keeps that signal."""
+    rng = np.random.default_rng(5)
+    targets = ["normal", "Opacity", "Nodule"]
+    n = 400
+    abnormal = rng.random(n) < 0.6
+    labels = np.zeros((n, 3), np.float32)
+    labels[~abnormal, 0] = 1
+    labels[abnormal, 1 + rng.integers(0, 2, abnormal.sum())] = 1
+    sig = lambda z: 1 / (1 + np.exp(-z))
+    raw = np.empty((n, 3))
+    raw[:, 0] = sig(np.where(abnormal, -1.0, 1.0) + rng.normal(0, 1.5, n))
+    raw[:, 1:] = sig(np.where(labels[:, 1:] > 0, 1.0, -1.0) + rng.normal(0, 1.5, (n, 2)))
+    gate, _ = O.choose(raw, labels, targets, O.OperatingPoint.parse("sensitivity=0.9"), fit_platt)
+    aucs = gate.validation["auc"]
+    assert gate.signal == "normal_and_disease"
+    assert aucs["normal_and_disease"] > max(aucs["normal"], aucs["max_disease"]) + 0.02
 
 
 def test_gate_without_normal_target_uses_the_highest_disease():
