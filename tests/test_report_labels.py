@@ -207,3 +207,29 @@ def test_the_phantoms_reports_are_mined_into_its_truth(shared_data):
     assert context["fields"]["side"]["accuracy"] >= 0.95
     assert context["fields"]["severity"]["accuracy"] >= 0.93
     assert context["fields"]["location"]["accuracy"] >= 0.8  # the reports leave out "posterior", ...
+
+
+def test_an_ensemble_mines_the_reports_once(tmp_path, monkeypatch):
+    """`--ensemble 2 --labels-from report`: the two networks and their merge read the same
+    reports, mined once (a large archive took minutes per mining); every run keeps the records."""
+    from cxr.checkpoint import load_spec
+    from cxr.reports import report_labels
+    from cxr.testing import synthetic_studies, tiny_config
+    from cxr.training import train
+    from cxr.training.ensemble import member_dirs
+
+    studies = [dataclasses.replace(s, findings=[], report={"FINDINGS": " ".join(
+        REPORTS[t] for t in (f.raw or f.term for f in s.findings) if t in REPORTS) or "The lungs are clear."})
+        for s in synthetic_studies(tmp_path / "img", n=24, size=32)]
+    calls = []
+    real = report_labels.label_studies
+    monkeypatch.setattr(report_labels, "label_studies", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = tiny_config(labels_from="report", ensemble=2, cascade=False, image_size=32, crop=28, epochs=1,
+                      rnn_epochs=2, ground_epochs=1, attn_dim=8, rnn_hidden=16, rnn_embed=8)
+    run = train(cfg, tmp_path / "run", studies=studies)
+    assert len(calls) == 1
+    assert load_spec(run).labels_from == "report" and (run / report_labels.RECORDS).exists()
+    assert all((d / report_labels.RECORDS).exists() for d in member_dirs(run)) and len(member_dirs(run)) == 2
+    calls.clear()  # outside an ensemble nothing is remembered: a plain run mines its own
+    train(dataclasses.replace(cfg, ensemble=1), tmp_path / "plain", studies=studies)
+    assert len(calls) == 1

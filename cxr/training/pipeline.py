@@ -188,9 +188,9 @@ def _labels_from_reports(studies: list[Study], cfg: TrainConfig, out: Path, rank
     (`cxr.reports.report_labels`), the records kept in RUN/mined_labels.jsonl."""
     import sys
 
-    from ..reports.report_labels import RECORDS, label_studies, note_summary, write_records
+    from ..reports.report_labels import RECORDS, note_summary, write_records
 
-    studies, records = label_studies(studies, cfg.uncertain)
+    studies, records = _mined(studies, cfg.uncertain)
     left_out = sum(1 for r in records if r.get("note"))
     if left_out == len(records):
         raise CxrError(f"no study has a usable report to mine labels from ({note_summary(records)})",
@@ -205,7 +205,39 @@ def _labels_from_reports(studies: list[Study], cfg: TrainConfig, out: Path, rank
                                 studies=len(records) - left_out, left_out=left_out)
 
 
+_MINED: dict | None = None  # while an ensemble trains: the reports it mined, by (policy, study ids)
+
+
+@contextlib.contextmanager
+def _mining_once():
+    """The networks of `--ensemble K` and their merge read the same reports: they are mined once
+    (the miner reads about 300 reports/s, `benchmarks/mining.py`: minutes per network for a
+    MIMIC-CXR-sized archive), and forgotten when the ensemble is done."""
+    global _MINED
+    _MINED = {}
+    try:
+        yield
+    finally:
+        _MINED = None
+
+
+def _mined(studies: list[Study], uncertain: str):
+    from ..reports.report_labels import label_studies
+
+    if _MINED is None:
+        return label_studies(studies, uncertain)
+    key = (uncertain, tuple(s.id for s in studies))
+    if key not in _MINED:
+        _MINED[key] = label_studies(studies, uncertain)
+    return _MINED[key]
+
+
 def _train_ensemble(cfg: TrainConfig, out: Path, studies, on_epoch, rank: int) -> Path:
+    with _mining_once():
+        return _train_networks(cfg, out, load_studies(cfg) if studies is None else studies, on_epoch, rank)
+
+
+def _train_networks(cfg: TrainConfig, out: Path, studies, on_epoch, rank: int) -> Path:
     """`--ensemble K` (`cxr.training.ensemble`): the K networks, each a resumable run of its own
     under RUN/members/j, then their merged run in `out`."""
     import sys
