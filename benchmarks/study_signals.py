@@ -19,8 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def scores_and_truth(run: str, data: str, split: str):
-    """Calibrated per-target scores (N, T) of the run's `split` images and their abnormal truth."""
+def scores_and_truth(run: str, data: str, splits=("val", "test")):
+    """Per split, the calibrated per-target scores (N, T) of the run's images and their abnormal
+    truth; and the targets. The run and its source are read once for all the splits."""
     import numpy as np
 
     from cxr.evaluation import EvalData
@@ -31,23 +32,26 @@ def scores_and_truth(run: str, data: str, split: str):
 
     reader = Reader.load(run, device="cpu", gate=False)
     ed = EvalData(reader.spec, open_source(data))
-    idx = ed.indices(split)
-    scores = []
-    for s in range(0, len(idx), 64):
-        _, logits, _ = reader.forward([load_image(ed.prep.paths[i]) for i in idx[s:s + 64]])
-        scores.append(reader.scores(logits)[0])
-    return np.concatenate(scores), abnormal_truth(ed.prep.labels[idx], list(ed.targets)), list(ed.targets)
+    out = {}
+    for split in splits:
+        idx = ed.indices(split)
+        scores = []
+        for s in range(0, len(idx), 64):
+            _, logits, _ = reader.forward([load_image(ed.prep.paths[i]) for i in idx[s:s + 64]])
+            scores.append(reader.scores(logits)[0])
+        out[split] = (np.concatenate(scores), abnormal_truth(ed.prep.labels[idx], list(ed.targets)))
+    return out, list(ed.targets)
 
 
 def measure(run: str, data: str) -> dict:
     from cxr.operating import SIGNALS, StudyGate, _auc, best_specificity
 
     out = {"run": f"{Path(run).parent.name}/{Path(run).name}", "data": data.split(":")[0], "signals": {}}
-    read = {split: scores_and_truth(run, data, split) for split in ("val", "test")}
+    read, targets = scores_and_truth(run, data)
     for signal in SIGNALS:
         gate = StudyGate(signal, [1.0, 0.0], 0.5)
         row = {}
-        for split, (scores, y, targets) in read.items():
+        for split, (scores, y) in read.items():
             z = gate.signal_logit(scores, targets)
             row[f"{split}_auc"] = _auc(y, z)
             if split == "test":
@@ -55,7 +59,7 @@ def measure(run: str, data: str) -> dict:
         out["signals"][signal] = row
     out["chosen_on_validation"] = max(SIGNALS, key=lambda s: out["signals"][s]["val_auc"])
     out["studies"] = {split: {"abnormal": int(y.sum()), "normal": int((1 - y).sum())}
-                      for split, (_, y, _) in read.items()}
+                      for split, (_, y) in read.items()}
     return out
 
 
