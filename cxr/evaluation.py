@@ -431,6 +431,8 @@ def metric_tables(m: dict) -> list[Table]:
     auc, det = m["auc"], m["detection"]
     st = m.get("study")
     if st:
+        from .operating import SIGNAL_WORDS
+
         rows = [["abnormal probability AUC", st["auc"]], ["threshold", st["threshold"]],
                 ["sensitivity (abnormal studies called abnormal)", st["sensitivity"]],
                 ["specificity (normal studies called normal)", st["specificity"]],
@@ -444,7 +446,7 @@ def metric_tables(m: dict) -> list[Table]:
             f"Study level: normal or abnormal ({m['split']} split, operating point {st['operating_point']})",
             ["measure", "value"], rows,
             f"abnormal = the study has any finding; its probability is the calibrated "
-            f"{'normal score (flipped)' if st['signal'] == 'normal' else 'highest disease score'}; "
+            f"{SIGNAL_WORDS.get(st['signal'], st['signal'])}; "
             f"the threshold was chosen on the validation patients for {st['operating_point']} "
             f"(there: sensitivity {M.fmt(val.get('sensitivity'))}, specificity "
             f"{M.fmt(val.get('specificity'))}). Findings are reported only in studies called abnormal."))

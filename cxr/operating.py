@@ -30,6 +30,9 @@ PRIOR_POSITIVES = 10     # how many validation positives weigh as much as the pr
 MIN_POSITIVES = 5        # below this, the prior alone
 KINDS = ("sensitivity", "specificity", "f1")
 SIGNALS = ("normal", "max_disease", "normal_and_disease")
+# what each signal is, in the words `cxr evaluate` and the demo report print
+SIGNAL_WORDS = {"normal": "normal score (flipped)", "max_disease": "highest disease score",
+                "normal_and_disease": "flipped normal score and highest disease score, their logits summed"}
 
 
 def _logit(p) -> np.ndarray:

@@ -56,6 +56,10 @@ def test_evaluate_writes_json_and_markdown(evaluated, tiny_run):
                     "## Calibration"):
         assert heading in md
     assert md == ev.metrics_markdown(m)
+    if m.get("study"):  # the study-level note names the signal the run's gate uses
+        from cxr.operating import SIGNAL_WORDS
+
+        assert f"its probability is the calibrated {SIGNAL_WORDS[m['study']['signal']]};" in md
 
 
 def test_evaluate_bad_inputs(tmp_path, capsys):

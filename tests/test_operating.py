@@ -129,7 +129,7 @@ def test_gate_takes_both_signals_when_each_sees_part_of_the_truth():
     raw[:, 1:] = sig(np.where(labels[:, 1:] > 0, 1.0, -1.0) + rng.normal(0, 1.5, (n, 2)))
     gate, _ = O.choose(raw, labels, targets, O.OperatingPoint.parse("sensitivity=0.9"), fit_platt)
     aucs = gate.validation["auc"]
-    assert gate.signal == "normal_and_disease"
+    assert gate.signal == "normal_and_disease" and set(O.SIGNAL_WORDS) == set(O.SIGNALS)
     assert aucs["normal_and_disease"] > max(aucs["normal"], aucs["max_disease"]) + 0.02
 
 
