@@ -71,7 +71,12 @@ def main(argv=None) -> int:
                     help="a finished run and the source it was trained on (e.g. phantom:cxr-demo/data)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    results = [measure(run, data) for run, data in args.run]
+    from cxr.errors import CxrError
+
+    try:
+        results = [measure(run, data) for run, data in args.run]
+    except CxrError as e:  # a wrong run or data path: one line, not a traceback
+        raise SystemExit(f"study_signals: {e}")
     rows = [[r["run"], s, v["val_auc"], v["test_auc"], v["test_best_specificity_at_sensitivity_0.9"],
              "yes" if s == r["chosen_on_validation"] else ""]
             for r in results for s, v in r["signals"].items()]
