@@ -108,8 +108,10 @@ PAIRED_KINDS = {"catheter", "diaphragm_elevated"}  # bilateral -> one on each si
 SINGLE_KINDS = {"cardiomegaly", "hypoinflation", "hyperdistention", "emphysema",
                 "aortic_calcinosis", "granulomatous_disease"}  # at most one per study
 # Kinds the renderer draws on both lungs whatever the term says (`findings._inflation`,
-# `_emphysema`): a term naming one side ("Lung/left/hyperdistention", four Open-i terms) would
-# not describe its image, so the complete term drops that side ("bilateral" stays: it is true).
+# `_emphysema`): their side is not in the image. A term naming one side ("Lung/left/
+# hyperdistention", four Open-i terms) would not describe it, and "bilateral" (11 of about 600
+# such Open-i terms; the rest name no side, as radiologists write a whole-lung process) is the
+# report's wording, which no reader of the image can tell: the complete term names no side.
 BOTH_LUNG_KINDS = {"hypoinflation", "hyperdistention", "emphysema"}
 # Lesion diameter in mm by kind and size word (None = not stated).
 SIZE_MM: dict[str, dict[str | None, tuple[float, float]]] = {
@@ -364,7 +366,7 @@ class CaseGenerator:
         that is multiple or bilateral; context the term lacks is drawn."""
         kind = m.kind
         filled: list[str] = []
-        if kind in BOTH_LUNG_KINDS and m.side in ("left", "right"):
+        if kind in BOTH_LUNG_KINDS and m.side is not None:
             m = replace(m, side=None, parts=m.parts if self.terms == "as_reported"
                                     else [p for p in m.parts if p != m.side])
         side, site, severity = m.side, m.site, m.severity
