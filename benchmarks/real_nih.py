@@ -33,7 +33,9 @@ grounded run (the default annotator) the grounded maps are scored too (`localisa
 CAM, the finding map, the finding word's attention), and `reader_output_by_box_source` scores
 the boxes of the findings the Reader itself reports (a finding it does not report is a miss) with
 each box source, paired on the same films; `box_source_stored` counts the source each fold's run
-stored (`cxr train --box-source auto`).
+stored (`cxr train --box-source auto`). The `_no_anatomy_band` keys score the same maps and films
+with `Reader.boxes_follow_anatomy` off: an effusion or the heart boxed anywhere on the film, as
+before that rule.
 """
 from __future__ import annotations
 
@@ -147,7 +149,7 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
     n = len(studies)
     scores = np.full((n, len(FINDINGS)), np.nan)  # out-of-fold scores of the run a user gets
     member_scores = np.full((args.ensemble, n, len(FINDINGS)), np.nan)  # each network's own
-    per_fold, src_pairs, out_pairs, stored = [], {}, {}, {}
+    per_fold, src_pairs, out_pairs, out_pairs_no_band, stored = [], {}, {}, {}, {}
     t0 = time.time()
     for k in range(args.folds):
         tf = time.time()
@@ -172,22 +174,29 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
                         member_scores[j, i, FINDINGS.index(t)] = alone.scores[t]
             truth = [b for b in studies[i].images[0].boxes if b.label in reader.targets]
             # each map source, its boxes by ChestX-ray8's rule (thresholds 180 and 60 of 255, the
-            # default) and by one threshold at 0.5 (the default before)
+            # default) and by one threshold at 0.5 (the default before), and by ChestX-ray8's rule
+            # without the anatomy band (an effusion or the heart boxed anywhere: the rule before)
             for src in map_sources(reader):
-                for rule, params in (("chestxray8", wang), ("threshold", one)):
+                for rule, params, band in (("chestxray8", wang, True), ("threshold", one, True),
+                                           ("chestxray8_no_band", wang, False)):
+                    reader.boxes_follow_anatomy = band
                     src_pairs.setdefault((src, rule), []).append(
                         (truth, boxes_of_true_diseases(reader, image, truth, src, params)))
+            reader.boxes_follow_anatomy = True
             # what a user sees: the boxes of the findings the Reader itself reports (at its stored
             # thresholds: a finding it does not report is a miss), with the box source the run
             # stored (the reading above) and, paired on the same film, with each
             # other source
             own = reader.box_source
             stored[own] = stored.get(own, 0) + 1
-            for src in map_sources(reader):
-                reader.box_source = src
-                found = (result if src == own else reader(image, heatmaps=False, force=True)).findings
-                out_pairs.setdefault(src, []).append((truth, [b for f in found for b in f.boxes]))
-            reader.box_source = own
+            for band in (True, False):  # and without the anatomy band, paired
+                reader.boxes_follow_anatomy = band
+                for src in map_sources(reader):
+                    reader.box_source = src
+                    found = (result if src == own and band else reader(image, heatmaps=False, force=True)).findings
+                    (out_pairs if band else out_pairs_no_band).setdefault(src, []).append(
+                        (truth, [b for f in found for b in f.boxes]))
+            reader.box_source, reader.boxes_follow_anatomy = own, True
         y = labels_matrix([studies[i] for i in test_rows])
         fold_auc = M.auc_per_label(y, np.nan_to_num(scores[test_rows], nan=0.0), FINDINGS)
         per_fold.append({"fold": k, "test_images": len(test_rows), "mean_auc": fold_auc["mean"],
@@ -211,7 +220,11 @@ def run_mode(args, name: str, studies, folds: np.ndarray, work: Path, pretrained
                                      if rule == "chestxray8"},
             "localisation_sources_one_threshold": {src: M.localisation_accuracy(p) for (src, rule), p
                                                    in src_pairs.items() if rule == "threshold"},
+            "localisation_sources_no_anatomy_band": {src: M.localisation_accuracy(p) for (src, rule), p
+                                                     in src_pairs.items() if rule == "chestxray8_no_band"},
             "reader_output_by_box_source": {src: M.localisation_accuracy(p) for src, p in out_pairs.items()},
+            "reader_output_by_box_source_no_anatomy_band": {src: M.localisation_accuracy(p)
+                                                            for src, p in out_pairs_no_band.items()},
             "box_source_stored": stored,
             "seconds": round(time.time() - t0, 1)}
 
@@ -251,13 +264,17 @@ def tables(result: dict) -> str:
     out = [M.markdown_table(headers, rows), ""]
     rows = [[m, src, rule, la["iobb"]["mean"]["0.5"], la["iou"]["mean"]["0.5"]]
             for m in modes for key, rule in (("localisation_sources", "ChestX-ray8's (180, 60 of 255)"),
-                                             ("localisation_sources_one_threshold", "one threshold, 0.5"))
+                                             ("localisation_sources_one_threshold", "one threshold, 0.5"),
+                                             ("localisation_sources_no_anatomy_band",
+                                              "ChestX-ray8's, no anatomy band"))
             for src, la in (result["modes"][m].get(key) or {}).items()]
     if rows:
         out += ["Localisation by source and box rule (mean over findings, T = 0.5):", "",
                 M.markdown_table(["mode", "source", "boxes", "T(IoBB)=0.5", "T(IoU)=0.5"], rows), ""]
-    rows = [[m, src, la["iobb"]["mean"]["0.25"], la["iobb"]["mean"]["0.5"], la["iou"]["mean"]["0.5"]]
-            for m in modes for src, la in (result["modes"][m].get("reader_output_by_box_source") or {}).items()]
+    rows = [[m, src + extra, la["iobb"]["mean"]["0.25"], la["iobb"]["mean"]["0.5"], la["iou"]["mean"]["0.5"]]
+            for m in modes for key, extra in (("reader_output_by_box_source", ""),
+                                              ("reader_output_by_box_source_no_anatomy_band", ", no anatomy band"))
+            for src, la in (result["modes"][m].get(key) or {}).items()]
     if rows:
         out += ["Boxes of the findings the Reader reports, by box source (stored: "
                 + "; ".join(f"{m} {result['modes'][m].get('box_source_stored')}" for m in modes) + "):", "",

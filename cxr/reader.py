@@ -58,8 +58,8 @@ from .images import pixels_of
 from .models.annotator import Annotator, decode
 from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
-from .models.localize import (Heatmaps, boxes_from_heatmaps, half_at_own_peak, heatmaps_at,
-                              site_consistent)
+from .models.localize import (Heatmaps, boxes_from_heatmaps, disease_band, half_at_own_peak,
+                              heatmaps_at, site_consistent)
 from .preprocess import normalise, preprocess
 from .records import Box
 from .results import DetectedFinding, Result
@@ -274,6 +274,10 @@ class Reader:
     #: A finding's boxes stay in its site word's band of rows (`site_consistent`); off only to
     #: measure what that rule changes (`benchmarks/words_and_boxes.py`).
     boxes_follow_site = True
+    #: Where its words name no site, a finding with a place of its own (an effusion, the heart:
+    #: `DISEASE_BANDS`) is boxed only within that band of rows; off only to measure what that
+    #: changes (`benchmarks/real_nih.py`).
+    boxes_follow_anatomy = True
 
     BOX_SUBCELLS = 4  # boxes are found on a grid of 4 x 4 points per cell of the CNN's map
 
@@ -296,13 +300,17 @@ class Reader:
                sites: Sequence[Sequence[str]] | None = None) -> list[list[Box]]:
         """Boxes of maps already on the box grid (`heatmaps_at` to `box_grid`), all found at
         once, each in its image's (h, w) pixels; with a site word ("base", "apex"), only within
-        that site's band of rows (`site_consistent`); with a `side` word, only on that side of the
+        that site's band of rows (`site_consistent`), and with none, a disease that has a place of
+        its own (an effusion, the heart) only within its band (`disease_band`); with a `side`
+        word, only on that side of the
         patient, from that side's map at its own peak (`half_at_own_peak`; replaced in place:
         pass maps made for this); "bilateral": the first box of each side's own map, one per lung."""
         size = heatmaps.shape[-1]
-        for i, location in enumerate((sites or ()) if self.boxes_follow_site else ()):
-            if location:
-                heatmaps[i] = site_consistent(heatmaps[i], location)
+        for i, target in enumerate(targets):
+            location = sites[i] if sites and self.boxes_follow_site else ()
+            band = disease_band(target) if self.boxes_follow_anatomy else None
+            if location or band:
+                heatmaps[i] = site_consistent(heatmaps[i], location, band)
         sides = list(sides or [None] * len(heatmaps))
         for i, side in enumerate(sides):
             if side in ("left", "right"):

@@ -300,6 +300,17 @@ def test_reader_words_maps_and_boxes_agree(tiny_run):
     centres = [[(b.y + b.h / 2) / size for b in boxes] for boxes in found]
     assert all(len(c) == 1 for c in centres), centres
     assert centres[0][0] > 0.7 and centres[1][0] < 0.3 and centres[2][0] < 0.3, centres
+    # with no site word, an effusion (Open-i's or NIH's name) and the heart are boxed where they
+    # can be, at the weaker basal blob; a nodule, which can be anywhere, at the stronger apical
+    # one; a site word still wins; and the rule off boxes every one at the apex
+    names = ["Pleural Effusion", "Effusion", "Cardiomegaly", "Nodule", "Pleural Effusion"]
+    for follow, want in ((True, [">", ">", ">", "<", "<"]), (False, ["<"] * 5)):
+        reader.boxes_follow_anatomy = follow
+        found = reader._boxes(np.stack([heat] * 5), names, [(size, size)] * 5, [None] * 5, one,
+                              sites=[(), (), (), (), ("apex",)])
+        centres = [min((b.y + b.h / 2) / size for b in boxes) for boxes in found]
+        assert [">" if c > 0.5 else "<" for c in centres] == want, (follow, centres)
+    reader.boxes_follow_anatomy = True
     boxed = next(i for i in range(len(ed.prep.paths)) if ed.truth_boxes(i))
     label = ed.truth_boxes(boxed)[0].label
     for source in ("cam", "attention", "word"):

@@ -166,6 +166,18 @@ SITE_BANDS = {"apex": (0.0, 0.5), "upper lobe": (0.0, 0.7), "middle lobe": (0.2,
               "base": (0.4, 1.0), "retrocardiac": (0.3, 1.0)}
 
 
+# Per disease, the band of rows where its map's peak may lie when its words name no site: where
+# the finding sits on any PA/AP chest film whatever a report says. Fluid gathers at the bases
+# (the "base" band); the heart lies below the upper third. Other findings can be anywhere.
+DISEASE_BANDS = {"pleural effusion": SITE_BANDS["base"], "effusion": SITE_BANDS["base"],
+                 "cardiomegaly": (0.3, 1.0)}
+
+
+def disease_band(disease: str) -> tuple[float, float] | None:
+    """The row band a disease's own anatomy allows (`DISEASE_BANDS`; None: anywhere)."""
+    return DISEASE_BANDS.get(disease.strip().lower())
+
+
 def site_band(location: Sequence[str] | None) -> tuple[float, float] | None:
     """The row band of the first site word that has one (None: no such word)."""
     for word in location or ():
@@ -174,11 +186,13 @@ def site_band(location: Sequence[str] | None) -> tuple[float, float] | None:
     return None
 
 
-def site_consistent(heatmap: np.ndarray, location: Sequence[str] | None) -> np.ndarray:
-    """The heatmap with the rows outside its site word's band (`SITE_BANDS`) set to 0 and the
-    rest scaled to its own peak, so that the words and the box agree on the height as
-    `side_consistent` makes them agree on the side; unchanged without a site word."""
-    band = site_band(location)
+def site_consistent(heatmap: np.ndarray, location: Sequence[str] | None,
+                    band: tuple[float, float] | None = None) -> np.ndarray:
+    """The heatmap with the rows outside its site word's band (`SITE_BANDS`), or outside `band`
+    where no word has one, set to 0 and the rest scaled to its own peak, so that the words and the
+    box agree on the height as `side_consistent` makes them agree on the side; unchanged with
+    neither."""
+    band = site_band(location) or band
     if band is None:
         return heatmap
     rows = heatmap.shape[0]
