@@ -69,7 +69,7 @@ def box_figures(ed, idx, results) -> dict:
     return out
 
 
-CONFIDENCE_BINS = (0.0, 0.5, 0.7, 0.9, 1.0001)
+CONFIDENCE_BINS = (0.0, 0.5, 0.7, 0.9, 1.0)  # bins (lo, hi]: below .5, .5-.7, .7-.9, above .9
 
 
 def confidence_figures(ed, idx, results) -> dict:
@@ -91,17 +91,14 @@ def confidence_figures(ed, idx, results) -> dict:
     for field, rows in seen.items():
         p = np.array([c for c, _ in rows])
         ok = np.array([o for _, o in rows], dtype=float)
-        bins = []
-        for lo, hi in zip(CONFIDENCE_BINS[:-1], CONFIDENCE_BINS[1:]):
-            m = (p >= lo) & (p < hi)
-            bins.append({"from": lo, "to": min(hi, 1.0), "n": int(m.sum()),
-                         "accuracy": float(ok[m].mean()) if m.any() else None,
-                         "mean_confidence": float(p[m].mean()) if m.any() else None})
-        # expected calibration error over the bins: how far the stated confidence is from the
-        # share of words that were right
-        ece = sum(b["n"] * abs(b["accuracy"] - b["mean_confidence"]) for b in bins if b["n"]) / max(len(rows), 1)
+        # accuracy per bin of confidence, and the expected calibration error over the bins: how far
+        # the stated confidence is from the share of words that were right
+        rel = M.reliability(ok, p, edges=CONFIDENCE_BINS)
+        bins = [{"from": b["lo"], "to": b["hi"], "n": b["count"], "accuracy": b["frequency"],
+                 "mean_confidence": b["confidence"]} for b in rel["bins"]]
         out[field] = {"n": len(rows), "accuracy": float(ok.mean()) if rows else None,
-                      "mean_confidence": float(p.mean()) if rows else None, "ece": float(ece), "bins": bins}
+                      "mean_confidence": float(p.mean()) if rows else None, "ece": rel["ece"] or 0.0,
+                      "bins": bins}
     return out
 
 

@@ -358,18 +358,20 @@ def localisation_accuracy(images: Iterable[tuple[Sequence[Box], Sequence[Box]]],
 
 
 # ------------------------------------------------------------------------------- calibration
-def reliability(y_true, probs, n_bins: int = ECE_BINS) -> dict:
+def reliability(y_true, probs, n_bins: int = ECE_BINS, edges=None) -> dict:
     """Reliability-diagram data and expected calibration error of probabilistic scores.
 
     Every (image, label) score is one binary forecast: in each of `n_bins` equal-width bins of the
-    score, `confidence` is the mean score and `frequency` the observed share of positives;
+    score (or the bins between `edges`, each holding the scores in (lo, hi], the first from 0),
+    `confidence` is the mean score and `frequency` the observed share of positives;
     ECE = sum over bins of |frequency - confidence| * count / total. NaN truths are left out.
     """
     y = np.asarray(y_true, dtype=np.float64).ravel()
     p = np.asarray(probs, dtype=np.float64).ravel()
     known = ~np.isnan(y)
     y, p = y[known], np.clip(p[known], 0.0, 1.0)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1) if edges is None else np.asarray(edges, dtype=np.float64)
+    n_bins = len(edges) - 1
     idx = np.clip(np.digitize(p, edges[1:-1], right=True), 0, n_bins - 1)
     bins, ece = [], 0.0
     for b in range(n_bins):

@@ -159,6 +159,10 @@ def test_reliability_and_ece_hand_values():
     assert metrics.expected_calibration_error([1, 0], [1.0, 0.0]) == pytest.approx(0.0)
     assert len(metrics.reliability([np.nan, 1], [0.2, 0.7])["bins"]) == metrics.ECE_BINS
     assert metrics.reliability([np.nan, 1], [0.2, 0.7])["n"] == 1
+    # bins of its own edges, each (lo, hi]: 0.5 falls in the first, 0.95 in the last
+    out = metrics.reliability([1, 0, 1, 1], [0.5, 0.6, 0.95, 0.3], edges=(0.0, 0.5, 0.9, 1.0))
+    assert [b["count"] for b in out["bins"]] == [2, 1, 1]
+    assert [b["frequency"] for b in out["bins"]] == [1.0, 0.0, 1.0]
 
 
 # ---------------------------------------------------------------------------------- mining
