@@ -302,9 +302,9 @@ class Reader:
         once, each in its image's (h, w) pixels; with a site word ("base", "apex"), only within
         that site's band of rows (`site_consistent`), and with none, a disease that has a place of
         its own (an effusion, the heart) only within its band (`disease_band`); with a `side`
-        word, only on that side of the
-        patient, from that side's map at its own peak (`half_at_own_peak`; replaced in place:
-        pass maps made for this); "bilateral": the first box of each side's own map, one per lung."""
+        word, only on that side of the patient, from that side's map at its own peak
+        (`half_at_own_peak`; replaced in place: pass maps made for this); "bilateral": the first
+        box of each side's own map, one per lung."""
         size = heatmaps.shape[-1]
         for i, target in enumerate(targets):
             location = sites[i] if sites and self.boxes_follow_site else ()
