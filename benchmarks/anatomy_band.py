@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from cxr import metrics as M
+    from cxr.errors import CxrError
     from cxr.evaluation import boxes_of_true_diseases, map_sources, target_lookup
     from cxr.images import load_image
     from cxr.reader import Reader
@@ -38,11 +39,15 @@ def main(argv=None) -> int:
 
     if not (args.demo / "run" / "config.json").is_file():
         raise SystemExit(f"anatomy_band: {args.demo} is not a finished `cxr demo` folder (run/)")
-    reader = Reader.load(args.demo / "run", gate=False)
+    try:  # a wrong data path or run: one line, not a traceback
+        reader = Reader.load(args.demo / "run", gate=False)
+        studies = open_source(f"nih:{args.data}")
+    except CxrError as e:
+        raise SystemExit(f"anatomy_band: {e}")
     lookup = target_lookup(reader.targets)
     pairs = {(src, band): [] for src in map_sources(reader) for band in (True, False)}
     films = 0
-    for study in open_source(f"nih:{args.data}"):
+    for study in studies:
         image = study.images[0]
         truth = [Box(lookup[b.label.lower()], b.x, b.y, b.w, b.h) for b in image.boxes
                  if lookup.get(b.label.lower()) in DISEASES]
