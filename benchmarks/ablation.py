@@ -71,7 +71,7 @@ def base_config(s: dict, data: str, seed: int, cache: Path, **arm):
                     epochs=s["epochs"], rnn_epochs=s["rnn_epochs"], batch_size=32, lr=3e-3, rnn_lr=5e-3,
                     rnn_hidden=128, rnn_embed=64, min_label_count=20, min_cluster_members=120,
                     images_per_cluster=60, cascade=False, seed=seed, num_workers=0, progress=False,
-                    cache_dir=str(cache))
+                    cache_dir=str(cache), pooling="avg")  # Shin et al.'s networks: global average pooling
     settings.update(arm)
     return TrainConfig(**settings)
 

@@ -107,7 +107,7 @@ class Architecture:
     vocab_size: int
     num_labels: int
     max_tokens: int
-    pooling: str = "avg"          # the CNN head's pooling: avg | lse (ChestX-ray8)
+    pooling: str = "avg"          # the CNN head's pooling: avg | lse (ChestX-ray8) | class_lse
     lse_r: float = 10.0
     transition: int = 0           # ChestX-ray8 transition layer width (0: none)
     annotator: str = "global"     # global (Shin's RNN on the pooled embedding) | grounded

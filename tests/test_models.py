@@ -1,6 +1,8 @@
 """Backbones, annotator, cascade clustering, CAM boxes, data dropout, calibration, checkpoints."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,67 @@ from cxr.runspec import LocalizeParams
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+def test_class_lse_pooling_lets_a_small_lesion_carry_its_score():
+    """`class_lse`: each class's map (its CAM, bias included) is pooled by log-sum-exp with the
+    sharpness that class learns. Near r = 0 it is exactly the average-pooled linear head; sharper,
+    one hot cell of 196 raises the score far more than averaging lets it; a class marked
+    mean-pooled (`normal`) keeps the mean whatever its sharpness; the cascade's new outputs start
+    with their parents' sharpness and marks."""
+    torch.manual_seed(0)
+    model = create_cnn("tiny", 3, pooling="class_lse").eval()
+    maps = torch.zeros(2, model.num_features, 14, 14)
+    maps[0, :, 3, 9] = 1.0                                  # one small bright "lesion" in film 0
+    with torch.no_grad():
+        model.head.weight.fill_(4.0 / model.num_features)   # the lesion's cell reads logit +4
+        model.head.log_sharpness.fill_(-20.0)               # r at its floor: the mean
+        linear = torch.nn.functional.linear(maps.mean((2, 3)), model.head.weight, model.head.bias)
+        assert torch.allclose(model.forward_head(maps), linear, atol=1e-3)  # r = .01: within r var/2
+        model.head.log_sharpness.fill_(math.log(5.0))
+        sharp = model.forward_head(maps)
+    rise_mean, rise_sharp = linear[0] - linear[1], sharp[0] - sharp[1]   # what the lesion adds
+    assert (rise_mean < 0.05).all() and (rise_sharp > 2.5).all()   # 4/196 against most of the 4
+    model.pool_as_mean([1])
+    with torch.no_grad():
+        assert torch.allclose(model.forward_head(maps)[:, 1], linear[:, 1], atol=1e-3)
+        assert not torch.allclose(model.forward_head(maps)[:, 0], linear[:, 0], atol=1e-2)
+    model.head.log_sharpness.data[2] = math.log(2.0)
+    model.reset_head(4, parents=[0, 1, 2, 2])
+    assert model.head.mean_pooled.tolist() == [False, True, False, False]
+    assert torch.allclose(model.head.sharpness()[2:], torch.tensor([2.0, 2.0]))
+    with pytest.raises(CxrError, match="class_lse"):
+        create_cnn("tiny", 3, pooling="max")
+
+
+def test_class_lse_networks_merge_into_one_ensemble_exactly():
+    """Two class_lse networks trained apart, merged as `cxr train --ensemble 2` merges them: the
+    members-2 network's logit is the mean of the two networks' logits (each member pooling its
+    maps with its own sharpness), `normal`'s mean pooling survives, each member's logits are its
+    network's, and CAM reads the mean of their class maps."""
+    from cxr.training.ensemble import merge_tensors
+
+    torch.manual_seed(0)
+    nets = [create_cnn("tiny", 3, pooling="class_lse").eval() for _ in range(2)]
+    for j, net in enumerate(nets):
+        net.pool_as_mean([0])
+        with torch.no_grad():
+            net.head.log_sharpness.copy_(torch.tensor([0.0, 1.5, -1.0]) * (j + 1))
+    merged = create_cnn("tiny", 3, pooling="class_lse", members=2).eval()
+    merged.load_state_dict({k[len("cnn."):]: v for k, v in merge_tensors(
+        [{f"cnn.{k}": v for k, v in net.state_dict().items()} for net in nets]).items()})
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        alone = torch.stack([net(x) for net in nets])
+        assert torch.allclose(merged(x), alone.mean(0), atol=1e-5)
+        assert torch.allclose(merged(x, members=True), alone - torch.stack(
+            [net.head.bias for net in nets])[:, None] + merged.head.bias, atol=1e-5)
+        maps = merged.forward_features(x)
+        cams = merged.head.class_maps(maps) - merged.head.bias[:, None, None]
+        each = [net.head.class_maps(net.forward_features(x)) - net.head.bias[:, None, None] for net in nets]
+        assert torch.allclose(cams, (each[0] + each[1]) / 2, atol=1e-5)
+    assert merged.head.mean_pooled.tolist() == [True, False, False]
+    assert merged.head.sharpness().shape == (2, 3)
+
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_interface(name):

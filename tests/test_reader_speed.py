@@ -58,7 +58,9 @@ def test_the_fast_reader_gives_the_plain_scores_and_boxes(eager, one_torch_threa
         maps, scores, best = _plain(reader, image, plain_cnn)
         size = reader.box_grid(maps.shape[-1])
         for k, target in enumerate(reader.targets):
-            assert result.scores[target] == pytest.approx(float(scores[k]), abs=1e-6)
+            # channels-last convolutions round differently; a class map pooled near its max
+            # (class_lse) keeps that rounding where the mean would average it out
+            assert result.scores[target] == pytest.approx(float(scores[k]), abs=1e-5)
         h, w = image.shape
         for finding in result.findings:
             if finding.disease == "normal":

@@ -308,14 +308,15 @@ def test_box_source_follows_whether_the_words_say_where(tmp_path, studies):
         TrainConfig(annotator="global", box_source="word")
 
 
-def test_members_train_read_and_export_as_one_model(studies, tmp_path):
+@pytest.mark.parametrize("pooling", ["avg", "class_lse"])
+def test_members_train_read_and_export_as_one_model(studies, tmp_path, pooling):
     """`--members 2`: the run records it, the Reader builds the same network and reads, the
     members' trunks were trained apart (different weights), and the exported graph gives the
-    Reader's scores."""
+    Reader's scores (class_lse: each member pools its own class maps)."""
     from cxr.cli import main
     from cxr.reader import Reader
 
-    run = train(_config(members=2, cascade=False), tmp_path / "run", studies=studies)
+    run = train(_config(members=2, cascade=False, pooling=pooling), tmp_path / "run", studies=studies)
     assert load_spec(run).architecture.members == 2
     reader = Reader.load(run, gate=False)
     trunks = reader.cnn.features.trunks
@@ -329,6 +330,32 @@ def test_members_train_read_and_export_as_one_model(studies, tmp_path):
     assert max(abs(got.scores[k] - want.scores[k]) for k in want.scores) < 1e-3
     with pytest.raises(CxrError, match="transition"):
         _config(members=2, transition=8)
+
+
+def test_class_lse_pooling_trains_reads_and_exports(tmp_path):
+    """`--pooling class_lse` on phantom films (which have `normal`): the run keeps `normal` mean-
+    pooled through the cascade, the Reader rebuilds the same head from the run alone, its scores
+    are the network's own, and the exported graph gives the Reader's scores."""
+    from cxr.cli import main
+    from cxr.reader import Reader
+    from cxr.testing import make_tiny_run
+
+    run = make_tiny_run(tmp_path, n=20, size=48, phantom=None, pooling="class_lse", epochs=2,
+                        cascade_epochs=1, rnn_epochs=2)
+    spec = load_spec(run)
+    assert spec.architecture.pooling == "class_lse"
+    reader = Reader.load(run, gate=False)
+    head = reader.cnn.head
+    normal = spec.targets.index("normal")
+    assert head.mean_pooled.tolist() == [p == normal for p in spec.refined.parents]
+    assert head.mean_pooled.any() and not head.mean_pooled.all()
+    film = next((tmp_path / "data").rglob("*.png"))
+    want = reader(film)
+    assert set(want.scores) and all(0.0 <= v <= 1.0 for v in want.scores.values())
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(run), "--onnx"]) == 0
+    got = Reader.load(run, gate=False, engine="onnxruntime")(film)
+    assert max(abs(got.scores[k] - want.scores[k]) for k in want.scores) < 1e-3
 
 
 def test_ensemble_merges_networks_trained_apart_into_one_run(studies, tmp_path):

@@ -45,7 +45,9 @@ HELP = {
     "batch_norm": "batch norm in the CNN (off: a per-channel scale and shift instead)",
     "operating_point": "what the study-level normal/abnormal threshold is chosen for on the validation "
                        "patients: sensitivity=S, specificity=S or f1",
-    "pooling": "CNN head pooling: avg (CAM) | lse (ChestX-ray8 log-sum-exp)",
+    "pooling": "CNN head pooling: class_lse (each disease's own map, its CAM, pooled by log-sum-exp with a "
+               "sharpness it learns; normal keeps the mean) | avg (CAM's average pooling) | lse (ChestX-ray8's "
+               "log-sum-exp of the features, sharpness --lse-r)",
     "boxes": "how heatmaps become boxes: chestxray8 (the paper's: a box around each region above 180/255 "
              "and each above 60/255; better by IoBB and IoU on phantom and real films) | threshold (one "
              "threshold, --localize-threshold)",
@@ -54,7 +56,7 @@ HELP = {
                   "finding map when at least a tenth of the training annotations name a side or site (what "
                   "teaches that map where), else the word map (on real NIH films, whose labels name none, "
                   "it localised better than the finding map and the CAM)",
-    "lse_r": "sharpness of LSE pooling (small: average, large: max)",
+    "lse_r": "sharpness of --pooling lse (small: average, large: max); class_lse learns its own",
     "transition": "ChestX-ray8 transition layer width before pooling (0: none)",
     "members": "CNN trunks side by side in one network, each trained on its own loss, with its own "
                "bootstrap weights of the images and from its own initialisation, their logits "

@@ -5,8 +5,10 @@ activation maps (CAM, used for localisation) need exactly that head. The last fe
 stride of at most 16 (16x16 or finer at 256 px): the localisation heatmaps and the grounded
 annotator's attention are only as fine as this map, so the ImageNet layouts' last 2x pooling is
 left out (an Identity keeps the parameter names, so pretrained weights still load). Pooling is
-average (CAM's) or ChestX-ray8's log-sum-exp (`pooling="lse"`, sharpness `lse_r`, after a
-`transition` 3x3 conv layer). Backbones by name:
+average (CAM's), ChestX-ray8's log-sum-exp of the features (`pooling="lse"`, sharpness `lse_r`,
+after a `transition` 3x3 conv layer), or `class_lse`: each class's own map (its CAM) pooled by
+log-sum-exp with a sharpness that class learns (`ClassMapHead`), so a small lesion is not
+averaged away while `normal`, a property of the whole film, stays the plain mean. Backbones by name:
 
 - ``nin``: Network-in-Network (Lin et al. 2014) with batch norm, as Shin et al. 2016 used.
 - ``googlenet``: GoogLeNet / Inception v1 with batch norm (Shin et al.'s stronger model).
@@ -24,6 +26,7 @@ All are trained from scratch by default; `load_pretrained` takes a user-given st
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -116,7 +119,8 @@ _FEATURES = {"tiny": TinyFeatures, "nin": NINFeatures, "googlenet": GoogLeNetFea
              "densenet121": DenseNet121Features}
 
 
-POOLINGS = ("avg", "lse")
+POOLINGS = ("avg", "lse", "class_lse")
+CLASS_LSE_R0 = 1.0  # the sharpness every class map's log-sum-exp pooling starts from
 
 
 class MemberFeatures(nn.Module):
@@ -165,6 +169,74 @@ class MemberHead(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class ClassMapHead(nn.Module):
+    """The linear head applied at every position of the feature map (each class's CAM, bias
+    included), each class's map then pooled by log-sum-exp with its own learnt sharpness r:
+    (1/r) log mean exp(r s). r -> 0 is the mean (average pooling with a linear head, exactly),
+    r -> inf the max. Averaged, a lesion of a few cells counts for a few 196ths of a 14x14 map;
+    sharper, the cells that hold it carry the score, and the CAM is exactly the map the score is
+    pooled from. Classes in `mean_pooled` (`normal`: the absence of disease anywhere on the film,
+    which one quiet cell must not decide) keep the mean.
+
+    With K members (an ensemble in one network), member k's class maps are its block of
+    `member_weight` on its own channels (at a single model's scale, as `MemberHead`), each
+    member has its own sharpness per class, and the logit is the mean of the members' (the
+    bias is shared: it passes through the pooling unchanged). `weight`, what CAM reads, is the
+    members' weights over K: their maps' mean. One member keeps `nn.Linear`'s `weight` name."""
+
+    R_MIN, R_MAX = 1e-2, 50.0
+
+    def __init__(self, in_features: int, out_features: int, members: int = 1, r0: float = CLASS_LSE_R0):
+        super().__init__()
+        self.members, self.in_features, self.out_features = members, in_features, out_features
+        bound = (in_features // members) ** -0.5  # nn.Linear's initialisation, per member
+        weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        if members == 1:
+            self.weight = weight
+        else:
+            self.member_weight = weight
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        shape = (out_features,) if members == 1 else (members, out_features)
+        self.log_sharpness = nn.Parameter(torch.full(shape, math.log(r0)))
+        self.register_buffer("mean_pooled", torch.zeros(out_features, dtype=torch.bool))
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.members > 1:
+            return self.member_weight / self.members
+        return super().__getattr__(name)
+
+    def sharpness(self) -> torch.Tensor:
+        """(classes,), or (K, classes) with members."""
+        r = self.log_sharpness.clamp(math.log(self.R_MIN), math.log(self.R_MAX)).exp()
+        return torch.where(self.mean_pooled, torch.full_like(r, self.R_MIN), r)
+
+    def class_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features -> (B, classes, h, w) class maps (logit units): one network's,
+        or with members the mean of theirs."""
+        return torch.einsum("bchw,kc->bkhw", maps, self.weight) + self.bias[:, None, None]
+
+    def member_logits(self, maps: torch.Tensor) -> torch.Tensor:
+        """(K, B, classes): each member's class maps, each pooled with its own sharpness."""
+        parts = maps.unflatten(1, (self.members, -1))                          # B, K, C, h, w
+        weight = self.member_weight.unflatten(1, (self.members, -1))          # n, K, C
+        cams = torch.einsum("bkchw,nkc->kbnhw", parts, weight) + self.bias[:, None, None]
+        return self._pool(cams, self.sharpness()[:, None, :, None])
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, classes) logits."""
+        if self.members > 1:
+            return self.member_logits(maps).mean(0)
+        return self._pool(self.class_maps(maps), self.sharpness()[:, None])
+
+    @staticmethod
+    def _pool(cams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Log-mean-exp of (..., classes, h, w) over h, w with sharpness r (broadcast against
+        (..., classes, 1)); computed around each map's max, so exp never overflows."""
+        flat = cams.flatten(-2)
+        top = flat.amax(-1, keepdim=True)
+        return (top + torch.log(torch.exp(r * (flat - top)).mean(-1, keepdim=True)) / r)[..., 0]
+
+
 def linear_head(members: int, in_features: int, out_features: int) -> nn.Module:
     return nn.Linear(in_features, out_features) if members == 1 else MemberHead(members, in_features, out_features)
 
@@ -184,7 +256,7 @@ class Classifier(nn.Module):
         if backbone not in _FEATURES:
             raise CxrError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
         if pooling not in POOLINGS:
-            raise CxrError(f"unknown pooling {pooling!r}; choose avg or lse")
+            raise CxrError(f"unknown pooling {pooling!r}; choose {', '.join(POOLINGS)}")
         if members < 1:
             raise CxrError(f"members must be at least 1, got {members}")
         if members > 1 and transition:
@@ -199,7 +271,12 @@ class Classifier(nn.Module):
         if transition:
             self.num_features = transition
         self.drop = nn.Dropout(drop)
-        self.head = linear_head(self.members, self.num_features, num_classes)
+        self.head = self._new_head(num_classes)
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if self.pooling == "class_lse":
+            return ClassMapHead(self.num_features, num_classes, self.members)
+        return linear_head(self.members, self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.features(x)
@@ -212,12 +289,21 @@ class Classifier(nn.Module):
     def pool_for_head(self, maps: torch.Tensor) -> torch.Tensor:
         return lse_pool(maps, self.lse_r) if self.pooling == "lse" else self.pool(maps)
 
+    def pool_as_mean(self, classes: list[int]) -> None:
+        """With `class_lse`, these outputs keep the plain mean of their maps (see `ClassMapHead`)."""
+        if self.pooling == "class_lse":
+            self.head.mean_pooled[classes] = True
+
     def forward_head(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "class_lse":
+            return self.head(self.drop(maps))
         return self.head(self.drop(self.pool_for_head(maps)))
 
     def member_logits(self, maps: torch.Tensor) -> torch.Tensor:
         """(K, B, classes): each member's own logit (its block of `MemberHead.member_weight` on
         its channels, plus the bias); their mean is `forward_head(maps)`."""
+        if self.pooling == "class_lse":
+            return self.head.member_logits(self.drop(maps))
         parts = self.drop(self.pool_for_head(maps)).unflatten(1, (self.members, -1))  # B, K, C
         weight = self.head.member_weight.unflatten(1, (self.members, -1))               # n, K, C
         return torch.einsum("bkc,nkc->kbn", parts, weight) + self.head.bias
@@ -234,10 +320,13 @@ class Classifier(nn.Module):
         """A new head with `num_classes` outputs; with `parents`, output i starts as a copy of the
         old output parents[i] (the cascade's refined labels start where their disease was)."""
         old = self.head
-        self.head = linear_head(self.members, self.num_features, num_classes).to(old.bias.device)
+        self.head = self._new_head(num_classes).to(old.bias.device)
         weight = "weight" if self.members == 1 else "member_weight"
         if parents is not None:
             with torch.no_grad():
+                if self.pooling == "class_lse":
+                    self.head.log_sharpness.copy_(old.log_sharpness[..., parents])
+                    self.head.mean_pooled.copy_(old.mean_pooled[parents])
                 getattr(self.head, weight).copy_(getattr(old, weight)[parents])
                 self.head.bias.copy_(old.bias[parents])
 

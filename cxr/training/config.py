@@ -50,7 +50,7 @@ class TrainConfig:
     pretrained: str | None = None    # a state dict (safetensors / weights-only torch) for the CNN
     rotation: float = 5.0            # augmentation: degrees
     intensity: float = 0.1           # augmentation: gamma/contrast/brightness jitter
-    pooling: str = "avg"             # avg (CAM's) | lse (ChestX-ray8's log-sum-exp pooling)
+    pooling: str = "class_lse"       # class_lse (each class map by its own learnt LSE) | avg (CAM's) | lse (ChestX-ray8's)
     lse_r: float = 10.0              # LSE sharpness: small = average, large = max
     transition: int = 0              # ChestX-ray8 transition layer width before pooling (0: none)
     members: int = 1                 # CNN trunks side by side, each trained on its own: an ensemble in one network
@@ -81,8 +81,8 @@ class TrainConfig:
             raise CxrError(f"unknown backbone {self.backbone!r}")
         if self.rnn not in ("gru", "lstm"):
             raise CxrError(f"unknown rnn {self.rnn!r}; choose gru or lstm")
-        if self.pooling not in ("avg", "lse"):
-            raise CxrError(f"unknown pooling {self.pooling!r}; choose avg or lse")
+        if self.pooling not in ("avg", "lse", "class_lse"):
+            raise CxrError(f"unknown pooling {self.pooling!r}; choose avg, lse or class_lse")
         if self.annotator not in ("grounded", "global"):
             raise CxrError(f"unknown annotator {self.annotator!r}; choose grounded or global")
         if self.views not in ("frontal", "lateral", "all"):

@@ -62,6 +62,9 @@ def merge_tensors(runs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     heads = [unprefixed("cnn", t) for t in runs]
     merged["cnn.head.member_weight"] = torch.cat([h["head.weight"] for h in heads], 1)
     merged["cnn.head.bias"] = torch.stack([h["head.bias"] for h in heads]).mean(0)
+    if "head.log_sharpness" in heads[0]:  # class_lse: each member pools its maps with its own sharpness
+        merged["cnn.head.log_sharpness"] = torch.stack([h["head.log_sharpness"] for h in heads])
+        merged["cnn.head.mean_pooled"] = heads[0]["head.mean_pooled"]
     for name, value in runs[0].items():  # the annotators: the first network's, on its own channels
         if name.startswith("cnn."):
             continue

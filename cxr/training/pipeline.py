@@ -313,6 +313,8 @@ def _run(ctx: Context, prep: Prepared) -> Path:
     # ---- stage 1: CNN on the mined targets, then the RNN
     cnn = create_cnn(cfg.backbone, n_t, drop=cfg.dropout, pooling=cfg.pooling, lse_r=cfg.lse_r,
                      transition=cfg.transition, batch_norm=cfg.batch_norm, members=cfg.members)
+    if normal_col is not None:
+        cnn.pool_as_mean([normal_col])
     if cfg.pretrained and not ctx.progress["phases"].get("cnn1"):
         report = load_pretrained(cnn, cfg.pretrained)
         ctx.progress["pretrained"] = {"path": str(cfg.pretrained), "loaded": len(report["loaded"]),
