@@ -40,6 +40,10 @@ def _f(value: float, digits: int = 3) -> str:
     return text[1:] if text.startswith("0.") else text
 
 
+POOLING_WORDS = {"avg": "average pooling", "lse": "log-sum-exp pooling",
+                 "class_lse": "each class map pooled by its own log-sum-exp"}
+
+
 def readme_block(m: dict) -> str:
     """The README's demo figures, as the README shows them (paste after a re-run)."""
     s, t = m["demo"]["settings"], m["demo"]["seconds"]
@@ -61,7 +65,8 @@ def readme_block(m: dict) -> str:
         textwrap.fill(f"**The demo, measured** (`python benchmarks/demo.py`: `cxr demo` with its defaults on this shared "
         f"2-core machine; simulate {t['simulate']:.0f} s for {s['n']:,} studies, train {t['train']:.0f} s, "
         f"evaluate {t['evaluate']:.0f} s; tiny CNN at {s['image_size']} px, {s['epochs']}+"
-        f"{s['cascade_epochs']} epochs, GRU), on the {m['n_images']} held-out test studies of the phantom:",
+        f"{s['cascade_epochs']} epochs, {POOLING_WORDS.get(s.get('pooling', 'avg'), s.get('pooling'))}, GRU), "
+        f"on the {m['n_images']} held-out test studies of the phantom:",
         width=100),
         "",
         "<!-- figures: benchmarks/results/demo.json -->",

@@ -34,6 +34,10 @@ RECIPES = {
     "goog128e40": ["--backbone", "googlenet", "--image-size", "128", "--epochs", "40", "--lr", "1e-3"],
     "goog256e30": ["--backbone", "googlenet", "--image-size", "256", "--epochs", "30", "--lr", "1e-3"],
     "dense256e30": ["--backbone", "densenet121", "--image-size", "256", "--epochs", "30", "--lr", "1e-3"],
+    # one network per fold, the three poolings of the CNN head (`cxr train --pooling`)
+    "t64e40n1avg": ["--ensemble", "1", "--pooling", "avg"],
+    "t64e40n1lse": ["--ensemble", "1", "--pooling", "lse"],
+    "t64e40n1cls": ["--ensemble", "1", "--pooling", "class_lse"],
 }
 
 
@@ -69,7 +73,15 @@ def summarise(work: Path) -> dict:
                           "per_label": m["auc"]["per_label"], "fold_mean_auc": m["mean_auc_over_folds"],
                           "fold_sd_auc": m["sd_auc_over_folds"],
                           "iobb_0.5": m["localisation"]["iobb"]["mean"]["0.5"], "seconds": m["seconds"],
-                          "folds_done": len(m["folds"])}
+                          "folds_done": len(m["folds"]),
+                          # each map source's T(IoBB)=0.5 (true disease, fixed threshold), and what
+                          # the Reader itself boxes for a detected finding, per box source
+                          "iobb_0.5_by_source": {src: v["iobb"]["mean"]["0.5"]
+                                                 for src, v in m.get("localisation_sources", {}).items()},
+                          "reader_iobb_0.5_by_source": {
+                              src: v["iobb"]["mean"]["0.5"]
+                              for src, v in m.get("reader_output_by_box_source", {}).items()
+                              if isinstance(v, dict) and "iobb" in v}}
         elif folds := partial_folds(work / f"{name}.log"):
             rows[name] = {"args": RECIPES[name], "complete": False, "folds_done": len(folds),
                           "fold_mean_auc": sum(folds) / len(folds)}
