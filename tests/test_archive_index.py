@@ -51,18 +51,22 @@ def archive_folder(tmp_path, radiographs):
 def test_index_a_nested_folder_then_search(tiny_run, archive_folder, tmp_path, capsys):
     from cxr.archive.db import Archive
     from cxr.reader import Reader
+    from service_helpers import run_asserting_every_finding
+
+    # every disease reported: the search below needs stored findings, whatever the tiny model learnt
+    run = run_asserting_every_finding(tiny_run, tmp_path / "run")
 
     db = tmp_path / "archive.db"
     url = f"sqlite:///{db}"
     dicom_out = tmp_path / "dicom-out"
-    assert main(["index", str(tiny_run), str(archive_folder), "--db", url, "--batch-size", "3",
+    assert main(["index", str(run), str(archive_folder), "--db", url, "--batch-size", "3",
                  "--quiet", "--json", "-", "--dicom-out", str(dicom_out)]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert (stats["indexed"], stats["failed"], stats["skipped"]) == (7, 1, 0)
     assert stats["failures"][0][0].endswith("broken.png")
 
     archive = Archive(url)
-    model_id = Reader.load(tiny_run).model_id
+    model_id = Reader.load(run).model_id
     assert archive.models() == [model_id]
     (failed,) = archive.search(status="failed")
     assert failed.path == str(archive_folder / "a" / "broken.png") and failed.reason
@@ -91,7 +95,7 @@ def test_index_a_nested_folder_then_search(tiny_run, archive_folder, tmp_path, c
     assert source.StudyInstanceUID in studies
 
     # a second run skips everything; the archive is unchanged
-    assert main(["index", str(tiny_run), str(archive_folder), "--db", url, "--quiet",
+    assert main(["index", str(run), str(archive_folder), "--db", url, "--quiet",
                  "--json", "-"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert (again["indexed"], again["failed"], again["skipped"]) == (0, 0, 8)
