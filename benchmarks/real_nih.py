@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--pooling", default="lse", help="avg (CAM's), lse (ChestX-ray8's log-sum-exp) or class_lse "
-                    "(each class map pooled by its own learnt log-sum-exp; needs --ensemble 1)")
+                    "(each class map pooled by its own learnt log-sum-exp)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--class-weighted", action="store_true")
     ap.add_argument("--phantom-run", help="a trained phantom run (e.g. cxr-demo/run) to take the CNN from")

@@ -140,10 +140,11 @@ class MemberFeatures(nn.Module):
         return torch.cat([trunk(v) for trunk, v in zip(self.trunks, views)], 1)
 
 
-def lse_pool(maps: torch.Tensor, r: float) -> torch.Tensor:
-    """ChestX-ray8's log-sum-exp pooling: (1/r) log(mean exp(r x)); r -> 0 is the mean, r -> inf
-    the max. Computed around the max so that exp never overflows."""
-    flat = maps.flatten(2)
+def lse_pool(maps: torch.Tensor, r: float | torch.Tensor) -> torch.Tensor:
+    """ChestX-ray8's log-sum-exp pooling of (..., h, w) maps over h, w: (1/r) log(mean exp(r x));
+    r -> 0 is the mean, r -> inf the max; r a number or a tensor broadcast against (..., 1).
+    Computed around the max so that exp never overflows."""
+    flat = maps.flatten(-2)
     top = flat.amax(-1, keepdim=True)
     return (top + torch.log(torch.exp(r * (flat - top)).mean(-1, keepdim=True)) / r)[..., 0]
 
@@ -220,21 +221,13 @@ class ClassMapHead(nn.Module):
         parts = maps.unflatten(1, (self.members, -1))                          # B, K, C, h, w
         weight = self.member_weight.unflatten(1, (self.members, -1))          # n, K, C
         cams = torch.einsum("bkchw,nkc->kbnhw", parts, weight) + self.bias[:, None, None]
-        return self._pool(cams, self.sharpness()[:, None, :, None])
+        return lse_pool(cams, self.sharpness()[:, None, :, None])
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, classes) logits."""
         if self.members > 1:
             return self.member_logits(maps).mean(0)
-        return self._pool(self.class_maps(maps), self.sharpness()[:, None])
-
-    @staticmethod
-    def _pool(cams: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """Log-mean-exp of (..., classes, h, w) over h, w with sharpness r (broadcast against
-        (..., classes, 1)); computed around each map's max, so exp never overflows."""
-        flat = cams.flatten(-2)
-        top = flat.amax(-1, keepdim=True)
-        return (top + torch.log(torch.exp(r * (flat - top)).mean(-1, keepdim=True)) / r)[..., 0]
+        return lse_pool(self.class_maps(maps), self.sharpness()[:, None])
 
 
 def linear_head(members: int, in_features: int, out_features: int) -> nn.Module:
