@@ -30,7 +30,7 @@ from ..errors import CxrError
 DEFAULTS = dict(n=1500, size=256, image_size=128, crop=112, backbone="tiny", epochs=20,
                 cascade_epochs=10, rnn_epochs=40, batch_size=32, min_label_count=20,
                 min_cluster_members=120, images_per_cluster=60, rnn_hidden=128, rnn_embed=64,
-                lr=3e-3, rnn_lr=5e-3, ground_epochs=12, ground_lr=3e-3, ground_cnn_lr=0.1, attn_dim=64,
+                lr=3e-3, rnn_lr=5e-3, ground_epochs=24, ground_lr=3e-3, ground_cnn_lr=0.1, attn_dim=64,
                 pooling="class_lse")
 QUICK = dict(n=60, size=128, image_size=64, crop=56, backbone="tiny", epochs=2, cascade_epochs=1,
              rnn_epochs=6, batch_size=16, min_label_count=2, min_cluster_members=8,
