@@ -89,6 +89,9 @@ class LocalizeParams:
 
 
 BOX_SOURCES = ("cam", "attention", "word")
+# the CNN head's poolings (`cxr.models.cnn`): average (CAM), ChestX-ray8's log-sum-exp of the
+# features, or each class map by its own learnt log-sum-exp
+POOLINGS = ("avg", "lse", "class_lse")
 
 
 @dataclass(kw_only=True, frozen=True)

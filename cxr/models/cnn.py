@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CxrError
+from ..runspec import POOLINGS
 
 BACKBONES = ("tiny", "nin", "googlenet", "densenet121")
 
@@ -119,7 +120,6 @@ _FEATURES = {"tiny": TinyFeatures, "nin": NINFeatures, "googlenet": GoogLeNetFea
              "densenet121": DenseNet121Features}
 
 
-POOLINGS = ("avg", "lse", "class_lse")
 CLASS_LSE_R0 = 1.0  # the sharpness every class map's log-sum-exp pooling starts from
 
 

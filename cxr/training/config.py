@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import CxrError
-from ..runspec import BOX_SOURCES
+from ..runspec import BOX_SOURCES, POOLINGS
 
 
 @dataclass
@@ -81,8 +81,8 @@ class TrainConfig:
             raise CxrError(f"unknown backbone {self.backbone!r}")
         if self.rnn not in ("gru", "lstm"):
             raise CxrError(f"unknown rnn {self.rnn!r}; choose gru or lstm")
-        if self.pooling not in ("avg", "lse", "class_lse"):
-            raise CxrError(f"unknown pooling {self.pooling!r}; choose avg, lse or class_lse")
+        if self.pooling not in POOLINGS:
+            raise CxrError(f"unknown pooling {self.pooling!r}; choose {', '.join(POOLINGS)}")
         if self.annotator not in ("grounded", "global"):
             raise CxrError(f"unknown annotator {self.annotator!r}; choose grounded or global")
         if self.views not in ("frontal", "lateral", "all"):
