@@ -34,7 +34,10 @@ writing "left". Older runs (Shin's annotator on the pooled embedding) give CAM h
 Either way a finding's boxes lie on the side its words name (PA display: the patient's left is
 the image's right), a bilateral one gets a box on each side, and a finding with a site word is
 boxed within that site's band of rows ("base": the lower 60% of the film), so words and boxes
-never contradict each other.
+never contradict each other. A finding of a whole organ (Cardiomegaly; hyper- and hypoinflation,
+emphysema) is boxed with that organ as the anatomy network finds it (`cxr.anatomy`: the heart,
+both lungs), its heatmap still the map it looked at, and Cardiomegaly carries the film's
+cardiothoracic ratio in `measurements`.
 
     reader.localise(image, ["Cardiomegaly"])        # boxes of named targets, detected or not
     feats = reader.forward(images); scores, _ = reader.scores(feats.logits)   # the raw steps
@@ -278,6 +281,36 @@ class Reader:
     #: `DISEASE_BANDS`) is boxed only within that band of rows; off only to measure what that
     #: changes (`benchmarks/real_nih.py`).
     boxes_follow_anatomy = True
+    #: A finding of a whole organ (Cardiomegaly: the heart; hyper-/hypoinflation, emphysema: both
+    #: lungs, `cxr.anatomy.ORGAN_OF_FINDING`) is boxed where the anatomy model finds that organ,
+    #: not around its map's peak (a heart border); off only to measure what that changes
+    #: (`benchmarks/anatomy.py`). Where the organ is not found, the map's boxes stay.
+    boxes_of_whole_organs = True
+    _anatomy = None  # the anatomy model, loaded when a film first has such a finding
+
+    def _whole_organs(self, images: list[np.ndarray], results: list[Result]) -> list[Result]:
+        """Each reported finding of a whole organ (`cxr.anatomy.organ_of`) boxed with that organ
+        where the anatomy model finds it (in place), and Cardiomegaly given the film's
+        cardiothoracic ratio (`measurements`). Run with the CNN's threads: it is a CNN too."""
+        from .anatomy import AnatomyModel, organ_of
+
+        if not self.boxes_of_whole_organs:
+            return results
+        wanted = [(b, f, organ_of(f.disease)) for b, r in enumerate(results) for f in r.findings]
+        wanted = [w for w in wanted if w[2]]
+        if not wanted:
+            return results
+        if Reader._anatomy is None or Reader._anatomy.device != self.device:
+            Reader._anatomy = AnatomyModel.load(device=self.device)
+        rows = sorted({b for b, _, _ in wanted})
+        organs = dict(zip(rows, Reader._anatomy([images[b] for b in rows])))
+        for b, f, organ in wanted:
+            box, ratio = organs[b].boxes.get(organ), organs[b].cardiothoracic_ratio
+            if box is not None:
+                f.boxes = [Box(f.disease, box.x, box.y, box.w, box.h)]
+                if organ == "heart" and ratio:
+                    f.measurements = {"cardiothoracic_ratio": round(ratio, 3)}
+        return results
 
     BOX_SUBCELLS = 4  # boxes are found on a grid of 4 x 4 points per cell of the CNN's map
 
@@ -443,7 +476,8 @@ class Reader:
     def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int) -> list[Result]:
         maps, logits, emb = self.forward(images)
         with _one_thread(self.device):
-            return self._results(images, maps, logits, emb, heatmaps, beams)
+            results = self._results(images, maps, logits, emb, heatmaps, beams)
+        return self._whole_organs(images, results)
 
     def _results(self, images: list[np.ndarray], maps: torch.Tensor, logits: torch.Tensor,
                  emb: torch.Tensor, heatmaps: bool, beams: int) -> list[Result]:

@@ -154,6 +154,12 @@ def _confidence_line(f) -> str:
     return f'<br><small class="muted">sure of the words: {parts}</small>'
 
 
+def _measurement_line(f) -> str:
+    """What was measured for the finding, e.g. "cardiothoracic ratio 0.56"."""
+    parts = " · ".join(f"{html.escape(k.replace('_', ' '))} {v:.2f}" for k, v in f.measurements.items())
+    return f'<br><small>{parts}</small>' if parts else ""
+
+
 def example_html(ex: Example, width: int = 300) -> str:
     """Raw image, overlay (heatmaps of the detected findings, their boxes, true boxes in green),
     and the generated annotations next to the true terms."""
@@ -168,7 +174,7 @@ def example_html(ex: Example, width: int = 300) -> str:
     found = "".join(
         f'<li><span class="swatch" style="background:rgb{PRED_COLOURS[i % len(PRED_COLOURS)]}">'
         f'</span><b>{html.escape(f.disease)}</b> {f.score:.2f}'
-        f'<br><code>{html.escape(f.annotation or "")}</code>{_confidence_line(f)}</li>'
+        f'<br><code>{html.escape(f.annotation or "")}</code>{_measurement_line(f)}{_confidence_line(f)}</li>'
         for i, f in enumerate(res.findings)) or "<li><i>no finding above its threshold</i></li>"
     truth = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in ex.truth) \
         or "<li><i>normal</i></li>"

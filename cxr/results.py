@@ -30,6 +30,9 @@ class DetectedFinding:
     # the grounded annotator gave the word it wrote among that field's words (empty: Shin's
     # annotator, or a field it did not name)
     confidence: dict[str, float] = field(default_factory=dict)
+    # what was measured on the film for this finding: Cardiomegaly's "cardiothoracic_ratio" (the
+    # heart's widest extent over the thorax's, from `cxr.anatomy`'s masks)
+    measurements: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -38,6 +41,7 @@ class DetectedFinding:
             "severity": self.severity,
             "boxes": [dict(label=b.label, x=b.x, y=b.y, w=b.w, h=b.h) for b in self.boxes],
             "confidence": {k: float(v) for k, v in self.confidence.items()},
+            "measurements": {k: float(v) for k, v in self.measurements.items()},
         }
 
 

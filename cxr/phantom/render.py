@@ -62,6 +62,11 @@ class Rendering:
     masks: list[np.ndarray]           # bool (size, size), one per finding
     meta: dict = field(default_factory=dict)
     raw: np.ndarray | None = None     # log detector signal -ln(I/I0) before processing, float32
+    anatomy: dict[str, np.ndarray] = field(default_factory=dict)  # bool (size, size): "heart",
+    # "lungs" where the ray crosses more than ORGAN_MM of each (frontal views; `cxr.anatomy`'s labels)
+
+
+ORGAN_MM = 5.0  # an organ's mask: where the ray crosses more than this much of it
 
 
 class Layout:
@@ -178,7 +183,7 @@ class Phantom:
         inserts = plan_findings(findings, var, self.anatomy, lay, seed)
         var.heart_scale = var.ctr / lay.ctr0
         base_var.heart_scale = base_var.ctr / lay.ctr0
-        L, maps, _ = self._line_integral(lay, var, inserts)
+        L, maps, (lung_mm, heart_mm) = self._line_integral(lay, var, inserts)
         pixel = var.fov_mm / var.scale / size
         noise = np.random.default_rng([seed, 1]).standard_normal(L.shape, dtype=np.float32)
         raw = detect(L, var, pixel, noise)
@@ -196,7 +201,8 @@ class Phantom:
                 "variation": var.to_dict(),
                 "findings": [ins.info for ins in inserts], "phantom": self.anatomy.key,
                 "orientation": "PA, patient left on image right, row 0 superior"}
-        return Rendering(image=image, boxes=boxes, masks=masks, meta=meta, raw=raw)
+        return Rendering(image=image, boxes=boxes, masks=masks, meta=meta, raw=raw,
+                         anatomy={"heart": heart_mm > ORGAN_MM, "lungs": lung_mm > ORGAN_MM})
 
     def _levels(self, var: Variation, geometry: str) -> tuple[float, float]:
         """The grey-level anchors of the window (lung fields, heart shadow), measured on a

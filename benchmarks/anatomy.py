@@ -1,0 +1,205 @@
+"""Boxes of whole-organ findings from the anatomy model (`cxr.anatomy`), paired against the
+boxes the finding's own map gives, on real films and on the demo's phantom test split.
+
+    python benchmarks/anatomy.py --demo DIR --nih NIH_DIR --json benchmarks/results/anatomy.json
+
+- **Real NIH films** (`--nih`: Data_Entry*.csv, BBox_List*.csv, images/): every film with an
+  expert Cardiomegaly box; the heart box of the shipped anatomy model (trained on the CT phantom
+  only) against the box the demo's run draws from its map of Cardiomegaly (ChestX-ray8's
+  protocol: the film is known to have it; the run's map source and box rule, the heart's row band).
+- **Phantom** (the demo's test split, `--demo`: a finished `cxr demo` folder): the same pairing
+  for Cardiomegaly, hyper- and hypoinflation and emphysema (the truth: the heart's or both
+  lungs' mask); the Reader's own boxes of the findings it reports, with
+  `Reader.boxes_of_whole_organs` on and off; the cardiothoracic ratio measured from the masks
+  against the ratio the phantom drew, and the Cardiomegaly grade read from it by the phantom's
+  bands beside the grade word the run writes.
+- **Time**: the anatomy model per film (batch 1) over the run's own CNN forward pass, in turn in
+  one process.
+Accuracy at T(IoU) and T(IoBB) as in `cxr.metrics.localisation_accuracy`. Prints tables; --json
+writes everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WHOLE = ("Cardiomegaly", "Lung/hyperdistention", "Lung/hypoinflation", "Emphysema")
+
+
+def _acc(pairs) -> dict:
+    from cxr import metrics as M
+
+    la = M.localisation_accuracy(pairs)
+    return {"n": la["n"], **{m: {lab: la[m]["accuracy"][lab] for lab in la["n"]} for m in ("iou", "iobb")}}
+
+
+def nih(reader, model, nih_dir: Path) -> dict:
+    """Expert Cardiomegaly boxes: the anatomy model's heart box vs the run's map box."""
+    from cxr.evaluation import boxes_of_true_diseases
+    from cxr.images import load_image
+    from cxr.records import Box
+    from cxr.sources import open_source
+
+    anatomy, maps = [], []
+    for study in open_source(f"nih:{nih_dir}"):
+        image = study.images[0]
+        truth = [Box("Cardiomegaly", b.x, b.y, b.w, b.h) for b in image.boxes if b.label.lower() == "cardiomegaly"]
+        if not truth:
+            continue
+        pixels = load_image(image.path)
+        heart = model([pixels])[0].boxes["heart"]
+        anatomy.append((truth, [Box("Cardiomegaly", heart.x, heart.y, heart.w, heart.h)] if heart else []))
+        maps.append((truth, boxes_of_true_diseases(reader, pixels, truth, reader.box_source)))
+    return {"films": len(anatomy), "anatomy": _acc(anatomy), "map": _acc(maps), "map_source": reader.box_source}
+
+
+def phantom(reader, model, demo: Path) -> dict:
+    """The demo's test split: whole-organ boxes (protocol and the Reader's own), the ratio, grades."""
+    from cxr import metrics as M
+    from cxr.checkpoint import load_spec
+    from cxr.evaluation import EvalData, boxes_of_true_diseases
+    from cxr.images import load_image
+    from cxr.phantom.findings import CTR_RANGE
+    from cxr.records import Box
+    from cxr.sources import open_source
+
+    run = demo / "run"
+    ed = EvalData(load_spec(run), open_source(f"phantom:{demo / 'data'}"))
+    drawn = {}
+    for line in (demo / "data" / "cases.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        drawn[rec["image"]["id"]] = rec["render"]["ctr"]
+    idx = ed.indices("test")
+    films = [load_image(ed.prep.paths[i]) for i in idx]
+    organs = model(films)
+    anatomy, maps, ratios = [], [], []
+    for i, pixels, org in zip(idx, films, organs):
+        ratios.append((drawn[ed.prep.image_ids[i]], org.cardiothoracic_ratio))
+        truth = [b for b in ed.truth_boxes(i) if b.label in WHOLE]
+        if not truth:
+            continue
+        found = []
+        for label in sorted({b.label for b in truth}):
+            from cxr.anatomy import organ_of
+            box = org.boxes[organ_of(label)]
+            found += [Box(label, box.x, box.y, box.w, box.h)] if box else []
+        anatomy.append((truth, found))
+        maps.append((truth, boxes_of_true_diseases(reader, pixels, truth, reader.box_source)))
+    own = {}
+    grade_words = []
+    for on in (True, False):
+        reader.boxes_of_whole_organs = on
+        results = reader(films, heatmaps=False)
+        own["on" if on else "off"] = _acc([
+            ([b for b in ed.truth_boxes(i) if b.label in WHOLE],
+             [b for f in r.findings if f.disease in WHOLE for b in f.boxes])
+            for i, r in zip(idx, results) if any(b.label in WHOLE for b in ed.truth_boxes(i))])
+        if on:
+            grade_words = [(i, r) for i, r in zip(idx, results)]
+    reader.boxes_of_whole_organs = True
+
+    def grade(ctr):
+        for g, (lo, hi) in CTR_RANGE.items():
+            if lo <= ctr < hi:
+                return g
+        return "severe" if ctr >= CTR_RANGE["severe"][0] else None
+
+    said, measured = [], []
+    for (i, r), org in zip(grade_words, organs):
+        true = [f for f in ed.truth_findings(i) if f.disease == "Cardiomegaly"]
+        if not true or not true[0].severity:
+            continue
+        word = next((f.severity for f in r.findings if f.disease == "Cardiomegaly"), None)
+        if word is not None:  # the run reported Cardiomegaly: its grade word, and the ratio's grade
+            said.append(word == true[0].severity)
+            measured.append(org.cardiothoracic_ratio is not None and grade(org.cardiothoracic_ratio) == true[0].severity)
+    t, m = np.array([a for a, b in ratios if b is not None]), np.array([b for a, b in ratios if b is not None])
+    return {
+        "test_films": len(idx), "anatomy": _acc(anatomy), "map": _acc(maps), "map_source": reader.box_source,
+        "reader_own_boxes": own,
+        "ratio": {"films": len(t), "found": len(t) / max(len(ratios), 1),
+                  "mean_abs_error": float(np.abs(m - t).mean()), "bias": float((m - t).mean()),
+                  "pearson_r": float(np.corrcoef(t, m)[0, 1])},
+        "cardiomegaly_grade": {"reported": len(said), "word_accuracy": float(np.mean(said)) if said else None,
+                               "ratio_band_accuracy": float(np.mean(measured)) if measured else None},
+    }
+
+
+def timing(reader, model, films, repeats: int = 10) -> dict:
+    """ms per film at batch 1: the anatomy model and the run's forward pass, in turn."""
+    a, f = [], []
+    for k in range(repeats):
+        for which in (("a", "f") if k % 2 == 0 else ("f", "a")):
+            t0 = time.perf_counter()
+            model([films[k % len(films)]]) if which == "a" else reader.forward([films[k % len(films)]])
+            (a if which == "a" else f).append(time.perf_counter() - t0)
+    return {"anatomy_ms": 1000 * statistics.median(a), "forward_ms": 1000 * statistics.median(f),
+            "anatomy_over_forward": statistics.median(a) / statistics.median(f), "repeats": repeats}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--demo", type=Path, required=True, help="a finished `cxr demo --out DIR`")
+    ap.add_argument("--nih", type=Path, help="folder with Data_Entry*.csv, BBox_List*.csv, images/")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    from cxr import metrics as M
+    from cxr.anatomy import AnatomyModel
+    from cxr.errors import CxrError
+    from cxr.images import load_image
+    from cxr.reader import Reader
+
+    if not (args.demo / "run" / "config.json").is_file():
+        raise SystemExit(f"anatomy: {args.demo} is not a finished `cxr demo` folder (run/)")
+    try:
+        reader = Reader.load(args.demo / "run", device="cpu", gate=False)
+        model = AnatomyModel.load()
+    except CxrError as e:
+        raise SystemExit(f"anatomy: {e}")
+    out = {"benchmark": "anatomy", "demo": str(args.demo), "model": model.meta}
+    out["phantom"] = ph = phantom(reader, model, args.demo)
+    if args.nih:
+        out["nih"] = nih(reader, model, args.nih)
+    films = [load_image(p) for p in sorted((args.demo / "data" / "images").glob("*.png"))[:10]]
+    out["time"] = timing(reader, model, films)
+
+    def rows(part, labels):
+        for lab in labels:
+            if lab not in part["anatomy"]["n"]:
+                continue
+            yield [lab, part["anatomy"]["n"][lab]] + [part[s][m][lab]["0.5"] for s in ("map", "anatomy")
+                                                      for m in ("iou", "iobb")]
+    head = ["finding", "films", "map T(IoU)=0.5", "map T(IoBB)=0.5", "anatomy T(IoU)=0.5", "anatomy T(IoBB)=0.5"]
+    if args.nih:
+        print(f"Real NIH films with an expert Cardiomegaly box (map: the demo run's {out['nih']['map_source']} map)")
+        print(M.markdown_table(head, rows(out["nih"], ["Cardiomegaly"])))
+    print(f"\nPhantom test split (map: the run's {ph['map_source']} map)")
+    print(M.markdown_table(head, rows(ph, WHOLE)))
+    own = ph["reader_own_boxes"]
+    print("\nThe Reader's own boxes of the findings it reports, T(IoU)=0.5: organ boxes on / off")
+    print(M.markdown_table(["finding", "films", "on", "off"],
+                           [[lab, own["on"]["n"][lab], own["on"]["iou"][lab]["0.5"], own["off"]["iou"][lab]["0.5"]]
+                            for lab in WHOLE if lab in own["on"]["n"]]))
+    print(f"\nCardiothoracic ratio: |error| {ph['ratio']['mean_abs_error']:.3f}, bias {ph['ratio']['bias']:+.3f}, "
+          f"r {ph['ratio']['pearson_r']:.3f} on {ph['ratio']['films']} films; Cardiomegaly grade of reported "
+          f"findings: word {ph['cardiomegaly_grade']['word_accuracy']}, ratio bands "
+          f"{ph['cardiomegaly_grade']['ratio_band_accuracy']} ({ph['cardiomegaly_grade']['reported']})")
+    print(f"Time per film: anatomy {out['time']['anatomy_ms']:.1f} ms, forward {out['time']['forward_ms']:.1f} ms "
+          f"({out['time']['anatomy_over_forward']:.2f}x)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""The anatomy model (`cxr.anatomy`): the heart and lungs of a frontal film, the boxes of
+whole-organ findings, and the cardiothoracic ratio."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import chest_film
+
+from cxr import metrics as M
+from cxr.anatomy import AnatomyModel, organ_of
+from cxr.anatomy.model import cardiothoracic_ratio, read_masks
+from cxr.errors import CxrError
+from cxr.records import Box
+
+
+def _box(mask: np.ndarray, label: str) -> Box:
+    ys, xs = np.nonzero(mask)
+    return Box(label, float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min()))
+
+
+def test_the_ratio_is_the_hearts_widest_extent_over_the_widest_row_of_lungs():
+    heart, lungs = np.zeros((100, 100), bool), np.zeros((100, 100), bool)
+    heart[40:70, 30:60] = True             # 30 wide
+    lungs[20:80, 10:40] = True             # outer edges 10 ... 89 on the rows both lungs reach
+    lungs[20:90, 60:90] = True
+    assert cardiothoracic_ratio(heart, lungs) == pytest.approx(30 / 80)
+    assert cardiothoracic_ratio(np.zeros_like(heart), lungs) is None
+
+
+def test_masks_become_the_largest_heart_and_the_two_largest_lungs_at_the_films_size():
+    prob = np.zeros((2, 64, 64), np.float32)
+    prob[0, 30:50, 25:45] = 0.9            # the heart
+    prob[0, 2:5, 2:5] = 0.9                # a speck: not the heart
+    prob[1, 10:55, 5:28] = 0.8             # right lung (image left)
+    prob[1, 10:58, 36:60] = 0.8            # left lung
+    prob[1, 60:62, 30:32] = 0.8            # a speck: not a lung
+    organs = read_masks(prob, (256, 512))
+    heart = organs.boxes["heart"]
+    assert (heart.x, heart.y, heart.w, heart.h) == (25 * 8, 30 * 4, 20 * 8, 20 * 4)
+    lungs = organs.boxes["lungs"]
+    assert (lungs.x, lungs.y, lungs.w, lungs.h) == (5 * 8, 10 * 4, 55 * 8, 48 * 4)
+    assert organs.cardiothoracic_ratio == pytest.approx(20 / 55)
+
+
+def test_whole_organ_findings_name_their_organ():
+    assert organ_of("Cardiomegaly") == "heart"
+    assert organ_of("Lung/hypoinflation") == "lungs" and organ_of("Emphysema") == "lungs"
+    assert organ_of("Opacity") is None and organ_of("Pleural Effusion") is None
+
+
+def test_missing_weights_and_a_bad_image_give_clear_errors(tmp_path):
+    with pytest.raises(CxrError, match="anatomy weights not found"):
+        AnatomyModel.load(tmp_path)
+    with pytest.raises(CxrError, match="2D grey image"):
+        AnatomyModel.load()([np.zeros(10, np.float32)])
+
+
+def test_phantom_films_carry_organ_masks_that_the_cardiomegaly_box_is_made_of(shared_data):
+    from cxr.phantom.render import Phantom
+    from cxr.phantom.spec import FindingSpec
+
+    r = Phantom.load().render([FindingSpec(kind="cardiomegaly")], seed=5, size=128)
+    heart, lungs = r.anatomy["heart"], r.anatomy["lungs"]
+    assert heart.shape == lungs.shape == r.image.shape and heart.any() and lungs.any()
+    assert _box(heart, "Cardiomegaly") == r.boxes[0]
+    assert heart.sum() < lungs.sum()
+
+
+def test_the_shipped_model_finds_the_heart_and_lungs_of_films_it_never_saw(shared_data):
+    """Phantom films of seeds the training never drew, one with a large heart: heart and lung
+    boxes overlap the phantom's own organ masks (IoU > .6), and the ratio is within .05 of the
+    ratio the phantom drew."""
+    from cxr.phantom.render import Phantom
+    from cxr.phantom.spec import FindingSpec
+
+    phantom, model = Phantom.load(), AnatomyModel.load()
+    films = [phantom.render([FindingSpec(kind="cardiomegaly")] if k == 0 else [], seed=900_000 + k, size=256)
+             for k in range(4)]
+    for r, organs in zip(films, model([r.image for r in films])):
+        for organ in ("heart", "lungs"):
+            assert M.iou(organs.boxes[organ], _box(r.anatomy[organ], organ)) > 0.6
+        assert abs(organs.cardiothoracic_ratio - r.meta["ctr"]) < 0.05
+
+
+def test_a_whole_organ_finding_the_reader_reports_is_boxed_where_the_organ_is(tiny_run):
+    """Every disease reported (thresholds at 0): the whole-organ finding's box (the tiny run has
+    Lung/hypoinflation; Cardiomegaly goes the same way) is the anatomy model's box of its organ,
+    not one from its map; with the rule off it comes from the map again."""
+    from cxr.checkpoint import load_run
+    from cxr.reader import Reader
+
+    spec, tensors = load_run(tiny_run)
+    whole = [t for t in spec.targets if organ_of(t)]
+    if not whole:
+        pytest.fail(f"the tiny run has no whole-organ target: {spec.targets}")
+    target = whole[0]
+    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets},
+                               study=dataclasses.replace(spec.study, threshold=0.0))
+    reader = Reader(spec, tensors, "cpu", gate=False)
+    film = chest_film(1, (256, 256))
+    organ = AnatomyModel.load()([film])[0].boxes[organ_of(target)]
+    found = {f.disease: f.boxes for f in reader(film).findings}
+    assert found[target] == [Box(target, organ.x, organ.y, organ.w, organ.h)]
+    reader.boxes_of_whole_organs = False
+    assert {f.disease: f.boxes for f in reader(film).findings}[target] != found[target]
