@@ -6,7 +6,8 @@ __version__ = "0.1.0"
 from .errors import CxrError
 from .records import Box, Finding, Image, Study
 
-__all__ = ["CxrError", "Box", "Finding", "Image", "Study", "load_image", "Reader", "__version__"]
+__all__ = ["CxrError", "Box", "Finding", "Image", "Study", "load_image", "Reader", "AnatomyModel",
+           "__version__"]
 
 
 def __getattr__(name):  # lazy: `import cxr` stays cheap, torch loads only when needed
@@ -16,4 +17,7 @@ def __getattr__(name):  # lazy: `import cxr` stays cheap, torch loads only when 
     if name == "Reader":
         from .reader import Reader
         return Reader
+    if name == "AnatomyModel":
+        from .anatomy import AnatomyModel
+        return AnatomyModel
     raise AttributeError(name)

@@ -61,9 +61,9 @@ def net_input(x: torch.Tensor) -> torch.Tensor:
 def preprocess(image: np.ndarray, size: int = SIZE) -> torch.Tensor:
     """(1, 1, size, size): the film squashed to a square by area averaging (a ratio of widths
     survives the squash) and stretched as `stretch` does (NumPy here: a 1024-px film in 1 ms)."""
-    from ..images import resize
+    from ..images import pixels_of, resize
 
-    img = np.asarray(image, np.float32)
+    img = np.asarray(pixels_of(image), np.float32)
     if img.ndim != 2 or min(img.shape) < 8:
         raise CxrError(f"the anatomy model needs a 2D grey image, got shape {img.shape}")
     small = np.nan_to_num(np.clip(resize(img, size), 0, 1))  # on the small image: 1 ms, not 7
