@@ -105,3 +105,15 @@ def test_a_whole_organ_finding_the_reader_reports_is_boxed_where_the_organ_is(ti
     assert found[target] == [Box(target, organ.x, organ.y, organ.w, organ.h)]
     reader.boxes_of_whole_organs = False
     assert {f.disease: f.boxes for f in reader(film).findings}[target] != found[target]
+
+
+def test_training_writes_weights_the_model_loads(shared_data, tmp_path):
+    """`python -m cxr.anatomy.train` on a handful of films: safetensors + JSON that load, with
+    the organs and input size the code expects (the shipped weights are this run at full size)."""
+    from cxr.anatomy.train import main
+
+    assert main(["--out", str(tmp_path), "--films", "6", "--epochs", "1"]) == 0
+    model = AnatomyModel.load(tmp_path)
+    assert model.meta["films"] == 6 and model.size == 128 and tuple(model.meta["organs"]) == ("heart", "lungs")
+    probs = model.probabilities([chest_film(0, (200, 180))])
+    assert probs.shape == (1, 2, 128, 128) and ((probs >= 0) & (probs <= 1)).all()
