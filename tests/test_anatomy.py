@@ -114,6 +114,6 @@ def test_training_writes_weights_the_model_loads(shared_data, tmp_path):
 
     assert main(["--out", str(tmp_path), "--films", "6", "--epochs", "1"]) == 0
     model = AnatomyModel.load(tmp_path)
-    assert model.meta["films"] == 6 and model.size == 128 and tuple(model.meta["organs"]) == ("heart", "lungs")
+    assert model.meta["films"] == 6 and model.size == 96 and tuple(model.meta["organs"]) == ("heart", "lungs")
     probs = model.probabilities([chest_film(0, (200, 180))])
-    assert probs.shape == (1, 2, 128, 128) and ((probs >= 0) & (probs <= 1)).all()
+    assert probs.shape == (1, 2, 96, 96) and ((probs >= 0) & (probs <= 1)).all()

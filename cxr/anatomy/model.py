@@ -23,7 +23,7 @@ from ..errors import CxrError
 from ..records import Box
 
 ORGANS = ("heart", "lungs")
-SIZE = 128
+SIZE = 96
 FEATURES = (16, 16, 32, 64, 128, 16)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MIN_SHARE = {"heart": 0.01, "lungs": 0.01}  # a region smaller than this share of the film is no organ

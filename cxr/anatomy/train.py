@@ -29,8 +29,8 @@ RENDER_SIZE = 256
 FINDINGS = ("cardiomegaly", "effusion", "opacity", "atelectasis", "hypoinflation", "hyperdistention")
 
 
-def render_films(n: int, seed: int = 0, phantom=None, progress=None):
-    """(images (n, SIZE, SIZE) float32 in [0, 1], masks (n, organs, SIZE, SIZE) float32)."""
+def render_films(n: int, seed: int = 0, phantom=None, progress=None, size: int = SIZE):
+    """(images (n, size, size) float32 in [0, 1], masks (n, organs, size, size) float32)."""
     from ..phantom.render import Phantom
     from ..phantom.spec import FindingSpec
 
@@ -50,8 +50,8 @@ def render_films(n: int, seed: int = 0, phantom=None, progress=None):
         masks.append(np.stack([r.anatomy[o] for o in ORGANS]))
         if progress:
             progress(k + 1, n)
-    x = F.interpolate(torch.from_numpy(np.stack(images)).float()[:, None], size=(SIZE, SIZE), mode="area")
-    y = F.interpolate(torch.from_numpy(np.stack(masks)).float(), size=(SIZE, SIZE), mode="area") > 0.5
+    x = F.interpolate(torch.from_numpy(np.stack(images)).float()[:, None], size=(size, size), mode="area")
+    y = F.interpolate(torch.from_numpy(np.stack(masks)).float(), size=(size, size), mode="area") > 0.5
     return x, y.float()
 
 
@@ -80,13 +80,13 @@ def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train(out: str | Path, n: int = 1200, epochs: int = 8, seed: int = 0, batch: int = 32,
-          lr: float = 3e-3, log=print) -> dict:
+          lr: float = 3e-3, size: int = SIZE, log=print) -> dict:
     """Render `n` films, train, write anatomy.safetensors + anatomy.json into `out`."""
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     t0 = time.time()
-    x, y = render_films(n, seed)
+    x, y = render_films(n, seed, size=size)
     log(f"rendered {n} films in {time.time() - t0:.0f} s")
     net = build_net()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -109,7 +109,7 @@ def train(out: str | Path, n: int = 1200, epochs: int = 8, seed: int = 0, batch:
     out.mkdir(parents=True, exist_ok=True)
     with replacing(out / "anatomy.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    meta = {"organs": list(ORGANS), "size": SIZE, "features": list(FEATURES), "films": n,
+    meta = {"organs": list(ORGANS), "size": size, "features": list(FEATURES), "films": n,
             "epochs": epochs, "seed": seed, "lr": lr, "batch": batch, "render_size": RENDER_SIZE,
             "seconds": round(time.time() - t0, 1), "torch": torch.__version__}
     write_atomic(out / "anatomy.json", json.dumps(meta, indent=1) + "\n")
@@ -122,8 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--films", type=int, default=1200)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=SIZE, help="the network's input side in pixels")
     args = ap.parse_args(argv)
-    train(args.out, args.films, args.epochs, args.seed)
+    train(args.out, args.films, args.epochs, args.seed, size=args.size)
     return 0
 
 

@@ -115,8 +115,10 @@ function showFindings(findings, scores, call, abnormal) {
     // each context word with the annotator's confidence in it (of that field's words)
     const sure = f.confidence || {};
     const word = (w, field) => (w && sure[field] != null ? `${w} ${sure[field].toFixed(2)}` : w);
+    // what was measured for it (Cardiomegaly: the cardiothoracic ratio from the anatomy model)
+    const measured = Object.entries(f.measurements || {}).map(([k, v]) => `${k.replace(/_/g, " ")} ${v.toFixed(2)}`);
     const chips = [word(f.side, "side"), ...(f.location || []).map((w, i) => (i ? w : word(w, "location"))),
-                   word(f.severity, "severity"), f.organ].filter(Boolean)
+                   word(f.severity, "severity"), f.organ, ...measured].filter(Boolean)
       .map((c) => el("span", { class: "chip" }, c));
     box.append(el("div", { class: "finding", style: `--c:${colour}`, "data-disease": f.disease },
       el("div", {}, el("span", { class: "name" }, f.disease), " ",
