@@ -130,6 +130,34 @@ def test_the_annotators_word_confidence_is_stored_with_the_finding(archive, tmp_
     upgraded.close()
 
 
+def test_what_was_measured_is_stored_with_the_finding(archive, tmp_path):
+    """A finding's measurements (Cardiomegaly's cardiothoracic ratio) are kept (migration 0006)
+    and survive the JSON form the Ray indexer passes; an archive of schema 0005 is upgraded with
+    its findings and their word confidence kept."""
+    from cxr.archive.index import result_from_dict
+    from cxr.testing import archive_migrated
+
+    big = finding("Cardiomegaly", 0.9, None, (), "mild")
+    big.measurements = {"cardiothoracic_ratio": 0.56}
+    (new,) = archive.add_results([Entry("/data/big.png", "d" * 64, MODEL, result=result([big], np.ones(32)))])
+    assert archive.get(new).findings[0].measurements == {"cardiothoracic_ratio": 0.56}
+    assert archive.get(archive.ids["left_base_mild"]).findings[0].measurements == {}
+    back = result_from_dict(result([big], np.ones(4)).to_dict())
+    assert back.findings[0].measurements == {"cardiothoracic_ratio": 0.56}
+
+    url = f"sqlite:///{tmp_path / 'v5.db'}"
+    with archive_migrated(url, "0005") as conn:
+        conn.execute(text("insert into images (sha256, model_id, path, status, indexed_at) values "
+                          "('" + "a" * 64 + "', 'm', '/old.png', 'ok', '2026-01-01')"))
+        conn.execute(text("insert into findings (image_id, disease, disease_key, score, annotation, "
+                          "location, side, confidence) values (1, 'Opacity', 'opacity', 0.7, 'opacity left', "
+                          "'', 'left', '{\"side\": 0.8}')"))
+    upgraded = Archive(url)
+    old = upgraded.get(1).findings[0]
+    assert old.side == "left" and old.confidence == {"side": 0.8} and old.measurements == {}
+    upgraded.close()
+
+
 def test_a_batch_stored_twice_is_stored_once_and_failures_keep_their_reason(archive):
     assert archive.count() == 7 and archive.count(status="failed") == 1
     again = archive.add_results([Entry("/elsewhere/copy.png", f"{0:064x}", MODEL,

@@ -374,7 +374,8 @@ def result_from_dict(d: dict, embedding: np.ndarray | None = None) -> Result:
         disease=f["disease"], score=float(f["score"]), annotation=f.get("annotation") or "",
         organ=f.get("organ"), location=tuple(f.get("location") or ()), side=f.get("side"),
         severity=f.get("severity"), boxes=[Box(**b) for b in f.get("boxes") or []],
-        confidence={k: float(v) for k, v in (f.get("confidence") or {}).items()})
+        confidence={k: float(v) for k, v in (f.get("confidence") or {}).items()},
+        measurements={k: float(v) for k, v in (f.get("measurements") or {}).items()})
         for f in d.get("findings", [])]
     size = d.get("image_size") or (0, 0)
     quality = None

@@ -90,6 +90,8 @@ class FindingRow(Base):
     boxes: Mapped[list | None] = mapped_column(JSON, nullable=True)
     # the annotator's probability of each context word it wrote (migration 0005; NULL before)
     confidence: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # what was measured for the finding, e.g. Cardiomegaly's cardiothoracic ratio (migration 0006)
+    measurements: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     image: Mapped[ImageRow] = relationship(back_populates="findings")
 
