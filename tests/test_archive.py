@@ -273,6 +273,7 @@ def test_dicom_out_sr_and_overlay_read_back(tmp_path):
     res = result([finding("Opacity", 0.8, "left", ("base",), "moderate",
                           boxes=[Box("Opacity", 10, 20, 30, 40)]),
                   finding("Cardiomegaly", 0.6, None, (), "mild", organ="heart")], np.ones(8))
+    res.findings[1].measurements = {"cardiothoracic_ratio": 0.58}
     res.heatmaps = {"Opacity": np.pad(np.ones((40, 30), np.float32), ((20, 68), (10, 88)))}
     out = write_result_dicom(res, src, tmp_path / "out")
     sr = pydicom.dcmread(out["sr"])
@@ -289,6 +290,8 @@ def test_dicom_out_sr_and_overlay_read_back(tmp_path):
     assert str(roi.tracking_identifier) == "opacity lung base left moderate"
     (image_level,) = report.content.get_image_measurement_groups()
     assert image_level.finding_type.meaning == "Cardiomegaly"
+    measured = {m.name.meaning: m.value for m in image_level.get_measurements()}
+    assert measured["cardiothoracic ratio"] == pytest.approx(0.58)
     sc = pydicom.dcmread(out["overlay"])
     assert sc.StudyInstanceUID == src_ds.StudyInstanceUID and sc.BurnedInAnnotation == "YES"
     rgb = sc.pixel_array

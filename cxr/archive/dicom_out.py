@@ -3,7 +3,8 @@
 * `<name>.sr.dcm`: a Comprehensive 3D SR with a TID 1500 Measurement Report (highdicom): one
   measurement group per finding box (TID 1410, the box as a closed POLYLINE SCOORD on the source
   image), or per finding without a box (TID 1501); finding type = the disease, the model score as
-  a measurement, laterality / severity as qualitative evaluations, the location as finding site,
+  a measurement (and what was measured for the finding: Cardiomegaly's cardiothoracic ratio, a
+  ratio in UCUM "1"), laterality / severity as qualitative evaluations, the location as finding site,
   the generated annotation as the tracking identifier.
 * `<name>.overlay.dcm`: an RGB Secondary Capture with the heatmaps and boxes burned in, for
   viewers that do not render SR.
@@ -176,10 +177,13 @@ def build_sr(result: Result, source):
             evaluations.append(QualitativeEvaluation(_sct("246112005", "Severity"), value))
         sites = [FindingSite(_code(" ".join(p for p in (f.organ, loc) if p)))
                  for loc in f.location] or ([FindingSite(_code(f.organ))] if f.organ else [])
+        # the score, then what was measured on the film (Cardiomegaly's cardiothoracic ratio)
+        measured = [Measurement(name=_code(name.replace("_", " ")), value=float(value), unit=unit,
+                                algorithm_id=algorithm) for name, value in f.measurements.items()]
         common = dict(
             finding_type=_code(f.disease), algorithm_id=algorithm, finding_sites=sites or None,
             measurements=[Measurement(name=score_name, value=float(f.score), unit=unit,
-                                      algorithm_id=algorithm)],
+                                      algorithm_id=algorithm)] + measured,
             qualitative_evaluations=evaluations or None)
         label = (f.annotation or f.disease)[:64]
         if f.boxes:
