@@ -1,6 +1,6 @@
 """Training the anatomy network on the CT phantom (reproduces the shipped weights).
 
-    python -m cxr.anatomy.train --out cxr/anatomy/weights        # about 7 minutes on 2 cores
+    python -m cxr.anatomy.train --out cxr/anatomy/weights        # about 3 minutes on 2 cores
 
 Every film is a phantom rendering (`cxr.phantom`: the one CT, in a new pose, build, breath,
 exposure and heart size each time, PA or AP, a third with one finding drawn in) and its labels
