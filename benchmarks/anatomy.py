@@ -7,6 +7,8 @@ boxes the finding's own map gives, on real films and on the demo's phantom test 
   expert Cardiomegaly box; the heart box of the shipped anatomy model (trained on the CT phantom
   only) against the box the demo's run draws from its map of Cardiomegaly (ChestX-ray8's
   protocol: the film is known to have it; the run's map source and box rule, the heart's row band).
+  On every NIH film: the measured cardiothoracic ratio as a score for NIH's Cardiomegaly label
+  (ROC AUC, by view), beside the demo run's own Cardiomegaly score.
 - **Phantom** (the demo's test split, `--demo`: a finished `cxr demo` folder): the same pairing
   for Cardiomegaly, hyper- and hypoinflation and emphysema (the truth: the heart's or both
   lungs' mask); the Reader's own boxes of the findings it reports, with
@@ -58,7 +60,40 @@ def nih(reader, model, nih_dir: Path) -> dict:
         heart = model([pixels])[0].boxes["heart"]
         anatomy.append((truth, [Box("Cardiomegaly", heart.x, heart.y, heart.w, heart.h)] if heart else []))
         maps.append((truth, boxes_of_true_diseases(reader, pixels, truth, reader.box_source)))
-    return {"films": len(anatomy), "anatomy": _acc(anatomy), "map": _acc(maps), "map_source": reader.box_source}
+    return {"films": len(anatomy), "anatomy": _acc(anatomy), "map": _acc(maps), "map_source": reader.box_source,
+            "ratio_vs_label": ratio_vs_label(reader, model, nih_dir)}
+
+
+def ratio_vs_label(reader, model, nih_dir: Path) -> dict:
+    """Does the measured ratio tell NIH's Cardiomegaly label on every film (ROC AUC), by view
+    (an AP film magnifies the heart), beside the demo run's own Cardiomegaly score on the same films?"""
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.images import load_image
+    from cxr.sources import open_source
+
+    rows = []
+    for study in open_source(f"nih:{nih_dir}"):
+        image = study.images[0]
+        pixels = load_image(image.path)
+        ratio = model([pixels])[0].cardiothoracic_ratio
+        score = reader(pixels, heatmaps=False).scores.get("Cardiomegaly")
+        rows.append((image.view, any(f.disease == "Cardiomegaly" for f in study.positive), ratio, score))
+    out = {}
+    for view in ("all", "PA", "AP"):
+        part = [r for r in rows if view == "all" or r[0] == view]
+        y = np.array([r[1] for r in part])
+        found = [r for r in part if r[2] is not None]
+        yr, ratio = np.array([r[1] for r in found]), np.array([r[2] for r in found])
+        out[view] = {
+            "films": len(part), "positives": int(y.sum()), "ratio_found": len(found) / max(len(part), 1),
+            "ratio_auc": float(roc_auc_score(yr, ratio)) if 0 < yr.sum() < len(yr) else None,
+            "ratio_mean_positive": float(ratio[yr].mean()) if yr.any() else None,
+            "ratio_mean_negative": float(ratio[~yr].mean()) if (~yr).any() else None,
+            "share_positive_above_half": float((ratio[yr] > 0.5).mean()) if yr.any() else None,
+            "share_negative_above_half": float((ratio[~yr] > 0.5).mean()) if (~yr).any() else None,
+            "run_score_auc": float(roc_auc_score(y, [r[3] for r in part])) if 0 < y.sum() < len(y) else None}
+    return out
 
 
 def phantom(reader, model, demo: Path) -> dict:
@@ -201,6 +236,12 @@ def main(argv=None) -> int:
     if args.nih:
         print(f"Real NIH films with an expert Cardiomegaly box (map: the demo run's {out['nih']['map_source']} map)")
         print(M.markdown_table(head, rows(out["nih"], ["Cardiomegaly"])))
+        rv = out["nih"]["ratio_vs_label"]
+        print("\nThe measured cardiothoracic ratio against NIH's Cardiomegaly label, every film")
+        print(M.markdown_table(["view", "films", "positives", "ratio AUC", "mean ratio +", "mean ratio -",
+                                "run's score AUC"],
+                               [[v, r["films"], r["positives"], r["ratio_auc"], r["ratio_mean_positive"],
+                                 r["ratio_mean_negative"], r["run_score_auc"]] for v, r in rv.items()]))
     print(f"\nPhantom test split (map: the run's {ph['map_source']} map)")
     print(M.markdown_table(head, rows(ph, WHOLE)))
     own = ph["reader_own_boxes"]
