@@ -44,41 +44,37 @@ def _acc(pairs) -> dict:
 
 
 def nih(reader, model, nih_dir: Path) -> dict:
-    """Expert Cardiomegaly boxes: the anatomy model's heart box vs the run's map box."""
+    """Every NIH film read once: on the films with an expert Cardiomegaly box, the anatomy model's
+    heart box vs the run's map box; on all, the measured ratio against the Cardiomegaly label."""
     from cxr.evaluation import boxes_of_true_diseases
     from cxr.images import load_image
     from cxr.records import Box
     from cxr.sources import open_source
 
-    anatomy, maps = [], []
+    anatomy, maps, rows = [], [], []
     for study in open_source(f"nih:{nih_dir}"):
         image = study.images[0]
+        pixels = load_image(image.path)
+        organs = model([pixels])[0]
+        score = reader(pixels, heatmaps=False).scores.get("Cardiomegaly")
+        rows.append((image.view, any(f.disease == "Cardiomegaly" for f in study.positive),
+                     organs.cardiothoracic_ratio, score))
         truth = [Box("Cardiomegaly", b.x, b.y, b.w, b.h) for b in image.boxes if b.label.lower() == "cardiomegaly"]
         if not truth:
             continue
-        pixels = load_image(image.path)
-        heart = model([pixels])[0].boxes["heart"]
+        heart = organs.boxes["heart"]
         anatomy.append((truth, [Box("Cardiomegaly", heart.x, heart.y, heart.w, heart.h)] if heart else []))
         maps.append((truth, boxes_of_true_diseases(reader, pixels, truth, reader.box_source)))
     return {"films": len(anatomy), "anatomy": _acc(anatomy), "map": _acc(maps), "map_source": reader.box_source,
-            "ratio_vs_label": ratio_vs_label(reader, model, nih_dir)}
+            "ratio_vs_label": ratio_vs_label(rows)}
 
 
-def ratio_vs_label(reader, model, nih_dir: Path) -> dict:
-    """Does the measured ratio tell NIH's Cardiomegaly label on every film (ROC AUC), by view
-    (an AP film magnifies the heart), beside the demo run's own Cardiomegaly score on the same films?"""
+def ratio_vs_label(rows) -> dict:
+    """Does the measured ratio tell NIH's Cardiomegaly label (ROC AUC), by view (an AP film
+    magnifies the heart), beside the demo run's own Cardiomegaly score on the same films?
+    `rows`: (view, label, ratio or None, the run's score) per film."""
     from sklearn.metrics import roc_auc_score
 
-    from cxr.images import load_image
-    from cxr.sources import open_source
-
-    rows = []
-    for study in open_source(f"nih:{nih_dir}"):
-        image = study.images[0]
-        pixels = load_image(image.path)
-        ratio = model([pixels])[0].cardiothoracic_ratio
-        score = reader(pixels, heatmaps=False).scores.get("Cardiomegaly")
-        rows.append((image.view, any(f.disease == "Cardiomegaly" for f in study.positive), ratio, score))
     out = {}
     for view in ("all", "PA", "AP"):
         part = [r for r in rows if view == "all" or r[0] == view]
@@ -99,6 +95,7 @@ def ratio_vs_label(reader, model, nih_dir: Path) -> dict:
 def phantom(reader, model, demo: Path) -> dict:
     """The demo's test split: whole-organ boxes (protocol and the Reader's own), the ratio, grades."""
     from cxr import metrics as M
+    from cxr.anatomy import organ_of
     from cxr.checkpoint import load_spec
     from cxr.evaluation import EvalData, boxes_of_true_diseases
     from cxr.images import load_image
@@ -123,7 +120,6 @@ def phantom(reader, model, demo: Path) -> dict:
             continue
         found = []
         for label in sorted({b.label for b in truth}):
-            from cxr.anatomy import organ_of
             box = org.boxes[organ_of(label)]
             found += [Box(label, box.x, box.y, box.w, box.h)] if box else []
         anatomy.append((truth, found))

@@ -47,6 +47,29 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CxrError(f"cannot read safetensors weights: {exc}", path) from None
 
 
+def load_shipped(path: str | Path | None, default_dir: Path, name: str, build) -> tuple[torch.nn.Module, dict, Path]:
+    """A small network shipped in the package (the quality gate's, the anatomy network):
+    `path` a folder holding NAME.safetensors + NAME.json, or the .safetensors file with its .json
+    beside it; None: `default_dir`. `build(meta)` makes the network the weights go into. Returns
+    (network, meta, the JSON's path); a missing or unreadable pair is a CxrError naming it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    p = Path(path) if path is not None else default_dir
+    weights = p / f"{name}.safetensors" if p.is_dir() else p
+    meta_path = weights.with_suffix(".json")
+    if not weights.is_file() or not meta_path.is_file():
+        raise CxrError(f"{name} weights not found (need {name}.safetensors and {name}.json)", p)
+    try:
+        meta = json.loads(meta_path.read_text())
+        net = build(meta)
+        net.load_state_dict(load_file(str(weights)))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise CxrError(f"cannot load the {name} weights: {e}", weights)
+    return net, meta, meta_path
+
+
 def save_run(run_dir: str | Path, tensors: dict[str, torch.Tensor], spec: RunSpec) -> Path:
     """Write weights then the spec (config.json last: a run with a config.json is complete)."""
     run_dir = Path(run_dir)

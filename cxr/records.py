@@ -40,6 +40,18 @@ class Box:
         sy = sx if sy is None else sy
         return Box(self.label, self.x * sx, self.y * sy, self.w * sx, self.h * sy)
 
+    @classmethod
+    def around(cls, mask, label: str) -> "Box | None":
+        """The tightest box around the true pixels of a 2-D mask (None: none is true)."""
+        import numpy as np
+
+        rows = np.flatnonzero(np.any(mask, axis=1))
+        cols = np.flatnonzero(np.any(mask, axis=0))
+        if not len(rows):
+            return None
+        return cls(label, float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1),
+                   float(rows[-1] - rows[0] + 1))
+
 
 @dataclass(frozen=True)
 class Finding:

@@ -156,7 +156,7 @@ def _confidence_line(f) -> str:
 
 def _measurement_line(f) -> str:
     """What was measured for the finding, e.g. "cardiothoracic ratio 0.56"."""
-    parts = " · ".join(f"{html.escape(k.replace('_', ' '))} {v:.2f}" for k, v in f.measurements.items())
+    parts = " · ".join(html.escape(m) for m in f.measured())
     return f'<br><small>{parts}</small>' if parts else ""
 
 

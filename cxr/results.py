@@ -44,6 +44,10 @@ class DetectedFinding:
             "measurements": {k: float(v) for k, v in self.measurements.items()},
         }
 
+    def measured(self) -> list[str]:
+        """What was measured, as a reader writes it: ["cardiothoracic ratio 0.58"]."""
+        return [f"{k.replace('_', ' ')} {v:.2f}" for k, v in self.measurements.items()]
+
 
 @dataclass
 class Result:

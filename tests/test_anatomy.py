@@ -15,11 +15,6 @@ from cxr.errors import CxrError
 from cxr.records import Box
 
 
-def _box(mask: np.ndarray, label: str) -> Box:
-    ys, xs = np.nonzero(mask)
-    return Box(label, float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min()))
-
-
 def test_the_ratio_is_the_hearts_widest_extent_over_the_widest_row_of_lungs():
     heart, lungs = np.zeros((100, 100), bool), np.zeros((100, 100), bool)
     heart[40:70, 30:60] = True             # 30 wide
@@ -42,6 +37,7 @@ def test_masks_become_the_largest_heart_and_the_two_largest_lungs_at_the_films_s
     lungs = organs.boxes["lungs"]
     assert (lungs.x, lungs.y, lungs.w, lungs.h) == (5 * 8, 10 * 4, 55 * 8, 48 * 4)
     assert organs.cardiothoracic_ratio == pytest.approx(20 / 55)
+    assert Box.around(np.zeros((4, 4), bool), "heart") is None
 
 
 def test_whole_organ_findings_name_their_organ():
@@ -64,7 +60,7 @@ def test_phantom_films_carry_organ_masks_that_the_cardiomegaly_box_is_made_of(sh
     r = Phantom.load().render([FindingSpec(kind="cardiomegaly")], seed=5, size=128)
     heart, lungs = r.anatomy["heart"], r.anatomy["lungs"]
     assert heart.shape == lungs.shape == r.image.shape and heart.any() and lungs.any()
-    assert _box(heart, "Cardiomegaly") == r.boxes[0]
+    assert Box.around(heart, "Cardiomegaly") == r.boxes[0]
     assert heart.sum() < lungs.sum()
 
 
@@ -80,7 +76,7 @@ def test_the_shipped_model_finds_the_heart_and_lungs_of_films_it_never_saw(share
              for k in range(4)]
     for r, organs in zip(films, model([r.image for r in films])):
         for organ in ("heart", "lungs"):
-            assert M.iou(organs.boxes[organ], _box(r.anatomy[organ], organ)) > 0.6
+            assert M.iou(organs.boxes[organ], Box.around(r.anatomy[organ], organ)) > 0.6
         assert abs(organs.cardiothoracic_ratio - r.meta["ctr"]) < 0.05
 
 

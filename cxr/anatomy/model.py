@@ -10,7 +10,6 @@ Weights: safetensors + JSON beside them, never pickle.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,15 +59,14 @@ def net_input(x: torch.Tensor) -> torch.Tensor:
 
 def preprocess(image: np.ndarray, size: int = SIZE) -> torch.Tensor:
     """(1, 1, size, size): the film squashed to a square by area averaging (a ratio of widths
-    survives the squash) and stretched as `stretch` does (NumPy here: a 1024-px film in 1 ms)."""
+    survives the squash) and stretched by `stretch`, as in training."""
     from ..images import pixels_of, resize
 
     img = np.asarray(pixels_of(image), np.float32)
     if img.ndim != 2 or min(img.shape) < 8:
         raise CxrError(f"the anatomy model needs a 2D grey image, got shape {img.shape}")
     small = np.nan_to_num(np.clip(resize(img, size), 0, 1))  # on the small image: 1 ms, not 7
-    lo, hi = np.percentile(small, [1, 99])
-    return torch.from_numpy(np.clip((small - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32))[None, None]
+    return stretch(torch.from_numpy(small)[None, None])
 
 
 def _largest(mask: np.ndarray, k: int, min_px: float) -> np.ndarray:
@@ -98,10 +96,8 @@ def read_masks(prob: np.ndarray, size: tuple[int, int]) -> Organs:
     for k, organ in enumerate(ORGANS):
         m = _largest(prob[k] > 0.5, 1 if organ == "heart" else 2, MIN_SHARE[organ] * s * s)
         masks[organ] = m
-        ys, xs = np.nonzero(m)
-        boxes[organ] = None if not len(xs) else Box(
-            organ, float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()),
-            float(ys.max() + 1 - ys.min())).scaled(size[1] / s, size[0] / s)
+        box = Box.around(m, organ)
+        boxes[organ] = box.scaled(size[1] / s, size[0] / s) if box else None
     return Organs(masks, boxes, cardiothoracic_ratio(masks["heart"], masks["lungs"]))
 
 
@@ -129,19 +125,10 @@ class AnatomyModel:
     def load(cls, path=None, device=None) -> "AnatomyModel":
         """`path`: a folder holding anatomy.safetensors + anatomy.json, or the .safetensors file
         (its .json beside it); None -> the weights shipped in the package."""
-        from safetensors.torch import load_file
+        from ..checkpoint import load_shipped
 
-        p = Path(path) if path is not None else WEIGHTS_DIR
-        weights = p / "anatomy.safetensors" if p.is_dir() else p
-        meta_path = weights.with_suffix(".json")
-        if not weights.is_file() or not meta_path.is_file():
-            raise CxrError("anatomy weights not found (need anatomy.safetensors and anatomy.json)", p)
-        try:
-            meta = json.loads(meta_path.read_text())
-            net = build_net(meta.get("features", FEATURES))
-            net.load_state_dict(load_file(str(weights)))
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise CxrError(f"cannot load the anatomy weights: {e}", weights)
+        net, meta, meta_path = load_shipped(path, WEIGHTS_DIR, "anatomy",
+                                            lambda meta: build_net(meta.get("features", FEATURES)))
         if tuple(meta.get("organs", ORGANS)) != ORGANS:
             raise CxrError("the anatomy weights were trained for other organs than this code knows", meta_path)
         return cls(net, meta, device)

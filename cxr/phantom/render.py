@@ -192,7 +192,7 @@ class Phantom:
         for ins, m in zip(inserts, maps):
             mask = ins.to_mask(m)
             masks.append(mask)
-            boxes.append(_box(mask, ins.label))
+            boxes.append(Box.around(mask, ins.label) or Box(ins.label, 0.0, 0.0, 0.0, 0.0))
         image = display(raw, var, pixel, levels)
         meta = {"seed": seed, "size": int(size), "geometry": geometry, "view": view,
                 "pixel_mm": pixel, "ctr": round(var.ctr, 4),
@@ -386,10 +386,3 @@ def _shift_add(dst: np.ndarray, src: np.ndarray, dr: int, dc: int) -> None:
         dst[r0:r1, c0:c1] += src[r0 + dr:r1 + dr, c0 + dc:c1 + dc]
 
 
-def _box(mask: np.ndarray, label: str) -> Box:
-    rows = np.nonzero(mask.any(axis=1))[0]
-    cols = np.nonzero(mask.any(axis=0))[0]
-    if not len(rows):
-        return Box(label, 0.0, 0.0, 0.0, 0.0)
-    return Box(label, float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1),
-               float(rows[-1] - rows[0] + 1))

@@ -17,7 +17,6 @@ Weights: safetensors + JSON beside them, never pickle (see `load`).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -105,19 +104,10 @@ class GateModel:
     def load(cls, path=None, device=None) -> "GateModel":
         """`path`: a folder holding gate.safetensors + gate.json, or the .safetensors file (its
         .json beside it); None -> the weights shipped in the package."""
-        from safetensors.torch import load_file
+        from ..checkpoint import load_shipped
 
-        p = Path(path) if path is not None else WEIGHTS_DIR
-        weights = p / "gate.safetensors" if p.is_dir() else p
-        meta_path = weights.with_suffix(".json")
-        if not weights.is_file() or not meta_path.is_file():
-            raise CxrError("gate weights not found (need gate.safetensors and gate.json)", p)
-        try:
-            meta = json.loads(meta_path.read_text())
-            net = GateNet(**meta.get("architecture", {}))
-            net.load_state_dict(load_file(str(weights)))
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise CxrError(f"cannot load the gate weights: {e}", weights)
+        net, meta, meta_path = load_shipped(path, WEIGHTS_DIR, "gate",
+                                            lambda meta: GateNet(**meta.get("architecture", {})))
         if meta.get("heads", HEADS) != HEADS:
             raise CxrError("the gate weights were trained for other heads than this code knows",
                            meta_path)
