@@ -99,6 +99,9 @@ def test_a_whole_organ_finding_the_reader_reports_is_boxed_where_the_organ_is(ti
     organ = AnatomyModel.load()([film])[0].boxes[organ_of(target)]
     found = {f.disease: f.boxes for f in reader(film).findings}
     assert found[target] == [Box(target, organ.x, organ.y, organ.w, organ.h)]
+    tiny = chest_film(2, (5, 5))  # a film read however small (forced past the gate): no batch is lost
+    both = reader([film, tiny])
+    assert len(both) == 2 and target in {f.disease for f in both[1].findings}
     reader.boxes_of_whole_organs = False
     assert {f.disease: f.boxes for f in reader(film).findings}[target] != found[target]
 
