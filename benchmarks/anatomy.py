@@ -1,7 +1,7 @@
 """Boxes of whole-organ findings from the anatomy model (`cxr.anatomy`), paired against the
 boxes the finding's own map gives, on real films and on the demo's phantom test split.
 
-    python benchmarks/anatomy.py --demo DIR --nih NIH_DIR --json benchmarks/results/anatomy.json
+    python benchmarks/anatomy.py --demo DIR --nih NIH_DIR [--anatomy WEIGHTS_DIR] --json benchmarks/results/anatomy.json
 
 - **Real NIH films** (`--nih`: Data_Entry*.csv, BBox_List*.csv, images/): every film with an
   expert Cardiomegaly box; the heart box of the shipped anatomy model (trained on the CT phantom
@@ -199,6 +199,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", type=Path, required=True, help="a finished `cxr demo --out DIR`")
     ap.add_argument("--nih", type=Path, help="folder with Data_Entry*.csv, BBox_List*.csv, images/")
+    ap.add_argument("--anatomy", type=Path, help="other anatomy weights (a folder with anatomy.safetensors "
+                    "and .json, as `python -m cxr.anatomy.train --out` writes); default: the shipped ones")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -212,7 +214,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"anatomy: {args.demo} is not a finished `cxr demo` folder (run/)")
     try:
         reader = Reader.load(args.demo / "run", device="cpu", gate=False)
-        model = AnatomyModel.load()
+        model = AnatomyModel.load(args.anatomy)
+        Reader._anatomy = model  # the Reader's own boxes come from the same weights
     except CxrError as e:
         raise SystemExit(f"anatomy: {e}")
     out = {"benchmark": "anatomy", "demo": str(args.demo), "model": model.meta}

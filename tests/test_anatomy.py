@@ -116,3 +116,35 @@ def test_training_writes_weights_the_model_loads(shared_data, tmp_path):
     assert model.meta["films"] == 6 and model.size == 96 and tuple(model.meta["organs"]) == ("heart", "lungs")
     probs = model.probabilities([chest_film(0, (200, 180))])
     assert probs.shape == (1, 2, 96, 96) and ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_the_stretch_uses_torchs_quantiles_from_order_statistics():
+    """`stretch`'s fast percentiles are torch.quantile's linear interpolation, on any film size."""
+    import torch
+
+    from cxr.anatomy.model import _quantiles
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 96 * 96):
+        flat = torch.rand(3, n, generator=gen) ** 3
+        for q, got in zip((0.01, 0.99), _quantiles(flat, (0.01, 0.99))):
+            assert torch.allclose(got, torch.quantile(flat, q, dim=1), atol=1e-6)
+
+
+def test_the_training_warp_moves_film_and_masks_together():
+    """A bright disc and its own mask, warped, tilted and scaled by `augment`: the bright pixels
+    are still the mask's (IoU > .9; a film deformed apart from its mask gave .0 to .4)."""
+    import torch
+
+    from cxr.anatomy.train import augment
+
+    yy, xx = np.mgrid[:96, :96]
+    disc = ((yy - 40) ** 2 + (xx - 55) ** 2 < 8 ** 2).astype(np.float32)
+    x = torch.from_numpy(0.2 + 0.6 * disc)[None, None].repeat(8, 1, 1, 1)
+    y = torch.from_numpy(np.stack([disc, 1 - disc]))[None].repeat(8, 1, 1, 1)
+    xa, ya = augment(x, y, torch.Generator().manual_seed(1), warp=0.12)
+    assert xa.shape == x.shape and ya.shape == y.shape
+    for k in range(8):
+        bright, mask = xa[k, 0] > 0.5, ya[k, 0] > 0.5
+        assert float((bright & mask).sum() / (bright | mask).sum()) > 0.9
+    assert not torch.equal(ya[0], ya[1])  # each film its own deformation

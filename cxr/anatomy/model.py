@@ -23,7 +23,7 @@ from ..records import Box
 
 ORGANS = ("heart", "lungs")
 SIZE = 96
-FEATURES = (16, 16, 32, 64, 128, 16)
+FEATURES = (8, 8, 16, 32, 64, 8)  # the shipped network's widths (MODEL_CARD.md: why these)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MIN_SHARE = {"heart": 0.01, "lungs": 0.01}  # a region smaller than this share of the film is no organ
 
@@ -46,10 +46,22 @@ def build_net(features=FEATURES) -> torch.nn.Module:
 
 def stretch(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, h, w) -> each image stretched between its 1st and 99th percentiles, in [0, 1]."""
-    flat = x.flatten(1)
-    lo, hi = torch.quantile(flat, 0.01, dim=1), torch.quantile(flat, 0.99, dim=1)
+    lo, hi = _quantiles(x.flatten(1), (0.01, 0.99))
     scale = (hi - lo).clamp(min=1e-6)
     return ((x - lo[:, None, None, None]) / scale[:, None, None, None]).clamp(0, 1)
+
+
+def _quantiles(flat: torch.Tensor, qs) -> list[torch.Tensor]:
+    """Per row of (B, n): `torch.quantile`'s linear interpolation, from order statistics
+    (`kthvalue`: 0.1 ms on a 96-px film, where torch.quantile's full sort took 0.5 to 1.3 ms)."""
+    n, out = flat.shape[1], []
+    for q in qs:
+        pos = q * (n - 1)
+        i = int(pos)
+        below = flat.kthvalue(i + 1, dim=1).values
+        above = flat.kthvalue(min(i + 2, n), dim=1).values
+        out.append(below + (pos - i) * (above - below))
+    return out
 
 
 def net_input(x: torch.Tensor) -> torch.Tensor:
@@ -106,9 +118,9 @@ def cardiothoracic_ratio(heart: np.ndarray, lungs: np.ndarray) -> float | None:
     if not heart.any() or not lungs.any():
         return None
     cols = np.flatnonzero(heart.any(0))
-    rows = np.flatnonzero(lungs.any(1))
-    widths = [np.flatnonzero(lungs[r]) for r in rows]
-    thorax = max(int(c[-1] - c[0] + 1) for c in widths)
+    rows = lungs.any(1)
+    first, last = lungs.argmax(1), lungs.shape[1] - 1 - lungs[:, ::-1].argmax(1)
+    thorax = int((last - first + 1)[rows].max())
     return float((cols[-1] - cols[0] + 1) / thorax) if thorax > 0 else None
 
 
