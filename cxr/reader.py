@@ -57,7 +57,7 @@ import torch
 from .calibration import apply_platt, logit
 from .checkpoint import load_run, unprefixed, weights_hash
 from .errors import CxrError
-from .images import pixels_of
+from .images import LoadedImage, pixels_of
 from .models.annotator import Annotator, decode
 from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
@@ -288,10 +288,13 @@ class Reader:
     boxes_of_whole_organs = True
     _anatomy = None  # the anatomy model, loaded when a film first has such a finding
 
-    def _whole_organs(self, images: list[np.ndarray], results: list[Result]) -> list[Result]:
+    def _whole_organs(self, images: list[np.ndarray], results: list[Result],
+                      views: list[str | None] | None = None) -> list[Result]:
         """Each reported finding of a whole organ (`cxr.anatomy.organ_of`) boxed with that organ
         where the anatomy model finds it (in place), and Cardiomegaly given the film's
-        cardiothoracic ratio (`measurements`). Run with the CNN's threads: it is a CNN too."""
+        cardiothoracic ratio (`measurements`), except on a film its DICOM calls AP (`views`):
+        an AP film magnifies the heart, and radiologists do not measure the ratio on one. Run
+        with the CNN's threads: it is a CNN too."""
         from .anatomy import AnatomyModel, organ_of
 
         if not self.boxes_of_whole_organs:
@@ -308,7 +311,7 @@ class Reader:
             box, ratio = organs[b].boxes.get(organ), organs[b].cardiothoracic_ratio
             if box is not None:
                 f.boxes = [Box(f.disease, box.x, box.y, box.w, box.h)]
-                if organ == "heart" and ratio:
+                if organ == "heart" and ratio and not (views and views[b] == "AP"):
                     f.measurements = {"cardiothoracic_ratio": round(ratio, 3)}
         return results
 
@@ -458,12 +461,14 @@ class Reader:
     def _gated(self, loaded: list, heatmaps: bool, beams: int, force: bool) -> list[Result]:
         """The gate on a batch, then the cascade on what it lets through (turned upright)."""
         pixels = [pixels_of(im) for im in loaded]
+        views = [im.view if isinstance(im, LoadedImage) else None for im in loaded]  # DICOM ViewPosition
         gate = self.gate
         if gate is None:
-            return self._batch(pixels, heatmaps, beams)
+            return self._batch(pixels, heatmaps, beams, views)
         reports = gate.check(loaded)
         todo = [i for i, r in enumerate(reports) if r.accepted or force]
-        read = self._batch([gate.correct(pixels[i], reports[i]) for i in todo], heatmaps, beams) if todo else []
+        read = self._batch([gate.correct(pixels[i], reports[i]) for i in todo], heatmaps, beams,
+                           [views[i] for i in todo]) if todo else []
         out = [Result(scores={}, model_id=self.model_id, image_size=tuple(np.shape(p)[:2]), quality=r)
                for p, r in zip(pixels, reports)]
         for i, result in zip(todo, read):
@@ -473,11 +478,12 @@ class Reader:
         return out
 
     @torch.no_grad()
-    def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int) -> list[Result]:
+    def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int,
+               views: list[str | None] | None = None) -> list[Result]:
         maps, logits, emb = self.forward(images)
         with _one_thread(self.device):
             results = self._results(images, maps, logits, emb, heatmaps, beams)
-        return self._whole_organs(images, results)
+        return self._whole_organs(images, results, views)
 
     def _results(self, images: list[np.ndarray], maps: torch.Tensor, logits: torch.Tensor,
                  emb: torch.Tensor, heatmaps: bool, beams: int) -> list[Result]:

@@ -148,3 +148,39 @@ def test_the_training_warp_moves_film_and_masks_together():
         bright, mask = xa[k, 0] > 0.5, ya[k, 0] > 0.5
         assert float((bright & mask).sum() / (bright | mask).sum()) > 0.9
     assert not torch.equal(ya[0], ya[1])  # each film its own deformation
+
+
+def test_a_cardiomegaly_on_a_film_its_dicom_calls_ap_is_boxed_but_not_measured(tiny_run, tmp_path):
+    """An AP film magnifies the heart, so the ratio is not measured on one: a Cardiomegaly on a
+    film whose DICOM says PA gets the ratio, on one that says AP only the heart's box; and the
+    Reader hands each file's ViewPosition to that rule when it reads DICOM files."""
+    from cxr.checkpoint import load_run
+    from cxr.dicom import write_dicom
+    from cxr.images import read_image
+    from cxr.reader import Reader
+    from cxr.results import DetectedFinding, Result
+
+    seen = []
+
+    class Reading(Reader):  # the real Reader; it only notes which views reach the rule
+        def _whole_organs(self, images, results, views=None):
+            seen.append(views)
+            return super()._whole_organs(images, results, views)
+
+    spec, tensors = load_run(tiny_run)
+    reader = Reading(spec, tensors, "cpu", gate=False)
+    film = chest_film(3, (256, 256))
+    heart = AnatomyModel.load()([film])[0].boxes["heart"]
+    paths, measured = [], {}
+    for view in ("PA", "AP"):
+        paths.append(write_dicom(tmp_path / f"{view}.dcm", film, view=view))
+        loaded = read_image(paths[-1])
+        result = Result(scores={"Cardiomegaly": 0.9}, findings=[DetectedFinding("Cardiomegaly", 0.9)])
+        reader._whole_organs([loaded.pixels], [result], [loaded.view])
+        (finding,) = result.findings
+        assert finding.boxes == [Box("Cardiomegaly", heart.x, heart.y, heart.w, heart.h)]
+        measured[view] = finding.measurements
+    assert 0.3 < measured["PA"]["cardiothoracic_ratio"] < 0.8 and measured["AP"] == {}
+    seen.clear()
+    reader(paths + [film])
+    assert seen == [["PA", "AP", None]]  # an array carries no view: the ratio is measured
