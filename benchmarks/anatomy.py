@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         Reader._anatomy = model  # the Reader's own boxes come from the same weights
     except CxrError as e:
         raise SystemExit(f"anatomy: {e}")
-    out = {"benchmark": "anatomy", "demo": str(args.demo), "model": model.meta}
+    out = {"benchmark": "anatomy", "demo": str(args.demo), "model": model.meta, "engine": model.engine}
     out["phantom"] = ph = phantom(reader, model, args.demo)
     if args.nih:
         out["nih"] = nih(reader, model, args.nih)

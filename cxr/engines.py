@@ -89,6 +89,19 @@ def verified_onnx(onnx_path: str | Path, weights_sha256: str) -> Path:
     return onnx_path
 
 
+def ort_session(model: str | bytes, threads: int):
+    """An ONNX Runtime CPU session of a graph (a path or its bytes) with `threads` threads that
+    do not spin while idle (the Reader's other work shares those cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxRuntimeEngine:
     """The exported graph under ONNX Runtime's CPU provider (float32, as PyTorch)."""
 
@@ -99,12 +112,7 @@ class OnnxRuntimeEngine:
             import onnxruntime as ort
         except ImportError:
             raise CxrError("engine onnxruntime needs `pip install onnxruntime` (cxr[fast])") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(str(onnx_path), threads)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         return self.session.run(list(OUTPUTS), {"x": x})

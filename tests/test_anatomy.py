@@ -184,3 +184,17 @@ def test_a_cardiomegaly_on_a_film_its_dicom_calls_ap_is_boxed_but_not_measured(t
     seen.clear()
     reader(paths + [film])
     assert seen == [["PA", "AP", None]]  # an array carries no view: the ratio is measured
+
+
+def test_onnx_runtime_reads_the_organs_as_torch_does():
+    """On a CPU the anatomy network runs under ONNX Runtime (`engine="auto"`, cxr[fast]): its
+    probabilities within 1e-4 of eager PyTorch's and the same boxes and ratio on real films."""
+    pytest.importorskip("onnxruntime")
+    films = [chest_film(k, (256, 256)) for k in range(4)]
+    fast, eager = AnatomyModel.load(), AnatomyModel.load(engine="torch")
+    assert (fast.engine, eager.engine) == ("onnxruntime", "torch")
+    assert np.abs(fast.probabilities(films) - eager.probabilities(films)).max() < 1e-4
+    for a, b in zip(fast(films), eager(films)):
+        assert a.boxes == b.boxes and a.cardiothoracic_ratio == b.cardiothoracic_ratio
+    with pytest.raises(CxrError, match="anatomy engine must be one of"):
+        AnatomyModel.load(engine="tensorrt")
