@@ -127,8 +127,9 @@ def cardiothoracic_ratio(heart: np.ndarray, lungs: np.ndarray) -> float | None:
 class AnatomyModel:
     """The shipped (or a given) anatomy network, ready to read films. On a CPU it runs under ONNX
     Runtime where that is installed (`engine="auto"`): the graph exported from the same weights
-    when the model is loaded (0.3 s) read a film five times faster than eager PyTorch at batch 1,
-    logits within 1e-4 (MONAI's U-Net is many small layers, where eager dispatch dominates)."""
+    when the model is loaded (0.3 s) reads a film about twice as fast as eager PyTorch at batch 1
+    (`benchmarks/anatomy.py`), logits within 1e-4 (MONAI's U-Net is many small layers, where
+    eager dispatch dominates)."""
 
     ENGINES = ("auto", "torch", "onnxruntime")
 
