@@ -45,7 +45,8 @@ def _acc(pairs) -> dict:
 
 def nih(reader, model, nih_dir: Path) -> dict:
     """Every NIH film read once: on the films with an expert Cardiomegaly box, the anatomy model's
-    heart box vs the run's map box; on all, the measured ratio against the Cardiomegaly label."""
+    heart box vs the run's map box; on all, the measured ratio against the Cardiomegaly label.
+    `reader` None: the anatomy model's measures only (no map boxes, no run score)."""
     from cxr.evaluation import boxes_of_true_diseases
     from cxr.images import load_image
     from cxr.records import Box
@@ -56,7 +57,7 @@ def nih(reader, model, nih_dir: Path) -> dict:
         image = study.images[0]
         pixels = load_image(image.path)
         organs = model([pixels])[0]
-        score = reader(pixels, heatmaps=False).scores.get("Cardiomegaly")
+        score = reader(pixels, heatmaps=False).scores.get("Cardiomegaly") if reader else None
         rows.append((image.view, any(f.disease == "Cardiomegaly" for f in study.positive),
                      organs.cardiothoracic_ratio, score))
         truth = [Box("Cardiomegaly", b.x, b.y, b.w, b.h) for b in image.boxes if b.label.lower() == "cardiomegaly"]
@@ -64,9 +65,10 @@ def nih(reader, model, nih_dir: Path) -> dict:
             continue
         heart = organs.boxes["heart"]
         anatomy.append((truth, [Box("Cardiomegaly", heart.x, heart.y, heart.w, heart.h)] if heart else []))
-        maps.append((truth, boxes_of_true_diseases(reader, pixels, truth, reader.box_source)))
-    return {"films": len(anatomy), "anatomy": _acc(anatomy), "map": _acc(maps), "map_source": reader.box_source,
-            "ratio_vs_label": ratio_vs_label(rows)}
+        if reader:
+            maps.append((truth, boxes_of_true_diseases(reader, pixels, truth, reader.box_source)))
+    out = {"films": len(anatomy), "anatomy": _acc(anatomy), "ratio_vs_label": ratio_vs_label(rows)}
+    return {**out, "map": _acc(maps), "map_source": reader.box_source} if reader else out
 
 
 def ratio_vs_label(rows) -> dict:
@@ -88,12 +90,14 @@ def ratio_vs_label(rows) -> dict:
             "ratio_mean_negative": float(ratio[~yr].mean()) if (~yr).any() else None,
             "share_positive_above_half": float((ratio[yr] > 0.5).mean()) if yr.any() else None,
             "share_negative_above_half": float((ratio[~yr] > 0.5).mean()) if (~yr).any() else None,
-            "run_score_auc": float(roc_auc_score(y, [r[3] for r in part])) if 0 < y.sum() < len(y) else None}
+            "run_score_auc": float(roc_auc_score(y, [r[3] for r in part]))
+            if 0 < y.sum() < len(y) and all(r[3] is not None for r in part) else None}
     return out
 
 
 def phantom(reader, model, demo: Path) -> dict:
-    """The demo's test split: whole-organ boxes (protocol and the Reader's own), the ratio, grades."""
+    """The demo's test split: whole-organ boxes (protocol and the Reader's own), the ratio, grades.
+    `reader` None: the anatomy model's measures only (its boxes and the ratio)."""
     from cxr import metrics as M
     from cxr.anatomy import organ_of
     from cxr.checkpoint import load_spec
@@ -123,10 +127,11 @@ def phantom(reader, model, demo: Path) -> dict:
             box = org.boxes[organ_of(label)]
             found += [Box(label, box.x, box.y, box.w, box.h)] if box else []
         anatomy.append((truth, found))
-        maps.append((truth, boxes_of_true_diseases(reader, pixels, truth, reader.box_source)))
+        if reader:
+            maps.append((truth, boxes_of_true_diseases(reader, pixels, truth, reader.box_source)))
     own = {}
     grade_words = []
-    for on in (True, False):
+    for on in (True, False) if reader else ():
         reader.boxes_of_whole_organs = on
         results = reader(films, heatmaps=False)
         own["on" if on else "off"] = _acc([
@@ -135,7 +140,8 @@ def phantom(reader, model, demo: Path) -> dict:
             for i, r in zip(idx, results) if any(b.label in WHOLE for b in ed.truth_boxes(i))])
         if on:
             grade_words = [(i, r) for i, r in zip(idx, results)]
-    reader.boxes_of_whole_organs = True
+    if reader:
+        reader.boxes_of_whole_organs = True
 
     def grade(ctr):
         for g, (lo, hi) in CTR_RANGE.items():
@@ -153,15 +159,16 @@ def phantom(reader, model, demo: Path) -> dict:
             said.append(word == true[0].severity)
             measured.append(org.cardiothoracic_ratio is not None and grade(org.cardiothoracic_ratio) == true[0].severity)
     t, m = np.array([a for a, b in ratios if b is not None]), np.array([b for a, b in ratios if b is not None])
-    return {
-        "test_films": len(idx), "anatomy": _acc(anatomy), "map": _acc(maps), "map_source": reader.box_source,
-        "reader_own_boxes": own,
+    out = {
+        "test_films": len(idx), "anatomy": _acc(anatomy),
+        **({"map": _acc(maps), "map_source": reader.box_source, "reader_own_boxes": own} if reader else {}),
         "ratio": {"films": len(t), "found": len(t) / max(len(ratios), 1),
                   "mean_abs_error": float(np.abs(m - t).mean()), "bias": float((m - t).mean()),
                   "pearson_r": float(np.corrcoef(t, m)[0, 1])},
         "cardiomegaly_grade": {"reported": len(said), "word_accuracy": float(np.mean(said)) if said else None,
                                "ratio_band_accuracy": float(np.mean(measured)) if measured else None},
     }
+    return out
 
 
 def timing(reader, model, films, repeats: int = 10) -> dict:
