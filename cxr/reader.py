@@ -37,7 +37,8 @@ boxed within that site's band of rows ("base": the lower 60% of the film), so wo
 never contradict each other. A finding of a whole organ (Cardiomegaly; hyper- and hypoinflation,
 emphysema) is boxed with that organ as the anatomy network finds it (`cxr.anatomy`: the heart,
 both lungs), its heatmap still the map it looked at, and Cardiomegaly carries the film's
-cardiothoracic ratio in `measurements`.
+cardiothoracic ratio in `measurements`, unless the film is AP (its DICOM says so, or, where the
+file does not say, the gate calls it AP: `quality.projection`).
 
     reader.localise(image, ["Cardiomegaly"])        # boxes of named targets, detected or not
     feats = reader.forward(images); scores, _ = reader.scores(feats.logits)   # the raw steps
@@ -292,9 +293,9 @@ class Reader:
                       views: list[str | None] | None = None) -> list[Result]:
         """Each reported finding of a whole organ (`cxr.anatomy.organ_of`) boxed with that organ
         where the anatomy model finds it (in place), and Cardiomegaly given the film's
-        cardiothoracic ratio (`measurements`), except on a film its DICOM calls AP (`views`):
-        an AP film magnifies the heart, and radiologists do not measure the ratio on one. Run
-        with the CNN's threads: it is a CNN too."""
+        cardiothoracic ratio (`measurements`), except on an AP film (`views`: its DICOM
+        ViewPosition, else the gate's PA/AP call): an AP film magnifies the heart, and
+        radiologists do not measure the ratio on one. Run with the CNN's threads: it is a CNN too."""
         from .anatomy import AnatomyModel, organ_of
 
         if not self.boxes_of_whole_organs:
@@ -466,6 +467,8 @@ class Reader:
         if gate is None:
             return self._batch(pixels, heatmaps, beams, views)
         reports = gate.check(loaded)
+        # the projection the file states (DICOM ViewPosition) first, else the gate's PA/AP call
+        views = [v if v in ("PA", "AP") else r.projection or v for v, r in zip(views, reports)]
         todo = [i for i, r in enumerate(reports) if r.accepted or force]
         read = self._batch([gate.correct(pixels[i], reports[i]) for i in todo], heatmaps, beams,
                            [views[i] for i in todo]) if todo else []

@@ -148,7 +148,8 @@ def test_cxr_check_answers_one_line_per_file(files, tmp_path, capsys):
     assert [r["accepted"] for r in reports] == [True] * 4 + [False] * 7
     assert reports[1]["rotation"] == 90 and reports[3]["inverted"] is True
     assert reports[0]["gate_model"].startswith("gate-v") and len({r.get("gate_model") for r in reports[:-1]}) == 1
-    assert set(reports[0]["probabilities"]) == {"kind", "rotation", "inverted", "mirrored"}
+    assert set(reports[0]["probabilities"]) == {"kind", "rotation", "inverted", "mirrored", "projection"}
+    assert reports[0]["projection"] in ("PA", "AP") and reports[4]["projection"] is None
     assert abs(sum(reports[0]["probabilities"]["kind"].values()) - 1) < 1e-3
     assert reports[5]["checks"]["blank"]["passed"] is False and reports[5]["probabilities"] == {}
 

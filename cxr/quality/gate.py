@@ -17,6 +17,10 @@ The rule, in order:
    silently; a note lets a person look at the marker. The reader's side words (left/right) are
    then to be read with care.
 
+6. an accepted frontal film is called PA or AP (`projection`, the more likely one, read on the
+   film turned upright; `cxr.quality.projection`): the Reader measures no cardiothoracic ratio
+   on an AP film when the file itself does not say (a DICOM's ViewPosition comes first).
+
 Probabilities are the gate model's calibrated ones, every head, in the report.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from ..images import pixels_of
 from .checks import failures, run_checks
+from .model import gate_model_id
 
 # Decision thresholds on the calibrated probabilities: a calibrated p > .5 is "more likely than
 # not", the natural cut when refusing and reading wrongly cost alike; the benchmark
@@ -43,6 +48,8 @@ P_INVERTED = 0.5
 # and the marker only), so it speaks only when confident, and only of frontal films (a lateral
 # may face either way).
 P_MIRRORED = 0.9
+# PA or AP (only what the cardiothoracic ratio is read on): the more likely of the two.
+P_AP = 0.5
 READ_VIEWS = ("frontal",)  # the views today's runs read (trained on PA/AP films)
 MODEL_BATCH = 32
 
@@ -61,6 +68,7 @@ class QualityReport:
     reasons: list[str] = field(default_factory=list)   # why refused (empty when accepted)
     notes: list[str] = field(default_factory=list)     # what was corrected or flagged
     view: str | None = None                            # frontal | lateral | other (model's best)
+    projection: str | None = None                      # PA | AP of an accepted frontal film (the gate's guess)
     probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
     rotation: int = 0
     inverted: bool = False
@@ -84,11 +92,13 @@ class QualityReport:
             return f"{'refused, read anyway' if self.forced else 'not read'}: {'; '.join(self.reasons)}"
         kind = self.probabilities.get("kind", {})
         head = f"ok: {self.view} (p {kind.get(self.view, 0):.2f})" if self.view else "ok"
+        if self.projection:
+            head += f", looks {self.projection} (p {self.probabilities['projection'][self.projection]:.2f})"
         return "; ".join([head, *self.notes])
 
     def to_dict(self) -> dict:
         return {"accepted": self.accepted, "reasons": list(self.reasons), "notes": list(self.notes),
-                "view": self.view, "rotation": self.rotation, "inverted": self.inverted,
+                "view": self.view, "projection": self.projection, "rotation": self.rotation, "inverted": self.inverted,
                 "mirrored": self.mirrored, "forced": self.forced,
                 "probabilities": {h: {k: round(float(p), 4) for k, p in v.items()}
                                   for h, v in self.probabilities.items()},
@@ -97,7 +107,7 @@ class QualityReport:
     @classmethod
     def from_dict(cls, d: dict) -> "QualityReport":
         return cls(accepted=bool(d["accepted"]), reasons=list(d.get("reasons") or []),
-                   notes=list(d.get("notes") or []), view=d.get("view"),
+                   notes=list(d.get("notes") or []), view=d.get("view"), projection=d.get("projection"),
                    probabilities={h: dict(v) for h, v in (d.get("probabilities") or {}).items()},
                    rotation=int(d.get("rotation") or 0), inverted=bool(d.get("inverted")),
                    mirrored=bool(d.get("mirrored")), checks=dict(d.get("checks") or {}),
@@ -135,16 +145,6 @@ def decide(probabilities: dict[str, dict[str, float]], read_views: Sequence[str]
         report.notes.append(f"looks mirrored left-right (p {p_mirrored:.2f}): not changed, "
                             "check the side marker before trusting left/right")
     return report
-
-
-def gate_model_id(meta: dict) -> str:
-    """`gate-v<version>-<12 hex>`: the hash of the model's metadata (its calibration temperatures
-    and measured accuracies differ between trainings), so reports say which weights answered."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
-    return f"gate-v{meta.get('version', 0)}-{digest[:12]}"
 
 
 def refused_by_checks(checks, gate_model: str = "") -> QualityReport:
@@ -188,7 +188,28 @@ class QualityGate:
                 report = decide(probs, self.read_views, self.model_id)
                 report.checks = checks
                 reports[i] = report
+        self._projections([(i, grey) for (i, _), grey in zip(todo, pixels)], reports)
         return reports  # type: ignore[return-value]
+
+    def _projections(self, films: list[tuple[int, np.ndarray]], reports: list[QualityReport]) -> None:
+        """PA or AP for each accepted frontal film (in place): `projection`, from the head's
+        probabilities on the film as read, or, for a film the gate turns back, read again on the
+        upright film (the head was trained on upright films). Other images keep no projection."""
+        again = []
+        for i, grey in films:
+            report = reports[i]
+            if not (report.accepted and report.view == "frontal"):
+                report.probabilities.pop("projection", None)
+            elif report.corrected and "projection" in report.probabilities:
+                again.append((i, self.correct(grey, report)))
+        for s in range(0, len(again), MODEL_BATCH):
+            part = again[s:s + MODEL_BATCH]
+            for (i, _), probs in zip(part, self.model.projections([f for _, f in part])):
+                reports[i].probabilities["projection"] = probs
+        for i, _ in films:
+            probs = reports[i].probabilities.get("projection")
+            if probs:
+                reports[i].projection = "AP" if probs["AP"] > P_AP else "PA"
 
     @staticmethod
     def correct(image: np.ndarray, report: QualityReport) -> np.ndarray:

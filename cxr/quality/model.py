@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CxrError
+from .projection import PROJECTIONS, ProjectionHead
 
 HEADS = {"kind": ["frontal", "lateral", "other"],        # chest PA/AP film, chest lateral, not a chest radiograph
          "rotation": ["0", "90", "180", "270"],          # k: stored = np.rot90(upright, k); fix: np.rot90(stored, -k)
@@ -85,9 +86,12 @@ class GateNet(nn.Module):
                                    nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in HEADS.items()})
 
-    def forward(self, x: torch.Tensor, stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    def trunk_features(self, x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
         f = self.features(x - 0.5).flatten(1)
-        h = self.trunk(torch.cat([f, self.stats(stats)], 1))
+        return self.trunk(torch.cat([f, self.stats(stats)], 1))
+
+    def forward(self, x: torch.Tensor, stats: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk_features(x, stats)
         return {k: head(h) for k, head in self.heads.items()}
 
 
@@ -99,6 +103,7 @@ class GateModel:
         self.net = net.to(self.device).eval()
         self.meta = meta
         self.temperatures = {k: float(meta.get("temperatures", {}).get(k, 1.0)) for k in HEADS}
+        self.projection = None  # PA/AP head on the trunk's features (`projection.py`), if shipped
 
     @classmethod
     def load(cls, path=None, device=None) -> "GateModel":
@@ -111,24 +116,62 @@ class GateModel:
         if meta.get("heads", HEADS) != HEADS:
             raise CxrError("the gate weights were trained for other heads than this code knows",
                            meta_path)
-        return cls(net, meta, device)
+        model = cls(net, meta, device)
+        model.projection = ProjectionHead.load(meta_path.parent, gate_model_id(meta))
+        return model
+
+    @torch.no_grad()
+    def features(self, images) -> torch.Tensor:
+        """The trunk's features (N, hidden) that every head reads."""
+        thumbs, stats = zip(*(preprocess(im) for im in images))
+        x = torch.from_numpy(np.stack(thumbs)).to(self.device)
+        s = torch.from_numpy(np.stack(stats)).to(self.device)
+        return self.net.trunk_features(x, s)
+
+    def projections(self, images) -> list[dict[str, float]]:
+        """Calibrated {"PA": p, "AP": p} per frontal film (upright); [] without the head."""
+        images = list(images)
+        if self.projection is None or not images:
+            return []
+        return self._projection_dicts(self.features(images))
+
+    def _projection_dicts(self, features: torch.Tensor) -> list[dict[str, float]]:
+        probs = self.projection.probabilities(features)
+        return [{name: float(p[j]) for j, name in enumerate(PROJECTIONS)} for p in probs]
 
     @torch.no_grad()
     def logits(self, images) -> dict[str, torch.Tensor]:
         """Uncalibrated logits per head for a list of (H, W) float images in [0, 1]."""
-        thumbs, stats = zip(*(preprocess(im) for im in images))
-        x = torch.from_numpy(np.stack(thumbs)).to(self.device)
-        s = torch.from_numpy(np.stack(stats)).to(self.device)
-        return self.net(x, s)
+        return self._heads(self.features(images))
 
+    def _heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: head(features) for k, head in self.net.heads.items()}
+
+    @torch.no_grad()
     def predict(self, images) -> list[dict[str, dict[str, float]]]:
         """Calibrated probabilities per head, one dict per image:
-        {"kind": {"frontal": p, "lateral": p, "other": p}, "rotation": {"0": p, ...}, ...}."""
+        {"kind": {"frontal": p, "lateral": p, "other": p}, "rotation": {"0": p, ...}, ...}, and
+        "projection" ({"PA": p, "AP": p}, read on the image as given) where the head is shipped."""
         images = list(images)
         if not images:
             return []
-        out = self.logits(images)
+        features = self.features(images)
+        out = self._heads(features)
         probs = {k: torch.softmax(out[k].float() / self.temperatures[k], 1).cpu().numpy()
                  for k in HEADS}
-        return [{k: {name: float(probs[k][i, j]) for j, name in enumerate(HEADS[k])}
-                 for k in HEADS} for i in range(len(images))]
+        preds = [{k: {name: float(probs[k][i, j]) for j, name in enumerate(HEADS[k])}
+                  for k in HEADS} for i in range(len(images))]
+        if self.projection is not None:
+            for pred, proj in zip(preds, self._projection_dicts(features)):
+                pred["projection"] = proj
+        return preds
+
+
+def gate_model_id(meta: dict) -> str:
+    """`gate-v<version>-<12 hex>`: the hash of the model's metadata (its calibration temperatures
+    and measured accuracies differ between trainings), so reports say which weights answered."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+    return f"gate-v{meta.get('version', 0)}-{digest[:12]}"

@@ -1,0 +1,108 @@
+"""PA or AP from the pixels (`cxr.quality.projection`): the shipped head answers on films it
+never trained on, the gate reads it on the upright film, and the Reader measures no
+cardiothoracic ratio on a film the gate calls AP unless the file says PA."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cxr.quality.gate import QualityGate
+from cxr.quality.model import WEIGHTS_DIR
+from cxr.quality.projection import PROJECTIONS, ProjectionHead
+
+
+@pytest.fixture(scope="module")
+def gate(one_torch_thread):
+    return QualityGate.load()
+
+
+@pytest.fixture(scope="module")
+def renders(shared_data):
+    """Ten held-out phantom renders, PA and AP alternately (seeds the head never saw)."""
+    from cxr.phantom.render import Phantom
+    from cxr.quality.train import TEST_SEEDS, render_phantom
+
+    return render_phantom(Phantom.load(), 300_000 + TEST_SEEDS + np.arange(10), size=256)
+
+
+def test_the_shipped_head_is_safetensors_and_reads_the_shipped_gate(gate):
+    from safetensors import safe_open
+
+    with safe_open(str(WEIGHTS_DIR / "projection.safetensors"), "pt") as f:   # no pickle
+        assert sorted(f.keys()) == ["bias", "weight"]
+    meta = json.loads((WEIGHTS_DIR / "projection.json").read_text())
+    assert meta["classes"] == list(PROJECTIONS) and meta["gate_model"] == gate.model_id
+    assert gate.model.projection is not None
+    # a head made for other gate weights is not used with these
+    assert ProjectionHead.load(WEIGHTS_DIR, "gate-v1-000000000000") is None
+
+
+def test_phantom_ap_renders_are_called_ap(gate, renders):
+    probs = gate.model.projections(renders)
+    called = ["AP" if p["AP"] > 0.5 else "PA" for p in probs]
+    truth = ["PA", "AP"] * 5
+    assert sum(c == t for c, t in zip(called, truth)) >= 8, (called, probs)
+    assert np.mean([p["AP"] for p in probs[1::2]]) > np.mean([p["AP"] for p in probs[0::2]]) + 0.3
+
+
+def test_held_out_nih_patients_projection_matches_their_records(gate, nih_sample):
+    from cxr.images import load_image
+    from cxr.quality.train_projection import nih_projections
+    from cxr.quality.train import nih_split
+
+    views = nih_projections(nih_sample)
+    test = [p for p in nih_split(nih_sample, 0)["test"] if views.get(p.stem) in PROJECTIONS]
+    probs = gate.model.projections([load_image(p) for p in test])
+    right = [(p["AP"] > 0.5) == (views[f.stem] == "AP") for p, f in zip(probs, test)]
+    assert len(test) > 100 and np.mean(right) > 0.8   # .870 in benchmarks/projection.py; chance .5
+
+
+def test_the_gate_reads_the_projection_on_the_upright_film_and_only_of_frontal_films(gate, renders):
+    ap = renders[1]
+    upright, turned, noise = gate.check([ap, np.rot90(ap, 1).copy(),
+                                         np.random.default_rng(0).random((256, 256), dtype=np.float32)])
+    assert turned.rotation == 90 and upright.projection == turned.projection
+    assert turned.probabilities["projection"]["AP"] == pytest.approx(upright.probabilities["projection"]["AP"], abs=1e-4)
+    assert not noise.accepted and noise.projection is None and "projection" not in noise.probabilities
+    assert f"looks {upright.projection}" in upright.summary()
+    assert type(upright).from_dict(upright.to_dict()).projection == upright.projection
+
+
+def test_the_reader_gives_no_ratio_on_a_film_the_gate_calls_ap_unless_its_dicom_says_pa(tiny_run, gate, renders,
+                                                                                         tmp_path):
+    """The views that reach the whole-organ rule: the gate's call for an array, the DICOM's own
+    ViewPosition first for a file."""
+    from cxr.checkpoint import load_run
+    from cxr.dicom import write_dicom
+    from cxr.reader import Reader
+
+    probs = gate.model.projections(renders)
+    ap = renders[int(np.argmax([p["AP"] for p in probs]))]
+    pa = renders[int(np.argmin([p["AP"] for p in probs]))]
+    seen = []
+
+    class Reading(Reader):  # the real Reader; it only notes which views reach the rule
+        def _whole_organs(self, images, results, views=None):
+            seen.extend(views)
+            return super()._whole_organs(images, results, views)
+
+    spec, tensors = load_run(tiny_run)
+    reader = Reading(spec, tensors, "cpu", gate=gate)
+    said_pa = write_dicom(tmp_path / "pa.dcm", ap, view="PA")
+    reader([ap, pa, said_pa])
+    assert seen == ["AP", "PA", "PA"]
+
+
+def test_training_writes_a_head_for_the_shipped_gate(nih_sample, shared_data, tmp_path):
+    from cxr.quality.gate import gate_model_id
+    from cxr.quality.model import GateModel
+    from cxr.quality.train_projection import train
+
+    out = train(nih_sample, tmp_path, copies=0, n_phantom=20, log=lambda *a: None)
+    gate_model = GateModel.load()
+    head = ProjectionHead.load(out, gate_model_id(gate_model.meta))
+    assert head is not None and head.weight.shape == (2, 128)
+    meta = json.loads((out / "projection.json").read_text())
+    assert meta["training"]["splits"]["train"]["nih_films"] > 300
