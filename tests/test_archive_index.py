@@ -175,3 +175,42 @@ def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tiny_run, radio
     model_id = rows[0].model_id
     assert len(archive.sync_vectors(model_id)) == len(pngs)
     assert len(archive.similar(image_id=rows[-1].id, k=len(pngs))) == len(pngs) - 1
+
+
+def test_a_sources_recorded_view_reaches_the_archive_and_the_reader(tiny_run, radiographs, tmp_path):
+    """A PNG says no view; its source does (a manifest's `view` column here, NIH's View Position
+    alike): the archive stores it, and the Reader takes it as it takes a DICOM's ViewPosition
+    (no cardiothoracic ratio on an AP film); a DICOM's own tag comes first."""
+    from cxr.archive import Archive
+    from cxr.archive.index import SourceImage, index_images, iter_inputs
+    from cxr.checkpoint import load_run
+    from cxr.reader import Reader
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    names = []
+    for png in radiographs[:3]:
+        shutil.copy(png, folder / png.name)
+        names.append(png.name)
+    write_chest_dicom(folder / "pa.dcm", 5, view="PA")
+    (folder / "manifest.csv").write_text(f"path,view\n{names[0]},AP\n{names[1]},pa\n{names[2]},\npa.dcm,AP\n")
+    items = list(iter_inputs(f"folder:{folder},manifest.csv", reports=True))
+    assert all(isinstance(i, SourceImage) for i in items)
+    assert {Path(i.path).name: i.view for i in items} == {names[0]: "AP", names[1]: "pa", names[2]: None,
+                                                          "pa.dcm": "AP"}
+    seen = []
+
+    class Reading(Reader):  # the real Reader; it only notes which views reach the rule
+        def _whole_organs(self, images, results, views=None):
+            seen.extend(views)
+            return super()._whole_organs(images, results, views)
+
+    spec, tensors = load_run(tiny_run)
+    reader = Reading(spec, tensors, "cpu", gate=False)
+    archive = Archive(f"sqlite:///{tmp_path / 'a.db'}")
+    stats = index_images(archive, reader, items, batch_size=8, progress=False)
+    assert stats.indexed == 4 and stats.failed == 0
+    by_name = {Path(h.path).name: h.view for h in archive.search(limit=10)}
+    assert by_name == {names[0]: "AP", names[1]: "PA", names[2]: None, "pa.dcm": "PA"}
+    assert sorted(seen, key=str) == sorted(["AP", "PA", None, "PA"], key=str)
+    archive.close()

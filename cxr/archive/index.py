@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -27,6 +27,17 @@ from ..results import DetectedFinding, Result
 from .db import Archive, Entry
 
 REFUSED = "not read: "  # the reason's prefix for an image the quality gate refused
+
+
+class SourceImage(NamedTuple):
+    """An image a source adapter lists: its file, its study's report sections, and the view the
+    source records (NIH's View Position, a manifest's `view` column, Open-i's DICOM metadata)
+    for files that do not say it themselves (a PNG): the archive stores it, and the Reader takes
+    it as a DICOM's ViewPosition (no cardiothoracic ratio on an AP film)."""
+
+    path: str
+    report: object | None = None
+    view: str | None = None
 
 @dataclass
 class IndexStats:
@@ -96,7 +107,8 @@ def walk_images(root: str | Path) -> Iterator[str]:
 def iter_inputs(source: str | Path, reports: bool = False) -> Iterator:
     """Paths of the images to index: a folder or file on disk, else a source spec that
     `cxr.sources.open_source` understands (e.g. "nih:/data/nih"). With `reports`, a source's
-    images come as (path, the study's report sections) so the archive stores the report too."""
+    images come as `SourceImage`s (path, the study's report sections, the recorded view) so the
+    archive stores the report and the view too."""
     path = Path(str(source)).expanduser()
     if path.exists():
         yield from walk_images(path)
@@ -108,7 +120,8 @@ def iter_inputs(source: str | Path, reports: bool = False) -> Iterator:
     for study in open_source(str(source)):
         for image in study.images:
             if image.path is not None:
-                yield (str(image.path), study.report or None) if reports else str(image.path)
+                yield SourceImage(str(image.path), study.report or None, image.view or None) \
+                    if reports else str(image.path)
 
 
 def batched(items: Iterable, n: int) -> Iterator[list]:
@@ -154,9 +167,10 @@ class Batch:
 
 def process_batch(reader, model_id: str, paths: list[str],
                   known: Callable[[list[str]], set[str]], heatmaps: bool = False,
-                  force: bool = False) -> Batch:
+                  force: bool = False, views: dict[str, str] | None = None) -> Batch:
     """Hash, skip what `known` says is stored, read and run the Reader on the rest. A file that
-    cannot be read, or on which the Reader fails, becomes a failed entry; the batch goes on."""
+    cannot be read, or on which the Reader fails, becomes a failed entry; the batch goes on.
+    `views`: path -> the view a source records, for files that do not say it themselves."""
     from ..images import read_image
 
     hashed = [(p, *content_hash(p)) for p in paths]
@@ -187,6 +201,8 @@ def process_batch(reader, model_id: str, paths: list[str],
             batch.entries.append(Entry(path, sha, model_id, error=error))
             batch.images.append(None)
             continue
+        if loaded.view is None and (views or {}).get(path):  # the file's own tag first
+            loaded.view = str(views[path]).strip().upper()
         meta = loaded.meta or {}
         batch.entries.append(Entry(
             path, sha, model_id, study_uid=_uid(meta, "StudyInstanceUID"),
@@ -269,9 +285,9 @@ def index_images(archive: Archive, reader, paths: Iterable[str], *, batch_size: 
     study_reports: dict[str, object] = {}  # study uid -> its report from a DICOM document
     try:
         for items in batched(paths, batch_size):
-            paths_batch, reports = split_reports(items)
+            paths_batch, reports, views = split_reports(items)
             batch = process_batch(reader, model_id, paths_batch, known, heatmaps=bool(dicom_out),
-                                  force=force)
+                                  force=force, views=views)
             attach_reports(batch.entries, reports)
             found = study_documents(batch.reports, study_reports, batch.entries)
             stats.reports += len(batch.reports)
@@ -294,18 +310,21 @@ def index_images(archive: Archive, reader, paths: Iterable[str], *, batch_size: 
     return stats
 
 
-def split_reports(items: list) -> tuple[list[str], dict[str, object]]:
-    """A batch of `path` or `(path, report)` items -> the paths and path -> report."""
-    paths, reports = [], {}
+def split_reports(items: list) -> tuple[list[str], dict[str, object], dict[str, str]]:
+    """A batch of `path`, `(path, report)` or `SourceImage` items -> the paths, path -> report
+    and path -> recorded view."""
+    paths, reports, views = [], {}, {}
     for item in items:
         if isinstance(item, tuple):
-            path, report = item
+            path, report, view = (*item, None)[:3]
             paths.append(str(path))
             if report:
                 reports[str(path)] = report
+            if view:
+                views[str(path)] = view
         else:
             paths.append(str(item))
-    return paths, reports
+    return paths, reports, views
 
 
 def study_documents(documents: list, known: dict[str, object],

@@ -62,8 +62,9 @@ class ReaderActor:
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
+        views = {p: str(v) for p, v in zip(paths, batch["view"]) if v} if "view" in batch else {}
         out = process_batch(self.reader, self.model_id, paths, self._stored,
-                            heatmaps=bool(self.dicom_out), force=self.force)
+                            heatmaps=bool(self.dicom_out), force=self.force, views=views)
         records, embeddings = [], []
         for e, image in zip(out.entries, out.images):
             rec = {k: getattr(e, k) for k in RECORD_FIELDS}
@@ -123,7 +124,7 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
                    num_actors: int | None = None, dicom_out: str | Path | None = None,
                    progress: bool = True, retry_failed: bool = False,
                    force: bool = False, engine: str = "torch") -> IndexStats:
-    """Index `paths` (or (path, report) items) with Readers of `run_dir` on Ray; the caller's
+    """Index `paths` (or (path, report) items, or `SourceImage`s) with Readers of `run_dir` on Ray; the caller's
     process writes the archive and mines the reports."""
     import ray
     from tqdm import tqdm
@@ -139,8 +140,8 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
     known = _known_digests(archive, model_id, status)
     items, reports = [], {}  # reports stay here: mined in this process as the batches come back
     for item in paths:
-        path, report = item if isinstance(item, tuple) else (item, None)
-        items.append({"path": str(Path(path).resolve())})
+        path, report, view = (*item, None)[:3] if isinstance(item, tuple) else (item, None, None)
+        items.append({"path": str(Path(path).resolve()), "view": str(view or "")})
         if report:
             reports[items[-1]["path"]] = report
     stats = IndexStats()
