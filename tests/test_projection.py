@@ -19,12 +19,19 @@ def gate(one_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def renders(shared_data):
-    """Ten held-out phantom renders, PA and AP alternately (seeds the head never saw)."""
+def phantom(shared_data):
     from cxr.phantom.render import Phantom
-    from cxr.quality.train import TEST_SEEDS, render_phantom
 
-    return render_phantom(Phantom.load(), 300_000 + TEST_SEEDS + np.arange(10), size=256)
+    return Phantom.load()
+
+
+SEEDS = 400_000 + 200_000 + np.arange(6)  # held out: the head trained on 300,000-300,599 and 400,000-400,199
+
+
+@pytest.fixture(scope="module")
+def renders(phantom):
+    """Six held-out PA and six AP phantom renders of the same patients, PA first."""
+    return [phantom.render(seed=int(s), size=160, view=v).image for v in ("PA", "AP") for s in SEEDS]
 
 
 def test_the_shipped_head_is_safetensors_and_reads_the_shipped_gate(gate):
@@ -39,12 +46,20 @@ def test_the_shipped_head_is_safetensors_and_reads_the_shipped_gate(gate):
     assert ProjectionHead.load(WEIGHTS_DIR, "gate-v1-000000000000") is None
 
 
-def test_phantom_ap_renders_are_called_ap(gate, renders):
-    probs = gate.model.projections(renders)
-    called = ["AP" if p["AP"] > 0.5 else "PA" for p in probs]
-    truth = ["PA", "AP"] * 5
-    assert sum(c == t for c, t in zip(called, truth)) >= 8, (called, probs)
-    assert np.mean([p["AP"] for p in probs[1::2]]) > np.mean([p["AP"] for p in probs[0::2]]) + 0.3
+def test_an_enlarged_heart_does_not_make_a_pa_film_ap(gate, phantom, renders):
+    """An AP film magnifies the heart, so a head that reads heart size calls a PA film with
+    Cardiomegaly AP and withholds its ratio where it matters (the first head trained here did, on
+    86% of the demo's PA films with Cardiomegaly): PA renders with a moderate or severe one are
+    not called AP, while plain AP renders of the same patients score higher."""
+    from cxr.phantom.spec import FindingSpec
+
+    enlarged = [phantom.render([FindingSpec("cardiomegaly", severity=grade)], seed=int(s), size=160).image
+                for grade in ("moderate", "severe") for s in SEEDS]
+    t = gate.model.projection.threshold
+    p_enlarged = [p["AP"] for p in gate.model.projections(enlarged)]
+    p_ap = [p["AP"] for p in gate.model.projections(renders[6:])]
+    assert max(p_enlarged) <= t, p_enlarged
+    assert np.mean(p_ap) > np.mean(p_enlarged) + 0.3 and sum(p > t for p in p_ap) >= 3, p_ap
 
 
 def test_held_out_nih_patients_projection_matches_their_records(gate, nih_sample):
@@ -55,12 +70,15 @@ def test_held_out_nih_patients_projection_matches_their_records(gate, nih_sample
     views = nih_projections(nih_sample)
     test = [p for p in nih_split(nih_sample, 0)["test"] if views.get(p.stem) in PROJECTIONS]
     probs = gate.model.projections([load_image(p) for p in test])
-    right = [(p["AP"] > 0.5) == (views[f.stem] == "AP") for p, f in zip(probs, test)]
-    assert len(test) > 100 and np.mean(right) > 0.8   # .870 in benchmarks/projection.py; chance .5
+    t = gate.model.projection.threshold
+    called = np.array([p["AP"] > t for p in probs])
+    ap = np.array([views[f.stem] == "AP" for f in test])
+    assert len(test) > 100 and (called == ap).mean() > 0.75   # .824 in benchmarks/projection.py
+    assert called[~ap].mean() < 0.05 and called[ap].mean() > 0.5  # PA kept 1.0, AP caught .657
 
 
 def test_the_gate_reads_the_projection_on_the_upright_film_and_only_of_frontal_films(gate, renders):
-    ap = renders[1]
+    ap = renders[6]
     upright, turned, noise = gate.check([ap, np.rot90(ap, 1).copy(),
                                          np.random.default_rng(0).random((256, 256), dtype=np.float32)])
     assert turned.rotation == 90 and upright.projection == turned.projection
@@ -81,6 +99,7 @@ def test_the_reader_gives_no_ratio_on_a_film_the_gate_calls_ap_unless_its_dicom_
     probs = gate.model.projections(renders)
     ap = renders[int(np.argmax([p["AP"] for p in probs]))]
     pa = renders[int(np.argmin([p["AP"] for p in probs]))]
+    assert max(p["AP"] for p in probs) > gate.model.projection.threshold
     seen = []
 
     class Reading(Reader):  # the real Reader; it only notes which views reach the rule
@@ -105,4 +124,4 @@ def test_training_writes_a_head_for_the_shipped_gate(nih_sample, shared_data, tm
     head = ProjectionHead.load(out, gate_model_id(gate_model.meta))
     assert head is not None and head.weight.shape == (2, 128)
     meta = json.loads((out / "projection.json").read_text())
-    assert meta["training"]["splits"]["train"]["nih_films"] > 300
+    assert meta["training"]["splits"]["train"]["nih_films"] > 300 and 0.5 <= meta["threshold"] <= 0.95

@@ -17,9 +17,10 @@ The rule, in order:
    silently; a note lets a person look at the marker. The reader's side words (left/right) are
    then to be read with care.
 
-6. an accepted frontal film is called PA or AP (`projection`, the more likely one, read on the
-   film turned upright; `cxr.quality.projection`): the Reader measures no cardiothoracic ratio
-   on an AP film when the file itself does not say (a DICOM's ViewPosition comes first).
+6. an accepted frontal film is called PA or AP (`projection`, read on the film turned upright;
+   AP only when p(AP) is above the head's stored threshold, chosen so that few PA films are
+   called AP: `cxr.quality.train_projection`): the Reader measures no cardiothoracic ratio on
+   an AP film when the file itself does not say (a DICOM's ViewPosition comes first).
 
 Probabilities are the gate model's calibrated ones, every head, in the report.
 """
@@ -48,8 +49,6 @@ P_INVERTED = 0.5
 # and the marker only), so it speaks only when confident, and only of frontal films (a lateral
 # may face either way).
 P_MIRRORED = 0.9
-# PA or AP (only what the cardiothoracic ratio is read on): the more likely of the two.
-P_AP = 0.5
 READ_VIEWS = ("frontal",)  # the views today's runs read (trained on PA/AP films)
 MODEL_BATCH = 32
 
@@ -209,7 +208,7 @@ class QualityGate:
         for i, _ in films:
             probs = reports[i].probabilities.get("projection")
             if probs:
-                reports[i].projection = "AP" if probs["AP"] > P_AP else "PA"
+                reports[i].projection = "AP" if probs["AP"] > self.model.projection.threshold else "PA"
 
     @staticmethod
     def correct(image: np.ndarray, report: QualityReport) -> np.ndarray:

@@ -38,6 +38,7 @@ class ProjectionHead:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, meta: dict):
         self.weight, self.bias, self.meta = weight.float(), bias.float(), meta
         self.temperature = float(meta.get("temperature", 1.0))
+        self.threshold = float(meta.get("threshold", 0.5))  # AP when p(AP) > this (train_projection)
 
     def probabilities(self, features: torch.Tensor) -> np.ndarray:
         logits = features.float().cpu() @ self.weight.T + self.bias
