@@ -13,8 +13,9 @@ boxes the finding's own map gives, on real films and on the demo's phantom test 
   for Cardiomegaly, hyper- and hypoinflation and emphysema (the truth: the heart's or both
   lungs' mask); the Reader's own boxes of the findings it reports, with
   `Reader.boxes_of_whole_organs` on and off; the cardiothoracic ratio measured from the masks
-  against the ratio the phantom drew, and the Cardiomegaly grade read from it by the phantom's
-  bands beside the grade word the run writes.
+  against the ratio the phantom drew, and the Cardiomegaly grade read from it (`cxr.anatomy.CTR_GRADES`)
+  beside the grade word the run's annotator writes and the one the Reader reports (the ratio's
+  where one is measured: `Reader.grade_from_ratio`).
 - **Time**: the anatomy model per film (batch 1) over the run's own CNN forward pass, in turn in
   one process.
 Accuracy at T(IoU) and T(IoBB) as in `cxr.metrics.localisation_accuracy`. Prints tables; --json
@@ -98,12 +99,10 @@ def ratio_vs_label(rows) -> dict:
 def phantom(reader, model, demo: Path) -> dict:
     """The demo's test split: whole-organ boxes (protocol and the Reader's own), the ratio, grades.
     `reader` None: the anatomy model's measures only (its boxes and the ratio)."""
-    from cxr import metrics as M
     from cxr.anatomy import organ_of
     from cxr.checkpoint import load_spec
     from cxr.evaluation import EvalData, boxes_of_true_diseases
     from cxr.images import load_image
-    from cxr.phantom.findings import CTR_RANGE
     from cxr.records import Box
     from cxr.sources import open_source
 
@@ -143,21 +142,24 @@ def phantom(reader, model, demo: Path) -> dict:
     if reader:
         reader.boxes_of_whole_organs = True
 
-    def grade(ctr):
-        for g, (lo, hi) in CTR_RANGE.items():
-            if lo <= ctr < hi:
-                return g
-        return "severe" if ctr >= CTR_RANGE["severe"][0] else None
+    from cxr.anatomy import grade_of_ratio
 
-    said, measured = [], []
+    annotator = {}  # the run's own grade words: the Reader with the grade rule off
+    if reader:
+        reader.grade_from_ratio = False
+        annotator = dict(zip(idx, reader(films, heatmaps=False)))
+        reader.grade_from_ratio = True
+    said, read, measured = [], [], []
     for (i, r), org in zip(grade_words, organs):
         true = [f for f in ed.truth_findings(i) if f.disease == "Cardiomegaly"]
         if not true or not true[0].severity:
             continue
         word = next((f.severity for f in r.findings if f.disease == "Cardiomegaly"), None)
-        if word is not None:  # the run reported Cardiomegaly: its grade word, and the ratio's grade
-            said.append(word == true[0].severity)
-            measured.append(org.cardiothoracic_ratio is not None and grade(org.cardiothoracic_ratio) == true[0].severity)
+        if word is not None:  # reported: the Reader's grade, the annotator's own, the ratio's
+            read.append(word == true[0].severity)
+            said.append(next(f.severity for f in annotator[i].findings if f.disease == "Cardiomegaly")
+                        == true[0].severity)
+            measured.append(grade_of_ratio(org.cardiothoracic_ratio) == true[0].severity)
     t, m = np.array([a for a, b in ratios if b is not None]), np.array([b for a, b in ratios if b is not None])
     out = {
         "test_films": len(idx), "anatomy": _acc(anatomy),
@@ -166,6 +168,7 @@ def phantom(reader, model, demo: Path) -> dict:
                   "mean_abs_error": float(np.abs(m - t).mean()), "bias": float((m - t).mean()),
                   "pearson_r": float(np.corrcoef(t, m)[0, 1])},
         "cardiomegaly_grade": {"reported": len(said), "word_accuracy": float(np.mean(said)) if said else None,
+                               "reader_accuracy": float(np.mean(read)) if read else None,
                                "ratio_band_accuracy": float(np.mean(measured)) if measured else None},
     }
     return out
@@ -257,7 +260,8 @@ def main(argv=None) -> int:
                             for lab in WHOLE if lab in own["on"]["n"]]))
     print(f"\nCardiothoracic ratio: |error| {ph['ratio']['mean_abs_error']:.3f}, bias {ph['ratio']['bias']:+.3f}, "
           f"r {ph['ratio']['pearson_r']:.3f} on {ph['ratio']['films']} films; Cardiomegaly grade of reported "
-          f"findings: word {ph['cardiomegaly_grade']['word_accuracy']}, ratio bands "
+          f"findings: annotator's word {ph['cardiomegaly_grade']['word_accuracy']}, Reader "
+          f"{ph['cardiomegaly_grade']['reader_accuracy']}, ratio bands "
           f"{ph['cardiomegaly_grade']['ratio_band_accuracy']} ({ph['cardiomegaly_grade']['reported']})")
     tm = out["time"]
     print(f"Time per 1024-px film: anatomy {tm['anatomy_ms']:.1f} ms, the run's forward {tm['forward_ms']:.1f} ms "

@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                       "with_head": w * 1000, "without_head": wo * 1000, "ratio": w / wo}
 
     n, g = out["nih_test"], out["nih_test_augmented"]
-    print(f"| films | n (AP) | ROC AUC | accuracy | AP caught | PA kept |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| films | n (AP) | ROC AUC | accuracy | AP caught | PA kept |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| NIH test patients | {n['n']} ({n['ap']}) | {n['auc']:.3f} | {n['accuracy']:.3f} | {n['ap_caught']:.3f} | {n['pa_kept']:.3f} |")
     print(f"| the same, augmented (3 draws) | {n['n']} ({n['ap']}) | {g['auc']:.3f} | {g['accuracy']:.3f} | {g['ap_caught']:.3f} | {g['pa_kept']:.3f} |")
     p = out["phantom_test"]

@@ -287,6 +287,10 @@ class Reader:
     #: not around its map's peak (a heart border); off only to measure what that changes
     #: (`benchmarks/anatomy.py`). Where the organ is not found, the map's boxes stay.
     boxes_of_whole_organs = True
+    #: Cardiomegaly's grade word follows its measured cardiothoracic ratio (`cxr.anatomy.CTR_GRADES`)
+    #: where one is measured and names a grade, so the word and the number shown beside it agree;
+    #: off only to measure what that changes (`benchmarks/anatomy.py`).
+    grade_from_ratio = True
     _anatomy = None  # the anatomy model, loaded when a film first has such a finding
 
     def _whole_organs(self, images: list[np.ndarray], results: list[Result],
@@ -295,8 +299,9 @@ class Reader:
         where the anatomy model finds it (in place), and Cardiomegaly given the film's
         cardiothoracic ratio (`measurements`), except on an AP film (`views`: its DICOM
         ViewPosition, else the gate's PA/AP call): an AP film magnifies the heart, and
-        radiologists do not measure the ratio on one. Run with the CNN's threads: it is a CNN too."""
-        from .anatomy import AnatomyModel, organ_of
+        radiologists do not measure the ratio on one; the grade word then follows the ratio
+        (`grade_from_ratio`). Run with the CNN's threads: it is a CNN too."""
+        from .anatomy import AnatomyModel, grade_of_ratio, organ_of
 
         if not self.boxes_of_whole_organs:
             return results
@@ -314,6 +319,8 @@ class Reader:
                 f.boxes = [Box(f.disease, box.x, box.y, box.w, box.h)]
                 if organ == "heart" and ratio and not (views and views[b] == "AP"):
                     f.measurements = {"cardiothoracic_ratio": round(ratio, 3)}
+                    if self.grade_from_ratio:
+                        _grade_by_ratio(f, grade_of_ratio(ratio))
         return results
 
     BOX_SUBCELLS = 4  # boxes are found on a grid of 4 x 4 points per cell of the CNN's map
@@ -612,6 +619,20 @@ def _one_thread(device: torch.device):
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _grade_by_ratio(finding: DetectedFinding, grade: str | None) -> None:
+    """The finding's severity word (and its annotation) set to `grade`, in place; the annotator's
+    confidence in the word it wrote no longer applies. No grade: the annotator's word stays."""
+    if grade is None or grade == finding.severity:
+        return
+    words = finding.annotation.split()
+    if finding.severity and finding.severity in words:
+        words[words.index(finding.severity)] = grade
+    else:
+        words.append(grade)
+    finding.severity, finding.annotation = grade, " ".join(words)
+    finding.confidence.pop("severity", None)
 
 
 def _confidence_of_term(confidence: dict[str, float], term) -> dict[str, float]:

@@ -229,6 +229,23 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def view_noting_reader(run_dir, gate=False):
+    """The real Reader of `run_dir` (on the CPU, `gate` as Reader takes it) that only notes, per
+    batch, the views that reach its whole-organ rule (`reader.seen`: one list per batch)."""
+    from cxr.checkpoint import load_run
+    from cxr.reader import Reader
+
+    class Reading(Reader):
+        def _whole_organs(self, images, results, views=None):
+            self.seen.append(list(views) if views is not None else None)
+            return super()._whole_organs(images, results, views)
+
+    spec, tensors = load_run(run_dir)
+    reader = Reading(spec, tensors, "cpu", gate=gate)
+    reader.seen = []
+    return reader
+
+
 def chest_film(n: int = 0, shape: tuple[int, int] | None = None):
     """A chest film, float32 (H, W) in [0, 1], resized to `shape`: the n-th real NIH radiograph
     where the sample is present, else a phantom radiograph (seed n). For tests that need some

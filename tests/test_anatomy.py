@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import chest_film
+from conftest import chest_film, view_noting_reader
 
 from cxr import metrics as M
 from cxr.anatomy import AnatomyModel, organ_of
@@ -154,21 +154,11 @@ def test_a_cardiomegaly_on_a_film_its_dicom_calls_ap_is_boxed_but_not_measured(t
     """An AP film magnifies the heart, so the ratio is not measured on one: a Cardiomegaly on a
     film whose DICOM says PA gets the ratio, on one that says AP only the heart's box; and the
     Reader hands each file's ViewPosition to that rule when it reads DICOM files."""
-    from cxr.checkpoint import load_run
     from cxr.dicom import write_dicom
     from cxr.images import read_image
-    from cxr.reader import Reader
     from cxr.results import DetectedFinding, Result
 
-    seen = []
-
-    class Reading(Reader):  # the real Reader; it only notes which views reach the rule
-        def _whole_organs(self, images, results, views=None):
-            seen.append(views)
-            return super()._whole_organs(images, results, views)
-
-    spec, tensors = load_run(tiny_run)
-    reader = Reading(spec, tensors, "cpu", gate=False)
+    reader = view_noting_reader(tiny_run)
     film = chest_film(3, (256, 256))
     heart = AnatomyModel.load()([film])[0].boxes["heart"]
     paths, measured = [], {}
@@ -181,9 +171,9 @@ def test_a_cardiomegaly_on_a_film_its_dicom_calls_ap_is_boxed_but_not_measured(t
         assert finding.boxes == [Box("Cardiomegaly", heart.x, heart.y, heart.w, heart.h)]
         measured[view] = finding.measurements
     assert 0.3 < measured["PA"]["cardiothoracic_ratio"] < 0.8 and measured["AP"] == {}
-    seen.clear()
+    reader.seen.clear()
     reader(paths + [film])
-    assert seen == [["PA", "AP", None]]  # an array carries no view: the ratio is measured
+    assert reader.seen == [["PA", "AP", None]]  # an array carries no view: the ratio is measured
 
 
 def test_onnx_runtime_reads_the_organs_as_torch_does():
@@ -198,3 +188,31 @@ def test_onnx_runtime_reads_the_organs_as_torch_does():
         assert a.boxes == b.boxes and a.cardiothoracic_ratio == b.cardiothoracic_ratio
     with pytest.raises(CxrError, match="anatomy engine must be one of"):
         AnatomyModel.load(engine="tensorrt")
+
+
+def test_cardiomegalys_grade_word_follows_the_ratio_measured_on_a_pa_film(tiny_run, shared_data):
+    """The word and the number beside it agree: on a PA film the grade comes from the measured
+    ratio (the annotator's confidence in its own word no longer applies); on an AP film, where no
+    ratio is measured, the annotator's word stays; and with the rule off it stays too."""
+    from cxr.anatomy import grade_of_ratio
+    from cxr.checkpoint import load_run
+    from cxr.phantom.render import Phantom
+    from cxr.phantom.spec import FindingSpec
+    from cxr.reader import Reader
+    from cxr.results import DetectedFinding, Result
+
+    assert [grade_of_ratio(x) for x in (None, 0.5, 0.505, 0.55, 0.6, 0.7)] == \
+        [None, None, "borderline", "mild", "moderate", "severe"]
+    film = Phantom.load().render([FindingSpec("cardiomegaly", severity="severe")], seed=11, size=256).image
+    grade = grade_of_ratio(AnatomyModel.load()([film])[0].cardiothoracic_ratio)
+    assert grade in ("moderate", "severe")
+    spec, tensors = load_run(tiny_run)
+    reader = Reader(spec, tensors, "cpu", gate=False)
+    for view, rule, expect in (("PA", True, grade), ("AP", True, "borderline"), ("PA", False, "borderline")):
+        reader.grade_from_ratio = rule
+        said = DetectedFinding("Cardiomegaly", 0.9, annotation="cardiomegaly borderline",
+                               severity="borderline", confidence={"severity": 0.4})
+        reader._whole_organs([film], [Result(scores={"Cardiomegaly": 0.9}, findings=[said])], [view])
+        assert (said.severity, said.annotation) == (expect, f"cardiomegaly {expect}")
+        assert ("severity" in said.confidence) == (expect == "borderline")
+        assert ("cardiothoracic_ratio" in said.measurements) == (view == "PA")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import chest_film
+from conftest import chest_film, view_noting_reader
 
 from cxr.cli import main
 
@@ -183,8 +183,6 @@ def test_a_sources_recorded_view_reaches_the_archive_and_the_reader(tiny_run, ra
     (no cardiothoracic ratio on an AP film); a DICOM's own tag comes first."""
     from cxr.archive import Archive
     from cxr.archive.index import SourceImage, index_images, iter_inputs
-    from cxr.checkpoint import load_run
-    from cxr.reader import Reader
 
     folder = tmp_path / "export"
     folder.mkdir()
@@ -198,19 +196,11 @@ def test_a_sources_recorded_view_reaches_the_archive_and_the_reader(tiny_run, ra
     assert all(isinstance(i, SourceImage) for i in items)
     assert {Path(i.path).name: i.view for i in items} == {names[0]: "AP", names[1]: "pa", names[2]: None,
                                                           "pa.dcm": "AP"}
-    seen = []
-
-    class Reading(Reader):  # the real Reader; it only notes which views reach the rule
-        def _whole_organs(self, images, results, views=None):
-            seen.extend(views)
-            return super()._whole_organs(images, results, views)
-
-    spec, tensors = load_run(tiny_run)
-    reader = Reading(spec, tensors, "cpu", gate=False)
+    reader = view_noting_reader(tiny_run)
     archive = Archive(f"sqlite:///{tmp_path / 'a.db'}")
     stats = index_images(archive, reader, items, batch_size=8, progress=False)
     assert stats.indexed == 4 and stats.failed == 0
     by_name = {Path(h.path).name: h.view for h in archive.search(limit=10)}
     assert by_name == {names[0]: "AP", names[1]: "PA", names[2]: None, "pa.dcm": "PA"}
-    assert sorted(seen, key=str) == sorted(["AP", "PA", None, "PA"], key=str)
+    assert sorted(sum(reader.seen, []), key=str) == sorted(["AP", "PA", None, "PA"], key=str)
     archive.close()

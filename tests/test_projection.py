@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import view_noting_reader
+
 from cxr.quality.gate import QualityGate
 from cxr.quality.model import WEIGHTS_DIR
 from cxr.quality.projection import PROJECTIONS, ProjectionHead
@@ -92,26 +94,16 @@ def test_the_reader_gives_no_ratio_on_a_film_the_gate_calls_ap_unless_its_dicom_
                                                                                          tmp_path):
     """The views that reach the whole-organ rule: the gate's call for an array, the DICOM's own
     ViewPosition first for a file."""
-    from cxr.checkpoint import load_run
     from cxr.dicom import write_dicom
-    from cxr.reader import Reader
 
     probs = gate.model.projections(renders)
     ap = renders[int(np.argmax([p["AP"] for p in probs]))]
     pa = renders[int(np.argmin([p["AP"] for p in probs]))]
     assert max(p["AP"] for p in probs) > gate.model.projection.threshold
-    seen = []
-
-    class Reading(Reader):  # the real Reader; it only notes which views reach the rule
-        def _whole_organs(self, images, results, views=None):
-            seen.extend(views)
-            return super()._whole_organs(images, results, views)
-
-    spec, tensors = load_run(tiny_run)
-    reader = Reading(spec, tensors, "cpu", gate=gate)
+    reader = view_noting_reader(tiny_run, gate=gate)
     said_pa = write_dicom(tmp_path / "pa.dcm", ap, view="PA")
     reader([ap, pa, said_pa])
-    assert seen == ["AP", "PA", "PA"]
+    assert reader.seen == [["AP", "PA", "PA"]]
 
 
 def test_training_writes_a_head_for_the_shipped_gate(nih_sample, shared_data, tmp_path):

@@ -33,6 +33,22 @@ ORGAN_OF_FINDING = {"cardiomegaly": "heart", "lung/hypoinflation": "lungs",
                     "pulmonary emphysema": "lungs"}
 
 
+# Cardiomegaly's grade by cardiothoracic ratio (lower bound of each; a PA film): a heart wider than
+# half the thorax is enlarged; the grades are those the phantom's reports are written from
+# (`cxr.phantom.findings.CTR_RANGE`), close to the usual rule of thumb (mild to 0.55-0.58,
+# moderate to about 0.6-0.65, severe beyond). Below the first, the ratio names no grade.
+CTR_GRADES = (("borderline", 0.505), ("mild", 0.53), ("moderate", 0.58), ("severe", 0.64))
+
+
+def grade_of_ratio(ratio: float | None) -> str | None:
+    """Cardiomegaly's grade word for a measured cardiothoracic ratio (None: not enlarged, or none)."""
+    word = None
+    for name, lower in CTR_GRADES:
+        if ratio is not None and ratio >= lower:
+            word = name
+    return word
+
+
 def organ_of(disease: str) -> str | None:
     """The organ a finding of `disease` is the whole of (None: a finding with a place of its own)."""
     return ORGAN_OF_FINDING.get(disease.strip().lower())
