@@ -67,7 +67,7 @@ class QualityReport:
     reasons: list[str] = field(default_factory=list)   # why refused (empty when accepted)
     notes: list[str] = field(default_factory=list)     # what was corrected or flagged
     view: str | None = None                            # frontal | lateral | other (model's best)
-    projection: str | None = None                      # PA | AP of an accepted frontal film (the gate's guess)
+    projection: str | None = None                      # PA | AP of an accepted frontal film
     probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
     rotation: int = 0
     inverted: bool = False
@@ -97,8 +97,8 @@ class QualityReport:
 
     def to_dict(self) -> dict:
         return {"accepted": self.accepted, "reasons": list(self.reasons), "notes": list(self.notes),
-                "view": self.view, "projection": self.projection, "rotation": self.rotation, "inverted": self.inverted,
-                "mirrored": self.mirrored, "forced": self.forced,
+                "view": self.view, "projection": self.projection, "rotation": self.rotation,
+                "inverted": self.inverted, "mirrored": self.mirrored, "forced": self.forced,
                 "probabilities": {h: {k: round(float(p), 4) for k, p in v.items()}
                                   for h, v in self.probabilities.items()},
                 "checks": self.checks, "gate_model": self.gate_model}
