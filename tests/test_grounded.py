@@ -385,3 +385,27 @@ def test_word_temperature_fits_overconfident_and_underconfident_words():
     logp, truth = words(0.95, 0.6)
     scaled = np.exp(logp[0] / over) / np.exp(logp[0] / over).sum()
     assert scaled[0] == pytest.approx(0.6, abs=0.05)  # now says what it gets right
+
+
+def test_severity_temperature_leaves_out_grades_read_from_a_measurement(monkeypatch):
+    """Cardiomegaly's grade comes from the cardiothoracic ratio at reading time, so its words never
+    reach anyone with the annotator's confidence: the severity temperature is fitted on the other
+    findings' words only (side and location on every finding)."""
+    import cxr.training.grounding as G
+
+    targets = ["Opacity", "Cardiomegaly", "Pleural Effusion"]
+    pairs = [(i, i % 3, ["word"]) for i in range(300)]
+    given = []
+
+    def field_log_probs(ctx, cnn, model, pairs_in, idx, word_index):  # what each field is fitted on
+        given.append(sorted({int(p[1]) for p in pairs_in}))
+        n = len(pairs_in)
+        logp = np.log(np.full((n, 3), 1 / 3))
+        return {"severity": (logp, np.zeros(n, dtype=np.int64)), "side": (logp, np.zeros(n, dtype=np.int64))}
+
+    monkeypatch.setattr(G, "field_log_probs", field_log_probs)
+    fitted = G.word_temperatures(None, None, None, pairs, np.arange(300), {}, targets)
+    assert given == [[0, 1, 2], [0, 2]] and set(fitted) == {"severity", "side"}
+    given.clear()
+    G.word_temperatures(None, None, None, pairs, np.arange(300), {}, ["Opacity", "Nodule", "Mass"])
+    assert given == [[0, 1, 2]]  # nothing graded by a measurement: one pass

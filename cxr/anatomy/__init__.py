@@ -7,6 +7,8 @@ hypoinflation and emphysema (`ORGAN_OF_FINDING`), and the heart and thorax width
 cardiothoracic ratio. The network is trained on the CT phantom's own organ masks (no film is
 labelled by hand), see `cxr/anatomy/weights/MODEL_CARD.md` and `python -m cxr.anatomy.train`.
 """
-from .model import CTR_GRADES, ORGAN_OF_FINDING, ORGANS, AnatomyModel, Organs, grade_of_ratio, organ_of
+from .model import (CTR_GRADES, ORGAN_OF_FINDING, ORGANS, AnatomyModel, Organs, grade_of_ratio,
+                    graded_by_measurement, organ_of)
 
-__all__ = ["AnatomyModel", "Organs", "ORGANS", "ORGAN_OF_FINDING", "CTR_GRADES", "grade_of_ratio", "organ_of"]
+__all__ = ["AnatomyModel", "Organs", "ORGANS", "ORGAN_OF_FINDING", "CTR_GRADES", "grade_of_ratio",
+           "graded_by_measurement", "organ_of"]

@@ -49,6 +49,12 @@ def grade_of_ratio(ratio: float | None) -> str | None:
     return word
 
 
+def graded_by_measurement(disease: str) -> bool:
+    """Whether the Reader reads this finding's grade from a measurement where one is made
+    (Cardiomegaly's from the cardiothoracic ratio) rather than from the annotator's word."""
+    return organ_of(disease) == "heart"
+
+
 def organ_of(disease: str) -> str | None:
     """The organ a finding of `disease` is the whole of (None: a finding with a place of its own)."""
     return ORGAN_OF_FINDING.get(disease.strip().lower())

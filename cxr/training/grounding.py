@@ -187,10 +187,22 @@ def fit_temperature(logp: np.ndarray, truth: np.ndarray) -> float:
 
 
 def word_temperatures(ctx: Context, cnn, model: GroundedAnnotator, pairs, val_idx: np.ndarray,
-                      word_index: dict[str, int]) -> dict[str, float]:
-    """Per context field with at least `MIN_CALIBRATION_WORDS` validation words, its temperature."""
+                      word_index: dict[str, int], targets: list[str] | None = None) -> dict[str, float]:
+    """Per context field with at least `MIN_CALIBRATION_WORDS` validation words, its temperature.
+    Severity is fitted without the findings whose grade the Reader reads from a measurement
+    (Cardiomegaly's, from the cardiothoracic ratio: `cxr.anatomy.graded_by_measurement`): their
+    words reach no one with the annotator's confidence, and were its least sure ones, so fitted
+    with them the temperature lowered every other grade's confidence too far."""
+    from ..anatomy import graded_by_measurement
+
     fitted = {}
-    for f, (logp, truth) in field_log_probs(ctx, cnn, model, pairs, val_idx, word_index).items():
+    measured = {k for k, t in enumerate(targets or []) if graded_by_measurement(t)}
+    fields = field_log_probs(ctx, cnn, model, pairs, val_idx, word_index)
+    if measured:
+        kept = [p for p in pairs if int(p[1]) not in measured]
+        fields["severity"] = field_log_probs(ctx, cnn, model, kept, val_idx, word_index).get(
+            "severity", (np.zeros((0, 1)), np.zeros(0, dtype=np.int64)))
+    for f, (logp, truth) in fields.items():
         if len(truth) >= MIN_CALIBRATION_WORDS:
             fitted[f] = round(fit_temperature(logp, truth), 4)
     return fitted

@@ -565,7 +565,8 @@ def _write_run(ctx: Context, run_dir: Path, stage: str, cnn, rnn: Annotator, pre
     if ground is not None:  # how sure the grounded annotator's side / site / grade words are
         from .grounding import word_temperatures
 
-        temperature = word_temperatures(ctx, cnn, ground, prep.pairs, val_idx, prep.word_index)
+        temperature = word_temperatures(ctx, cnn, ground, prep.pairs, val_idx, prep.word_index,
+                                        list(prep.targets))
     if not ctx.main:
         return
     counts = {name: int((prep.split == i).sum()) for i, name in enumerate(("train", "val", "test"))}
