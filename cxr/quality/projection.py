@@ -10,8 +10,11 @@ are.
 
 Trained on the gate's own NIH training patients (their recorded View Position; the gate's test
 patients stay unseen) and the CT phantom's PA and AP renders, each under the gate's realistic
-augmentation; one temperature fitted on the gate's calibration patients. The head reads the
-upright film (the gate turns a rotated or inverted film back first, `QualityGate.check`).
+augmentation. The renders carry an enlarged heart, low volumes, a line or an effusion whatever
+their view (an AP film magnifies the heart, and a head trained without them called most PA films
+with Cardiomegaly AP). One temperature and a threshold (AP only when few calibration PA films
+score above it) come from the gate's calibration patients. The head reads the upright film (the
+gate turns a rotated or inverted film back first, `QualityGate.check`).
 
     python -m cxr.quality.train_projection --nih DATA/nih/bbox256 [--out cxr/quality/weights]
 
