@@ -18,8 +18,8 @@ from .projection import NAME, PROJECTIONS
 
 
 def nih_projections(nih_dir: str | Path) -> dict[str, str]:
-    """Image name (without extension) -> "PA" / "AP" from NIH's label file (Data_Entry_2017*.csv[.gz]) in `nih_dir`
-    or its parent."""
+    """Image name (without extension) -> "PA" / "AP" from NIH's label file
+    (Data_Entry_2017*.csv[.gz]) in `nih_dir` or its parent."""
     from ..sources.nih import read_nih
 
     root = Path(nih_dir).expanduser()
@@ -37,8 +37,9 @@ THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)
 
 # What an AP film shares with some PA ones, drawn alike for both views so that the head cannot
 # read the projection from them: an enlarged heart (an AP film magnifies the heart, and a head
-# trained on the views alone called 86% of the demo's PA films with Cardiomegaly AP, which would
-# withhold the ratio exactly where it matters), low lung volumes, a line or tube, an effusion.
+# trained on plain renders calls .727 of the demo's PA films with Cardiomegaly AP,
+# `benchmarks/projection.py`, which would withhold the ratio exactly where it matters), low lung
+# volumes, a line or tube, an effusion.
 CONFOUNDS = (("cardiomegaly", 0.5, ("borderline", "mild", "moderate", "severe")),
              ("hypoinflation", 0.15, (None,)), ("catheter", 0.2, (None,)),
              ("effusion", 0.15, ("small", "moderate")))
