@@ -319,8 +319,10 @@ class Reader:
                 f.boxes = [Box(f.disease, box.x, box.y, box.w, box.h)]
                 if organ == "heart" and ratio and not (views and views[b] == "AP"):
                     f.measurements = {"cardiothoracic_ratio": round(ratio, 3)}
-                    if self.grade_from_ratio:
-                        _grade_by_ratio(f, grade_of_ratio(ratio))
+                    replaced = _grade_by_ratio(f, grade_of_ratio(ratio)) if self.grade_from_ratio else None
+                    maps = getattr(results[b].heatmaps, "cams", None)
+                    if replaced and maps is not None:  # where it looked writing a word no longer shown
+                        maps.pop(f"{f.disease}:{replaced}", None)
         return results
 
     BOX_SUBCELLS = 4  # boxes are found on a grid of 4 x 4 points per cell of the CNN's map
@@ -621,18 +623,20 @@ def _one_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _grade_by_ratio(finding: DetectedFinding, grade: str | None) -> None:
+def _grade_by_ratio(finding: DetectedFinding, grade: str | None) -> str | None:
     """The finding's severity word (and its annotation) set to `grade`, in place; the annotator's
-    confidence in the word it wrote no longer applies. No grade: the annotator's word stays."""
+    confidence in the word it wrote no longer applies. Returns the word replaced (None: none; no
+    grade, or the same one: the annotator's word stays)."""
     if grade is None or grade == finding.severity:
-        return
-    words = finding.annotation.split()
-    if finding.severity and finding.severity in words:
-        words[words.index(finding.severity)] = grade
+        return None
+    old, words = finding.severity, finding.annotation.split()
+    if old and old in words:
+        words[words.index(old)] = grade
     else:
         words.append(grade)
     finding.severity, finding.annotation = grade, " ".join(words)
     finding.confidence.pop("severity", None)
+    return old
 
 
 def _confidence_of_term(confidence: dict[str, float], term) -> dict[str, float]:

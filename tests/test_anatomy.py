@@ -196,6 +196,7 @@ def test_cardiomegalys_grade_word_follows_the_ratio_measured_on_a_pa_film(tiny_r
     ratio is measured, the annotator's word stays; and with the rule off it stays too."""
     from cxr.anatomy import grade_of_ratio
     from cxr.checkpoint import load_run
+    from cxr.models.localize import Heatmaps
     from cxr.phantom.render import Phantom
     from cxr.phantom.spec import FindingSpec
     from cxr.reader import Reader
@@ -212,7 +213,11 @@ def test_cardiomegalys_grade_word_follows_the_ratio_measured_on_a_pa_film(tiny_r
         reader.grade_from_ratio = rule
         said = DetectedFinding("Cardiomegaly", 0.9, annotation="cardiomegaly borderline",
                                severity="borderline", confidence={"severity": 0.4})
-        reader._whole_organs([film], [Result(scores={"Cardiomegaly": 0.9}, findings=[said])], [view])
+        maps = Heatmaps({k: np.zeros((4, 4), np.float32) for k in ("Cardiomegaly", "Cardiomegaly:borderline")},
+                        film.shape)
+        reader._whole_organs([film], [Result(scores={"Cardiomegaly": 0.9}, findings=[said], heatmaps=maps)], [view])
         assert (said.severity, said.annotation) == (expect, f"cardiomegaly {expect}")
         assert ("severity" in said.confidence) == (expect == "borderline")
+        # the map of the word it wrote goes with the word
+        assert ("Cardiomegaly:borderline" in maps) == (expect == "borderline") and "Cardiomegaly" in maps
         assert ("cardiothoracic_ratio" in said.measurements) == (view == "PA")
