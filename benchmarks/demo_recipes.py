@@ -48,7 +48,8 @@ def run_recipe(name: str, extra: dict, data: str, work: Path, device: str) -> di
                       **{k: s[k] for k in TRAIN_KEYS}, **other)
     run = train(cfg, work / name / "run", studies=studies)
     t1 = time.time()
-    m = evaluate_run(run, split="test", out=work / name, progress=False, studies=studies, device=device)
+    m = evaluate_run(run, split="test", out=work / name, progress=False, studies=studies,
+                     device=None if device == "auto" else device)  # the Reader picks CUDA when present
     st, loc = m["study"], m["localisation"]["sources"]
     iobb = {src: float(np.mean([v["0.5"] for v in loc[src]["iobb"]["accuracy"].values()])) for src in loc}
     return {"name": name, "extra": extra, "auc": m["auc"]["mean"], "study_auc": st["auc"],
