@@ -397,15 +397,17 @@ def test_severity_temperature_leaves_out_grades_read_from_a_measurement(monkeypa
     pairs = [(i, i % 3, ["word"]) for i in range(300)]
     given = []
 
-    def field_log_probs(ctx, cnn, model, pairs_in, idx, word_index):  # what each field is fitted on
-        given.append(sorted({int(p[1]) for p in pairs_in}))
-        n = len(pairs_in)
-        logp = np.log(np.full((n, 3), 1 / 3))
-        return {"severity": (logp, np.zeros(n, dtype=np.int64)), "side": (logp, np.zeros(n, dtype=np.int64))}
+    def field_log_probs(ctx, cnn, model, pairs_in, idx, word_index, leave_out=None):
+        out = {}
+        for f in ("severity", "side"):  # each field's words, those it leaves out left out
+            kept = [p for p in pairs_in if int(p[1]) not in (leave_out or {}).get(f, set())]
+            given.append((f, sorted({int(p[1]) for p in kept})))
+            out[f] = (np.log(np.full((len(kept), 3), 1 / 3)), np.zeros(len(kept), dtype=np.int64))
+        return out
 
     monkeypatch.setattr(G, "field_log_probs", field_log_probs)
     fitted = G.word_temperatures(None, None, None, pairs, np.arange(300), {}, targets)
-    assert given == [[0, 1, 2], [0, 2]] and set(fitted) == {"severity", "side"}
+    assert given == [("severity", [0, 2]), ("side", [0, 1, 2])] and set(fitted) == {"severity", "side"}
     given.clear()
     G.word_temperatures(None, None, None, pairs, np.arange(300), {}, ["Opacity", "Nodule", "Mass"])
-    assert given == [[0, 1, 2]]  # nothing graded by a measurement: one pass
+    assert given == [("severity", [0, 1, 2]), ("side", [0, 1, 2])]  # nothing graded by a measurement

@@ -19,8 +19,8 @@ import numpy as np
 from ..errors import CxrError
 from .db import Archive, Entry
 from .dicom_reports import DicomReport
-from .index import (IndexStats, attach_reports, process_batch, result_from_dict, study_documents,
-                    upright)
+from .index import (IndexStats, attach_reports, process_batch, result_from_dict, split_reports,
+                    study_documents, upright)
 
 RECORD_FIELDS = ("path", "sha256", "model_id", "error", "study_uid", "series_uid", "sop_uid", "view",
                  "quality")
@@ -124,8 +124,8 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
                    num_actors: int | None = None, dicom_out: str | Path | None = None,
                    progress: bool = True, retry_failed: bool = False,
                    force: bool = False, engine: str = "torch") -> IndexStats:
-    """Index `paths` (or (path, report) items, or `SourceImage`s) with Readers of `run_dir` on Ray; the caller's
-    process writes the archive and mines the reports."""
+    """Index `paths` (or (path, report) items, or `SourceImage`s) with Readers of `run_dir` on Ray;
+    the caller's process writes the archive and mines the reports."""
     import ray
     from tqdm import tqdm
 
@@ -138,12 +138,12 @@ def index_with_ray(archive: Archive, run_dir: str | Path, paths: Iterable[str], 
     connect(address)
     status = "ok" if retry_failed else None
     known = _known_digests(archive, model_id, status)
+    listed, by_path, views = split_reports(list(paths))
     items, reports = [], {}  # reports stay here: mined in this process as the batches come back
-    for item in paths:
-        path, report, view = (*item, None)[:3] if isinstance(item, tuple) else (item, None, None)
-        items.append({"path": str(Path(path).resolve()), "view": str(view or "")})
-        if report:
-            reports[items[-1]["path"]] = report
+    for path in listed:
+        items.append({"path": str(Path(path).resolve()), "view": str(views.get(path) or "")})
+        if path in by_path:
+            reports[items[-1]["path"]] = by_path[path]
     stats = IndexStats()
     study_reports: dict[str, object] = {}  # study uid -> its report from a DICOM document
     start = time.perf_counter()

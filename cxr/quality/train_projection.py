@@ -105,8 +105,8 @@ def train(nih_dir, out_dir, seed: int = 0, copies: int = 8, n_phantom: int = 600
         renders = phantom_films(phantom, 300_000 + offset + np.arange(n), confounds=confounds)  # PA, AP, ...
         films, y = films + renders, y + [k % 2 for k in range(n)]
         images, targets = _samples(films, y, copies, rng)
-        phantom_share = np.arange(len(images)) >= len(paths) * (copies + 1)  # renders come last
-        data[split] = (_features(gate, images), np.asarray(targets), phantom_share)
+        is_phantom = np.arange(len(images)) >= len(paths) * (copies + 1)  # renders come last
+        data[split] = (_features(gate, images), np.asarray(targets), is_phantom)
         counts[split] = {"nih_films": len(paths), "nih_ap": int(sum(y[:len(paths)])), "phantom_renders": n,
                          "samples": len(images)}
         log(f"{split}: {len(paths)} NIH films ({sum(y[:len(paths)])} AP), {n} phantom renders, "

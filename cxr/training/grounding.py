@@ -140,10 +140,12 @@ MIN_CALIBRATION_WORDS = 100  # fewer validation words of a field: its confidence
 
 @torch.no_grad()
 def field_log_probs(ctx: Context, cnn, model: GroundedAnnotator, pairs, idx: np.ndarray,
-                    word_index: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                    word_index: dict[str, int], leave_out: dict[str, set[int]] | None = None
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per context field, over the (image, finding) pairs of images `idx` whose annotation names
     that field: the annotator's log-probabilities of the field's words, as `generate` weighs
-    them (field head plus where the map lies), and the index of the word the annotation has."""
+    them (field head plus where the map lies), and the index of the word the annotation has.
+    `leave_out`: per field, the target indices whose findings' words that field leaves out."""
     from ..models.grounded import zone_masks_of
 
     rows = set(int(i) for i in idx)
@@ -166,6 +168,8 @@ def field_log_probs(ctx: Context, cnn, model: GroundedAnnotator, pairs, idx: np.
         targets = model.field_targets(tokens)
         for f, lp in logp.items():
             ok = targets[f] >= 0
+            if (leave_out or {}).get(f):
+                ok &= ~torch.isin(labels, torch.tensor(sorted(leave_out[f]), device=labels.device))
             if ok.any():
                 got = out.setdefault(f, ([], []))
                 got[0].append(lp[ok].cpu().numpy())
@@ -197,11 +201,7 @@ def word_temperatures(ctx: Context, cnn, model: GroundedAnnotator, pairs, val_id
 
     fitted = {}
     measured = {k for k, t in enumerate(targets or []) if graded_by_measurement(t)}
-    fields = field_log_probs(ctx, cnn, model, pairs, val_idx, word_index)
-    if measured:
-        kept = [p for p in pairs if int(p[1]) not in measured]
-        fields["severity"] = field_log_probs(ctx, cnn, model, kept, val_idx, word_index).get(
-            "severity", (np.zeros((0, 1)), np.zeros(0, dtype=np.int64)))
+    fields = field_log_probs(ctx, cnn, model, pairs, val_idx, word_index, {"severity": measured})
     for f, (logp, truth) in fields.items():
         if len(truth) >= MIN_CALIBRATION_WORDS:
             fitted[f] = round(fit_temperature(logp, truth), 4)
