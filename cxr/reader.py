@@ -71,6 +71,9 @@ from .operating import decide
 from .runspec import BOX_SOURCES, LocalizeParams, RunSpec
 
 NORMAL = "normal"
+# why a Cardiomegaly finding carries no cardiothoracic ratio (DetectedFinding.notes)
+NO_RATIO_ON_AP = "no cardiothoracic ratio: an AP film magnifies the heart"
+NO_RATIO_FOUND = "no cardiothoracic ratio: heart or lungs not found"
 
 
 class Features(NamedTuple):
@@ -315,6 +318,10 @@ class Reader:
         organs = dict(zip(rows, Reader._anatomy([images[b] for b in rows])))
         for b, f, organ in wanted:
             box, ratio = organs[b].boxes.get(organ), organs[b].cardiothoracic_ratio
+            if organ == "heart" and views and views[b] == "AP":
+                f.notes.append(NO_RATIO_ON_AP)
+            elif organ == "heart" and not (box is not None and ratio):
+                f.notes.append(NO_RATIO_FOUND)
             if box is not None:
                 f.boxes = [Box(f.disease, box.x, box.y, box.w, box.h)]
                 if organ == "heart" and ratio and not (views and views[b] == "AP"):

@@ -155,8 +155,8 @@ def _confidence_line(f) -> str:
 
 
 def _measurement_line(f) -> str:
-    """What was measured for the finding, e.g. "cardiothoracic ratio 0.56"."""
-    parts = " · ".join(html.escape(m) for m in f.measured())
+    """What was measured for the finding, e.g. "cardiothoracic ratio 0.56", or why not."""
+    parts = " · ".join(html.escape(m) for m in f.measured_or_why_not())
     return f'<br><small>{parts}</small>' if parts else ""
 
 

@@ -33,6 +33,9 @@ class DetectedFinding:
     # what was measured on the film for this finding: Cardiomegaly's "cardiothoracic_ratio" (the
     # heart's widest extent over the thorax's, from `cxr.anatomy`'s masks)
     measurements: dict[str, float] = field(default_factory=dict)
+    # why something a reader would look for is not there, e.g. Cardiomegaly on an AP film: "no
+    # cardiothoracic ratio: an AP film magnifies the heart" (so a missing number is not a bug)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -42,11 +45,16 @@ class DetectedFinding:
             "boxes": [dict(label=b.label, x=b.x, y=b.y, w=b.w, h=b.h) for b in self.boxes],
             "confidence": {k: float(v) for k, v in self.confidence.items()},
             "measurements": {k: float(v) for k, v in self.measurements.items()},
+            "notes": list(self.notes),
         }
 
     def measured(self) -> list[str]:
         """What was measured, as a reader writes it: ["cardiothoracic ratio 0.58"]."""
         return [f"{k.replace('_', ' ')} {v:.2f}" for k, v in self.measurements.items()]
+
+    def measured_or_why_not(self) -> list[str]:
+        """`measured()` and the notes: what a reader of the finding sees beside its words."""
+        return self.measured() + list(self.notes)
 
 
 @dataclass

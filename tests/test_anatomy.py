@@ -156,6 +156,7 @@ def test_a_cardiomegaly_on_a_film_its_dicom_calls_ap_is_boxed_but_not_measured(t
     Reader hands each file's ViewPosition to that rule when it reads DICOM files."""
     from cxr.dicom import write_dicom
     from cxr.images import read_image
+    from cxr.reader import NO_RATIO_ON_AP
     from cxr.results import DetectedFinding, Result
 
     reader = view_noting_reader(tiny_run)
@@ -169,8 +170,11 @@ def test_a_cardiomegaly_on_a_film_its_dicom_calls_ap_is_boxed_but_not_measured(t
         reader._whole_organs([loaded.pixels], [result], [loaded.view])
         (finding,) = result.findings
         assert finding.boxes == [Box("Cardiomegaly", heart.x, heart.y, heart.w, heart.h)]
-        measured[view] = finding.measurements
-    assert 0.3 < measured["PA"]["cardiothoracic_ratio"] < 0.8 and measured["AP"] == {}
+        measured[view] = finding.measurements, finding.notes
+    assert 0.3 < measured["PA"][0]["cardiothoracic_ratio"] < 0.8 and measured["AP"][0] == {}
+    # the reader of the finding is told why the number is missing, and only where it is
+    assert measured["PA"][1] == [] and measured["AP"][1] == [NO_RATIO_ON_AP]
+    assert NO_RATIO_ON_AP in result.to_dict()["findings"][0]["notes"]
     reader.seen.clear()
     reader(paths + [film])
     assert reader.seen == [["PA", "AP", None]]  # an array carries no view: the ratio is measured

@@ -158,6 +158,34 @@ def test_what_was_measured_is_stored_with_the_finding(archive, tmp_path):
     upgraded.close()
 
 
+def test_why_a_number_is_missing_is_stored_with_the_finding(archive, tmp_path):
+    """A finding's notes (no cardiothoracic ratio on an AP film) are kept (migration 0007) and
+    survive the Ray indexer's JSON form; an archive of schema 0006 is upgraded with its
+    measurements kept and no notes."""
+    from cxr.archive.index import result_from_dict
+    from cxr.reader import NO_RATIO_ON_AP
+    from cxr.testing import archive_migrated
+
+    big = finding("Cardiomegaly", 0.9, None, (), "mild")
+    big.notes = [NO_RATIO_ON_AP]
+    (new,) = archive.add_results([Entry("/data/ap.png", "c" * 64, MODEL, result=result([big], np.ones(32)))])
+    assert archive.get(new).findings[0].notes == [NO_RATIO_ON_AP]
+    assert archive.get(archive.ids["left_base_mild"]).findings[0].notes == []
+    assert result_from_dict(result([big], np.ones(4)).to_dict()).findings[0].notes == [NO_RATIO_ON_AP]
+
+    url = f"sqlite:///{tmp_path / 'v6.db'}"
+    with archive_migrated(url, "0006") as conn:
+        conn.execute(text("insert into images (sha256, model_id, path, status, indexed_at) values "
+                          "('" + "a" * 64 + "', 'm', '/old.png', 'ok', '2026-01-01')"))
+        conn.execute(text("insert into findings (image_id, disease, disease_key, score, annotation, "
+                          "location, measurements) values (1, 'Cardiomegaly', 'cardiomegaly', 0.7, "
+                          "'cardiomegaly mild', '', '{\"cardiothoracic_ratio\": 0.55}')"))
+    upgraded = Archive(url)
+    old = upgraded.get(1).findings[0]
+    assert old.measurements == {"cardiothoracic_ratio": 0.55} and old.notes == []
+    upgraded.close()
+
+
 def test_a_batch_stored_twice_is_stored_once_and_failures_keep_their_reason(archive):
     assert archive.count() == 7 and archive.count(status="failed") == 1
     again = archive.add_results([Entry("/elsewhere/copy.png", f"{0:064x}", MODEL,

@@ -168,6 +168,30 @@ def test_a_film_stored_upside_down_is_read_upright_and_the_page_says_so(page, ra
     expect(page.locator("#status")).not_to_have_class("error")
 
 
+def test_a_finding_shows_what_was_measured_and_why_a_number_is_missing(page):
+    """The page draws a finding as the service sends it (`DetectedFinding.to_dict`): the
+    cardiothoracic ratio as a chip on a PA film, and on an AP film the note that says why there
+    is none, so a missing number does not read as a fault."""
+    from playwright.sync_api import expect
+
+    from cxr.reader import NO_RATIO_ON_AP
+    from cxr.results import DetectedFinding
+
+    pa = DetectedFinding("Cardiomegaly", 0.9, "cardiomegaly mild", severity="mild",
+                         measurements={"cardiothoracic_ratio": 0.56})
+    ap = DetectedFinding("Cardiomegaly", 0.8, "cardiomegaly moderate", severity="moderate",
+                         notes=[NO_RATIO_ON_AP])
+    before = len(page.errors)  # the refused uploads above logged theirs
+    page.evaluate("f => showFindings(f, {}, 'abnormal', 0.9)", [pa.to_dict(), ap.to_dict()])
+    shown = page.locator("#findings .finding")
+    expect(shown).to_have_count(2)
+    expect(shown.nth(0)).to_contain_text("cardiothoracic ratio 0.56")
+    expect(shown.nth(0).locator(".note")).to_have_count(0)
+    expect(shown.nth(1).locator(".note")).to_have_text(NO_RATIO_ON_AP)
+    expect(shown.nth(1)).not_to_contain_text("cardiothoracic ratio 0.")
+    assert page.errors[before:] == []
+
+
 def test_api_docs_render_without_the_internet(page, site):
     """Swagger UI comes from local files (swagger-ui-bundle-v2), so /docs works offline."""
     from playwright.sync_api import expect

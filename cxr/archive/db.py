@@ -35,7 +35,7 @@ from .vectors import VectorIndex
 
 DEFAULT_URL = "sqlite:///cxr-archive.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD_REVISION = "0006"  # newest file in migrations/versions (a test checks they agree)
+HEAD_REVISION = "0007"  # newest file in migrations/versions (a test checks they agree)
 VOCABULARY_TTL_S = 30.0
 SIMILAR_POOL = 20  # similar() with a report filter looks among the 20 * k nearest
 
@@ -546,7 +546,8 @@ def finding_rows(image_id: int, findings: Iterable[DetectedFinding]) -> list[Fin
         boxes=[dict(label=b.label, x=float(b.x), y=float(b.y), w=float(b.w), h=float(b.h))
                for b in f.boxes],
         confidence={k: float(v) for k, v in f.confidence.items()} or None,
-        measurements={k: float(v) for k, v in f.measurements.items()} or None) for f in findings]
+        measurements={k: float(v) for k, v in f.measurements.items()} or None,
+        notes=list(f.notes) or None) for f in findings]
 
 
 def _record(r: ImageRow) -> ImageRecord:
@@ -559,7 +560,7 @@ def _record(r: ImageRow) -> ImageRecord:
             disease=f.disease, score=f.score, annotation=f.annotation, organ=f.organ,
             location=decode_location(f.location), side=f.side, severity=f.severity,
             boxes=[Box(**b) for b in (f.boxes or [])], confidence=dict(f.confidence or {}),
-            measurements=dict(f.measurements or {}))
+            measurements=dict(f.measurements or {}), notes=list(f.notes or []))
             for f in r.findings],
         report=r.report.text if r.report else None, report_note=r.report.note if r.report else None,
         report_findings=[dict(disease=f.disease, certainty=f.certainty, side=f.side,

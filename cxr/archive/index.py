@@ -394,7 +394,8 @@ def result_from_dict(d: dict, embedding: np.ndarray | None = None) -> Result:
         organ=f.get("organ"), location=tuple(f.get("location") or ()), side=f.get("side"),
         severity=f.get("severity"), boxes=[Box(**b) for b in f.get("boxes") or []],
         confidence={k: float(v) for k, v in (f.get("confidence") or {}).items()},
-        measurements={k: float(v) for k, v in (f.get("measurements") or {}).items()})
+        measurements={k: float(v) for k, v in (f.get("measurements") or {}).items()},
+        notes=list(f.get("notes") or []))
         for f in d.get("findings", [])]
     size = d.get("image_size") or (0, 0)
     quality = None

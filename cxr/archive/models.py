@@ -92,6 +92,8 @@ class FindingRow(Base):
     confidence: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     # what was measured for the finding, e.g. Cardiomegaly's cardiothoracic ratio (migration 0006)
     measurements: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # why something a reader looks for is not there, e.g. no ratio on an AP film (migration 0007)
+    notes: Mapped[list | None] = mapped_column(JSON, nullable=True)
 
     image: Mapped[ImageRow] = relationship(back_populates="findings")
 

@@ -126,6 +126,8 @@ function showFindings(findings, scores, call, abnormal) {
       el("div", { class: "bar" }, el("span", { style: `width:${Math.round(f.score * 100)}%` })),
       f.annotation ? el("div", { class: "annotation" }, f.annotation) : null,
       chips.length ? el("div", {}, ...chips) : null,
+      // why something is not there (an AP film gets no cardiothoracic ratio)
+      ...(f.notes || []).map((n) => el("div", { class: "note muted" }, n)),
       f.boxes && f.boxes.length ? el("div", { class: "muted" }, `${f.boxes.length} box(es)`) : null));
   });
   const table = $("scores");
