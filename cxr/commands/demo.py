@@ -155,7 +155,7 @@ def run_demo(out: str | Path, settings: dict, workers: int = 1, examples: int = 
     metrics["demo"] = {"settings": settings, "seconds": dict(times), "threads": _threads(),
                        "cpu_seconds": state["cpu_seconds"],
                        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-                       "data": str(data), "run": str(run_dir)}
+                       "cpu": _cpu(), "data": str(data), "run": str(run_dir)}
     write_metrics(metrics, out)
     path = write_demo_report(out / "report.html", metrics, chosen)
     save()
@@ -257,6 +257,24 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _cpu() -> dict:
+    """The processor and the vector instructions torch's kernels use: the same seed trains to
+    other weights on a CPU with other instructions (summation order), so figures name it."""
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor() or "unknown")
+    return {"model": model, "torch_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path) as fh:
+            return fh.read().splitlines()
+    except OSError:
+        return []
 
 
 def _diff(a: dict, b: dict) -> str:
