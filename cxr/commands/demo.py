@@ -260,8 +260,8 @@ def _threads() -> int:
 
 
 def _cpu() -> dict:
-    """The processor and the vector instructions torch's kernels use: the same seed trains to
-    other weights on a CPU with other instructions (summation order), so figures name it."""
+    """The processor and the vector instructions torch's kernels use (they set the order of
+    float sums), so a demo's figures name the machine they were measured on."""
     import torch
 
     model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
