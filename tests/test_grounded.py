@@ -80,10 +80,7 @@ def _blobs(n, size, rng):
     return torch.from_numpy(x), tokens, where
 
 
-def _train(cnn, model, x, tokens, labels, epochs, rng_seed=0, mirror=0.0):
-    """`mirror`: that share of each batch goes through `cxr.training.grounding.mirror_batch`."""
-    from cxr.training.grounding import mirror_batch, mirror_ids
-
+def _train(cnn, model, x, tokens, labels, epochs, rng_seed=0):
     torch.manual_seed(rng_seed)
     tok = pad_batch([encode(t, INDEX) for t in tokens])
     opt = torch.optim.AdamW(list(cnn.parameters()) + list(model.parameters()), lr=3e-3)
@@ -91,11 +88,7 @@ def _train(cnn, model, x, tokens, labels, epochs, rng_seed=0, mirror=0.0):
         perm = torch.randperm(len(x))
         for s in range(0, len(x), 32):
             b = perm[s:s + 32]
-            xb, words = x[b], tok[b]
-            if mirror:  # one finding per image here
-                flip = torch.rand(len(b)) < mirror
-                xb, words, _ = mirror_batch(xb, flip, torch.arange(len(b)), words, None, mirror_ids(INDEX), None)
-            loss, _ = model.loss(cnn.forward_features(xb), labels[b], words)
+            loss, _ = model.loss(cnn.forward_features(x[b]), labels[b], tok[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -137,39 +130,6 @@ def test_attention_points_at_a_left_basal_blob_and_says_left(one_torch_thread):
     other = {"left": "right", "right": "left"}
     flipped = np.mean([other[t[3]] in decode(s, WORDS) for t, s in zip(truth, mirrored)])
     assert flipped >= 0.9, flipped
-
-
-def test_mirrored_films_teach_the_same_sides_when_their_words_are_swapped(one_torch_thread):
-    """`cxr train --mirror`: half the training films flipped left to right with "left" and
-    "right" swapped in their words still teach the right side of unflipped films (had the words
-    not been swapped, half the films would teach the opposite side and the words fall to chance);
-    words that name no side are left alone."""
-    from cxr.training.grounding import mirror_batch, mirror_ids, mirrorable_images
-
-    assert mirror_ids(INDEX)[[INDEX["left"], INDEX["right"], INDEX["base"]]].tolist() == \
-        [INDEX["right"], INDEX["left"], INDEX["base"]]
-    assert mirrorable_images([(0, 1, ["opacity", "middle lobe", "right"]), (1, 1, ["opacity", "left"])],
-                             3).tolist() == [False, True, True]
-    x = torch.arange(8.0).reshape(1, 1, 2, 4).repeat(2, 1, 1, 1)
-    words = torch.tensor([[INDEX["opacity"], INDEX["left"]], [INDEX["opacity"], INDEX["left"]],
-                          [INDEX["nodule"], INDEX["right"]]])
-    out, said, _ = mirror_batch(x, torch.tensor([True, False]), torch.tensor([0, 0, 1]), words, None,
-                                mirror_ids(INDEX), None)
-    assert torch.equal(out[0], x[0].flip(-1)) and torch.equal(out[1], x[1])
-    assert said[:, 1].tolist() == [INDEX["right"], INDEX["right"], INDEX["right"]]
-
-    rng = np.random.default_rng(0)
-    torch.manual_seed(0)
-    x, tokens, _ = _blobs(160, 48, rng)
-    cnn = create_cnn("tiny", 1, drop=0.0)
-    model = GroundedAnnotator(len(WORDS), 1, cnn.num_features, field_word_ids(WORDS), hidden=32,
-                              embed_dim=16, attn_dim=32, dropout=0.0, vocab=WORDS)
-    _train(cnn, model, x, tokens, torch.zeros(len(x), dtype=torch.long), 10, mirror=0.5)
-    test, truth, _ = _blobs(40, 48, np.random.default_rng(1))
-    with torch.no_grad():
-        seqs, _, _, _ = model.generate(cnn.forward_features(test), torch.zeros(len(test), dtype=torch.long))
-    side_ok = np.mean([t[3] in decode(s, WORDS) for t, s in zip(truth, seqs)])
-    assert side_ok >= 0.9, side_ok
 
 
 def test_side_and_site_words_are_taught_by_where_the_map_lies(one_torch_thread):

@@ -72,8 +72,6 @@ HELP = {
     "ground_epochs": "epochs of the joint CNN + grounded annotator phase",
     "ground_lr": "learning rate of that phase",
     "ground_cnn_lr": "the CNN's learning rate in that phase, as a fraction of ground_lr (1: as fast as the annotator)",
-    "mirror": "in the grounded phase, the share of training images mirrored left to right, their words' "
-              "left and right swapped (images whose sites only one side has are never mirrored)",
     "attn_dim": "width of the grounded annotator's regions and attention",
     "labels_from": "labels: the source's own labels (MeSH terms, label table, manifest column) | report: "
                    "diseases and their side/site/severity mined from each study's report text "

@@ -62,7 +62,6 @@ class TrainConfig:
     attn_dim: int = 128              # the grounded annotator's region/attention width
     report_text: bool = True         # train with report cross-attention (Bhalodia et al. 2021)
     side_mil: float = 0.1            # CNN phases: weight of the side-word loss per image half (0: off)
-    mirror: float = 0.0              # grounded phase: share of images mirrored, their left/right words swapped
     boxes: str = "chestxray8"        # chestxray8 (a box per region above 180/255 and above 60/255) | threshold
     localize_threshold: float = 0.5  # the heatmap threshold of --boxes threshold
     max_boxes: int = 2               # per finding and threshold
@@ -109,8 +108,6 @@ class TrainConfig:
             raise CxrError("a transition layer would mix the members' maps; use --members 1 or --transition 0")
         if self.ensemble < 1:
             raise CxrError(f"ensemble must be at least 1, got {self.ensemble}")
-        if not 0.0 <= self.mirror <= 1.0:
-            raise CxrError(f"mirror is a share of the images, from 0 to 1; got {self.mirror}")
         if self.ensemble > 1 and self.members > 1:
             raise CxrError("--ensemble K merges K one-member networks; use --members 1 with it")
         if self.ensemble > 1 and self.cascade:

@@ -208,57 +208,16 @@ def word_temperatures(ctx: Context, cnn, model: GroundedAnnotator, pairs, val_id
     return fitted
 
 
-# a mirrored film swaps these words; a site only one side has cannot be mirrored into the other
-MIRRORED_WORDS = {"left": "right", "right": "left"}
-ONE_SIDED_SITES = ("middle lobe", "lingula", "retrocardiac")
-
-
-def mirror_ids(vocab: dict[str, int]) -> torch.Tensor:
-    """Token id -> the id of its mirrored word ("left" <-> "right"; every other word itself)."""
-    ids = torch.arange(max(vocab.values(), default=-1) + 1)
-    for word, other in MIRRORED_WORDS.items():
-        if word in vocab and other in vocab:
-            ids[vocab[word]] = vocab[other]
-    return ids
-
-
-def mirrorable_images(pairs, n_images: int) -> np.ndarray:
-    """Per image: may it be mirrored? Not when one of its findings names a site only one side
-    has ("middle lobe" mirrored would read "left middle lobe", which no lung has)."""
-    ok = np.ones(n_images, dtype=bool)
-    for i, _, tokens in pairs:
-        if any(t in ONE_SIDED_SITES for t in tokens):
-            ok[int(i)] = False
-    return ok
-
-
-def mirror_batch(x: torch.Tensor, flip: torch.Tensor, image_of: torch.Tensor, words: torch.Tensor,
-                 text: torch.Tensor | None, word_mirror: torch.Tensor, text_mirror: torch.Tensor):
-    """Images x (B, 1, H, W) where `flip` (B,) is set flipped left to right, and the word and
-    report-text tokens of their findings (rows of `words`/`text`, finding k on image
-    `image_of[k]`) with "left" and "right" swapped: the patient's left of a mirrored film is on
-    the image's left, and its words must say "right"."""
-    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-    flipped = flip[image_of][:, None]
-    words = torch.where(flipped, word_mirror[words], words)
-    if text is not None:
-        text = torch.where(flipped, text_mirror[text], text)
-    return x, words, text
-
-
 def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels: np.ndarray,
                 train_idx: np.ndarray, pairs, word_index: dict[str, int], epochs: int, lr: float,
                 texts: torch.Tensor | None = None, text_weight: float = 1.0, cnn_weight: float = 1.0,
-                cnn_lr_scale: float = 1.0, mask: np.ndarray | None = None, mirror: float = 0.0,
-                text_vocab: list[str] | None = None):
+                cnn_lr_scale: float = 1.0, mask: np.ndarray | None = None):
     """CNN and grounded annotator trained together: the CNN's multi-label loss on `labels` plus
     the annotator's word/field (and report-text) losses on the same images' findings. The field
     losses are what teach the CNN's feature map *where* a finding is (from the words "left",
     "base", never from a box). The CNN learns at `cnn_lr_scale` x `lr`: at the annotator's full
     rate its detection drifted (demo: study-level AUC .862 -> .755). Whole images (no crop: the coordinates must mean the same thing
-    at training and use), light augmentation; `mirror`: that share of the images flipped left to
-    right with "left" and "right" swapped in their words and report text (`text_vocab`), so every
-    sided finding is also seen on the other side (CheXNet flipped its films; here the words follow)."""
+    at training and use), light augmentation."""
     from ..dataset import augment
 
     cfg, dev = ctx.cfg, ctx.device
@@ -277,15 +236,10 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
     train_idx = np.asarray([i for i in train_idx if int(i) in by_image])
     tokens = pad_batch([encode(p[2], word_index) for p in pairs])
     pair_label = torch.tensor([p[1] for p in pairs])
-    if mirror > 0:
-        word_mirror = mirror_ids(word_index)
-        text_mirror = mirror_ids({w: k for k, w in enumerate(text_vocab or [])})
-        may_mirror = torch.from_numpy(mirrorable_images(pairs, len(labels)))
     for epoch in range(start, epochs):
         seed = _epoch_seed(cfg, phase, epoch)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        flips = torch.Generator().manual_seed(seed + 1)  # its own stream: mirror 0 trains as before
         rows = np.random.default_rng(seed).permutation(train_idx)
         for group in opt.param_groups:
             group["lr"] = group["scale"] * cosine_lr(lr, epoch, epochs)
@@ -295,13 +249,6 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
         for s in range(0, len(rows), cfg.batch_size):
             b = np.sort(rows[s:s + cfg.batch_size])
             x = torch.from_numpy(np.asarray(ctx.images[b], dtype=np.float32) / 65535.0)[:, None].to(dev)
-            ks = [k for i in b for k in by_image[int(i)]]
-            where = {int(i): j for j, i in enumerate(b)}
-            image_of = torch.tensor([where[int(pairs[k][0])] for k in ks])
-            words, text = tokens[ks], (texts[ks] if texts is not None else None)
-            if mirror > 0:
-                flip = (torch.rand(len(b), generator=flips) < mirror) & may_mirror[b]
-                x, words, text = mirror_batch(x, flip, image_of, words, text, word_mirror, text_mirror)
             x = normalise(augment(x, cfg.rotation, 0.0, cfg.intensity, generator=gen), MEAN, STD)
             y = torch.from_numpy(labels[b]).to(dev)
             with ctx.autocast():
@@ -309,8 +256,12 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
                 logits = cnn.member_logits(maps) if cnn.members > 1 else cnn.forward_head(maps)
             m = None if mask is None else torch.from_numpy(mask[b]).to(dev)
             loss = cnn_weight * per_member(logits, lambda lg: masked_bce(lg.float(), y, m))
-            g_loss, g_parts = model.loss(maps.float()[image_of.to(dev)], pair_label[ks].to(dev), words.to(dev),
-                                         text.to(dev) if text is not None else None, text_weight)
+            ks = [k for i in b for k in by_image[int(i)]]
+            where = {int(i): j for j, i in enumerate(b)}
+            sel = torch.tensor([where[int(pairs[k][0])] for k in ks], device=dev)
+            text = texts[ks].to(dev) if texts is not None else None
+            g_loss, g_parts = model.loss(maps.float()[sel], pair_label[ks].to(dev), tokens[ks].to(dev),
+                                         text, text_weight)
             loss = loss + g_loss
             for k, v in g_parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * len(b)

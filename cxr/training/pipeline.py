@@ -419,7 +419,7 @@ def _train_grounding(ctx: Context, phase: str, cnn, labels: np.ndarray, prep: Pr
                               cfg.attn_dim, text_vocab_size=len(text_vocab), vocab=prep.words)
     train_joint(ctx, phase, cnn, model, labels, train_idx, prep.pairs, prep.word_index,
                 cfg.ground_epochs, cfg.ground_lr, texts,
-                cnn_lr_scale=cfg.ground_cnn_lr, mask=mask, mirror=cfg.mirror, text_vocab=text_vocab)
+                cnn_lr_scale=cfg.ground_cnn_lr, mask=mask)
     return model
 
 
