@@ -303,7 +303,8 @@ class Reader:
         cardiothoracic ratio (`measurements`), except on an AP film (`views`: its DICOM
         ViewPosition, else the gate's PA/AP call): an AP film magnifies the heart, and
         radiologists do not measure the ratio on one; the grade word then follows the ratio
-        (`grade_from_ratio`). Run with the CNN's threads: it is a CNN too."""
+        (`grade_from_ratio`). A Cardiomegaly without a ratio says why in its `notes`. Run with
+        the CNN's threads: it is a CNN too."""
         from .anatomy import AnatomyModel, grade_of_ratio, organ_of
 
         if not self.boxes_of_whole_organs:
