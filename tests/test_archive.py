@@ -294,6 +294,7 @@ def test_dicom_out_sr_and_overlay_read_back(tmp_path):
 
     from cxr.archive.dicom_out import write_result_dicom
     from cxr.dicom import write_dicom
+    from cxr.reader import NO_RATIO_ON_AP
 
     pixels = np.random.default_rng(3).random((128, 128)).astype(np.float32)
     src = write_dicom(tmp_path / "chest.dcm", pixels, extra={"PatientName": "Doe^Jane"})
@@ -302,6 +303,8 @@ def test_dicom_out_sr_and_overlay_read_back(tmp_path):
                           boxes=[Box("Opacity", 10, 20, 30, 40)]),
                   finding("Cardiomegaly", 0.6, None, (), "mild", organ="heart")], np.ones(8))
     res.findings[1].measurements = {"cardiothoracic_ratio": 0.58}
+    res.findings.append(finding("Cardiomegaly", 0.7, None, (), "moderate", organ="heart"))
+    res.findings[2].notes = [NO_RATIO_ON_AP]  # a second film's finding, in the same report here
     res.heatmaps = {"Opacity": np.pad(np.ones((40, 30), np.float32), ((20, 68), (10, 88)))}
     out = write_result_dicom(res, src, tmp_path / "out")
     sr = pydicom.dcmread(out["sr"])
@@ -316,10 +319,17 @@ def test_dicom_out_sr_and_overlay_read_back(tmp_path):
     assert evaluations == {"Laterality": "Left", "Severity": "Moderate"}
     assert roi.get_measurements()[0].value == pytest.approx(0.8)
     assert str(roi.tracking_identifier) == "opacity lung base left moderate"
-    (image_level,) = report.content.get_image_measurement_groups()
+    image_level, unmeasured = report.content.get_image_measurement_groups()
     assert image_level.finding_type.meaning == "Cardiomegaly"
     measured = {m.name.meaning: m.value for m in image_level.get_measurements()}
     assert measured["cardiothoracic ratio"] == pytest.approx(0.58)
+    # the finding without a ratio says why, as a Comment of its group (and nowhere else)
+    def comments(group):
+        return [item.TextValue for item in group[0].ContentSequence
+                if item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    assert comments(unmeasured) == [NO_RATIO_ON_AP] and comments(image_level) == []
+    assert "cardiothoracic ratio 0.58" in pydicom.dcmread(out["overlay"]).ImageComments
+    assert NO_RATIO_ON_AP in pydicom.dcmread(out["overlay"]).ImageComments
     sc = pydicom.dcmread(out["overlay"])
     assert sc.StudyInstanceUID == src_ds.StudyInstanceUID and sc.BurnedInAnnotation == "YES"
     rgb = sc.pixel_array

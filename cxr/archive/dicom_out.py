@@ -141,7 +141,8 @@ def write_overlay(result: Result, pixels: np.ndarray, source, out_path: Path):
 
 
 def _summary(result: Result) -> str:
-    parts = [f"{f.disease} {f.score:.2f}: {f.annotation}" for f in result.findings]
+    parts = [f"{f.disease} {f.score:.2f}: {f.annotation}" + "".join(f", {m}" for m in f.measured_or_why_not())
+             for f in result.findings]
     return "; ".join(parts) or "no finding above threshold"
 
 
@@ -203,6 +204,11 @@ def build_sr(result: Result, source):
                 source_images=[SourceImageForMeasurementGroup(source.SOPClassUID,
                                                               source.SOPInstanceUID)],
                 **common))
+        for group in groups[-max(1, len(f.boxes)):]:  # why a number is missing, e.g. no ratio on AP
+            for note in f.notes:
+                group[0].ContentSequence.append(hd.sr.TextContentItem(
+                    name=codes.DCM.Comment, value=note[:1024],
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if not groups:  # TID 1500 needs a group: say "no finding" on the image, with the normal score
         normal = result.scores.get("normal")
         groups.append(MeasurementsAndQualitativeEvaluations(
