@@ -319,13 +319,14 @@ class Reader:
         organs = dict(zip(rows, Reader._anatomy([images[b] for b in rows])))
         for b, f, organ in wanted:
             box, ratio = organs[b].boxes.get(organ), organs[b].cardiothoracic_ratio
-            if organ == "heart" and views and views[b] == "AP":
+            on_ap = bool(views) and views[b] == "AP"
+            if organ == "heart" and on_ap:
                 f.notes.append(NO_RATIO_ON_AP)
             elif organ == "heart" and not (box is not None and ratio):
                 f.notes.append(NO_RATIO_FOUND)
             if box is not None:
                 f.boxes = [Box(f.disease, box.x, box.y, box.w, box.h)]
-                if organ == "heart" and ratio and not (views and views[b] == "AP"):
+                if organ == "heart" and ratio and not on_ap:
                     f.measurements = {"cardiothoracic_ratio": round(ratio, 3)}
                     replaced = _grade_by_ratio(f, grade_of_ratio(ratio)) if self.grade_from_ratio else None
                     maps = getattr(results[b].heatmaps, "cams", None)

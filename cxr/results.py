@@ -56,6 +56,12 @@ class DetectedFinding:
         """`measured()` and the notes: what a reader of the finding sees beside its words."""
         return self.measured() + list(self.notes)
 
+    def line(self) -> str:
+        """The finding in one line of text, as a picture or a DICOM comment shows it:
+        "Cardiomegaly 0.81: cardiomegaly heart mild, cardiothoracic ratio 0.56"."""
+        return f"{self.disease} {self.score:.2f}: {self.annotation}" + "".join(
+            f", {m}" for m in self.measured_or_why_not())
+
 
 @dataclass
 class Result:

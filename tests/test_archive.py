@@ -30,6 +30,27 @@ def result(findings, embedding, scores=None):
     return Result(scores=scores, findings=findings, embedding=np.asarray(embedding, np.float32),
                   model_id=MODEL, image_size=(256, 256))
 
+def finding_of_old_archive(tmp_path, revision: str, **columns):
+    """The one finding of an archive written at schema `revision` (an image row and a finding row
+    of Opacity with `columns` set beside the required ones), as today's `Archive` reads it after
+    upgrading the file."""
+    from cxr.testing import archive_migrated
+
+    url = f"sqlite:///{tmp_path / f'v{revision}.db'}"
+    row = {"image_id": 1, "disease": "Opacity", "disease_key": "opacity", "score": 0.7,
+           "annotation": "opacity left", "location": "", **columns}
+    with archive_migrated(url, revision) as conn:
+        conn.execute(text("insert into images (sha256, model_id, path, status, indexed_at) values "
+                          "('" + "a" * 64 + "', 'm', '/old.png', 'ok', '2026-01-01')"))
+        conn.execute(text(f"insert into findings ({', '.join(row)}) values ({', '.join(':' + k for k in row)})"),
+                     row)
+    upgraded = Archive(url)
+    try:
+        return upgraded.get(1).findings[0]
+    finally:
+        upgraded.close()
+
+
 
 # A small archive whose answers are known: image i -> its findings.
 CASES = {
@@ -109,8 +130,6 @@ def test_the_annotators_word_confidence_is_stored_with_the_finding(archive, tmp_
     """Each finding keeps how sure the annotator was of its side, site and grade words
     (migration 0005); a finding without them reads back an empty mapping, and an archive
     of schema 0004 is upgraded with its findings kept."""
-    from cxr.testing import archive_migrated
-
     sure = finding("Opacity", 0.9, "left", ("base",), "moderate")
     sure.confidence = {"side": 0.83, "location": 0.61, "severity": 0.5}
     (new,) = archive.add_results([Entry("/data/sure.png", "c" * 64, MODEL, result=result([sure], np.ones(32)))])
@@ -118,16 +137,8 @@ def test_the_annotators_word_confidence_is_stored_with_the_finding(archive, tmp_
     assert archive.get(archive.ids["left_base_mild"]).findings[0].confidence == {}
     assert result([sure], np.ones(4)).to_dict()["findings"][0]["confidence"]["side"] == 0.83
 
-    url = f"sqlite:///{tmp_path / 'v4.db'}"
-    with archive_migrated(url, "0004") as conn:
-        conn.execute(text("insert into images (sha256, model_id, path, status, indexed_at) values "
-                          "('" + "a" * 64 + "', 'm', '/old.png', 'ok', '2026-01-01')"))
-        conn.execute(text("insert into findings (image_id, disease, disease_key, score, annotation, "
-                          "location, side) values (1, 'Opacity', 'opacity', 0.7, 'opacity left', '', 'left')"))
-    upgraded = Archive(url)
-    old = upgraded.get(1)
-    assert old.findings[0].side == "left" and old.findings[0].confidence == {}
-    upgraded.close()
+    old = finding_of_old_archive(tmp_path, "0004", side="left")
+    assert old.side == "left" and old.confidence == {}
 
 
 def test_what_was_measured_is_stored_with_the_finding(archive, tmp_path):
@@ -135,7 +146,6 @@ def test_what_was_measured_is_stored_with_the_finding(archive, tmp_path):
     and survive the JSON form the Ray indexer passes; an archive of schema 0005 is upgraded with
     its findings and their word confidence kept."""
     from cxr.archive.index import result_from_dict
-    from cxr.testing import archive_migrated
 
     big = finding("Cardiomegaly", 0.9, None, (), "mild")
     big.measurements = {"cardiothoracic_ratio": 0.56}
@@ -145,17 +155,8 @@ def test_what_was_measured_is_stored_with_the_finding(archive, tmp_path):
     back = result_from_dict(result([big], np.ones(4)).to_dict())
     assert back.findings[0].measurements == {"cardiothoracic_ratio": 0.56}
 
-    url = f"sqlite:///{tmp_path / 'v5.db'}"
-    with archive_migrated(url, "0005") as conn:
-        conn.execute(text("insert into images (sha256, model_id, path, status, indexed_at) values "
-                          "('" + "a" * 64 + "', 'm', '/old.png', 'ok', '2026-01-01')"))
-        conn.execute(text("insert into findings (image_id, disease, disease_key, score, annotation, "
-                          "location, side, confidence) values (1, 'Opacity', 'opacity', 0.7, 'opacity left', "
-                          "'', 'left', '{\"side\": 0.8}')"))
-    upgraded = Archive(url)
-    old = upgraded.get(1).findings[0]
+    old = finding_of_old_archive(tmp_path, "0005", side="left", confidence='{"side": 0.8}')
     assert old.side == "left" and old.confidence == {"side": 0.8} and old.measurements == {}
-    upgraded.close()
 
 
 def test_why_a_number_is_missing_is_stored_with_the_finding(archive, tmp_path):
@@ -164,7 +165,6 @@ def test_why_a_number_is_missing_is_stored_with_the_finding(archive, tmp_path):
     measurements kept and no notes."""
     from cxr.archive.index import result_from_dict
     from cxr.reader import NO_RATIO_ON_AP
-    from cxr.testing import archive_migrated
 
     big = finding("Cardiomegaly", 0.9, None, (), "mild")
     big.notes = [NO_RATIO_ON_AP]
@@ -173,17 +173,9 @@ def test_why_a_number_is_missing_is_stored_with_the_finding(archive, tmp_path):
     assert archive.get(archive.ids["left_base_mild"]).findings[0].notes == []
     assert result_from_dict(result([big], np.ones(4)).to_dict()).findings[0].notes == [NO_RATIO_ON_AP]
 
-    url = f"sqlite:///{tmp_path / 'v6.db'}"
-    with archive_migrated(url, "0006") as conn:
-        conn.execute(text("insert into images (sha256, model_id, path, status, indexed_at) values "
-                          "('" + "a" * 64 + "', 'm', '/old.png', 'ok', '2026-01-01')"))
-        conn.execute(text("insert into findings (image_id, disease, disease_key, score, annotation, "
-                          "location, measurements) values (1, 'Cardiomegaly', 'cardiomegaly', 0.7, "
-                          "'cardiomegaly mild', '', '{\"cardiothoracic_ratio\": 0.55}')"))
-    upgraded = Archive(url)
-    old = upgraded.get(1).findings[0]
+    old = finding_of_old_archive(tmp_path, "0006", disease="Cardiomegaly", disease_key="cardiomegaly",
+                                 annotation="cardiomegaly mild", measurements='{"cardiothoracic_ratio": 0.55}')
     assert old.measurements == {"cardiothoracic_ratio": 0.55} and old.notes == []
-    upgraded.close()
 
 
 def test_a_batch_stored_twice_is_stored_once_and_failures_keep_their_reason(archive):

@@ -141,8 +141,7 @@ def write_overlay(result: Result, pixels: np.ndarray, source, out_path: Path):
 
 
 def _summary(result: Result) -> str:
-    parts = [f"{f.disease} {f.score:.2f}: {f.annotation}" + "".join(f", {m}" for m in f.measured_or_why_not())
-             for f in result.findings]
+    parts = [f.line() for f in result.findings]
     return "; ".join(parts) or "no finding above threshold"
 
 
@@ -187,6 +186,7 @@ def build_sr(result: Result, source):
                                       algorithm_id=algorithm)] + measured,
             qualitative_evaluations=evaluations or None)
         label = (f.annotation or f.disease)[:64]
+        made = []  # this finding's groups: one per box, or one for the image
         if f.boxes:
             for box in f.boxes:
                 x0, y0, x1, y1 = box.x, box.y, box.x + box.w, box.y + box.h
@@ -195,20 +195,21 @@ def build_sr(result: Result, source):
                     graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]],
                                           dtype=np.float32),
                     source_image=SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID))
-                groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
+                made.append(PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=label),
                     referenced_region=region, **common))
         else:
-            groups.append(MeasurementsAndQualitativeEvaluations(
+            made.append(MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=label),
                 source_images=[SourceImageForMeasurementGroup(source.SOPClassUID,
                                                               source.SOPInstanceUID)],
                 **common))
-        for group in groups[-max(1, len(f.boxes)):]:  # why a number is missing, e.g. no ratio on AP
+        for group in made:  # why a number is missing, e.g. no ratio on an AP film
             for note in f.notes:
                 group[0].ContentSequence.append(hd.sr.TextContentItem(
                     name=codes.DCM.Comment, value=note[:1024],
                     relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        groups += made
     if not groups:  # TID 1500 needs a group: say "no finding" on the image, with the normal score
         normal = result.scores.get("normal")
         groups.append(MeasurementsAndQualitativeEvaluations(

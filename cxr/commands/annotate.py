@@ -79,8 +79,7 @@ def overlay(image: np.ndarray, result, path: Path, min_side: int = 512) -> Path:
         for b in f.boxes:
             draw.rectangle([b.x * scale, b.y * scale, (b.x + b.w) * scale, (b.y + b.h) * scale],
                            outline=colour, width=max(2, canvas.height // 200))
-        measured = "".join(f", {m}" for m in f.measured_or_why_not())
-        lines.append((f"{f.disease} {f.score:.2f}: {f.annotation}{measured}", colour))
+        lines.append((f.line(), colour))
     if not result.findings:
         lines.append(("no finding above threshold", (255, 255, 255)))
     y = 4

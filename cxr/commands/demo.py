@@ -264,17 +264,13 @@ def _cpu() -> dict:
     float sums), so a demo's figures name the machine they were measured on."""
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor() or "unknown")
-    return {"model": model, "torch_capability": torch.backends.cpu.get_cpu_capability()}
-
-
-def _read_lines(path: str) -> list[str]:
     try:
-        with open(path) as fh:
-            return fh.read().splitlines()
-    except OSError:
-        return []
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        info = []
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    return {"model": model, "torch_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _diff(a: dict, b: dict) -> str:
