@@ -11,8 +11,9 @@ preprocesses them with `cxr.preprocess` to the model's input size (decoding is l
 alike), so a ratio says what the cascade's extra outputs cost, not what a baseline was spared.
 
 With `--before COMMIT` the Reader of that commit (its cxr/reader.py, annotator and CAM/box code,
-from git) is measured too, with the torch engine: the speed-up of the current Reader over it is
-then a ratio in one run.
+from git) is measured too, with the torch engine, on each random run (and its time over its own
+forward pass, where it has `Reader.forward`): the speed-up of the current Reader over it is then
+a ratio in one run.
 With `--micro-batches 1 4 8 32` the Reader's own forward pass is also measured with each of those
 CNN call sizes (`Reader.micro_batch`) at each batch: what `Reader.CPU_MICRO_BATCH` is chosen from.
 The JSON's `summary` holds the ratios the targets are about: per engine, images/s at the largest
@@ -191,7 +192,7 @@ def measure(job: dict) -> dict:
     # two in turn: their ratio, call by call, is what the Reader adds, whatever load the shared
     # machine carries at that moment (separate processes minutes apart measured the same
     # ratio from 1.10x to 1.54x)
-    own = reader.forward if job["kind"] == "reader" and not job.get("commit") else None
+    own = getattr(reader, "forward", None) if job["kind"] == "reader" else None
     if own is not None:
         own(images)
     times, own_times = [], []
@@ -234,6 +235,8 @@ def _jobs(engines: list[str], before: str | None, micro_batches: list[int], batc
     jobs.append({"kind": "reader", "engine": "torch", "read_heatmaps": True})
     if before:
         jobs.append({"kind": "reader", "engine": "torch", "commit": before})
+        if grounded:
+            jobs.append({"kind": "reader", "engine": "torch", "commit": before, "annotator": "grounded"})
     return jobs
 
 
@@ -245,7 +248,8 @@ def _name(r: dict, backbone: str, args) -> str:
     if r["kind"] == "cnn":
         return f"Reader.forward alone, {r['engine']} (preprocess + CNN)"
     if r["commit"]:
-        return f"Reader at {r['commit']}, torch ({args.input} px image -> Result)"
+        grounded = ", grounded annotator" if r.get("annotator") == "grounded" else ""
+        return f"Reader at {r['commit']}, torch{grounded} ({args.input} px image -> Result)"
     extra = ", every heatmap read" if r["read_heatmaps"] else ""
     extra += ", grounded annotator" if r.get("annotator") == "grounded" else ""
     return f"Reader, {r['engine']}{extra} ({args.input} px image -> Result)"
@@ -351,15 +355,17 @@ def main(argv=None) -> int:
                 by_key[i] = r
             cnn = {r["engine"]: r for r in by_key.values() if r["kind"] == "cnn" and not r["micro_batch"]}
             base = next(r for r in by_key.values() if r["kind"] == "densenet")
-            before = next((r for r in by_key.values() if r["commit"]), None)
+            # the --before Reader of each run (Shin's annotator's, and the grounded one's)
+            before = {r.get("annotator"): r for r in by_key.values() if r["commit"]}
             for r in by_key.values():
                 r["time_ratio_vs_densenet"] = r["latency_s_median"] / base["latency_s_median"]
-                if r["kind"] == "reader" and not r["commit"]:  # call by call, against its own forward pass
+                if r["kind"] == "reader" and r["own_cnn_times"]:  # call by call, against its own forward pass
                     r["time_ratio_vs_own_cnn"] = statistics.median(
                         t / o for t, o in zip(r["times"], r["own_cnn_times"]))
+                if r["kind"] == "reader" and not r["commit"]:
                     r["time_ratio_vs_forward_alone"] = r["latency_s_median"] / cnn[r["engine"]]["latency_s_median"]
-                if before is not None and r["kind"] == "reader":
-                    r["speedup_vs_before"] = r["images_per_s"] / before["images_per_s"]
+                if r.get("annotator") in before and r["kind"] == "reader":
+                    r["speedup_vs_before"] = r["images_per_s"] / before[r.get("annotator")]["images_per_s"]
                 results.append(r)
                 rows.append([_name(r, backbone, args), batch, r["images_per_s"], r["latency_s_median"] * 1000,
                              r["peak_mb"], r["time_ratio_vs_densenet"], r.get("time_ratio_vs_own_cnn", ""),

@@ -48,6 +48,7 @@ from `cxr.training`.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -83,6 +84,17 @@ class Features(NamedTuple):
     maps: torch.Tensor
     logits: torch.Tensor
     embeddings: torch.Tensor
+
+
+class Detection(NamedTuple):
+    """What the CNN's logits decide for a batch before any word is written: calibrated scores
+    (B, targets), the refined label carrying each, the study's abnormal probability (None
+    without a study-level answer), and per image the target indices it reports."""
+
+    scores: np.ndarray
+    best: np.ndarray
+    abnormal: np.ndarray | None
+    detected: list[list[int]]
 
 
 class Reader:
@@ -294,29 +306,47 @@ class Reader:
     #: where one is measured and names a grade, so the word and the number shown beside it agree;
     #: off only to measure what that changes (`benchmarks/anatomy.py`).
     grade_from_ratio = True
+    #: On a CPU the anatomy model reads on a second thread while the words are written, where
+    #: the two ran one after the other (on 2 cores the Reader's time after its CNN is then about
+    #: the longer of the two); off only to measure what that changes
+    #: (`benchmarks/organs_beside_words.py`).
+    organs_beside_words = True
     _anatomy = None  # the anatomy model, loaded when a film first has such a finding
 
+    def _organ_rows(self, diseases: list[list[str]]) -> list[int]:
+        """The images (by their diseases reported) with a finding of a whole organ
+        (`cxr.anatomy.organ_of`): those the anatomy model reads."""
+        from .anatomy import organ_of
+
+        if not self.boxes_of_whole_organs:
+            return []
+        return [b for b, names in enumerate(diseases) if any(organ_of(d) for d in names)]
+
+    def _anatomy_model(self):
+        """The anatomy model, loaded once per device (its ONNX Runtime session takes the CNN's
+        threads: load it outside `_one_thread`)."""
+        from .anatomy import AnatomyModel
+
+        if Reader._anatomy is None or Reader._anatomy.device != self.device:
+            Reader._anatomy = AnatomyModel.load(device=self.device)
+        return Reader._anatomy
+
     def _whole_organs(self, images: list[np.ndarray], results: list[Result],
-                      views: list[str | None] | None = None) -> list[Result]:
+                      views: list[str | None] | None = None, organs: dict | None = None) -> list[Result]:
         """Each reported finding of a whole organ (`cxr.anatomy.organ_of`) boxed with that organ
         where the anatomy model finds it (in place), and Cardiomegaly given the film's
         cardiothoracic ratio (`measurements`), except on an AP film (`views`: its DICOM
         ViewPosition, else the gate's PA/AP call): an AP film magnifies the heart, and
         radiologists do not measure the ratio on one; the grade word then follows the ratio
-        (`grade_from_ratio`). A Cardiomegaly without a ratio says why in its `notes`. Run with
-        the CNN's threads: it is a CNN too."""
-        from .anatomy import AnatomyModel, grade_of_ratio, organ_of
+        (`grade_from_ratio`). A Cardiomegaly without a ratio says why in its `notes`. `organs`:
+        the anatomy model's reading of those images by row, where it was read already."""
+        from .anatomy import grade_of_ratio, organ_of
 
-        if not self.boxes_of_whole_organs:
-            return results
+        if organs is None:
+            rows = self._organ_rows([[f.disease for f in r.findings] for r in results])
+            organs = dict(zip(rows, self._anatomy_model()([images[b] for b in rows]))) if rows else {}
         wanted = [(b, f, organ_of(f.disease)) for b, r in enumerate(results) for f in r.findings]
-        wanted = [w for w in wanted if w[2]]
-        if not wanted:
-            return results
-        if Reader._anatomy is None or Reader._anatomy.device != self.device:
-            Reader._anatomy = AnatomyModel.load(device=self.device)
-        rows = sorted({b for b, _, _ in wanted})
-        organs = dict(zip(rows, Reader._anatomy([images[b] for b in rows])))
+        wanted = [w for w in wanted if w[2] and w[0] in organs]
         for b, f, organ in wanted:
             box, ratio = organs[b].boxes.get(organ), organs[b].cardiothoracic_ratio
             on_ap = bool(views) and views[b] == "AP"
@@ -502,15 +532,21 @@ class Reader:
     def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int,
                views: list[str | None] | None = None) -> list[Result]:
         maps, logits, emb = self.forward(images)
+        detection = self._detect(logits)
+        rows = self._organ_rows([[self.targets[t] for t in hits] for hits in detection.detected])
+        anatomy = self._anatomy_model() if rows else None
         with _one_thread(self.device):
-            results = self._results(images, maps, logits, emb, heatmaps, beams)
-        return self._whole_organs(images, results, views)
+            # the anatomy model (a second CNN) reads on the other core while this one writes the
+            # words: after the CNN, the Reader then takes about the longer of the two, not their sum
+            pending = _background().submit(anatomy, [images[b] for b in rows]) \
+                if rows and self.device.type == "cpu" and self.organs_beside_words else None
+            results = self._results(images, maps, emb, detection, heatmaps, beams)
+        organs = pending.result() if pending is not None else anatomy([images[b] for b in rows]) if rows else []
+        return self._whole_organs(images, results, views, dict(zip(rows, organs)))
 
-    def _results(self, images: list[np.ndarray], maps: torch.Tensor, logits: torch.Tensor,
-                 emb: torch.Tensor, heatmaps: bool, beams: int) -> list[Result]:
-        """Everything after the CNN: scores, findings, annotations, boxes, Results."""
-        from .reports.mesh import annotation_term
-
+    def _detect(self, logits: torch.Tensor) -> Detection:
+        """What the CNN's logits decide before any word: calibrated scores, the refined label
+        carrying each, the study's abnormal probability, and the target indices each image reports."""
         scores, best = self.scores(logits)
         normal = self.targets.index(NORMAL) if NORMAL in self.targets else None
         study = self.spec.study
@@ -519,11 +555,21 @@ class Reader:
             detected = decide(abnormal, scores, self.targets, study.threshold, self.thresholds)
         else:
             detected = []
-            for b in range(len(images)):
+            for b in range(len(scores)):
                 hits = [t for t in range(len(self.targets)) if t != normal and scores[b, t] >= self.thresholds[t]]
                 if not hits and normal is not None and scores[b, normal] >= self.thresholds[normal]:
                     hits = [normal]
                 detected.append(hits)
+        return Detection(scores, best, abnormal, detected)
+
+    def _results(self, images: list[np.ndarray], maps: torch.Tensor, emb: torch.Tensor,
+                 detection: Detection, heatmaps: bool, beams: int) -> list[Result]:
+        """Everything after the CNN but the organs: findings, annotations, boxes, Results."""
+        from .reports.mesh import annotation_term
+
+        scores, best, abnormal, detected = detection
+        normal = self.targets.index(NORMAL) if NORMAL in self.targets else None
+        study = self.spec.study
         pairs = [(b, t) for b, hits in enumerate(detected) for t in hits]
         grounded, confidence = {}, {}
         if self.ground is not None and pairs:
@@ -607,6 +653,19 @@ class Reader:
 
 
 _THREADPOOLS = None
+_BACKGROUND: dict[int, ThreadPoolExecutor] = {}
+
+
+def _background() -> ThreadPoolExecutor:
+    """One worker beside the thread that writes the words (`Reader._batch`), for the anatomy
+    model's read; one per process (a forked child does not inherit the parent's thread, and
+    an executor that thinks it has one would never run the work)."""
+    import os
+
+    pid = os.getpid()
+    if pid not in _BACKGROUND:
+        _BACKGROUND[pid] = ThreadPoolExecutor(1, thread_name_prefix="cxr-organs")
+    return _BACKGROUND[pid]
 
 
 @contextmanager

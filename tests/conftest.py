@@ -236,9 +236,9 @@ def view_noting_reader(run_dir, gate=False):
     from cxr.reader import Reader
 
     class Reading(Reader):
-        def _whole_organs(self, images, results, views=None):
+        def _whole_organs(self, images, results, views=None, organs=None):
             self.seen.append(list(views) if views is not None else None)
-            return super()._whole_organs(images, results, views)
+            return super()._whole_organs(images, results, views, organs)
 
     spec, tensors = load_run(run_dir)
     reader = Reading(spec, tensors, "cpu", gate=gate)

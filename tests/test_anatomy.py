@@ -3,6 +3,7 @@ whole-organ findings, and the cardiothoracic ratio."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -83,7 +84,8 @@ def test_the_shipped_model_finds_the_heart_and_lungs_of_films_it_never_saw(share
 def test_a_whole_organ_finding_the_reader_reports_is_boxed_where_the_organ_is(tiny_run):
     """Every disease reported (thresholds at 0): the whole-organ finding's box (the tiny run has
     Lung/hypoinflation; Cardiomegaly goes the same way) is the anatomy model's box of its organ,
-    not one from its map; with the rule off it comes from the map again."""
+    not one from its map, read on the Reader's second thread while the first writes the words;
+    with the rule off it comes from the map again."""
     from cxr.checkpoint import load_run
     from cxr.reader import Reader
 
@@ -96,9 +98,15 @@ def test_a_whole_organ_finding_the_reader_reports_is_boxed_where_the_organ_is(ti
                                study=dataclasses.replace(spec.study, threshold=0.0))
     reader = Reader(spec, tensors, "cpu", gate=False)
     film = chest_film(1, (256, 256))
-    organ = AnatomyModel.load()([film])[0].boxes[organ_of(target)]
+    anatomy = AnatomyModel.load()
+    organ = anatomy([film])[0].boxes[organ_of(target)]
+    # the anatomy model reads on the Reader's background worker, beside the words being written
+    threads = []
+    reader._anatomy_model = lambda: lambda films: threads.append(threading.current_thread().name) or anatomy(films)
     found = {f.disease: f.boxes for f in reader(film).findings}
     assert found[target] == [Box(target, organ.x, organ.y, organ.w, organ.h)]
+    assert len(threads) == 1 and threads[0].startswith("cxr-organs") and threads[0] != threading.current_thread().name
+    del reader._anatomy_model
     tiny = chest_film(2, (5, 5))  # a film read however small (forced past the gate): no batch is lost
     both = reader([film, tiny])
     assert len(both) == 2 and target in {f.disease for f in both[1].findings}

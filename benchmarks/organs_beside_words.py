@@ -1,0 +1,100 @@
+"""What reading the organs beside the words saves: the Reader with the anatomy model on a second
+thread while the grounded annotator writes (`Reader.organs_beside_words`, the default) against
+the same Reader reading the organs after the words, in one process, call after call.
+
+    python benchmarks/organs_beside_words.py [--engines torch onnxruntime openvino] [--json OUT]
+
+The run is `benchmarks/inference.py`'s random DenseNet-121 with the grounded annotator and every
+disease detected (seven findings per film, Cardiomegaly and Lung/hypoinflation among them, so the
+anatomy model reads every film: the worst case), reading 1024-px float32 films. For each engine
+and batch the two settings alternate call by call, and each call is followed by the Reader's own
+forward pass alone: the ratio of a call to that forward pass is taken call by call (the shared
+machine's load falls on both), and its median is reported, with the median time per call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def measure(run: Path, engine: str, batch: int, calls: int, image: int) -> dict:
+    """Median ms per call and time over the own forward pass, beside and after, one engine."""
+    import numpy as np
+    import torch
+
+    from cxr.reader import Reader
+
+    reader = Reader.load(run, device="cpu", gate=False, engine=engine)
+    rng = np.random.default_rng(0)
+    films = [rng.random((image, image), dtype=np.float32) for _ in range(batch)]
+    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for k in range(calls + 1):  # the first round warms up and is not kept
+        for beside in ((True, False) if k % 2 == 0 else (False, True)):
+            reader.organs_beside_words = beside
+            t0 = time.perf_counter()
+            reader(films, batch_size=batch)
+            t1 = time.perf_counter()
+            reader.forward(films)
+            t2 = time.perf_counter()
+            if k:
+                times[beside].append((t1 - t0, t2 - t1))
+    out = {"engine": engine, "batch": batch, "calls": calls, "torch_threads": torch.get_num_threads()}
+    for beside, name in ((True, "beside"), (False, "after")):
+        pairs = times[beside]
+        out[name] = {"ms_per_call": round(1e3 * statistics.median(t for t, _ in pairs), 2),
+                     "time_x_own_cnn": round(statistics.median(t / o for t, o in pairs), 4)}
+    out["time_x_own_cnn_change"] = round(out["beside"]["time_x_own_cnn"] - out["after"]["time_x_own_cnn"], 4)
+    return out
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from cxr.cli import main as cxr_main
+    from cxr.metrics import markdown_table
+    from inference import _engines, random_run
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", nargs="+", default=None, help="default: torch and those installed")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--calls", type=int, default=40, help="calls of each setting at batch 1 (a quarter of that at batch 32)")
+    ap.add_argument("--input", type=int, default=1024, help="side of the films")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    engines = args.engines or _engines()
+    rows, results = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = random_run(Path(tmp) / "grounded", "densenet121", 256)
+        if set(engines) - {"torch"}:
+            cxr_main(["export", str(run), "--onnx"])
+        for batch in args.batches:
+            for engine in engines:
+                calls = args.calls if batch == 1 else max(3, args.calls // 4)
+                r = measure(run, engine, batch, calls, args.input)
+                results.append(r)
+                rows.append([engine, batch, calls, r["after"]["ms_per_call"], r["beside"]["ms_per_call"],
+                             r["after"]["time_x_own_cnn"], r["beside"]["time_x_own_cnn"]])
+                print(f"  {engine} batch {batch}: x own CNN {r['after']['time_x_own_cnn']:.3f} after, "
+                      f"{r['beside']['time_x_own_cnn']:.3f} beside", flush=True)
+    print(markdown_table(["engine", "batch", "calls each", "ms per call, organs after the words",
+                          "beside", "time x own CNN, after", "beside"], rows, digits=3))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "benchmark": "organs_beside_words", "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "run": "random densenet121, grounded annotator, every disease detected",
+            "image_input": args.input, "precision": "float32", "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
