@@ -541,7 +541,10 @@ class Reader:
             pending = _background().submit(anatomy, [images[b] for b in rows]) \
                 if rows and self.device.type == "cpu" and self.organs_beside_words else None
             results = self._results(images, maps, emb, detection, heatmaps, beams)
-        organs = pending.result() if pending is not None else anatomy([images[b] for b in rows]) if rows else []
+        if pending is not None:
+            organs = pending.result()
+        else:
+            organs = anatomy([images[b] for b in rows]) if rows else []
         return self._whole_organs(images, results, views, dict(zip(rows, organs)))
 
     def _detect(self, logits: torch.Tensor) -> Detection:
