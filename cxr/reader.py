@@ -322,6 +322,10 @@ class Reader:
             return []
         return [b for b, names in enumerate(diseases) if any(organ_of(d) for d in names)]
 
+    def _read_organs(self, images: list[np.ndarray], rows: list[int]) -> dict:
+        """The anatomy model's organs of `images[b]` for each row b in `rows`, by row."""
+        return dict(zip(rows, self._anatomy_model()([images[b] for b in rows]))) if rows else {}
+
     def _anatomy_model(self):
         """The anatomy model, loaded once per device (its ONNX Runtime session takes the CNN's
         threads: load it outside `_one_thread`)."""
@@ -343,8 +347,7 @@ class Reader:
         from .anatomy import grade_of_ratio, organ_of
 
         if organs is None:
-            rows = self._organ_rows([[f.disease for f in r.findings] for r in results])
-            organs = dict(zip(rows, self._anatomy_model()([images[b] for b in rows]))) if rows else {}
+            organs = self._read_organs(images, self._organ_rows([[f.disease for f in r.findings] for r in results]))
         wanted = [(b, f, organ_of(f.disease)) for b, r in enumerate(results) for f in r.findings]
         wanted = [w for w in wanted if w[2] and w[0] in organs]
         for b, f, organ in wanted:
@@ -534,18 +537,16 @@ class Reader:
         maps, logits, emb = self.forward(images)
         detection = self._detect(logits)
         rows = self._organ_rows([[self.targets[t] for t in hits] for hits in detection.detected])
-        anatomy = self._anatomy_model() if rows else None
+        if rows:
+            self._anatomy_model()  # loaded here, with the CNN's threads, not in the worker
         with _one_thread(self.device):
             # the anatomy model (a second CNN) reads on the other core while this one writes the
             # words: after the CNN, the Reader then takes about the longer of the two, not their sum
-            pending = _background().submit(anatomy, [images[b] for b in rows]) \
+            pending = _background().submit(self._read_organs, images, rows) \
                 if rows and self.device.type == "cpu" and self.organs_beside_words else None
             results = self._results(images, maps, emb, detection, heatmaps, beams)
-        if pending is not None:
-            organs = pending.result()
-        else:
-            organs = anatomy([images[b] for b in rows]) if rows else []
-        return self._whole_organs(images, results, views, dict(zip(rows, organs)))
+        organs = pending.result() if pending is not None else self._read_organs(images, rows)
+        return self._whole_organs(images, results, views, organs)
 
     def _detect(self, logits: torch.Tensor) -> Detection:
         """What the CNN's logits decide before any word: calibrated scores, the refined label

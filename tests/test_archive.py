@@ -30,6 +30,7 @@ def result(findings, embedding, scores=None):
     return Result(scores=scores, findings=findings, embedding=np.asarray(embedding, np.float32),
                   model_id=MODEL, image_size=(256, 256))
 
+
 def finding_of_old_archive(tmp_path, revision: str, **columns):
     """The one finding of an archive written at schema `revision` (an image row and a finding row
     of Opacity with `columns` set beside the required ones), as today's `Archive` reads it after
