@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     try:
         reader = Reader.load(args.demo / "run", device="cpu", gate=False)
         model = AnatomyModel.load(args.anatomy)
-        Reader._anatomy = model  # the Reader's own boxes come from the same weights
+        # the Reader's own boxes come from the same weights (on the one thread it reads them with)
+        Reader._anatomy = {("cpu", 1): AnatomyModel.load(args.anatomy, threads=1)}
     except CxrError as e:
         raise SystemExit(f"anatomy: {e}")
     out = {"benchmark": "anatomy", "demo": str(args.demo), "model": model.meta, "engine": model.engine}

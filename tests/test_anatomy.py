@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from conftest import chest_film, view_noting_reader
 
 from cxr import metrics as M
@@ -107,6 +108,12 @@ def test_a_whole_organ_finding_the_reader_reports_is_boxed_where_the_organ_is(ti
     assert found[target] == [Box(target, organ.x, organ.y, organ.w, organ.h)]
     assert len(threads) == 1 and threads[0].startswith("cxr-organs") and threads[0] != threading.current_thread().name
     del reader._anatomy_model
+    # beside the words its ONNX Runtime session takes one thread (the words hold the other
+    # core); read after them, the CNN's threads
+    assert reader._anatomy_model().threads == 1
+    reader.organs_beside_words = False
+    assert reader._anatomy_model().threads == torch.get_num_threads()
+    reader.organs_beside_words = True
     tiny = chest_film(2, (5, 5))  # a film read however small (forced past the gate): no batch is lost
     both = reader([film, tiny])
     assert len(both) == 2 and target in {f.disease for f in both[1].findings}

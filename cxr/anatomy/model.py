@@ -155,7 +155,8 @@ class AnatomyModel:
 
     ENGINES = ("auto", "torch", "onnxruntime")
 
-    def __init__(self, net: torch.nn.Module, meta: dict, device=None, engine: str = "auto"):
+    def __init__(self, net: torch.nn.Module, meta: dict, device=None, engine: str = "auto",
+                 threads: int | None = None):
         if engine not in self.ENGINES:
             raise CxrError(f"anatomy engine must be one of {', '.join(self.ENGINES)}, not {engine!r}")
         self.device = torch.device(device or "cpu")
@@ -163,12 +164,16 @@ class AnatomyModel:
         self.meta = meta
         self.size = int(meta.get("size", SIZE))
         self.session = None
+        # ONNX Runtime's threads (default: torch's); the Reader gives it one when it reads
+        # beside the annotator's words, which hold the other core
+        self.threads = int(threads or torch.get_num_threads())
         if self.device.type == "cpu" and engine != "torch":
-            self.session = _onnx_session(self.net, self.size, required=engine == "onnxruntime")
+            self.session = _onnx_session(self.net, self.size, required=engine == "onnxruntime",
+                                         threads=self.threads)
         self.engine = "onnxruntime" if self.session is not None else "torch"
 
     @classmethod
-    def load(cls, path=None, device=None, engine: str = "auto") -> "AnatomyModel":
+    def load(cls, path=None, device=None, engine: str = "auto", threads: int | None = None) -> "AnatomyModel":
         """`path`: a folder holding anatomy.safetensors + anatomy.json, or the .safetensors file
         (its .json beside it); None -> the weights shipped in the package. `engine`: see above."""
         from ..checkpoint import load_shipped
@@ -177,7 +182,7 @@ class AnatomyModel:
                                             lambda meta: build_net(meta.get("features", FEATURES)))
         if tuple(meta.get("organs", ORGANS)) != ORGANS:
             raise CxrError("the anatomy weights were trained for other organs than this code knows", meta_path)
-        return cls(net, meta, device, engine)
+        return cls(net, meta, device, engine, threads)
 
     @torch.no_grad()
     def probabilities(self, images) -> np.ndarray:
@@ -197,7 +202,7 @@ class AnatomyModel:
         return [read_masks(p, np.shape(im)[:2]) for p, im in zip(self.probabilities(images), images)]
 
 
-def _onnx_session(net: torch.nn.Module, size: int, required: bool):
+def _onnx_session(net: torch.nn.Module, size: int, required: bool, threads: int):
     """`net` exported to ONNX in memory and opened in ONNX Runtime (None where it is not
     installed or the export fails, unless `required`)."""
     import io
@@ -212,7 +217,7 @@ def _onnx_session(net: torch.nn.Module, size: int, required: bool):
             torch.onnx.export(net.cpu(), torch.zeros(1, 1, size, size), buf, input_names=["x"],
                               output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
                               opset_version=OPSET, dynamo=False)
-        return ort_session(buf.getvalue(), torch.get_num_threads())
+        return ort_session(buf.getvalue(), threads)
     except Exception as e:  # onnxruntime or onnx missing, or an exporter that cannot: eager torch
         if required:
             raise CxrError(f"the anatomy network cannot run under ONNX Runtime: {e}") from None
