@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cxr.machine import cpu_name  # noqa: E402
 
 # what a film reports in each setting: one finding, one that needs the anatomy network, two, three
 # (the anatomy network among them), and every disease of the random run
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "benchmark": "findings_per_film", "cpu": platform.processor() or platform.machine(),
+            "benchmark": "findings_per_film", "cpu": cpu_name(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "run": "random densenet121, grounded annotator, diseases reported set by the thresholds",
             "image_input": args.input, "precision": "float32", "results": results}, indent=1) + "\n")

@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from cxr.dicom import write_dicom
+    from cxr.machine import cpu_name
     from cxr.images import load_image, save_png16
 
     image = synthetic_radiograph(args.size)
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "benchmark": "images", "size": args.size, "repeats": args.repeats,
-            "machine": {"python": platform.python_version(), "processor": platform.processor(),
+            "machine": {"python": platform.python_version(), "processor": cpu_name(),
                         "system": platform.platform()},
             "rows": rows}, indent=2))
     return 0

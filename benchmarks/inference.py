@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import resource
 import statistics
 import sys
@@ -44,6 +43,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr.machine import cpu_name  # noqa: E402
 
 TARGETS = ["normal", "Opacity", "Cardiomegaly", "Pleural Effusion", "Pulmonary Atelectasis",
            "Nodule", "Calcified Granuloma", "Lung/hypoinflation"]
@@ -383,7 +384,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "benchmark": "inference", "device": args.device, "threads": args.threads,
-            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "cpu": cpu_name(), "torch": torch.__version__,
             "run": args.run or f"random {backbone}", "backbone": backbone, "model_input": size,
             "image_input": args.input, "engines": engines, "before": args.before,
             "precision": "float32 for every engine",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr.errors import CxrError  # noqa: E402
+from cxr.machine import cpu_name  # noqa: E402
 from cxr.fetch import locate  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(context_table)
     print()
-    print(f"Speed, {platform.processor() or platform.machine()}, one process: "
+    print(f"Speed, {cpu_name()}, one process: "
           + ", ".join(f"{k} {speed[f'{k}_reports_per_s']:.0f} reports/s (load {speed[f'{k}_load_s']:.1f} s)"
                       for k in predictions))
     print(f"{no_indexing['reports']} reports are marked No Indexing; on all reports "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cxr.machine import cpu_name  # noqa: E402
 
 
 def measure(run: Path, engine: str, batch: int, calls: int, image: int) -> dict:
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "benchmark": "organs_beside_words", "cpu": platform.processor() or platform.machine(),
+            "benchmark": "organs_beside_words", "cpu": cpu_name(),
             "torch": torch.__version__, "run": "random densenet121, grounded annotator, every disease detected",
             "image_input": args.input, "precision": "float32", "results": results}, indent=1) + "\n")
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cxr.machine import cpu_name  # noqa: E402
 
 TARGETS = {"orientation": 0.99, "inverted": 0.99, "upright_refused": 0.01,
            "non_radiographs_refused": 0.99, "lateral_vs_frontal": 0.98, "time_ratio": 0.10}
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     res = {"benchmark": "quality", "weights": args.weights or "shipped",
            "gate_version": gate.meta.get("version"), "targets": TARGETS,
            "decision": refused.__doc__.strip().replace("\n   ", ""),
-           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "cpu": cpu_name(), "torch": torch.__version__,
            "gate_training": gate.meta.get("training", {}),
            "gate_temperatures": gate.meta.get("temperatures", {}),
            "gate_parameters": sum(p.numel() for p in gate.net.parameters()),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr.metrics import markdown_table  # noqa: E402
+from cxr.machine import cpu_name  # noqa: E402
 from cxr.models.cnn import BACKBONES, create_cnn  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "benchmark": "train_speed", "device": str(device), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "cpu": cpu_name(), "torch": torch.__version__,
             "batch": args.batch, "size": args.size, "steps": args.steps, "results": results,
         }, indent=2))
     return 0

@@ -54,6 +54,22 @@ def test_settings_defaults_quick_and_overrides():
         demo.settings_from_args(_args(size=64, image_size=96))
 
 
+def test_figures_name_the_processor_they_were_measured_on():
+    """The demo's metrics and the benchmarks' JSON name the CPU model from /proc/cpuinfo, where
+    `platform.processor()` says only "x86_64" (or nothing) on Linux."""
+    import platform
+    from pathlib import Path
+
+    from cxr.machine import cpu
+
+    info = cpu()
+    assert info["torch_capability"] and info["model"]
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    if names:
+        assert info["model"] == names[0] and info["model"] != platform.machine()
+
+
 def test_demo_refuses_a_folder_with_other_settings(tmp_path):
     (tmp_path / demo.STATE).write_text(json.dumps({"settings": {"n": 5}}))
     with pytest.raises(CxrError, match="other settings"):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..atomic import write_atomic
 from ..errors import CxrError
+from ..machine import cpu
 
 # The default demo: chosen so that the whole run takes minutes on 2 CPU cores and the detector is
 # clearly better than chance on the phantom's test patients (see the report for the figures).
@@ -155,7 +156,7 @@ def run_demo(out: str | Path, settings: dict, workers: int = 1, examples: int = 
     metrics["demo"] = {"settings": settings, "seconds": dict(times), "threads": _threads(),
                        "cpu_seconds": state["cpu_seconds"],
                        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-                       "cpu": _cpu(), "data": str(data), "run": str(run_dir)}
+                       "cpu": cpu(), "data": str(data), "run": str(run_dir)}
     write_metrics(metrics, out)
     path = write_demo_report(out / "report.html", metrics, chosen)
     save()
@@ -257,20 +258,6 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def _cpu() -> dict:
-    """The processor and the vector instructions torch's kernels use (they set the order of
-    float sums), so a demo's figures name the machine they were measured on."""
-    import torch
-
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
-        info = []
-    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-                 platform.processor() or "unknown")
-    return {"model": model, "torch_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _diff(a: dict, b: dict) -> str:
