@@ -77,24 +77,17 @@ def measure(run: Path, engine: str, batch: int, calls: int, image: int) -> list[
 def main(argv=None) -> int:
     import torch
 
-    from cxr.cli import main as cxr_main
     from cxr.metrics import markdown_table
-    from inference import _engines, random_run
+    from inference import _engines, grounded_run_for, reader_options
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engines", nargs="+", default=None, help="default: torch and those installed")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1],
-                    help="default 1: where the Reader's work after the CNN weighs most (32 takes ten times as long)")
-    ap.add_argument("--calls", type=int, default=30, help="calls of each setting at batch 1 (a sixth of that at batch 32)")
-    ap.add_argument("--input", type=int, default=1024, help="side of the films")
-    ap.add_argument("--json", type=Path)
+    # batch 1 by default: where the Reader's work after the CNN weighs most (32 takes ten times as long)
+    reader_options(ap, [1], 30, "calls of each setting at batch 1 (a sixth of that at batch 32)")
     args = ap.parse_args(argv)
     engines = args.engines or _engines()
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        run = random_run(Path(tmp) / "grounded", "densenet121", 256)
-        if set(engines) - {"torch"}:
-            cxr_main(["export", str(run), "--onnx"])
+        run = grounded_run_for(Path(tmp) / "grounded", engines)
         for batch in args.batches:
             for engine in engines:
                 calls = args.calls if batch == 1 else max(3, args.calls // 6)

@@ -224,6 +224,27 @@ def _engines() -> list[str]:
     return found
 
 
+def reader_options(ap, batches: list[int], calls: int, calls_help: str) -> None:
+    """The options of the benchmarks that time the grounded Reader call by call in one process
+    per engine (`organs_beside_words.py`, `findings_per_film.py`)."""
+    ap.add_argument("--engines", nargs="+", default=None, help="default: torch and those installed")
+    ap.add_argument("--batches", type=int, nargs="+", default=batches)
+    ap.add_argument("--calls", type=int, default=calls, help=calls_help)
+    ap.add_argument("--input", type=int, default=1024, help="side of the films")
+    ap.add_argument("--json", type=Path)
+
+
+def grounded_run_for(out: Path, engines: list[str]) -> Path:
+    """The random grounded DenseNet-121 run at 256-px input (`random_run`) in `out`, exported to
+    ONNX where an engine other than torch is to read it: what the Reader-only benchmarks read."""
+    from cxr.cli import main as cxr_main
+
+    run = random_run(out, "densenet121", 256)
+    if set(engines) - {"torch"}:
+        cxr_main(["export", str(run), "--onnx"])
+    return run
+
+
 def _jobs(engines: list[str], before: str | None, micro_batches: list[int], batch: int,
           grounded: bool = False) -> list[dict]:
     jobs = [{"kind": "densenet"}]
