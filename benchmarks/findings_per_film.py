@@ -77,6 +77,7 @@ def measure(run: Path, engine: str, batch: int, calls: int, image: int) -> list[
 def main(argv=None) -> int:
     import torch
 
+    from cxr.atomic import write_atomic
     from cxr.metrics import markdown_table
     from inference import _engines, grounded_run_for, reader_options
 
@@ -100,8 +101,7 @@ def main(argv=None) -> int:
     print(markdown_table(["engine", "batch", "film reports", "findings per film", "ms per call",
                           "time x own CNN"], rows, digits=3))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        write_atomic(args.json, json.dumps({
             "benchmark": "findings_per_film", "cpu": cpu_name(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "run": "random densenet121, grounded annotator, diseases reported set by the thresholds",

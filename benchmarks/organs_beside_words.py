@@ -60,6 +60,7 @@ def measure(run: Path, engine: str, batch: int, calls: int, image: int) -> dict:
 def main(argv=None) -> int:
     import torch
 
+    from cxr.atomic import write_atomic
     from cxr.metrics import markdown_table
     from inference import _engines, grounded_run_for, reader_options
 
@@ -82,8 +83,7 @@ def main(argv=None) -> int:
     print(markdown_table(["engine", "batch", "calls each", "ms per call, organs after the words",
                           "beside", "time x own CNN, after", "beside"], rows, digits=3))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        write_atomic(args.json, json.dumps({
             "benchmark": "organs_beside_words", "cpu": cpu_name(),
             "torch": torch.__version__, "run": "random densenet121, grounded annotator, every disease detected",
             "image_input": args.input, "precision": "float32", "results": results}, indent=1) + "\n")

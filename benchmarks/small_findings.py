@@ -107,6 +107,7 @@ def blob_detector(ed, idx, sizes, targets) -> dict:
 def main(argv=None) -> int:
     from demo_errors import finished_demo
 
+    from cxr.atomic import write_atomic
     from cxr.metrics import markdown_table
     from cxr.sources import open_source
 
@@ -144,8 +145,7 @@ def main(argv=None) -> int:
     print(markdown_table(["finding", "demo AUC"] + [f"CNN alone {s} px" for s in args.sizes]
                          + [f"blobs {s} px, best scale" for s in args.sizes], rows, digits=3))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        write_atomic(args.json, json.dumps(out, indent=1) + "\n")
     return 0
 
 

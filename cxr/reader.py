@@ -333,11 +333,17 @@ class Reader:
         against 1.21x with two threads, ONNX Runtime's CNN at batch 1), else the CNN's threads."""
         from .anatomy import AnatomyModel
 
-        threads = 1 if self.device.type == "cpu" and self.organs_beside_words else torch.get_num_threads()
+        threads = 1 if self._organs_on_worker else torch.get_num_threads()
         key = (str(self.device), threads)
         if key not in Reader._anatomy:
             Reader._anatomy[key] = AnatomyModel.load(device=self.device, threads=threads)
         return Reader._anatomy[key]
+
+    @property
+    def _organs_on_worker(self) -> bool:
+        """Whether the anatomy model reads on the worker thread beside the words (a CPU with
+        `organs_beside_words`): where it does, and what its session's threads are, follow from this."""
+        return self.device.type == "cpu" and self.organs_beside_words
 
     def _whole_organs(self, images: list[np.ndarray], results: list[Result],
                       views: list[str | None] | None = None, organs: dict | None = None) -> list[Result]:
@@ -547,7 +553,7 @@ class Reader:
             # the anatomy model (a second CNN) reads on the other core while this one writes the
             # words: after the CNN, the Reader then takes about the longer of the two, not their sum
             pending = _background().submit(self._read_organs, images, rows) \
-                if rows and self.device.type == "cpu" and self.organs_beside_words else None
+                if rows and self._organs_on_worker else None
             results = self._results(images, maps, emb, detection, heatmaps, beams)
         organs = pending.result() if pending is not None else self._read_organs(images, rows)
         return self._whole_organs(images, results, views, organs)
