@@ -102,12 +102,13 @@ def run(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size, dicom_out=args.dicom_out,
                                  progress=not args.quiet, retry_failed=args.retry_failed,
                                  force=args.force)
-        total = archive.count()
+        # as the web page counts them: images read; those that failed are listed apart
+        total, failed_total = archive.count(status="ok"), archive.count(status="failed")
     line = (f"indexed {stats.indexed}, failed {stats.failed} (of which {stats.refused} refused by "
             f"the quality gate), skipped {stats.skipped} already "
             f"indexed, {stats.duplicates} duplicate content"
             + (f", {stats.reports} report document(s) (SR, CDA, PDF)" if stats.reports else "")
-            + f"; {total} images in the archive "
+            + f"; {total} images read in the archive, {failed_total} failed "
             f"({stats.images_per_second:.1f} images/s)")
     if stowed is not None:
         line += f"; {stowed} result objects (SR, overlay) stored back by STOW-RS"
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     for path, reason in stats.failures[:5]:
         print(f"  failed: {path}: {reason}", file=sys.stderr)
     if args.json:
-        extra = {"archive_images": total} | ({"stowed": stowed} if stowed is not None else {})
+        extra = {"archive_images": total, "archive_failed": failed_total} | ({"stowed": stowed} if stowed is not None else {})
         text = json.dumps(stats.to_dict() | extra, indent=2)
         if args.json == "-":
             print(text)
