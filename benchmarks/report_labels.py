@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -316,6 +315,7 @@ def main() -> int:
     import torch
 
     from cxr.atomic import write_atomic
+    from cxr.machine import cpu_name
 
     SETTINGS["n"] = args.n
     t0 = time.time()
@@ -339,7 +339,7 @@ def main() -> int:
            "studies": len(studies), "uncertain": "ignore (the default)", "target": TARGET,
            **combine(pairs), "pairs": pairs,
            "seconds": {"simulate": seconds_simulate, "total": round(time.time() - t0, 1)},
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
+           "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, torch threads "
                       f"{torch.get_num_threads()}"}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.json, json.dumps(res, indent=1) + "\n")

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from ..atomic import write_atomic
 from ..errors import CxrError
-from ..machine import cpu
+from ..machine import cpu, cpu_name
 
 # The default demo: chosen so that the whole run takes minutes on 2 CPU cores and the detector is
 # clearly better than chance on the phantom's test patients (see the report for the figures).
@@ -155,7 +154,7 @@ def run_demo(out: str | Path, settings: dict, workers: int = 1, examples: int = 
     state["cpu_seconds_before"] = state["cpu_seconds"]
     metrics["demo"] = {"settings": settings, "seconds": dict(times), "threads": _threads(),
                        "cpu_seconds": state["cpu_seconds"],
-                       "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                       "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores",
                        "cpu": cpu(), "data": str(data), "run": str(run_dir)}
     write_metrics(metrics, out)
     path = write_demo_report(out / "report.html", metrics, chosen)
