@@ -226,12 +226,45 @@ def _engines() -> list[str]:
 
 def reader_options(ap, batches: list[int], calls: int, calls_help: str) -> None:
     """The options of the benchmarks that time the grounded Reader call by call in one process
-    per engine (`organs_beside_words.py`, `findings_per_film.py`)."""
+    per engine (`organs_beside_words.py`, `findings_per_film.py`, `decoding.py`)."""
     ap.add_argument("--engines", nargs="+", default=None, help="default: torch and those installed")
     ap.add_argument("--batches", type=int, nargs="+", default=batches)
     ap.add_argument("--calls", type=int, default=calls, help=calls_help)
     ap.add_argument("--input", type=int, default=1024, help="side of the films")
     ap.add_argument("--json", type=Path)
+
+
+def two_settings(run: Path, engine: str, batch: int, calls: int, image: int, apply) -> tuple:
+    """One Reader of `run` reading `batch` random `image`-px films in two settings (`apply(reader,
+    True)` or `apply(reader, False)` sets one) alternated call by call, each call followed by the
+    Reader's own forward pass alone; the first round warms up. Returns the Reader, its first
+    call's Results, and per setting the median ms per call and the median ratio of a call to the
+    forward pass after it (the machine's load falls on both)."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    from cxr.reader import Reader
+
+    reader = Reader.load(run, device="cpu", gate=False, engine=engine)
+    rng = np.random.default_rng(0)
+    films = [rng.random((image, image), dtype=np.float32) for _ in range(batch)]
+    first = reader(films, batch_size=batch)
+    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for k in range(calls + 1):
+        for setting in ((True, False) if k % 2 == 0 else (False, True)):
+            apply(reader, setting)
+            t0 = time.perf_counter()
+            reader(films, batch_size=batch)
+            t1 = time.perf_counter()
+            reader.forward(films)
+            t2 = time.perf_counter()
+            if k:
+                times[setting].append((t1 - t0, t2 - t1))
+    return reader, first, {setting: {"ms_per_call": round(1e3 * statistics.median(t for t, _ in pairs), 2),
+                                     "time_x_own_cnn": round(statistics.median(t / o for t, o in pairs), 4)}
+                           for setting, pairs in times.items()}
 
 
 def grounded_run_for(out: Path, engines: list[str]) -> Path:

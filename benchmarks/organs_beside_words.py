@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,30 +27,16 @@ from cxr.machine import cpu_name  # noqa: E402
 
 def measure(run: Path, engine: str, batch: int, calls: int, image: int) -> dict:
     """Median ms per call and time over the own forward pass, beside and after, one engine."""
-    import numpy as np
     import torch
 
-    from cxr.reader import Reader
+    from inference import two_settings
 
-    reader = Reader.load(run, device="cpu", gate=False, engine=engine)
-    rng = np.random.default_rng(0)
-    films = [rng.random((image, image), dtype=np.float32) for _ in range(batch)]
-    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-    for k in range(calls + 1):  # the first round warms up and is not kept
-        for beside in ((True, False) if k % 2 == 0 else (False, True)):
-            reader.organs_beside_words = beside
-            t0 = time.perf_counter()
-            reader(films, batch_size=batch)
-            t1 = time.perf_counter()
-            reader.forward(films)
-            t2 = time.perf_counter()
-            if k:
-                times[beside].append((t1 - t0, t2 - t1))
-    out = {"engine": engine, "batch": batch, "calls": calls, "torch_threads": torch.get_num_threads()}
-    for beside, name in ((True, "beside"), (False, "after")):
-        pairs = times[beside]
-        out[name] = {"ms_per_call": round(1e3 * statistics.median(t for t, _ in pairs), 2),
-                     "time_x_own_cnn": round(statistics.median(t / o for t, o in pairs), 4)}
+    def beside(reader, setting):
+        reader.organs_beside_words = setting
+
+    _, _, got = two_settings(run, engine, batch, calls, image, beside)
+    out = {"engine": engine, "batch": batch, "calls": calls, "torch_threads": torch.get_num_threads(),
+           "beside": got[True], "after": got[False]}
     out["time_x_own_cnn_change"] = round(out["beside"]["time_x_own_cnn"] - out["after"]["time_x_own_cnn"], 4)
     return out
 

@@ -365,6 +365,42 @@ def test_one_annotator_decodes_from_several_threads_at_once():
                 assert all(torch.equal(got[2][f], want[2][f]) for f in want[2])
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_items_that_have_ended_leave_the_decoding_batch(cell):
+    """Decoding drops an item from the batch once it writes <end>: a batch whose items end at
+    different steps gives each item the words and word maps it gets decoded alone, for items
+    with their own maps and for several findings of one image (`rows`, regions shared)."""
+    from cxr.models.annotator import END
+    from cxr.models.grounded import field_word_ids
+
+    torch.manual_seed(0)
+    words = ["<pad>", "<start>", "<end>", "<unk>", "opacity", "lung", "base", "left", "right", "mild",
+             "upper", "lobe", "severe", "small"]
+    model = GroundedAnnotator(len(words), 6, 32, field_word_ids(words), 32, 16, cell, 16,
+                              vocab=words).eval()
+    with torch.no_grad():  # findings distinct enough, <end> neither at once nor never
+        model.label.weight.mul_(4)
+        model.out.bias[END] = 0.0
+    maps, labels = torch.randn(6, 32, 8, 8), torch.arange(6)
+    one_image = torch.randn(1, 32, 8, 8)
+    cases = (((maps, labels), [(maps[i:i + 1], labels[i:i + 1]) for i in range(6)]),
+             ((one_image, labels, 8, True, True, [0] * 6),
+              [(one_image, labels[i:i + 1], 8, True, True, [0]) for i in range(6)]))
+    for batch, alone in cases:
+        seqs, word_maps, _, _ = model.generate(*batch)
+        lengths = [len(s) for s in seqs]  # the items end at different steps, some two apart
+        assert max(lengths) - min(lengths) >= 2, seqs
+        for i, job in enumerate(alone):
+            want_seq, want_maps, _, _ = model.generate(*job)
+            assert seqs[i] == want_seq[0]
+            assert torch.allclose(word_maps[i], want_maps[0], atol=1e-6)
+        model.drop_ended = False  # every item to the last step, as before: the same words and maps
+        kept_seqs, kept_maps, _, _ = model.generate(*batch)
+        del model.drop_ended
+        assert kept_seqs == seqs
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept_maps, word_maps))
+
+
 def test_word_temperature_fits_overconfident_and_underconfident_words():
     """Temperature scaling (one number per field): words right 60% of the time at a stated 95%
     get T > 1 (less sure), words right 95% of the time at a stated 60% get T < 1."""

@@ -186,6 +186,10 @@ class GroundedAnnotator(nn.Module):
     """See the module docstring. `field_words[f]` lists the vocabulary ids of field f's words
     (e.g. the ids of left/right/bilateral); a field head predicts one of them."""
 
+    #: `generate` drops an item from the batch once it has written <end>; False decodes every
+    #: item to the last step, as before (the same words; `benchmarks/decoding.py` compares them)
+    drop_ended = True
+
     def __init__(self, vocab_size: int, num_labels: int, feat_dim: int,
                  field_words: dict[str, list[int]], hidden: int = 256, embed_dim: int = 128,
                  cell: str = "gru", attn_dim: int = 128, dropout: float = 0.1,
@@ -462,9 +466,13 @@ class GroundedAnnotator(nn.Module):
         weigh the map's presence per half / third (`where_logp`) with the field heads. `rows`:
         item i reads image rows[i] of `maps` (default: item i reads maps[i]); an image with
         several findings then has its regions made once (the 1x1 projection of a DenseNet's
-        map was a fifth of the Reader's time after the CNN at batch 1, made once per finding)."""
+        map was a fifth of the Reader's time after the CNN at batch 1, made once per finding).
+        An item that has written <end> leaves the batch: the steps after it read only the items
+        still writing (the GRU's hidden product, read for every item at every step, was the
+        largest cost after the CNN)."""
         values, keys = self.regions(maps)
-        if rows is not None and len(maps) == 1:  # one image: its regions shared, not copied
+        shared = rows is not None and len(maps) == 1  # one image: its regions shared, not copied
+        if shared:
             values, keys = (t.expand(len(rows), -1, -1) for t in (values, keys))
         elif rows is not None:
             rows = torch.as_tensor(rows, dtype=torch.long, device=values.device)
@@ -482,8 +490,11 @@ class GroundedAnnotator(nn.Module):
         bar = torch.zeros(n, vocab, device=device)
         bar[:, [PAD, START, END]] = -float("inf")
         words = torch.full((n,), START, dtype=torch.long, device=device)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        steps, kept, alphas = [], [], []
+        live = torch.arange(n, device=device)  # the items still writing
+        ended = torch.zeros(n, dtype=torch.bool, device=device)
+        words_at = torch.full((n, max_len), END, dtype=torch.long, device=device)
+        maps_at = torch.zeros(n, max_len, keys.shape[1], device=device)  # each word's map
+        steps = 0
         for step in range(max_len):
             lg, state, alpha = self._step(words, state, values, keys, q, work)
             logp = torch.log_softmax(lg, -1)
@@ -493,22 +504,34 @@ class GroundedAnnotator(nn.Module):
             bar.masked_fill_(self.barred_after[words], -float("inf"))
             if step == 0:
                 bar[:, END] = 0.0
-            keep = ~done & (words != END)
-            steps.append(words)
-            kept.append(keep)
-            alphas.append(alpha)
-            done |= ~keep
-            if done.all():
+            words_at[live, step], maps_at[live, step] = words, alpha
+            steps = step + 1
+            writing = words != END
+            if not self.drop_ended:  # every item decoded to the last step (for comparison)
+                ended |= ~writing
+                if ended.all():
+                    break
+                continue
+            if writing.all():
+                continue
+            if not writing.any():
                 break
+            keep = writing.nonzero().squeeze(1)
+            live, words, bar, q = live[keep], words[keep], bar[keep], q[keep]
+            head = head[keep] if head is not None else None
+            state = tuple(s[keep] for s in state) if self.cell == "lstm" else state[keep]
+            values, keys = (t[:1].expand(len(keep), -1, -1) for t in (values, keys)) if shared \
+                else (values[keep], keys[keep])
+            work = work[:len(keep)]
+        probs = {f: lp.exp() for f, lp in field_logp.items()}
         if not steps:
-            return [[] for _ in range(n)], [alpha_f[i:i + 1, :0] for i in range(n)], alpha_f, \
-                {f: lp.exp() for f, lp in field_logp.items()}
-        keep_at = torch.stack(kept, 1)  # (n, steps)
-        words_at, keep_list = torch.stack(steps, 1).tolist(), keep_at.tolist()
-        seqs = [[w for w, k in zip(ws, ks) if k] for ws, ks in zip(words_at, keep_list)]
-        maps_at = torch.stack(alphas, 1)  # (n, steps, R): each word's map, kept where its word is
-        maps_out = [maps_at[i][keep_at[i]] for i in range(n)]
-        return seqs, maps_out, alpha_f, {f: lp.exp() for f, lp in field_logp.items()}
+            return [[] for _ in range(n)], [alpha_f[i:i + 1, :0] for i in range(n)], alpha_f, probs
+        written = words_at[:, :steps]
+        # an item's words are those before its first <end>
+        kept = torch.cumprod((written != END).long(), 1).bool()
+        seqs = [[w for w, k in zip(ws, ks) if k] for ws, ks in zip(written.tolist(), kept.tolist())]
+        maps_out = [maps_at[i, :steps][kept[i]] for i in range(n)]
+        return seqs, maps_out, alpha_f, probs
 
 
 ZONE_WEIGHT = 4.0
