@@ -37,7 +37,7 @@ def measure(run: Path, engine: str, batch: int, calls: int, image: int) -> dict:
     def drop(reader, setting):
         reader.ground.drop_ended = setting
 
-    _, first, got = two_settings(run, engine, batch, calls, image, drop)
+    first, got = two_settings(run, engine, batch, calls, image, drop)
     out = {"engine": engine, "batch": batch, "calls": calls, "torch_threads": torch.get_num_threads(),
            "words_per_finding": [len(f.annotation.split()) for f in first[0].findings],
            "dropped": got[True], "kept": got[False]}

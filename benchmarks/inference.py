@@ -262,9 +262,9 @@ def two_settings(run: Path, engine: str, batch: int, calls: int, image: int, app
             t2 = time.perf_counter()
             if k:
                 times[setting].append((t1 - t0, t2 - t1))
-    return reader, first, {setting: {"ms_per_call": round(1e3 * statistics.median(t for t, _ in pairs), 2),
-                                     "time_x_own_cnn": round(statistics.median(t / o for t, o in pairs), 4)}
-                           for setting, pairs in times.items()}
+    return first, {setting: {"ms_per_call": round(1e3 * statistics.median(t for t, _ in pairs), 2),
+                             "time_x_own_cnn": round(statistics.median(t / o for t, o in pairs), 4)}
+                   for setting, pairs in times.items()}
 
 
 def grounded_run_for(out: Path, engines: list[str]) -> Path:

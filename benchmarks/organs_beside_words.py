@@ -34,7 +34,7 @@ def measure(run: Path, engine: str, batch: int, calls: int, image: int) -> dict:
     def beside(reader, setting):
         reader.organs_beside_words = setting
 
-    _, _, got = two_settings(run, engine, batch, calls, image, beside)
+    _, got = two_settings(run, engine, batch, calls, image, beside)
     out = {"engine": engine, "batch": batch, "calls": calls, "torch_threads": torch.get_num_threads(),
            "beside": got[True], "after": got[False]}
     out["time_x_own_cnn_change"] = round(out["beside"]["time_x_own_cnn"] - out["after"]["time_x_own_cnn"], 4)

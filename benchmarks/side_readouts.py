@@ -8,7 +8,8 @@ same run's own evidence per image half:
   presence of the finding map in each image half, `GroundedAnnotator.field_log_probs`);
 - `head`: the field head alone; `halves`: the presence logits per half alone (bilateral where
   both exceed a margin, else the stronger half); `cam`: the CNN's class map of the disease pooled
-  (its own log-sum-exp) over each half, relative to the whole image, the same rule;
+  (its own log-sum-exp) over each half, relative to the whole film's (the head's logit), the
+  same rule;
 - `fitted`: a logistic regression on all of them together (head, presence, CAM per half).
 
 Margins and the regression are fitted on the validation split's findings and scored on the test
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SIDES = ("right", "left", "bilateral")
 MARGINS = np.round(np.arange(-6.0, 3.01, 0.25), 2)  # the CAM per half is relative to the whole: mostly below 0
@@ -45,8 +47,8 @@ def evidence(reader, ed, idx) -> list[dict]:
 
     from cxr.images import read_image, pixels_of
     from cxr.metrics import match_findings
-    from cxr.models.cnn import lse_pool
     from cxr.models.grounded import zone_masks_of
+    from cxr.training.loops import half_logits
 
     g, head_maps = reader.ground, reader.cnn.head
     side_words = [reader.words[i] for i in g.field_words["side"]]
@@ -55,25 +57,24 @@ def evidence(reader, ed, idx) -> list[dict]:
     for i in idx:
         pixels = pixels_of(read_image(ed.prep.paths[i]))
         result = reader._batch([pixels], heatmaps=False, beams=1)[0]
-        maps, logits, _ = reader.forward([pixels])
+        sided = [(truth, said) for truth, said in match_findings(ed.truth_findings(int(i)), result.findings)
+                 if said is not None and getattr(truth, "side", None)]
+        if not sided:
+            continue
+        maps, logits, _ = reader.forward([pixels])  # the maps `_batch` read (it keeps none)
         _, best = reader.scores(logits)
-        for truth, said in match_findings(ed.truth_findings(int(i)), result.findings):
-            if said is None or not getattr(truth, "side", None):
-                continue
-            t = reader.targets.index(said.disease)
-            with torch.no_grad():
-                values, keys = g.regions(maps)
+        with torch.no_grad():
+            values, keys = g.regions(maps)
+            # each class map pooled over each half as the head pools the whole film, minus the whole
+            cam = (half_logits(head_maps.class_maps, maps, head_maps.sharpness()[:, None])[0]
+                   - logits[0][:, None])
+            for truth, said in sided:
+                t = reader.targets.index(said.disease)
                 _, pooled, presence = g.finding(values, keys, torch.tensor([t]), zone_masks_of(maps))
                 head = torch.log_softmax(g.field_logits(pooled)["side"], -1)[0, order]
-                label = int(best[0, t])
-                cam = head_maps.class_maps(maps)[0, label]
-                r = head_maps.sharpness()[label]
-                w = cam.shape[-1]
-                halves = [float(lse_pool(cam[:, :w // 2], r)), float(lse_pool(cam[:, w - w // 2:], r))]
-                whole = float(lse_pool(cam, r))
-            out.append({"image": int(i), "disease": said.disease, "truth": truth.side, "words": said.side,
-                        "head": head.tolist(), "halves": presence[0, :2].tolist(),
-                        "cam": [h - whole for h in halves]})
+                out.append({"image": int(i), "disease": said.disease, "truth": truth.side, "words": said.side,
+                            "head": head.tolist(), "halves": presence[0, :2].tolist(),
+                            "cam": cam[int(best[0, t])].tolist()})
     return out
 
 
