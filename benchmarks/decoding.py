@@ -1,9 +1,13 @@
-"""What dropping ended findings from the decoding batch saves: the Reader with the grounded
-annotator dropping a finding once it has written <end> (`GroundedAnnotator.drop_ended`, the
-default) against the same Reader decoding every finding to the last step, in one process, call
-after call.
+"""What the grounded annotator's decoding changes cost: the Reader in two settings of its
+decoding, in one process, call after call.
 
-    python benchmarks/decoding.py [--engines torch onnxruntime openvino] [--json OUT]
+    python benchmarks/decoding.py [--compare drop_ended|onnx_decoding] [--engines ...] [--json OUT]
+
+`--compare drop_ended` (the default): a finding dropped from the batch once it has written <end>
+(`GroundedAnnotator.drop_ended`, the default) against every finding decoded to the last step.
+`--compare onnx_decoding`: the annotator's regions and per-word step run as ONNX Runtime graphs
+(`Reader.onnx_decoding`, the default on a CPU where ONNX Runtime is installed) against PyTorch.
+Whatever the engine that runs the CNN, the setting changes only the words' part.
 
 The run is `benchmarks/inference.py`'s random DenseNet-121 with the grounded annotator and every
 disease detected (seven findings per film: the worst case; its random annotator writes one to
@@ -12,7 +16,7 @@ batch 1. For each engine the two settings alternate call by call, and each call 
 the Reader's own forward pass alone: the ratio of a call to that forward pass is taken call by
 call (the shared machine's load falls on both), and its median is reported, with the median time
 per call. `--rounds` repeats the whole measurement (engines in turn), so that its spread shows.
-Both settings write the same words (`tests/test_grounded.py`).
+Both settings of either comparison write the same words (`tests/test_grounded.py`).
 """
 from __future__ import annotations
 
@@ -28,20 +32,86 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cxr.machine import cpu_name  # noqa: E402
 
 
-def measure(run: Path, engine: str, batch: int, calls: int, image: int) -> dict:
-    """Median ms per call and time over the own forward pass, ended findings dropped or kept."""
+#: per comparison: the two settings' names in the JSON (on, off) and what sets one on a Reader
+COMPARISONS = {
+    "drop_ended": (("dropped", "kept"), lambda reader, on: setattr(reader.ground, "drop_ended", on)),
+    "onnx_decoding": (("onnx_runtime", "torch"), lambda reader, on: setattr(reader, "onnx_decoding", on)),
+}
+
+
+def measure(run: Path, engine: str, batch: int, calls: int, image: int, compare: str = "drop_ended") -> dict:
+    """Median ms per call and time over the own forward pass, in the comparison's two settings."""
     import torch
 
     from inference import two_settings
 
-    def drop(reader, setting):
-        reader.ground.drop_ended = setting
-
-    first, got = two_settings(run, engine, batch, calls, image, drop)
+    (on, off), apply = COMPARISONS[compare]
+    first, got = two_settings(run, engine, batch, calls, image, apply)
     out = {"engine": engine, "batch": batch, "calls": calls, "torch_threads": torch.get_num_threads(),
            "words_per_finding": [len(f.annotation.split()) for f in first[0].findings],
-           "dropped": got[True], "kept": got[False]}
-    out["time_x_own_cnn_change"] = round(out["dropped"]["time_x_own_cnn"] - out["kept"]["time_x_own_cnn"], 4)
+           on: got[True], off: got[False]}
+    out["time_x_own_cnn_change"] = round(out[on]["time_x_own_cnn"] - out[off]["time_x_own_cnn"], 4)
+    return out
+
+
+def same_reading(demo: Path) -> dict:
+    """A finished demo's validation and test films read at batch 32 with the decoding graphs and
+    with PyTorch's: how many findings got the same words, boxes and confidences."""
+    import numpy as np
+
+    from cxr.reader import Reader
+    from demo_errors import finished_demo
+
+    run, ed, test_idx = finished_demo(demo, "decoding")
+    films = [ed.prep.paths[i] for i in np.concatenate([ed.indices("val"), test_idx])]
+    reader = Reader.load(run, device="cpu", gate=False)
+    read = {}
+    for setting in (True, False):
+        reader.onnx_decoding = setting
+        read[setting] = reader(films, batch_size=32, heatmaps=False)
+    pairs = [(a, b) for x, y in zip(read[True], read[False]) for a, b in zip(x.findings, y.findings)]
+    assert all(len(x.findings) == len(y.findings) for x, y in zip(read[True], read[False]))
+    return {"films": len(films), "findings": len(pairs),
+            "same_words": sum(a.annotation == b.annotation for a, b in pairs),
+            "same_boxes": sum(a.boxes == b.boxes for a, b in pairs),
+            "confidence_max_difference": max((abs(a.confidence[k] - b.confidence[k]) for a, b in pairs
+                                              for k in a.confidence), default=0.0)}
+
+
+def hidden_product(items: int = 7, hidden: int = 512, repeats: int = 2000) -> dict:
+    """Microseconds of the GRU's hidden product of `items` findings (items x hidden by hidden x
+    3 hidden, plus its bias) on one thread, eager PyTorch against ONNX Runtime, same run."""
+    import io
+    import time
+    import warnings
+
+    import torch
+
+    from cxr.engines import OPSET, ort_session
+
+    torch.manual_seed(0)
+    layer, h = torch.nn.Linear(hidden, 3 * hidden).eval(), torch.randn(items, hidden)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer, (h,), buf, input_names=["h"], output_names=["g"], opset_version=OPSET, dynamo=False)
+    session, feed = ort_session(buf.getvalue(), 1), {"h": h.numpy()}
+
+    def each(call) -> float:
+        for _ in range(50):
+            call()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        return round((time.perf_counter() - t0) / repeats * 1e6, 1)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        out = {"items": items, "hidden": hidden, "torch_us": each(lambda: layer(h)),
+               "onnx_runtime_us": each(lambda: session.run(None, feed))}
+    torch.set_num_threads(threads)
+    out["torch_x_onnx_runtime"] = round(out["torch_us"] / out["onnx_runtime_us"], 2)
     return out
 
 
@@ -55,29 +125,38 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     reader_options(ap, [1], 40, "calls of each setting")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--compare", choices=sorted(COMPARISONS), default="drop_ended")
+    ap.add_argument("--demo", type=Path, help="with --compare onnx_decoding: a finished `cxr demo --out DIR` "
+                    "whose validation and test films are read both ways (the same words?)")
     args = ap.parse_args(argv)
     engines = args.engines or _engines()
+    (on, off), _ = COMPARISONS[args.compare]
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         run = grounded_run_for(Path(tmp) / "grounded", engines)
         for round_ in range(1, args.rounds + 1):
             for batch in args.batches:
                 for engine in engines:
-                    r = {"round": round_, **measure(run, engine, batch, args.calls, args.input)}
+                    r = {"round": round_, **measure(run, engine, batch, args.calls, args.input, args.compare)}
                     results.append(r)
-                    rows.append([engine, round_, batch, args.calls, r["kept"]["ms_per_call"],
-                                 r["dropped"]["ms_per_call"], r["kept"]["time_x_own_cnn"],
-                                 r["dropped"]["time_x_own_cnn"]])
+                    rows.append([engine, round_, batch, args.calls, r[off]["ms_per_call"], r[on]["ms_per_call"],
+                                 r[off]["time_x_own_cnn"], r[on]["time_x_own_cnn"]])
                     print(f"  round {round_}, {engine} batch {batch}: x own CNN "
-                          f"{r['kept']['time_x_own_cnn']:.3f} kept, {r['dropped']['time_x_own_cnn']:.3f} dropped",
-                          flush=True)
-    print(markdown_table(["engine", "round", "batch", "calls each", "ms per call, every finding to the last step",
-                          "ended findings dropped", "time x own CNN, kept", "dropped"], rows, digits=3))
+                          f"{r[off]['time_x_own_cnn']:.3f} {off}, {r[on]['time_x_own_cnn']:.3f} {on}", flush=True)
+    print(markdown_table(["engine", "round", "batch", "calls each", f"ms per call, {off}", on,
+                          f"time x own CNN, {off}", on], rows, digits=3))
+    extra = {}
+    if args.compare == "onnx_decoding":
+        extra["hidden_product"] = hidden_product()
+        print("  the GRU's hidden product of 7 findings, one thread:", extra["hidden_product"])
+        if args.demo:
+            extra["demo"] = same_reading(args.demo)
+            print("  the demo's validation and test films read both ways:", extra["demo"])
     if args.json:
         write_atomic(args.json, json.dumps({
-            "benchmark": "decoding", "cpu": cpu_name(), "torch": torch.__version__,
+            "benchmark": "decoding", "compare": args.compare, "cpu": cpu_name(), "torch": torch.__version__,
             "run": "random densenet121, grounded annotator, every disease detected",
-            "image_input": args.input, "precision": "float32", "results": results}, indent=1) + "\n")
+            "image_input": args.input, "precision": "float32", "results": results, **extra}, indent=1) + "\n")
     return 0
 
 

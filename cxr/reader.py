@@ -151,6 +151,7 @@ class Reader:
         # the map a detected finding's boxes and heatmap come from (`LocalizeParams.source`; a run
         # from before it: the finding map of a grounded run, else the CAM)
         self.box_source = "cam" if self.ground is None else (spec.localization.source or "attention")
+        self._onnx_decoding = None  # its ONNX Runtime graphs: made when first decoding (`_decoding`)
         self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
                              arch.rnn_embed, arch.rnn)
         self.rnn.load_state_dict(unprefixed("rnn", tensors))
@@ -311,6 +312,10 @@ class Reader:
     #: the longer of the two); off only to measure what that changes
     #: (`benchmarks/organs_beside_words.py`).
     organs_beside_words = True
+    #: On a CPU the grounded annotator's regions and per-word step run as ONNX Runtime graphs
+    #: (`cxr.models.grounded_onnx`) where it is installed: the same words, in less time; off
+    #: only to measure what that changes (`benchmarks/decoding.py`).
+    onnx_decoding = True
     _anatomy: dict = {}  # the anatomy model by (device, threads), loaded when a film first has such a finding
 
     def _organ_rows(self, diseases: list[list[str]]) -> list[int]:
@@ -465,6 +470,7 @@ class Reader:
         h, w = maps.shape[2:]
         lab = torch.tensor(labels, dtype=torch.long, device=maps.device)
         n = self.spec.architecture.max_tokens + 1
+        self._decoding()
         images, item_rows = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         if len(images) < len(maps):  # only the images with a finding (a copy: avoided when all have)
             maps = maps[torch.from_numpy(images)]
@@ -473,6 +479,15 @@ class Reader:
         return {"tokens": [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in seqs],
                 "words": [m.reshape(-1, h, w) for m in wmaps], "finding": finding.reshape(-1, h, w),
                 "confidence": self._word_confidence(seqs, fields)}
+
+    def _decoding(self) -> None:
+        """The grounded annotator's ONNX Runtime graphs as `onnx_decoding` says, exported when
+        first needed (None where ONNX Runtime is missing, off the CPU, or for an LSTM)."""
+        if self.onnx_decoding and self._onnx_decoding is None:
+            from .models.grounded_onnx import onnx_decoding
+
+            self._onnx_decoding = onnx_decoding(self.ground) or False  # False: tried, not available
+        self.ground.decoding = (self._onnx_decoding or None) if self.onnx_decoding else None
 
     def _word_confidence(self, seqs: list[list[int]], fields: dict[str, torch.Tensor]) -> list[dict[str, float]]:
         """Per item, the probability the grounded annotator gave the side, site and grade word it

@@ -401,6 +401,53 @@ def test_items_that_have_ended_leave_the_decoding_batch(cell):
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept_maps, word_maps))
 
 
+def test_onnx_runtime_decoding_writes_the_same_words():
+    """The regions and per-word step as ONNX Runtime graphs (`cxr.models.grounded_onnx`, what the
+    Reader decodes with on a CPU) give the words, word maps and field probabilities of the PyTorch
+    path: items with their own maps, several findings of one image (regions shared), findings of
+    several images; the graphs run at every step, and weights changed after the export put
+    decoding back on PyTorch rather than on stale graphs. An LSTM annotator gets no graphs."""
+    pytest.importorskip("onnxruntime")
+    from cxr.models.annotator import END
+    from cxr.models.grounded import field_word_ids
+    from cxr.models.grounded_onnx import onnx_decoding
+
+    torch.manual_seed(0)
+    words = ["<pad>", "<start>", "<end>", "<unk>", "opacity", "lung", "base", "left", "right", "mild",
+             "upper", "lobe", "severe", "small"]
+    model = GroundedAnnotator(len(words), 6, 32, field_word_ids(words), 32, 16, "gru", 16,
+                              vocab=words).eval()
+    with torch.no_grad():
+        model.label.weight.mul_(4)
+        model.out.bias[END] = 0.0
+    decoding = onnx_decoding(model)
+    calls = []
+    step = decoding.step
+    decoding.step = lambda *a: calls.append(len(a[0])) or step(*a)
+    maps, labels = torch.randn(6, 32, 8, 8), torch.arange(6)
+    jobs = [(maps, labels), (maps[:1], labels, 8, True, True, [0] * 6),
+            (maps[:3], labels, 8, True, True, [0, 2, 1, 2, 0, 1])]
+    for job in jobs:
+        model.decoding = None
+        want = model.generate(*job)
+        model.decoding, calls[:] = decoding, []
+        got = model.generate(*job)
+        assert got[0] == want[0] and calls and calls[0] == 6  # every item's first word from the graph
+        assert max(map(len, got[0])) - min(map(len, got[0])) >= 1, got[0]
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got[1], want[1]))
+        assert torch.allclose(got[2], want[2], atol=1e-6)
+        assert all(torch.allclose(got[3][f], want[3][f], atol=1e-6) for f in want[3])
+    with torch.no_grad():
+        model.out.weight.mul_(-1)  # other weights: the graphs no longer match them
+    calls[:] = []
+    changed = model.generate(*jobs[0])
+    assert not calls and not decoding.current(model)
+    model.decoding = None
+    assert changed[0] == model.generate(*jobs[0])[0]
+    lstm = GroundedAnnotator(len(words), 6, 32, field_word_ids(words), 32, 16, "lstm", 16, vocab=words).eval()
+    assert onnx_decoding(lstm) is None
+
+
 def test_word_temperature_fits_overconfident_and_underconfident_words():
     """Temperature scaling (one number per field): words right 60% of the time at a stated 95%
     get T > 1 (less sure), words right 95% of the time at a stated 60% get T < 1."""

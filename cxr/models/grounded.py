@@ -189,6 +189,9 @@ class GroundedAnnotator(nn.Module):
     #: `generate` drops an item from the batch once it has written <end>; False decodes every
     #: item to the last step, as before (the same words; `benchmarks/decoding.py` compares them)
     drop_ended = True
+    #: the regions and per-word step under ONNX Runtime (`cxr.models.grounded_onnx`), set by the
+    #: Reader on a CPU; `generate` uses it only while it matches the weights (None: PyTorch)
+    decoding = None
 
     def __init__(self, vocab_size: int, num_labels: int, feat_dim: int,
                  field_words: dict[str, list[int]], hidden: int = 256, embed_dim: int = 128,
@@ -469,22 +472,34 @@ class GroundedAnnotator(nn.Module):
         map was a fifth of the Reader's time after the CNN at batch 1, made once per finding).
         An item that has written <end> leaves the batch: the steps after it read only the items
         still writing (the GRU's hidden product, read for every item at every step, was the
-        largest cost after the CNN)."""
-        values, keys = self.regions(maps)
+        largest cost after the CNN). With `decoding` set (the Reader, on a CPU) the regions,
+        the finding maps and each word's products run as its ONNX Runtime graphs."""
+        fast = self.decoding if grounded and len(labels) and self.decoding is not None \
+            and self.decoding.current(self) else None
         shared = rows is not None and len(maps) == 1  # one image: its regions shared, not copied
+        if fast is not None:  # the same, as ONNX Runtime graphs (`cxr.models.grounded_onnx`)
+            item_rows = torch.arange(len(labels)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+            values, keys, alpha_f, head, state, q = fast.first(maps, labels, item_rows, where)
+            field_logp = dict(zip(self._field_names, head.split([len(self.field_words[f])
+                                                                 for f in self._field_names], -1)))
+        else:
+            values, keys = self.regions(maps)
+        step_keys, step_values = keys, values  # what a step reads: one shared row or one per item
         if shared:
             values, keys = (t.expand(len(rows), -1, -1) for t in (values, keys))
         elif rows is not None:
             rows = torch.as_tensor(rows, dtype=torch.long, device=values.device)
-            values, keys = values[rows], keys[rows]
-        work = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)  # attention's block, reused
-        alpha_f, pooled, presence = self.finding(values, keys, labels, zone_masks_of(maps), work,
-                                                 tuple(maps.shape[-2:]))
-        field_logp = self.field_log_probs(pooled, presence, where)
-        q = self.label(labels)
-        state = self._init_state(pooled)
+            values, keys = step_values, step_keys = values[rows], keys[rows]
+        work = None
+        if fast is None:
+            work = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)  # attention's block, reused
+            alpha_f, pooled, presence = self.finding(values, keys, labels, zone_masks_of(maps), work,
+                                                     tuple(maps.shape[-2:]))
+            field_logp = self.field_log_probs(pooled, presence, where)
+            q = self.label(labels)
+            state = self._init_state(pooled)
+            head = torch.cat([field_logp[f] for f in self._field_names], -1) if self._field_names else None
         n, vocab, device = labels.shape[0], self.out.out_features, maps.device
-        head = torch.cat([field_logp[f] for f in self._field_names], -1) if self._field_names else None
         # one additive bar per item on the words it may not write next (pad and start always,
         # <end> at the first step, and `barred_after` each word it wrote), updated in place
         bar = torch.zeros(n, vocab, device=device)
@@ -496,10 +511,13 @@ class GroundedAnnotator(nn.Module):
         maps_at = torch.zeros(n, max_len, keys.shape[1], device=device)  # each word's map
         steps = 0
         for step in range(max_len):
-            lg, state, alpha = self._step(words, state, values, keys, q, work)
-            logp = torch.log_softmax(lg, -1)
-            if grounded:
-                logp = self._ground(logp, head)
+            if fast is not None:
+                logp, state, alpha = fast.step(words, state, step_keys, step_values, q, head)
+            else:
+                lg, state, alpha = self._step(words, state, values, keys, q, work)
+                logp = torch.log_softmax(lg, -1)
+                if grounded:
+                    logp = self._ground(logp, head)
             words = (logp + bar).argmax(-1)
             bar.masked_fill_(self.barred_after[words], -float("inf"))
             if step == 0:
@@ -520,9 +538,11 @@ class GroundedAnnotator(nn.Module):
             live, words, bar, q = live[keep], words[keep], bar[keep], q[keep]
             head = head[keep] if head is not None else None
             state = tuple(s[keep] for s in state) if self.cell == "lstm" else state[keep]
-            values, keys = (t[:1].expand(len(keep), -1, -1) for t in (values, keys)) if shared \
-                else (values[keep], keys[keep])
-            work = work[:len(keep)]
+            if shared:
+                values, keys = (t[:1].expand(len(keep), -1, -1) for t in (values, keys))
+            else:
+                values, keys = step_values, step_keys = values[keep], keys[keep]
+            work = work[:len(keep)] if work is not None else None
         probs = {f: lp.exp() for f, lp in field_logp.items()}
         if not steps:
             return [[] for _ in range(n)], [alpha_f[i:i + 1, :0] for i in range(n)], alpha_f, probs
