@@ -401,12 +401,13 @@ def test_items_that_have_ended_leave_the_decoding_batch(cell):
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept_maps, word_maps))
 
 
-def test_onnx_runtime_decoding_writes_the_same_words():
+def test_onnx_runtime_decoding_writes_the_same_words(monkeypatch):
     """The regions and per-word step as ONNX Runtime graphs (`cxr.models.grounded_onnx`, what the
     Reader decodes with on a CPU) give the words, word maps and field probabilities of the PyTorch
     path: items with their own maps, several findings of one image (regions shared), findings of
     several images; the graphs run at every step, and weights changed after the export put
-    decoding back on PyTorch rather than on stale graphs. An LSTM annotator gets no graphs."""
+    decoding back on PyTorch rather than on stale graphs. An LSTM annotator gets no graphs, nor
+    does any where ONNX Runtime is not installed."""
     pytest.importorskip("onnxruntime")
     from cxr.models.annotator import END
     from cxr.models.grounded import field_word_ids
@@ -446,6 +447,12 @@ def test_onnx_runtime_decoding_writes_the_same_words():
     assert changed[0] == model.generate(*jobs[0])[0]
     lstm = GroundedAnnotator(len(words), 6, 32, field_word_ids(words), 32, 16, "lstm", 16, vocab=words).eval()
     assert onnx_decoding(lstm) is None
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    assert onnx_decoding(model) is None
 
 
 def test_word_temperature_fits_overconfident_and_underconfident_words():

@@ -153,7 +153,10 @@ class OnnxDecoding:
 def onnx_decoding(ground) -> OnnxDecoding | None:
     """The ONNX Runtime graphs of a GRU grounded annotator on the CPU; None where ONNX Runtime or
     the exporter is missing, or for an LSTM (the caller then decodes in PyTorch)."""
-    if ground.cell != "gru" or not ground._field_names or next(ground.parameters()).device.type != "cpu":
+    import importlib.util
+
+    if ground.cell != "gru" or not ground._field_names or next(ground.parameters()).device.type != "cpu" \
+            or importlib.util.find_spec("onnxruntime") is None:  # not installed: no export tried
         return None
     try:
         return OnnxDecoding(ground)
