@@ -406,8 +406,8 @@ def test_onnx_runtime_decoding_writes_the_same_words(monkeypatch):
     Reader decodes with on a CPU) give the words, word maps and field probabilities of the PyTorch
     path: items with their own maps, several findings of one image (regions shared), findings of
     several images; the graphs run at every step, and weights changed after the export put
-    decoding back on PyTorch rather than on stale graphs. An LSTM annotator gets no graphs, nor
-    does any where ONNX Runtime is not installed."""
+    decoding back on PyTorch rather than on stale graphs; no finding gives empty outputs. An LSTM
+    annotator gets no graphs, nor does any where ONNX Runtime is not installed."""
     pytest.importorskip("onnxruntime")
     from cxr.models.annotator import END
     from cxr.models.grounded import field_word_ids
@@ -445,6 +445,8 @@ def test_onnx_runtime_decoding_writes_the_same_words(monkeypatch):
     assert not calls and not decoding.current(model)
     model.decoding = None
     assert changed[0] == model.generate(*jobs[0])[0]
+    seqs, word_maps, finding, fields = model.generate(maps[:1], labels[:0], 8, True, True, [])
+    assert seqs == [] and word_maps == [] and finding.shape == (0, 64) and all(len(p) == 0 for p in fields.values())
     lstm = GroundedAnnotator(len(words), 6, 32, field_word_ids(words), 32, 16, "lstm", 16, vocab=words).eval()
     assert onnx_decoding(lstm) is None
     import importlib.util

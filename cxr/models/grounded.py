@@ -474,8 +474,10 @@ class GroundedAnnotator(nn.Module):
         still writing (the GRU's hidden product, read for every item at every step, was the
         largest cost after the CNN). With `decoding` set (the Reader, on a CPU) the regions,
         the finding maps and each word's products run as its ONNX Runtime graphs."""
-        fast = self.decoding if grounded and len(labels) and self.decoding is not None \
-            and self.decoding.current(self) else None
+        if not len(labels):  # no finding: an empty batch of each output
+            return [], [], maps.new_zeros(0, maps.shape[-2] * maps.shape[-1]), \
+                {f: maps.new_zeros(0, len(self.field_words[f])) for f in self._field_names}
+        fast = self.decoding if grounded and self.decoding is not None and self.decoding.current(self) else None
         shared = rows is not None and len(maps) == 1  # one image: its regions shared, not copied
         if fast is not None:  # the same, as ONNX Runtime graphs (`cxr.models.grounded_onnx`)
             item_rows = torch.arange(len(labels)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
