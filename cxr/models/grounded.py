@@ -136,10 +136,10 @@ def _zone_lse(scores: torch.Tensor, masks: torch.Tensor, r: float, grid: tuple[i
         neg = torch.finfo(scores.dtype).min / 4
         s = r * scores[:, None, :]
         return torch.logsumexp(torch.where(masks[None], s, torch.full_like(s, neg)), -1)
-    (rows, cols), n = blocks, len(scores)
-    s = (r * scores).view(n, *grid)
-    cross = torch.stack([torch.logsumexp(s[:, a:b, c:d].reshape(n, -1), -1)
-                         for c, d in cols for a, b in rows], -1).view(n, 2, 3)
+    rows, cols = blocks  # sizes -1 below: the batch stays variable in an exported graph
+    s = (r * scores).reshape(-1, *grid)
+    cross = torch.stack([torch.logsumexp(s[:, a:b, c:d].flatten(1), -1)
+                         for c, d in cols for a, b in rows], -1).reshape(-1, 2, 3)
     return torch.cat([torch.logsumexp(cross, 2), torch.logsumexp(cross, 1), cross.flatten(1)], 1)
 
 

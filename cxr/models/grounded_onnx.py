@@ -33,12 +33,11 @@ class _First(nn.Module):
     each image's regions (values, keys), and per item (the image `rows[i]`, the finding
     `labels[i]`) its finding map, its field heads' log-probabilities in `_field_names`' order
     (weighed by where the map lies when `where`), its first state and its query. The zones are
-    summed with their masks (`_zone_lse`'s exact path, within 1e-6 of the slices it takes in
-    PyTorch)."""
+    summed from the map's blocks, as `generate` sums them in PyTorch."""
 
     def __init__(self, ground, h: int, w: int, where: bool):
         super().__init__()
-        self.ground, self.where = ground, where
+        self.ground, self.where, self.grid = ground, where, (h, w)
         self.register_buffer("coords", coordinates(h, w).reshape(1, COORDS, h * w).transpose(1, 2).contiguous())
         self.register_buffer("masks", zone_masks(h, w))
 
@@ -49,10 +48,10 @@ class _First(nn.Module):
         keys = g.keys(values)
         q = g.label(labels)
         scores = g.find_attn.score(torch.tanh(keys[rows] + g.find_attn.query(q)[:, None]))[..., 0]
-        presence = zone_presence(scores, self.masks) + g.presence_bias
+        presence = zone_presence(scores, self.masks, grid=self.grid) + g.presence_bias
         alpha = torch.softmax(scores, -1)
         pooled = torch.cat([torch.matmul(alpha[:, None], values[rows])[:, 0], q,
-                            zone_evidence(scores, self.masks)], -1)
+                            zone_evidence(scores, self.masks, grid=self.grid)], -1)
         logp = g.field_log_probs(pooled, presence, self.where)
         head = torch.cat([logp[f] for f in g._field_names], -1)
         return values, keys, alpha, head, torch.tanh(g.init_h(pooled)), q
