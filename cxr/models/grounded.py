@@ -67,12 +67,12 @@ class Attention(nn.Module):
     def scores(self, keys: torch.Tensor, query: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
         """keys (B, R, dim), query (B, query_dim) -> evidence per region (B, R), before softmax.
 
-        At inference (eval mode) the same sum within 1e-6, cheaper: tanh(y) = 2 sigmoid(2y) - 1,
+        At inference (eval mode, outside an ONNX export) the same sum within 1e-6, cheaper: tanh(y) = 2 sigmoid(2y) - 1,
         so v·tanh(y) + b = 2 v·sigmoid(2y) + b - sum(v), computed in place in `work` (a
         buffer shaped like `keys`, reused step after step). On the CPUs measured here torch's
         tanh of a (B, R, dim) block took 6x its sigmoid, and each fresh block of that size cost
         as much again in page faults: together most of the grounded Reader's time after the CNN."""
-        if self.training:
+        if self.training or torch.onnx.is_in_onnx_export():  # an exported graph: plain ops, no `out=`
             return self.score(torch.tanh(keys + self.query(query)[:, None])).squeeze(-1)
         y = torch.add(keys, self.query(query)[:, None], out=work) if work is not None \
             else keys + self.query(query)[:, None]
@@ -329,7 +329,7 @@ class GroundedAnnotator(nn.Module):
     def _step(self, words, state, values, keys, q, work=None):
         h = state[0] if self.cell == "lstm" else state
         alpha = self.step_attn(keys, torch.cat([q, h], -1), work)
-        ctx = torch.bmm(alpha[:, None], values)[:, 0]
+        ctx = torch.matmul(alpha[:, None], values)[:, 0]  # values: one row per item, or one shared
         if self.cell == "gru" and not self.training:
             state = self._gru_step(words, ctx, state)
         else:
@@ -479,8 +479,10 @@ class GroundedAnnotator(nn.Module):
                 {f: maps.new_zeros(0, len(self.field_words[f])) for f in self._field_names}
         fast = self.decoding if grounded and self.decoding is not None and self.decoding.current(self) else None
         shared = rows is not None and len(maps) == 1  # one image: its regions shared, not copied
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long, device=maps.device)
         if fast is not None:  # the same, as ONNX Runtime graphs (`cxr.models.grounded_onnx`)
-            item_rows = torch.arange(len(labels)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+            item_rows = torch.arange(len(labels)) if rows is None else rows
             values, keys, alpha_f, head, state, q = fast.first(maps, labels, item_rows, where)
             field_logp = dict(zip(self._field_names, head.split([len(self.field_words[f])
                                                                  for f in self._field_names], -1)))
@@ -490,7 +492,6 @@ class GroundedAnnotator(nn.Module):
         if shared:
             values, keys = (t.expand(len(rows), -1, -1) for t in (values, keys))
         elif rows is not None:
-            rows = torch.as_tensor(rows, dtype=torch.long, device=values.device)
             values, keys = step_values, step_keys = values[rows], keys[rows]
         work = None
         if fast is None:

@@ -2,14 +2,15 @@
 
 Greedy decoding repeats a handful of small products for every word of every finding: the
 attention over the map's regions, the GRU's input and hidden products, the output layer. In eager
-PyTorch each is its own dispatch, and on the AMD CPU measured here MKL took 2.5x ONNX Runtime's
-MLAS for the GRU's hidden product of seven findings (7 x 512 by 512 x 1536: 881 against 343
-microseconds, one thread). So on a CPU, where ONNX Runtime is installed (`cxr[fast]`), the Reader
-exports two graphs from the annotator's weights when it first decodes (about half a second) and
-runs them: `first` (the regions of each image's map, and per finding its map, field heads, first
-state and query) and `step` (one word: attention, GRU cell, the word's grounded log-probabilities).
-Which word each finding writes, what it may no longer write and which findings have ended stay
-the PyTorch code of `GroundedAnnotator.generate`, so both paths write the same words
+PyTorch each is its own dispatch, and on the AMD CPU measured here MKL took 2.29x ONNX Runtime's
+MLAS for the GRU's hidden product of seven findings (512 wide, one thread: 478.5 against 208.5
+microseconds, `benchmarks/decoding.py --compare onnx_decoding`). So on a CPU, where ONNX Runtime
+is installed (`cxr[fast]`), the Reader exports two graphs from the annotator's own methods and
+weights when it first decodes (about half a second) and runs them: `first` (the regions of each
+image's map, and per finding its map, field heads, first state and query) and `step` (one word:
+attention, GRU cell, the word's grounded log-probabilities). Which word each finding writes, what
+it may no longer write and which findings have ended stay in `GroundedAnnotator.generate`, so
+both paths write the same words
 (`tests/test_grounded.py`; on the demo's 450 validation and test films: the same words and boxes
 for all 415 findings, their confidences within 1e-4).
 
@@ -21,72 +22,44 @@ import io
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .annotator import gru_update, weights_version
-from .grounded import COORDS, coordinates, zone_evidence, zone_masks, zone_presence
+from .annotator import weights_version
+from .grounded import zone_masks
 
 
 class _First(nn.Module):
-    """What `GroundedAnnotator.generate` does before the first word, for maps of one (h, w):
-    each image's regions (values, keys), and per item (the image `rows[i]`, the finding
-    `labels[i]`) its finding map, its field heads' log-probabilities in `_field_names`' order
-    (weighed by where the map lies when `where`), its first state and its query. The zones are
-    summed from the map's blocks, as `generate` sums them in PyTorch."""
+    """What `GroundedAnnotator.generate` does before the first word, for maps of one (h, w), in
+    its own methods: each image's regions (values, keys), and per item (the image `rows[i]`, the
+    finding `labels[i]`) its finding map, its field heads' log-probabilities in `_field_names`'
+    order (weighed by where the map lies when `where`), its first state and its query."""
 
     def __init__(self, ground, h: int, w: int, where: bool):
         super().__init__()
         self.ground, self.where, self.grid = ground, where, (h, w)
-        self.register_buffer("coords", coordinates(h, w).reshape(1, COORDS, h * w).transpose(1, 2).contiguous())
         self.register_buffer("masks", zone_masks(h, w))
 
     def forward(self, maps, labels, rows):
         g = self.ground
-        feats = torch.relu(g.region(maps)).flatten(2).transpose(1, 2)
-        values = torch.cat([feats, self.coords.expand(feats.shape[0], -1, -1)], -1)
-        keys = g.keys(values)
-        q = g.label(labels)
-        scores = g.find_attn.score(torch.tanh(keys[rows] + g.find_attn.query(q)[:, None]))[..., 0]
-        presence = zone_presence(scores, self.masks, grid=self.grid) + g.presence_bias
-        alpha = torch.softmax(scores, -1)
-        pooled = torch.cat([torch.matmul(alpha[:, None], values[rows])[:, 0], q,
-                            zone_evidence(scores, self.masks, grid=self.grid)], -1)
+        values, keys = g.regions(maps)
+        alpha, pooled, presence = g.finding(values[rows], keys[rows], labels, self.masks, grid=self.grid)
         logp = g.field_log_probs(pooled, presence, self.where)
         head = torch.cat([logp[f] for f in g._field_names], -1)
-        return values, keys, alpha, head, torch.tanh(g.init_h(pooled)), q
+        return values, keys, alpha, head, g._init_state(pooled), g.label(labels)
 
 
 class _Step(nn.Module):
-    """One word of a GRU annotator in eval mode (`GroundedAnnotator._step`, then its
-    log-softmax and `_ground`): the grounded log-probabilities of the next word, the new state
-    and the word's map. `keys`/`values` hold one row per item, or one row every item shares."""
+    """One word of a GRU annotator in eval mode, in its own methods (`GroundedAnnotator._step`,
+    then the log-softmax and `_ground`): the grounded log-probabilities of the next word, the new
+    state and the word's map. `keys`/`values` hold one row per item, or one row every item shares."""
 
     def __init__(self, ground):
         super().__init__()
-        cell, dim = ground.rnn_cell, ground.word.embedding_dim
-        self.attn, self.out, self.cell = ground.step_attn, ground.out, cell
-        with torch.no_grad():  # the word's share of the input gates, one row per vocabulary word
-            self.register_buffer("gates", F.linear(ground.word.weight, cell.weight_ih[:, :dim], cell.bias_ih))
-            self.register_buffer("ctx_weight", cell.weight_ih[:, dim:].contiguous())
-        self.register_buffer("slots", ground.field_slots.clone())
-        self.register_buffer("owner", ground.field_owner.clone())
-        # per vocabulary word: its column among the field words (their count: not a field word)
-        ids, vocab = ground.field_ids.tolist(), ground.out.out_features
-        self.register_buffer("column", torch.tensor([ids.index(v) if v in ids else len(ids) for v in range(vocab)]))
-        self.register_buffer("is_field", self.column < len(ids))
+        self.ground = ground
 
     def forward(self, words, h, keys, values, q, head):
-        y = torch.tanh(keys + self.attn.query(torch.cat([q, h], -1))[:, None])
-        alpha = torch.softmax(self.attn.score(y)[..., 0], -1)
-        ctx = torch.matmul(alpha[:, None], values)[:, 0]
-        gi = self.gates[words] + F.linear(ctx, self.ctx_weight)
-        h = gru_update(gi, F.linear(h, self.cell.weight_hh, self.cell.bias_hh), h)
-        logp = torch.log_softmax(self.out(torch.cat([h, ctx], -1)), -1)
-        # within each context class the field head chooses the word (`GroundedAnnotator._ground`)
-        mass = torch.logsumexp(torch.cat([logp, torch.full_like(logp[:, :1], -float("inf"))], 1)[:, self.slots], -1)
-        field = torch.cat([mass[:, self.owner] + head, torch.zeros_like(head[:, :1])], 1)
-        return torch.where(self.is_field, field[:, self.column], logp), h, alpha
+        logits, h, alpha = self.ground._step(words, h, values, keys, q)
+        return self.ground._ground(torch.log_softmax(logits, -1), head), h, alpha
 
 
 def _export(module: nn.Module, example: tuple, inputs: list[str], outputs: list[str], dynamic: dict):
