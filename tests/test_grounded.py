@@ -428,16 +428,18 @@ def test_onnx_runtime_decoding_writes_the_same_words(monkeypatch):
     maps, labels = torch.randn(6, 32, 8, 8), torch.arange(6)
     jobs = [(maps, labels), (maps[:1], labels, 8, True, True, [0] * 6),
             (maps[:3], labels, 8, True, True, [0, 2, 1, 2, 0, 1])]
-    for job in jobs:
-        model.decoding = None
+    for job, drop_ended in [(job, d) for job in jobs for d in (True, False)]:
+        model.decoding, model.drop_ended = None, drop_ended
         want = model.generate(*job)
         model.decoding, calls[:] = decoding, []
         got = model.generate(*job)
         assert got[0] == want[0] and calls and calls[0] == 6  # every item's first word from the graph
+        assert (calls[-1] < 6) == drop_ended, calls  # ended items leave the graph's batch, or stay
         assert max(map(len, got[0])) - min(map(len, got[0])) >= 1, got[0]
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got[1], want[1]))
         assert torch.allclose(got[2], want[2], atol=1e-6)
         assert all(torch.allclose(got[3][f], want[3][f], atol=1e-6) for f in want[3])
+    model.drop_ended = True
     with torch.no_grad():
         model.out.weight.mul_(-1)  # other weights: the graphs no longer match them
     calls[:] = []

@@ -478,30 +478,22 @@ class GroundedAnnotator(nn.Module):
             return [], [], maps.new_zeros(0, maps.shape[-2] * maps.shape[-1]), \
                 {f: maps.new_zeros(0, len(self.field_words[f])) for f in self._field_names}
         fast = self.decoding if grounded and self.decoding is not None and self.decoding.current(self) else None
-        shared = rows is not None and len(maps) == 1  # one image: its regions shared, not copied
-        if rows is not None:
-            rows = torch.as_tensor(rows, dtype=torch.long, device=maps.device)
         if fast is not None:  # the same, as ONNX Runtime graphs (`cxr.models.grounded_onnx`)
-            item_rows = torch.arange(len(labels)) if rows is None else rows
-            values, keys, alpha_f, head, state, q = fast.first(maps, labels, item_rows, where)
-            field_logp = dict(zip(self._field_names, head.split([len(self.field_words[f])
-                                                                 for f in self._field_names], -1)))
-        else:
-            values, keys = self.regions(maps)
-        step_keys, step_values = keys, values  # what a step reads: one shared row or one per item
+            return fast.generate(maps, labels, max_len, where, rows, self.drop_ended)
+        shared = rows is not None and len(maps) == 1  # one image: its regions shared, not copied
+        values, keys = self.regions(maps)
         if shared:
             values, keys = (t.expand(len(rows), -1, -1) for t in (values, keys))
         elif rows is not None:
-            values, keys = step_values, step_keys = values[rows], keys[rows]
-        work = None
-        if fast is None:
-            work = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)  # attention's block, reused
-            alpha_f, pooled, presence = self.finding(values, keys, labels, zone_masks_of(maps), work,
-                                                     tuple(maps.shape[-2:]))
-            field_logp = self.field_log_probs(pooled, presence, where)
-            q = self.label(labels)
-            state = self._init_state(pooled)
-            head = torch.cat([field_logp[f] for f in self._field_names], -1) if self._field_names else None
+            rows = torch.as_tensor(rows, dtype=torch.long, device=maps.device)
+            values, keys = values[rows], keys[rows]
+        work = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device)  # attention's block, reused
+        alpha_f, pooled, presence = self.finding(values, keys, labels, zone_masks_of(maps), work,
+                                                 tuple(maps.shape[-2:]))
+        field_logp = self.field_log_probs(pooled, presence, where)
+        q = self.label(labels)
+        state = self._init_state(pooled)
+        head = torch.cat([field_logp[f] for f in self._field_names], -1) if self._field_names else None
         n, vocab, device = labels.shape[0], self.out.out_features, maps.device
         # one additive bar per item on the words it may not write next (pad and start always,
         # <end> at the first step, and `barred_after` each word it wrote), updated in place
@@ -514,13 +506,10 @@ class GroundedAnnotator(nn.Module):
         maps_at = torch.zeros(n, max_len, keys.shape[1], device=device)  # each word's map
         steps = 0
         for step in range(max_len):
-            if fast is not None:
-                logp, state, alpha = fast.step(words, state, step_keys, step_values, q, head)
-            else:
-                lg, state, alpha = self._step(words, state, values, keys, q, work)
-                logp = torch.log_softmax(lg, -1)
-                if grounded:
-                    logp = self._ground(logp, head)
+            lg, state, alpha = self._step(words, state, values, keys, q, work)
+            logp = torch.log_softmax(lg, -1)
+            if grounded:
+                logp = self._ground(logp, head)
             words = (logp + bar).argmax(-1)
             bar.masked_fill_(self.barred_after[words], -float("inf"))
             if step == 0:
@@ -544,8 +533,8 @@ class GroundedAnnotator(nn.Module):
             if shared:
                 values, keys = (t[:1].expand(len(keep), -1, -1) for t in (values, keys))
             else:
-                values, keys = step_values, step_keys = values[keep], keys[keep]
-            work = work[:len(keep)] if work is not None else None
+                values, keys = values[keep], keys[keep]
+            work = work[:len(keep)]
         probs = {f: lp.exp() for f, lp in field_logp.items()}
         if not steps:
             return [[] for _ in range(n)], [alpha_f[i:i + 1, :0] for i in range(n)], alpha_f, probs

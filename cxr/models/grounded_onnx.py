@@ -9,10 +9,12 @@ is installed (`cxr[fast]`), the Reader exports two graphs from the annotator's o
 weights when it first decodes (about half a second) and runs them: `first` (the regions of each
 image's map, and per finding its map, field heads, first state and query) and `step` (one word:
 attention, GRU cell, the word's grounded log-probabilities). Which word each finding writes, what
-it may no longer write and which findings have ended stay in `GroundedAnnotator.generate`, so
-both paths write the same words
-(`tests/test_grounded.py`; on the demo's 450 validation and test films: the same words and boxes
-for all 415 findings, their confidences within 1e-4).
+it may no longer write and which findings have ended are decided between the graphs' calls in
+NumPy (`OnnxDecoding.generate`), by the rules of `GroundedAnnotator.generate`'s PyTorch loop
+(whose small eager operations, one dispatch each, took about a quarter of the decoding's time at
+batch 1), so both paths write the same words (`tests/test_grounded.py`; on the demo's 450
+validation and test films: the same words and boxes for all 415 findings, their confidences
+within 1e-4).
 
 Only the GRU cell is exported (`cxr train`'s default); an LSTM annotator decodes in PyTorch.
 """
@@ -21,10 +23,11 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
-from .annotator import weights_version
+from .annotator import END, PAD, START, weights_version
 from .grounded import zone_masks
 
 
@@ -90,6 +93,7 @@ class OnnxDecoding:
             {"words": {0: "n"}, "h": {0: "n"}, "keys": {0: "k", 1: "r"}, "values": {0: "k", 1: "r"},
              "q": {0: "n"}, "head": {0: "n"}, "logp": {0: "n"}, "state": {0: "n"}, "alpha": {0: "n", 1: "r"}})
         self._first: dict[tuple, object] = {}
+        self.barred_after = ground.barred_after.numpy()
 
     def _key(self) -> tuple:
         return weights_version(*self.params)
@@ -99,9 +103,9 @@ class OnnxDecoding:
         step or `load_state_dict` changes a parameter in place, which the key sees)."""
         return ground is self.ground and self._key() == self.key
 
-    def first(self, maps: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, where: bool) -> tuple:
+    def first(self, maps: torch.Tensor, labels: np.ndarray, rows: np.ndarray, where: bool) -> list[np.ndarray]:
         """(values, keys) of each image, and per item its finding map, field heads' log-probabilities
-        (in `_field_names`' order), first state and query (`_First`)."""
+        (in `_field_names`' order), first state and query (`_First`), as arrays."""
         b, c, h, w = maps.shape
         session = self._first.get((h, w, where))
         if session is None:
@@ -111,15 +115,66 @@ class OnnxDecoding:
                 ["maps", "labels", "rows"], ["values", "keys", "alpha", "head", "state", "q"],
                 {"maps": {0: "b"}, "labels": {0: "n"}, "rows": {0: "n"}, "values": {0: "b"}, "keys": {0: "b"},
                  "alpha": {0: "n"}, "head": {0: "n"}, "state": {0: "n"}, "q": {0: "n"}})
-        out = session.run(None, {"maps": maps.float().contiguous().numpy(), "labels": labels.numpy(),
-                                 "rows": rows.numpy()})
-        return tuple(torch.from_numpy(a) for a in out)
+        return session.run(None, {"maps": maps.float().contiguous().numpy(), "labels": labels, "rows": rows})
 
-    def step(self, words, h, keys, values, q, head):
-        logp, state, alpha = self.step_session.run(None, {
-            "words": words.numpy(), "h": h.numpy(), "keys": keys.numpy(), "values": values.numpy(),
-            "q": q.numpy(), "head": head.numpy()})
-        return torch.from_numpy(logp), torch.from_numpy(state), torch.from_numpy(alpha)
+    def step(self, words, h, keys, values, q, head) -> list[np.ndarray]:
+        """One word of every item still writing (`_Step`): grounded log-probabilities, state, map."""
+        return self.step_session.run(None, {"words": words, "h": h, "keys": keys, "values": values,
+                                            "q": q, "head": head})
+
+    def generate(self, maps: torch.Tensor, labels: torch.Tensor, max_len: int, where: bool, rows,
+                 drop_ended: bool = True):
+        """`GroundedAnnotator.generate` with the graphs: the same greedy choice, bars and dropping
+        of ended items, in NumPy between the graphs' calls (see the module docstring)."""
+        g = self.ground
+        n = len(labels)
+        shared = rows is not None and len(maps) == 1  # one image: its regions shared, not copied
+        item_rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        values, keys, alpha_f, head, state, q = self.first(maps, labels.numpy(), item_rows, where)
+        field_logp = dict(zip(g._field_names, torch.from_numpy(head).split(
+            [len(g.field_words[f]) for f in g._field_names], -1)))
+        if rows is not None and not shared:
+            values, keys = values[item_rows], keys[item_rows]
+        vocab = g.out.out_features
+        bar = np.zeros((n, vocab), dtype=np.float32)  # what each item may not write next (`generate`)
+        bar[:, [PAD, START, END]] = -np.inf
+        barred = self.barred_after
+        words = np.full(n, START, dtype=np.int64)
+        live = np.arange(n)
+        words_at = np.full((n, max_len), END, dtype=np.int64)
+        maps_at = np.zeros((n, max_len, keys.shape[1]), dtype=np.float32)
+        ended = np.zeros(n, dtype=bool)
+        steps = 0
+        for step in range(max_len):
+            logp, state, alpha = self.step(words, state, keys, values, q, head)
+            words = (logp + bar).argmax(-1)
+            bar[barred[words]] = -np.inf
+            if step == 0:
+                bar[:, END] = 0.0
+            words_at[live, step], maps_at[live, step] = words, alpha
+            steps = step + 1
+            writing = words != END
+            if not drop_ended:
+                ended |= ~writing
+                if ended.all():
+                    break
+                continue
+            if writing.all():
+                continue
+            if not writing.any():
+                break
+            live, words, bar, q, head, state = (a[writing] for a in (live, words, bar, q, head, state))
+            if not shared:
+                values, keys = values[writing], keys[writing]
+        probs = {f: lp.exp() for f, lp in field_logp.items()}
+        alpha_f = torch.from_numpy(alpha_f)
+        if not steps:
+            return [[] for _ in range(n)], [alpha_f[i:i + 1, :0] for i in range(n)], alpha_f, probs
+        written = words_at[:, :steps]
+        kept = np.cumprod(written != END, 1).astype(bool)  # an item's words: those before its first <end>
+        seqs = [w[k].tolist() for w, k in zip(written, kept)]
+        maps_out = [torch.from_numpy(maps_at[i, :steps][kept[i]]) for i in range(n)]
+        return seqs, maps_out, alpha_f, probs
 
 
 def onnx_decoding(ground) -> OnnxDecoding | None:
