@@ -517,15 +517,11 @@ class GroundedAnnotator(nn.Module):
             words_at[live, step], maps_at[live, step] = words, alpha
             steps = step + 1
             writing = words != END
-            if not self.drop_ended:  # every item decoded to the last step (for comparison)
-                ended |= ~writing
-                if ended.all():
+            then = after_word(writing, ended, self.drop_ended)
+            if then != "drop":
+                if then == "stop":
                     break
                 continue
-            if writing.all():
-                continue
-            if not writing.any():
-                break
             keep = writing.nonzero().squeeze(1)
             live, words, bar, q = live[keep], words[keep], bar[keep], q[keep]
             head = head[keep] if head is not None else None
@@ -544,6 +540,20 @@ class GroundedAnnotator(nn.Module):
         seqs = [[w for w, k in zip(ws, ks) if k] for ws, ks in zip(written.tolist(), kept.tolist())]
         maps_out = [maps_at[i, :steps][kept[i]] for i in range(n)]
         return seqs, maps_out, alpha_f, probs
+
+
+def after_word(writing, ended, drop_ended: bool) -> str:
+    """What greedy decoding does once every item still writing has its next word (the PyTorch
+    loop of `GroundedAnnotator.generate` and the NumPy one of its ONNX Runtime graphs; `writing`:
+    which of those items did not write <end>): "stop" (every item has ended), "next" (the same
+    items write on) or "drop" (only those still writing go on). Without `drop_ended` every item
+    is decoded to the last step, and `ended` (every item's) is updated in place."""
+    if not drop_ended:
+        ended |= ~writing
+        return "stop" if ended.all() else "next"
+    if writing.all():
+        return "next"
+    return "drop" if writing.any() else "stop"
 
 
 ZONE_WEIGHT = 4.0

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .annotator import END, PAD, START, weights_version
-from .grounded import zone_masks
+from .grounded import after_word, zone_masks
 
 
 class _First(nn.Module):
@@ -154,15 +154,11 @@ class OnnxDecoding:
             words_at[live, step], maps_at[live, step] = words, alpha
             steps = step + 1
             writing = words != END
-            if not drop_ended:
-                ended |= ~writing
-                if ended.all():
+            then = after_word(writing, ended, drop_ended)
+            if then != "drop":
+                if then == "stop":
                     break
                 continue
-            if writing.all():
-                continue
-            if not writing.any():
-                break
             live, words, bar, q, head, state = (a[writing] for a in (live, words, bar, q, head, state))
             if not shared:
                 values, keys = values[writing], keys[writing]
