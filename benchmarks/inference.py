@@ -11,7 +11,8 @@ preprocesses them with `cxr.preprocess` to the model's input size (decoding is l
 alike), so a ratio says what the cascade's extra outputs cost, not what a baseline was spared.
 
 With `--before COMMIT` the Reader of that commit (its cxr/reader.py, annotators and CAM/box code,
-from git; parameters its grounded annotator does not have are left out of the random run it reads) is measured too, with the torch engine, on each random run (and its time over its own
+from git; parameters its grounded annotator does not have are left out of the random run it
+reads) is measured too, with the torch engine, on each random run (and its time over its own
 forward pass, where it has `Reader.forward`): the speed-up of the current Reader over it is then
 a ratio in one run.
 With `--micro-batches 1 4 8 32` the Reader's own forward pass is also measured with each of those

@@ -6,10 +6,10 @@ be a value of that JSON file at the shown precision (`.973` matches 0.9731; `37%
 37.2; `2,814` matches 2814). Not checked, by design: the first cell of a table row and the header
 row (names such as `BLEU-1/2/3/4` or `T(IoBB)=0.5`), `inline code`, link targets, the year of a
 citation (`Wang 2017`, `Shin et al. 2016`), and numbers glued to a word (`ChestX-ray8`, `BLEU-4`,
-`CXR43`); `64 px` is checked, and so are ratios (`1.15x`). A figure from an earlier run of the same script
-may be shown where the block names the commit that held it (`the JSON as of \`9ef0542\``): it is
-then looked up in that commit's version of the file. Targets are written as inline code
-(the `1.15x` aimed at), so they are not taken for measured figures.
+`CXR43`); `64 px` is checked, and so are ratios (`1.15x`). A figure from an earlier run of the
+same script may be shown where the block names the commit that held it (`the JSON as of
+\`9ef0542\``): it is then looked up in that commit's version of the file. Targets are written
+as inline code (the `1.15x` aimed at), so they are not taken for measured figures.
 """
 from __future__ import annotations
 

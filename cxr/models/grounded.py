@@ -67,11 +67,12 @@ class Attention(nn.Module):
     def scores(self, keys: torch.Tensor, query: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
         """keys (B, R, dim), query (B, query_dim) -> evidence per region (B, R), before softmax.
 
-        At inference (eval mode, outside an ONNX export) the same sum within 1e-6, cheaper: tanh(y) = 2 sigmoid(2y) - 1,
-        so v·tanh(y) + b = 2 v·sigmoid(2y) + b - sum(v), computed in place in `work` (a
-        buffer shaped like `keys`, reused step after step). On the CPUs measured here torch's
-        tanh of a (B, R, dim) block took 6x its sigmoid, and each fresh block of that size cost
-        as much again in page faults: together most of the grounded Reader's time after the CNN."""
+        At inference (eval mode, outside an ONNX export) the same sum within 1e-6, cheaper: tanh(y)
+        = 2 sigmoid(2y) - 1, so v·tanh(y) + b = 2 v·sigmoid(2y) + b - sum(v), computed in place in
+        `work` (a buffer shaped like `keys`, reused step after step). On the CPUs measured here
+        torch's tanh of a (B, R, dim) block took 6x its sigmoid, and each fresh block of that size
+        cost as much again in page faults: together most of the grounded Reader's time after the
+        CNN."""
         if self.training or torch.onnx.is_in_onnx_export():  # an exported graph: plain ops, no `out=`
             return self.score(torch.tanh(keys + self.query(query)[:, None])).squeeze(-1)
         y = torch.add(keys, self.query(query)[:, None], out=work) if work is not None \
