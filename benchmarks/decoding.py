@@ -1,15 +1,21 @@
-"""What the grounded annotator's decoding changes cost: the Reader in two settings of its
-decoding, in one process, call after call.
+"""What the Reader's changes after its CNN cost (the grounded annotator's decoding, the anatomy
+network's input): the Reader in two settings, in one process, call after call.
 
-    python benchmarks/decoding.py [--compare drop_ended|onnx_decoding] [--engines ...] [--json OUT]
+    python benchmarks/decoding.py [--compare drop_ended|onnx_decoding|organs_from_square]
+        [--reports DISEASE ...] [--engines ...] [--json OUT]
 
 `--compare drop_ended` (the default): a finding dropped from the batch once it has written <end>
 (`GroundedAnnotator.drop_ended`, the default) against every finding decoded to the last step.
 `--compare onnx_decoding`: the annotator's regions and per-word step run as ONNX Runtime graphs
 (`Reader.onnx_decoding`, the default on a CPU where ONNX Runtime is installed) against PyTorch.
 Whatever the engine that runs the CNN, the setting changes only the words' part.
+`--compare organs_from_square`: the anatomy network reads the CNN's 256-px square of the film
+(`Reader.organs_from_square`, the default) against the 1024-px film, which it then resizes
+itself; with `--reports Cardiomegaly` the anatomy network, not the words, is the longer part
+after the CNN.
 
-The run is `benchmarks/inference.py`'s random DenseNet-121 with the grounded annotator and every
+The run is `benchmarks/inference.py`'s random DenseNet-121 with the grounded annotator (or, with
+`--annotator global`, Shin et al.'s global one, for `organs_from_square`) and every
 disease detected (seven findings per film: the worst case; its random annotator writes one to
 four words per finding, so findings end at different steps), reading 1024-px float32 films at
 batch 1. For each engine the two settings alternate call by call, and each call is followed by
@@ -36,16 +42,26 @@ from cxr.machine import cpu_name  # noqa: E402
 COMPARISONS = {
     "drop_ended": (("dropped", "kept"), lambda reader, on: setattr(reader.ground, "drop_ended", on)),
     "onnx_decoding": (("onnx_runtime", "torch"), lambda reader, on: setattr(reader, "onnx_decoding", on)),
+    "organs_from_square": (("square", "film"), lambda reader, on: setattr(reader, "organs_from_square", on)),
 }
 
 
-def measure(run: Path, engine: str, batch: int, calls: int, image: int, compare: str = "drop_ended") -> dict:
-    """Median ms per call and time over the own forward pass, in the comparison's two settings."""
+def measure(run: Path, engine: str, batch: int, calls: int, image: int, compare: str = "drop_ended",
+            reports: list[str] | None = None) -> dict:
+    """Median ms per call and time over the own forward pass, in the comparison's two settings.
+    `reports`: the diseases every film reports (the Reader's thresholds), else every one."""
+    import numpy as np
     import torch
 
     from inference import two_settings
 
-    (on, off), apply = COMPARISONS[compare]
+    (on, off), change = COMPARISONS[compare]
+
+    def apply(reader, setting):
+        if reports is not None:
+            reader.thresholds = np.array([0.0 if t in reports else 2.0 for t in reader.targets], np.float32)
+        change(reader, setting)
+
     first, got = two_settings(run, engine, batch, calls, image, apply)
     out = {"engine": engine, "batch": batch, "calls": calls, "torch_threads": torch.get_num_threads(),
            "words_per_finding": [len(f.annotation.split()) for f in first[0].findings],
@@ -126,18 +142,25 @@ def main(argv=None) -> int:
     reader_options(ap, [1], 40, "calls of each setting")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compare", choices=sorted(COMPARISONS), default="drop_ended")
+    ap.add_argument("--annotator", choices=("grounded", "global"), default="grounded",
+                    help="the random run's annotator (global: Shin et al.'s, its words short)")
+    ap.add_argument("--reports", nargs="+", metavar="DISEASE", help="the diseases every film reports "
+                    "(default: every one, the worst case), e.g. Cardiomegaly")
     ap.add_argument("--demo", type=Path, help="with --compare onnx_decoding: a finished `cxr demo --out DIR` "
                     "whose validation and test films are read both ways (the same words?)")
     args = ap.parse_args(argv)
+    if args.annotator == "global" and args.compare != "organs_from_square":
+        ap.error(f"--compare {args.compare} changes the grounded annotator: not with --annotator global")
     engines = args.engines or _engines()
     (on, off), _ = COMPARISONS[args.compare]
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        run = grounded_run_for(Path(tmp) / "grounded", engines)
+        run = grounded_run_for(Path(tmp) / args.annotator, engines, args.annotator)
         for round_ in range(1, args.rounds + 1):
             for batch in args.batches:
                 for engine in engines:
-                    r = {"round": round_, **measure(run, engine, batch, args.calls, args.input, args.compare)}
+                    r = {"round": round_, **measure(run, engine, batch, args.calls, args.input, args.compare,
+                                                        args.reports)}
                     results.append(r)
                     rows.append([engine, round_, batch, args.calls, r[off]["ms_per_call"], r[on]["ms_per_call"],
                                  r[off]["time_x_own_cnn"], r[on]["time_x_own_cnn"]])
@@ -155,7 +178,8 @@ def main(argv=None) -> int:
     if args.json:
         write_atomic(args.json, json.dumps({
             "benchmark": "decoding", "compare": args.compare, "cpu": cpu_name(), "torch": torch.__version__,
-            "run": "random densenet121, grounded annotator, every disease detected",
+            "run": f"random densenet121, {args.annotator} annotator, "
+                   + (f"every film reports {', '.join(args.reports)}" if args.reports else "every disease detected"),
             "image_input": args.input, "precision": "float32", "results": results, **extra}, indent=1) + "\n")
     return 0
 

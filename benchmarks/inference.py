@@ -252,9 +252,9 @@ def reader_options(ap, batches: list[int], calls: int, calls_help: str) -> None:
 def two_settings(run: Path, engine: str, batch: int, calls: int, image: int, apply) -> tuple:
     """One Reader of `run` reading `batch` random `image`-px films in two settings (`apply(reader,
     True)` or `apply(reader, False)` sets one) alternated call by call, each call followed by the
-    Reader's own forward pass alone; the first round warms up. Returns the Reader, its first
-    call's Results, and per setting the median ms per call and the median ratio of a call to the
-    forward pass after it (the machine's load falls on both)."""
+    Reader's own forward pass alone; the first round warms up. Returns its first call's Results
+    (read in the first setting), and per setting the median ms per call and the median ratio of a
+    call to the forward pass after it (the machine's load falls on both)."""
     import statistics
     import time
 
@@ -265,6 +265,7 @@ def two_settings(run: Path, engine: str, batch: int, calls: int, image: int, app
     reader = Reader.load(run, device="cpu", gate=False, engine=engine)
     rng = np.random.default_rng(0)
     films = [rng.random((image, image), dtype=np.float32) for _ in range(batch)]
+    apply(reader, True)
     first = reader(films, batch_size=batch)
     times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     for k in range(calls + 1):
@@ -282,12 +283,13 @@ def two_settings(run: Path, engine: str, batch: int, calls: int, image: int, app
                    for setting, pairs in times.items()}
 
 
-def grounded_run_for(out: Path, engines: list[str]) -> Path:
-    """The random grounded DenseNet-121 run at 256-px input (`random_run`) in `out`, exported to
-    ONNX where an engine other than torch is to read it: what the Reader-only benchmarks read."""
+def grounded_run_for(out: Path, engines: list[str], annotator: str = "grounded") -> Path:
+    """The random grounded (or global) DenseNet-121 run at 256-px input (`random_run`) in `out`,
+    exported to ONNX where an engine other than torch is to read it: what the Reader-only
+    benchmarks read."""
     from cxr.cli import main as cxr_main
 
-    run = random_run(out, "densenet121", 256)
+    run = random_run(out, "densenet121", 256, annotator)
     if set(engines) - {"torch"}:
         cxr_main(["export", str(run), "--onnx"])
     return run

@@ -17,11 +17,15 @@ STRETCH = True
 
 
 def preprocess(image: np.ndarray, size: int, stretch: bool) -> np.ndarray:
-    """An image as loaded (float32 (H, W) in [0, 1]) -> the model's square input size.
+    """An image as loaded (float32 (H, W) in [0, 1]) -> the model's square input size
+    (`square`, then `levels`)."""
+    return levels(square(image, size), stretch)
 
-    With `stretch`, grey levels are stretched so the 0.5th..99.5th percentiles span [0, 1]: an 8-bit
-    PNG export and the DICOM it came from (windowed or min-max scaled by the loader) then give
-    the model the same input, whatever range each file used."""
+
+def square(image: np.ndarray, size: int) -> np.ndarray:
+    """An image as loaded (float32 (H, W) in [0, 1], or RGB(A) from Python) -> grey, squashed to
+    size x size by area averaging: the film at the CNN's size before its grey levels are set,
+    which the Reader also hands the anatomy network (one resize of the film, not two)."""
     from .images import resize
 
     image = np.asarray(image, dtype=np.float32)
@@ -29,7 +33,14 @@ def preprocess(image: np.ndarray, size: int, stretch: bool) -> np.ndarray:
         image = image[..., :3].mean(-1) if image.shape[-1] in (3, 4) else image[0]
     if image.ndim != 2:
         raise CxrError(f"expected a 2-D grey image, got shape {image.shape}")
-    image = resize(image, size)
+    return resize(image, size)
+
+
+def levels(image: np.ndarray, stretch: bool) -> np.ndarray:
+    """A `square` image -> the grey levels the CNN reads. With `stretch`, stretched so the
+    0.5th..99.5th percentiles span [0, 1]: an 8-bit PNG export and the DICOM it came from
+    (windowed or min-max scaled by the loader) then give the model the same input, whatever range
+    each file used."""
     if stretch:
         lo, hi = np.percentile(image, (0.5, 99.5))
         if hi - lo > 1e-6:

@@ -67,7 +67,7 @@ from .models.cascade import output_probabilities
 from .models.cnn import create_cnn
 from .models.localize import (Heatmaps, boxes_from_heatmaps, disease_band, half_at_own_peak,
                               heatmaps_at, site_consistent)
-from .preprocess import normalise, preprocess
+from .preprocess import levels, normalise, square
 from .records import Box
 from .results import DetectedFinding, Result
 from .operating import decide
@@ -237,18 +237,21 @@ class Reader:
     # ------------------------------------------------------------------ model
 
     @torch.no_grad()
-    def forward(self, images: list[np.ndarray]) -> Features:
+    def forward(self, images: list[np.ndarray], squares: list[np.ndarray] | None = None) -> Features:
         """The CNN on a batch of loaded images (float32 (H, W) in [0, 1]), preprocessed as the
-        run's spec says, `micro_batch` images per call."""
-        step = self.micro_batch or len(images)
-        parts = [self._forward(images[s:s + step]) for s in range(0, len(images), step)]
+        run's spec says, `micro_batch` images per call. `squares`: the images already resized to
+        the CNN's input (`cxr.preprocess.square`), where the caller keeps them."""
+        if squares is None:
+            squares = [square(im, self.spec.preprocessing.image_size) for im in images]
+        step = self.micro_batch or len(squares)
+        parts = [self._forward(squares[s:s + step]) for s in range(0, len(squares), step)]
         if len(parts) == 1:
             return parts[0]
         return Features(*(torch.cat(part) for part in zip(*parts)))
 
-    def _forward(self, images: list[np.ndarray]) -> Features:
+    def _forward(self, squares: list[np.ndarray]) -> Features:
         pre = self.spec.preprocessing
-        x = np.stack([preprocess(im, pre.image_size, pre.stretch) for im in images])[:, None]
+        x = np.stack([levels(im, pre.stretch) for im in squares])[:, None]
         if self._engine is not None:
             maps, logits, emb = (torch.from_numpy(a) for a in self._engine(normalise(x, pre.mean, pre.std)))
             return Features(maps, logits, emb)
@@ -314,6 +317,11 @@ class Reader:
     #: the longer of the two); off only to measure what that changes
     #: (`benchmarks/organs_beside_words.py`).
     organs_beside_words = True
+    #: The anatomy model reads the CNN's square of a larger film (`_read_organs`) where that
+    #: square keeps the 256 px it was trained from; off only to measure what that changes
+    #: (`benchmarks/anatomy_square.py`: the same ratios and grades; `benchmarks/decoding.py
+    #: --compare organs_from_square`: the time).
+    organs_from_square = True
     #: On a CPU the grounded annotator's regions and per-word step run as ONNX Runtime graphs
     #: (`cxr.models.grounded_onnx`) where it is installed: the same words, in less time; off
     #: only to measure what that changes (`benchmarks/decoding.py`).
@@ -329,9 +337,21 @@ class Reader:
             return []
         return [b for b, names in enumerate(diseases) if any(organ_of(d) for d in names)]
 
-    def _read_organs(self, images: list[np.ndarray], rows: list[int]) -> dict:
-        """The anatomy model's organs of `images[b]` for each row b in `rows`, by row."""
-        return dict(zip(rows, self._anatomy_model()([images[b] for b in rows]))) if rows else {}
+    def _read_organs(self, images: list[np.ndarray], rows: list[int],
+                     squares: list[np.ndarray] | None = None) -> dict:
+        """The anatomy model's organs of `images[b]` for each row b in `rows`, by row, its boxes
+        in the film's pixels. It reads the CNN's square of the film (`squares`) where that holds
+        at least the films the network was trained from (`AnatomyModel.trained_from`, 256 px) and
+        is smaller than the film: the same area average, one resize of a 1024-px film (~2.4 ms,
+        a quarter of the network's time) not done twice."""
+        if not rows:
+            return {}
+        model = self._anatomy_model()
+        squares = squares if self.organs_from_square else None
+        films = [squares[b] if squares is not None and model.trained_from <= squares[b].shape[0]
+                 and all(s >= n for s, n in zip(np.shape(images[b])[:2], squares[b].shape))
+                 else images[b] for b in rows]
+        return dict(zip(rows, model(films, sizes=[np.shape(images[b])[:2] for b in rows])))
 
     def _anatomy_model(self):
         """The anatomy model, loaded once per device (load it outside `_one_thread`). Its ONNX
@@ -561,7 +581,8 @@ class Reader:
     @torch.no_grad()
     def _batch(self, images: list[np.ndarray], heatmaps: bool, beams: int,
                views: list[str | None] | None = None) -> list[Result]:
-        maps, logits, emb = self.forward(images)
+        squares = [square(im, self.spec.preprocessing.image_size) for im in images]
+        maps, logits, emb = self.forward(images, squares)
         detection = self._detect(logits)
         rows = self._organ_rows([[self.targets[t] for t in hits] for hits in detection.detected])
         if rows:
@@ -569,10 +590,10 @@ class Reader:
         with _one_thread(self.device):
             # the anatomy model (a second CNN) reads on the other core while this one writes the
             # words: after the CNN, the Reader then takes about the longer of the two, not their sum
-            pending = _background().submit(self._read_organs, images, rows) \
+            pending = _background().submit(self._read_organs, images, rows, squares) \
                 if rows and self._organs_on_worker else None
             results = self._results(images, maps, emb, detection, heatmaps, beams)
-        organs = pending.result() if pending is not None else self._read_organs(images, rows)
+        organs = pending.result() if pending is not None else self._read_organs(images, rows, squares)
         return self._whole_organs(images, results, views, organs)
 
     def _detect(self, logits: torch.Tensor) -> Detection:

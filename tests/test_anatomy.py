@@ -103,7 +103,7 @@ def test_a_whole_organ_finding_the_reader_reports_is_boxed_where_the_organ_is(ti
     organ = anatomy([film])[0].boxes[organ_of(target)]
     # the anatomy model reads on the Reader's background worker, beside the words being written
     threads = []
-    reader._anatomy_model = lambda: lambda films: threads.append(threading.current_thread().name) or anatomy(films)
+    reader._anatomy_model = lambda: _Noting(anatomy, lambda films: threads.append(threading.current_thread().name))
     found = {f.disease: f.boxes for f in reader(film).findings}
     assert found[target] == [Box(target, organ.x, organ.y, organ.w, organ.h)]
     assert len(threads) == 1 and threads[0].startswith("cxr-organs") and threads[0] != threading.current_thread().name
@@ -163,6 +163,48 @@ def test_the_training_warp_moves_film_and_masks_together():
         bright, mask = xa[k, 0] > 0.5, ya[k, 0] > 0.5
         assert float((bright & mask).sum() / (bright | mask).sum()) > 0.9
     assert not torch.equal(ya[0], ya[1])  # each film its own deformation
+
+
+class _Noting:
+    """The anatomy model, calling `note(films)` with what it is given before reading it."""
+
+    def __init__(self, model: AnatomyModel, note):
+        self.model, self.note, self.trained_from = model, note, model.trained_from
+
+    def __call__(self, films, sizes=None):
+        self.note(films)
+        return self.model(films, sizes)
+
+
+def test_the_anatomy_network_reads_the_cnns_square_of_a_larger_film(tiny_run):
+    """Where the CNN's square of a film holds at least the 256 px the anatomy network was trained
+    from, the network reads that square (a 1024-px film is resized once, not twice), its boxes
+    in the film's pixels, about where reading the film puts them; a film no larger than the
+    square, or a square under 256 px, is read itself."""
+    from cxr.checkpoint import load_run
+    from cxr.reader import Reader
+
+    spec, tensors = load_run(tiny_run)
+    target = next(t for t in spec.targets if organ_of(t))
+    spec = dataclasses.replace(spec, thresholds={t: 0.0 for t in spec.targets},
+                               study=dataclasses.replace(spec.study, threshold=0.0))
+    anatomy = AnatomyModel.load()
+
+    def read(image_size: int, film: np.ndarray):
+        reader = Reader(dataclasses.replace(spec, preprocessing=dataclasses.replace(
+            spec.preprocessing, image_size=image_size)), tensors, "cpu", gate=False)
+        seen = []
+        reader._anatomy_model = lambda: _Noting(anatomy, lambda films: seen.extend(f.shape for f in films))
+        boxes = {f.disease: f.boxes for f in reader(film).findings}[target]
+        return seen, boxes
+
+    film = chest_film(1, (1024, 1024))
+    seen, boxes = read(256, film)
+    assert seen == [(256, 256)]
+    organ = anatomy([film])[0].boxes[organ_of(target)]
+    assert len(boxes) == 1 and M.iou(boxes[0], organ) > 0.9, (boxes, organ)  # the film's pixels
+    assert read(128, film)[0] == [(1024, 1024)]  # a square under 256 px: the film
+    assert read(256, chest_film(1, (200, 240)))[0] == [(200, 240)]  # a film smaller than the square
 
 
 def test_a_cardiomegaly_on_a_film_its_dicom_calls_ap_is_boxed_but_not_measured(tiny_run, tmp_path):

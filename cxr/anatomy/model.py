@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from ..errors import CxrError
@@ -163,6 +162,9 @@ class AnatomyModel:
         self.net = net.to(self.device).eval()
         self.meta = meta
         self.size = int(meta.get("size", SIZE))
+        # the side of the films it was trained from (`train.RENDER_SIZE`): a smaller copy of a
+        # film that keeps at least this much reads as the film does (the Reader's square)
+        self.trained_from = int(meta.get("render_size", 256))
         self.session = None
         # ONNX Runtime's threads (default: torch's); the Reader gives it one when it reads
         # beside the annotator's words, which hold the other core
@@ -194,12 +196,15 @@ class AnatomyModel:
             logits = self.net(x.to(self.device))
         return torch.sigmoid(logits).float().cpu().numpy()
 
-    def __call__(self, images) -> list[Organs]:
-        """Each film's organs (masks, boxes at the film's size, cardiothoracic ratio)."""
+    def __call__(self, images, sizes=None) -> list[Organs]:
+        """Each film's organs (masks, boxes at the film's size, cardiothoracic ratio). `sizes`:
+        each film's (height, width) where `images` are smaller copies of the films (the
+        Reader's square at the CNN's input size), for boxes in the film's pixels."""
         images = list(images)
         if not images:
             return []
-        return [read_masks(p, np.shape(im)[:2]) for p, im in zip(self.probabilities(images), images)]
+        sizes = sizes or [np.shape(im)[:2] for im in images]
+        return [read_masks(p, size) for p, size in zip(self.probabilities(images), sizes)]
 
 
 def _onnx_session(net: torch.nn.Module, size: int, required: bool, threads: int):
