@@ -26,15 +26,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def iou(a, b) -> float | None:
-    if a is None or b is None:
-        return None
-    w = min(a.x + a.w, b.x + b.w) - max(a.x, b.x)
-    h = min(a.y + a.h, b.y + b.h) - max(a.y, b.y)
-    inter = max(w, 0) * max(h, 0)
-    return inter / (a.w * a.h + b.w * b.h - inter)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--films", type=int, default=300)
@@ -48,6 +39,7 @@ def main(argv=None) -> int:
 
     from cxr import metrics as M
     from cxr.anatomy import AnatomyModel, grade_of_ratio
+    from cxr.atomic import write_atomic
     from cxr.machine import cpu_name
     from cxr.phantom.render import Phantom
     from cxr.phantom.spec import FindingSpec
@@ -73,7 +65,8 @@ def main(argv=None) -> int:
             ratios[way].append(organs.cardiothoracic_ratio)
             grades[way].append(grade_of_ratio(organs.cardiothoracic_ratio)
                                if organs.cardiothoracic_ratio is not None else None)
-        ious.append(iou(read["film"].boxes.get("heart"), read["square"].boxes.get("heart")))
+        film_box, square_box = read["film"].boxes.get("heart"), read["square"].boxes.get("heart")
+        ious.append(M.iou(film_box, square_box) if film_box and square_box else None)
         if (k + 1) % 50 == 0:
             print(f"  {k + 1}/{args.films} films", file=sys.stderr)
 
@@ -110,8 +103,7 @@ def main(argv=None) -> int:
           f"{b['grade_differs']} films; heart boxes' IoU median {b['heart_box_iou_median']:.3f}, least "
           f"{b['heart_box_iou_min']:.3f}; the square read in {b['square_time_over_film']:.3f}x the film's time")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        write_atomic(args.json, json.dumps(out, indent=1) + "\n")
     return 0
 
 
