@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
     from cxr.atomic import write_atomic
     from cxr.metrics import markdown_table
-    from inference import _engines, grounded_run_for, reader_options
+    from inference import _engines, exported_run_for, reader_options
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     reader_options(ap, [1], 40, "calls of each setting")
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     (on, off), _ = COMPARISONS[args.compare]
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        run = grounded_run_for(Path(tmp) / args.annotator, engines, args.annotator)
+        run = exported_run_for(Path(tmp) / args.annotator, engines, args.annotator)
         for round_ in range(1, args.rounds + 1):
             for batch in args.batches:
                 for engine in engines:

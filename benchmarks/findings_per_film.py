@@ -79,7 +79,7 @@ def main(argv=None) -> int:
 
     from cxr.atomic import write_atomic
     from cxr.metrics import markdown_table
-    from inference import _engines, grounded_run_for, reader_options
+    from inference import _engines, exported_run_for, reader_options
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # batch 1 by default: where the Reader's work after the CNN weighs most (32 takes ten times as long)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     engines = args.engines or _engines()
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        run = grounded_run_for(Path(tmp) / "grounded", engines)
+        run = exported_run_for(Path(tmp) / "grounded", engines)
         for batch in args.batches:
             for engine in engines:
                 calls = args.calls if batch == 1 else max(3, args.calls // 6)

@@ -283,8 +283,8 @@ def two_settings(run: Path, engine: str, batch: int, calls: int, image: int, app
                    for setting, pairs in times.items()}
 
 
-def grounded_run_for(out: Path, engines: list[str], annotator: str = "grounded") -> Path:
-    """The random grounded (or global) DenseNet-121 run at 256-px input (`random_run`) in `out`,
+def exported_run_for(out: Path, engines: list[str], annotator: str = "grounded") -> Path:
+    """The random DenseNet-121 run at 256-px input with `annotator` (`random_run`) in `out`,
     exported to ONNX where an engine other than torch is to read it: what the Reader-only
     benchmarks read."""
     from cxr.cli import main as cxr_main

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     from cxr.atomic import write_atomic
     from cxr.metrics import markdown_table
-    from inference import _engines, grounded_run_for, reader_options
+    from inference import _engines, exported_run_for, reader_options
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     reader_options(ap, [1, 32], 40, "calls of each setting at batch 1 (a quarter of that at batch 32)")
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     engines = args.engines or _engines()
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        run = grounded_run_for(Path(tmp) / "grounded", engines)
+        run = exported_run_for(Path(tmp) / "grounded", engines)
         for batch in args.batches:
             for engine in engines:
                 calls = args.calls if batch == 1 else max(3, args.calls // 4)

@@ -519,9 +519,9 @@ class GroundedAnnotator(nn.Module):
             steps = step + 1
             writing = words != END
             then = after_word(writing, ended, self.drop_ended)
-            if then != "drop":
-                if then == "stop":
-                    break
+            if then == "stop":
+                break
+            if then == "next":
                 continue
             keep = writing.nonzero().squeeze(1)
             live, words, bar, q = live[keep], words[keep], bar[keep], q[keep]

@@ -155,9 +155,9 @@ class OnnxDecoding:
             steps = step + 1
             writing = words != END
             then = after_word(writing, ended, drop_ended)
-            if then != "drop":
-                if then == "stop":
-                    break
+            if then == "stop":
+                break
+            if then == "next":
                 continue
             live, words, bar, q, head, state = (a[writing] for a in (live, words, bar, q, head, state))
             if not shared:
