@@ -7,7 +7,8 @@ network's input): the Reader in two settings, in one process, call after call.
 `--compare drop_ended` (the default): a finding dropped from the batch once it has written <end>
 (`GroundedAnnotator.drop_ended`, the default) against every finding decoded to the last step.
 `--compare onnx_decoding`: the annotator's regions and per-word step run as ONNX Runtime graphs
-(`Reader.onnx_decoding`, the default on a CPU where ONNX Runtime is installed) against PyTorch.
+(`Reader.onnx_decoding`, the default on a CPU where ONNX Runtime is installed) against PyTorch;
+with `--annotator global`, the global annotator's GRU step (`cxr.models.annotator_onnx`).
 Whatever the engine that runs the CNN, the setting changes only the words' part.
 `--compare organs_from_square`: the anatomy network reads the CNN's 256-px square of the film
 (`Reader.organs_from_square`, the default) against the 1024-px film, which it then resizes
@@ -15,14 +16,15 @@ itself; with `--reports Cardiomegaly` the anatomy network, not the words, is the
 after the CNN.
 
 The run is `benchmarks/inference.py`'s random DenseNet-121 with the grounded annotator (or, with
-`--annotator global`, Shin et al.'s global one, for `organs_from_square`) and every
+`--annotator global`, Shin et al.'s global one, for `organs_from_square` and `onnx_decoding`) and every
 disease detected (seven findings per film: the worst case; its random annotator writes one to
 four words per finding, so findings end at different steps), reading 1024-px float32 films at
 batch 1. For each engine the two settings alternate call by call, and each call is followed by
 the Reader's own forward pass alone: the ratio of a call to that forward pass is taken call by
 call (the shared machine's load falls on both), and its median is reported, with the median time
 per call. `--rounds` repeats the whole measurement (engines in turn), so that its spread shows.
-Both settings of either comparison write the same words (`tests/test_grounded.py`).
+Both settings of each comparison write the same words (`tests/test_grounded.py`,
+`tests/test_reader_speed.py`).
 """
 from __future__ import annotations
 
@@ -94,6 +96,43 @@ def same_reading(demo: Path) -> dict:
                                               for k in a.confidence), default=0.0)}
 
 
+def words_alone(run: Path, calls: int = 400) -> dict:
+    """The words alone, both ways: the Reader's annotator writing every target of the run (one
+    film's features, from its CNN) on one thread, as the Reader does after its CNN, with the
+    ONNX Runtime graphs and with PyTorch in turn, `calls` times each: median ms per call, and
+    whether the two wrote the same words. The whole Reader's time (above) carries the CNN's and
+    the host's noise; this is the part the setting changes."""
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    from cxr.reader import Reader
+
+    reader = Reader.load(run, device="cpu", gate=False, engine="torch")
+    maps, _, emb = reader.forward([np.random.default_rng(0).random((1024, 1024), dtype=np.float32)])
+    labels = torch.arange(len(reader.targets))
+    rows = [0] * len(labels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times, words = {True: [], False: []}, {}
+    for k in range(calls + 10):
+        for on in (True, False) if k % 2 == 0 else (False, True):
+            reader.onnx_decoding = on
+            t0 = time.perf_counter()
+            words[on] = reader._ground(rows, labels.tolist(), maps)["tokens"] if reader.ground is not None \
+                else reader.annotate(emb[rows], labels)  # as the Reader: an image's regions made once
+            if k >= 10:
+                times[on].append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return {"findings": len(labels), "calls": calls, "same_words": words[True] == words[False],
+            "words_per_finding": [len(w) for w in words[True]],
+            "ms_onnx_runtime": round(1e3 * statistics.median(times[True]), 3),
+            "ms_torch": round(1e3 * statistics.median(times[False]), 3),
+            "onnx_runtime_x_torch": round(statistics.median(times[True]) / statistics.median(times[False]), 3)}
+
+
 def hidden_product(items: int = 7, hidden: int = 512, repeats: int = 2000) -> dict:
     """Microseconds of the GRU's hidden product of `items` findings (items x hidden by hidden x
     3 hidden, plus its bias) on one thread, eager PyTorch against ONNX Runtime, same run."""
@@ -149,7 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--demo", type=Path, help="with --compare onnx_decoding: a finished `cxr demo --out DIR` "
                     "whose validation and test films are read both ways (the same words?)")
     args = ap.parse_args(argv)
-    if args.annotator == "global" and args.compare != "organs_from_square":
+    if args.annotator == "global" and args.compare == "drop_ended":
         ap.error(f"--compare {args.compare} changes the grounded annotator: not with --annotator global")
     engines = args.engines or _engines()
     (on, off), _ = COMPARISONS[args.compare]
@@ -166,10 +205,11 @@ def main(argv=None) -> int:
                                  r[off]["time_x_own_cnn"], r[on]["time_x_own_cnn"]])
                     print(f"  round {round_}, {engine} batch {batch}: x own CNN "
                           f"{r[off]['time_x_own_cnn']:.3f} {off}, {r[on]['time_x_own_cnn']:.3f} {on}", flush=True)
+        extra = {"words_alone": words_alone(run)} if args.compare == "onnx_decoding" else {}
     print(markdown_table(["engine", "round", "batch", "calls each", f"ms per call, {off}", on,
                           f"time x own CNN, {off}", on], rows, digits=3))
-    extra = {}
     if args.compare == "onnx_decoding":
+        print("  the words alone, one thread:", extra["words_alone"])
         extra["hidden_product"] = hidden_product()
         print("  the GRU's hidden product of 7 findings, one thread:", extra["hidden_product"])
         if args.demo:

@@ -112,11 +112,13 @@ class Reader:
     #: per second at batch 32 than at batch 1. Batches are cut into calls of this size (scores
     #: bit-identical). Measured there, torch channels-last, 32 images: calls of 8 were the
     #: fastest on a quiet machine (18 images/s; 15 in calls of 1, 3 in calls of 16 or 32); under
-    #: a load of 7 on the 2 cores larger calls did better (calls of 8: 1.6, 32: 2.0, 1: 1.0) and
-    #: ONNX Runtime was within noise from 2 to 8 (and slower in calls of 32). OpenVINO, compiled
-    #: for latency, was fastest in calls of 1 (21.8 images/s against 18.7-20.2 in calls of 8,
-    #: two rounds on a quiet machine).
-    CPU_MICRO_BATCH = {"torch": 8, "onnxruntime": 8, "openvino": 1}
+    #: a load of 7 on the 2 cores larger calls did better (calls of 8: 1.6, 32: 2.0, 1: 1.0).
+    #: OpenVINO, compiled for latency, was fastest in calls of 1 (21.8 images/s against 18.7-20.2
+    #: in calls of 8, two rounds on a quiet machine), and so was ONNX Runtime once batch 32 and
+    #: 32 films one at a time were measured in turn in one process (`benchmarks/batching.py`:
+    #: its forward pass read batch 32 at 1.004x batch 1's speed per image in calls of 1, 0.915x in
+    #: calls of 8; separate processes had shown either order).
+    CPU_MICRO_BATCH = {"torch": 8, "onnxruntime": 1, "openvino": 1}
 
     def __init__(self, spec: RunSpec, tensors: dict[str, torch.Tensor], device: str | torch.device | None = None,
                  model_id: str = "", amp: bool = True, gate=True, engine: str = "torch",
@@ -154,6 +156,7 @@ class Reader:
         # from before it: the finding map of a grounded run, else the CAM)
         self.box_source = "cam" if self.ground is None else (spec.localization.source or "attention")
         self._onnx_decoding = None  # its ONNX Runtime graphs: made when first decoding (`_decoding`)
+        self._global_onnx_decoding = None  # the global annotator's step graph (`_global_decoding`)
         self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
                              arch.rnn_embed, arch.rnn)
         self.rnn.load_state_dict(unprefixed("rnn", tensors))
@@ -323,7 +326,8 @@ class Reader:
     #: --compare organs_from_square`: the time).
     organs_from_square = True
     #: On a CPU the grounded annotator's regions and per-word step run as ONNX Runtime graphs
-    #: (`cxr.models.grounded_onnx`) where it is installed: the same words, in less time; off
+    #: (`cxr.models.grounded_onnx`), and the global annotator's GRU step too
+    #: (`cxr.models.annotator_onnx`), where it is installed: the same words, in less time; off
     #: only to measure what that changes (`benchmarks/decoding.py`).
     onnx_decoding = True
     _anatomy: dict = {}  # the anatomy model by (device, threads), loaded when a film first has such a finding
@@ -511,6 +515,15 @@ class Reader:
             self._onnx_decoding = onnx_decoding(self.ground) or False  # False: tried, not available
         self.ground.decoding = (self._onnx_decoding or None) if self.onnx_decoding else None
 
+    def _global_decoding(self) -> None:
+        """The global annotator's ONNX Runtime step as `onnx_decoding` says, exported when first
+        needed (None where ONNX Runtime is missing, off the CPU, or for an LSTM)."""
+        if self.onnx_decoding and self._global_onnx_decoding is None:
+            from .models.annotator_onnx import global_onnx_decoding
+
+            self._global_onnx_decoding = global_onnx_decoding(self.rnn) or False  # False: tried
+        self.rnn.decoding = (self._global_onnx_decoding or None) if self.onnx_decoding else None
+
     def _word_confidence(self, seqs: list[list[int]], fields: dict[str, torch.Tensor]) -> list[dict[str, float]]:
         """Per item, the probability the grounded annotator gave the side, site and grade word it
         wrote, among that field's words (its field head, weighed with where the map lies), with
@@ -542,6 +555,7 @@ class Reader:
             return self._ground(list(range(len(labels))), [int(t) for t in labels], maps.to(self.device))["tokens"]
         emb, lab = embeddings.to(self.device), labels.to(self.device)
         n = self.spec.architecture.max_tokens + 1
+        self._global_decoding()
         ids = self.rnn.greedy(emb, lab, n) if beams <= 1 else self.rnn.beam(emb, lab, beams, n)
         return [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in ids]
 

@@ -165,3 +165,47 @@ def test_greedy_with_the_gate_table_writes_the_words_of_nn_gru():
         ended_early += sum(len(s) < 6 for s in fast)
         never_ended += sum(len(s) == 6 for s in fast)
     assert ended_early and never_ended  # both kinds of row were compared
+
+
+def test_the_global_annotators_onnx_step_writes_the_words_of_pytorch(monkeypatch):
+    """The global annotator's GRU step as an ONNX Runtime graph (`cxr.models.annotator_onnx`,
+    what the Reader decodes with on a CPU) writes the words of PyTorch's greedy decoding, rows
+    that end early and rows that never end, on many random annotators; the graph runs at every
+    step and ended rows leave its batch; weights changed after the export put decoding back on
+    PyTorch; an LSTM gets no graph, nor does any annotator where ONNX Runtime is missing."""
+    pytest.importorskip("onnxruntime")
+    from cxr.models.annotator import Annotator
+    from cxr.models.annotator_onnx import global_onnx_decoding
+
+    ended_early = never_ended = shrank = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        ann = Annotator(12, 5, 16, 32, 8, "gru", dropout=0.0).eval()
+        with torch.no_grad():
+            ann.out.bias[2] += float(torch.randn(())) * 2  # <end> more or less likely
+        emb, labels = torch.randn(6, 16), torch.randint(0, 5, (6,))
+        want = ann.greedy(emb, labels, max_len=6)
+        ann.decoding = decoding = global_onnx_decoding(ann)
+        rows = []
+        run = decoding.session.run
+        decoding.session.run = lambda names, feed: rows.append(len(feed["h"])) or run(names, feed)
+        got = ann.greedy(emb, labels, max_len=6)
+        assert got == want, seed
+        assert rows[0] == 6 and len(rows) == max(map(len, got)) + (max(map(len, got)) < 6)
+        shrank += rows[-1] < 6
+        ended_early += sum(len(s) < 6 for s in got)
+        never_ended += sum(len(s) == 6 for s in got)
+        with torch.no_grad():
+            ann.out.weight.mul_(-1)  # other weights: the graph no longer matches them
+        rows[:] = []
+        changed = ann.greedy(emb, labels, max_len=6)
+        ann.decoding = None
+        assert not rows and changed == ann.greedy(emb, labels, max_len=6)
+    assert ended_early and never_ended and shrank  # every kind of row was compared
+    assert global_onnx_decoding(Annotator(12, 5, 16, 32, 8, "lstm").eval()) is None
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    assert global_onnx_decoding(ann) is None

@@ -1,6 +1,7 @@
 """train(): end to end on a few synthetic images, resume after an interruption, settings checks."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -279,7 +280,8 @@ def test_box_source_follows_whether_the_words_say_where(tmp_path, studies):
     """auto: the grounded finding map gives the boxes when the training annotations name sides
     and sites (its presence loss learns where from them); with labels that name no place (NIH's)
     the map written with the finding's word does, and the Reader draws that map; --box-source
-    overrides, and a global-annotator run keeps the CAM."""
+    overrides, and a global-annotator run keeps the CAM (its words on a CPU from its ONNX Runtime
+    step: those of PyTorch)."""
     import dataclasses
 
     from cxr.reader import Reader
@@ -302,8 +304,15 @@ def test_box_source_follows_whether_the_words_say_where(tmp_path, studies):
     first_word = f.annotation.split()[0]
     assert np.array_equal(result.heatmaps[f.disease], result.heatmaps[f"{f.disease}:{first_word}"])
     assert load_spec(train(_config(box_source="cam"), tmp_path / "cam", studies=bare)).localization.source == "cam"
-    assert load_spec(train(_config(annotator="global"), tmp_path / "glob",
-                           studies=studies)).localization.source == "cam"
+    glob = train(_config(annotator="global"), tmp_path / "glob", studies=studies)
+    assert load_spec(glob).localization.source == "cam"
+    # the global annotator's words on a CPU come from its ONNX Runtime step: those of PyTorch
+    reader, films, read = Reader.load(glob, device="cpu", gate=False), [s.images[0].path for s in studies], {}
+    for on in (True, False):
+        reader.onnx_decoding = on
+        read[on] = [f.annotation for r in reader(films) for f in r.findings]
+    assert read[True] == read[False] and any(read[True])
+    assert reader._global_onnx_decoding or importlib.util.find_spec("onnxruntime") is None
     with pytest.raises(CxrError, match="grounded"):
         TrainConfig(annotator="global", box_source="word")
 

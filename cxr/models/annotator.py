@@ -36,6 +36,10 @@ def weights_version(*tensors: torch.Tensor) -> tuple:
 
 
 class Annotator(nn.Module):
+    #: the GRU step under ONNX Runtime (`cxr.models.annotator_onnx`), set by the Reader on a CPU;
+    #: `greedy` uses it only while it matches the weights (None: PyTorch)
+    decoding = None
+
     def __init__(self, vocab_size: int, num_labels: int, image_dim: int, hidden: int = 256,
                  embed_dim: int = 128, cell: str = "gru", dropout: float = 0.1):
         super().__init__()
@@ -107,7 +111,10 @@ class Annotator(nn.Module):
         wrote: a MeSH term never repeats a part; <end> at the first step) are one additive bar
         per row, updated in place (at batch 1 the Reader's time after the CNN is mostly these
         steps, and a mask rebuilt each step cost a third of a step); a finished row's later
-        words are barred too, and dropped anyway."""
+        words are barred too, and dropped anyway. With `decoding` set (the Reader, on a CPU) each
+        step runs as its ONNX Runtime graph."""
+        if self.decoding is not None and not self.training and self.decoding.current(self):
+            return self.decoding.greedy(embedding, labels, max_len)
         n, device = embedding.shape[0], embedding.device
         state = self.init_state(embedding, labels)
         bar = torch.zeros(n, self.vocab_size, device=device)

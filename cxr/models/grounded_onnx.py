@@ -65,7 +65,8 @@ class _Step(nn.Module):
         return self.ground._ground(torch.log_softmax(logits, -1), head), h, alpha
 
 
-def _export(module: nn.Module, example: tuple, inputs: list[str], outputs: list[str], dynamic: dict):
+def export_session(module: nn.Module, example: tuple, inputs: list[str], outputs: list[str], dynamic: dict):
+    """An ONNX Runtime session of `module` exported from its own weights, on one thread."""
     from ..engines import OPSET, ort_session
 
     buf = io.BytesIO()
@@ -84,7 +85,7 @@ class OnnxDecoding:
         self.ground, self.params = ground, list(ground.parameters())
         self.key = self._key()
         n, r, k = 2, 4, sum(len(ground.field_words[f]) for f in ground._field_names)
-        self.step_session = _export(
+        self.step_session = export_session(
             _Step(ground), (torch.full((n,), 1, dtype=torch.long), torch.zeros(n, ground.hidden),
                             torch.zeros(1, r, ground.keys.out_features),
                             torch.zeros(1, r, ground.keys.in_features),
@@ -109,7 +110,7 @@ class OnnxDecoding:
         b, c, h, w = maps.shape
         session = self._first.get((h, w, where))
         if session is None:
-            session = self._first[h, w, where] = _export(
+            session = self._first[h, w, where] = export_session(
                 _First(self.ground, h, w, where),
                 (torch.zeros(1, c, h, w), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
                 ["maps", "labels", "rows"], ["values", "keys", "alpha", "head", "state", "q"],
