@@ -27,7 +27,8 @@ Full-size heatmaps are made when first read (`cxr.models.localize.Heatmaps`).
 --onnx` wrote with ONNX Runtime ("onnxruntime") or OpenVINO ("openvino"), see `cxr.engines`;
 everything after the CNN (calibration, CAMs, boxes, the annotator RNN) is the same code for all.
 On a CPU with ONNX Runtime installed, the grounded annotator decodes through two graphs exported
-from its own weights on first use, whatever the engine (`cxr.models.grounded_onnx`; the same words).
+from its own weights on first use, whatever the engine (`cxr.models.grounded_onnx`; the same words),
+and the global annotator through one, its GRU step (`cxr.models.annotator_onnx`).
 
 A run with the grounded annotator (`cxr.models.grounded`, the default) writes each finding's
 words from the CNN's feature map: `heatmaps["Opacity"]` is its finding map (where it says the
