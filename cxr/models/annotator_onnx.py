@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .annotator import END, PAD, START, gru_update, weights_version
-from .grounded_onnx import export_session
+from .grounded_onnx import export_session, graphs_or_none
 
 
 class _Step(nn.Module):
@@ -83,12 +83,4 @@ class GlobalOnnxDecoding:
 def global_onnx_decoding(rnn) -> GlobalOnnxDecoding | None:
     """The step graph of a GRU global annotator on the CPU; None where ONNX Runtime or the
     exporter is missing, or for an LSTM (the caller then decodes in PyTorch)."""
-    import importlib.util
-
-    if rnn.cell != "gru" or next(rnn.parameters()).device.type != "cpu" \
-            or importlib.util.find_spec("onnxruntime") is None:  # not installed: no export tried
-        return None
-    try:
-        return GlobalOnnxDecoding(rnn)
-    except Exception:  # onnxruntime or onnx missing, or an exporter that cannot: eager torch
-        return None
+    return graphs_or_none(GlobalOnnxDecoding, rnn)

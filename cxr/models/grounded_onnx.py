@@ -177,12 +177,18 @@ class OnnxDecoding:
 def onnx_decoding(ground) -> OnnxDecoding | None:
     """The ONNX Runtime graphs of a GRU grounded annotator on the CPU; None where ONNX Runtime or
     the exporter is missing, or for an LSTM (the caller then decodes in PyTorch)."""
+    return graphs_or_none(OnnxDecoding, ground, bool(ground._field_names))
+
+
+def graphs_or_none(make, annotator, exportable: bool = True):
+    """`make(annotator)`: its decoding graphs, where the annotator is a GRU on the CPU (and
+    `exportable`) and ONNX Runtime is installed; else, or where the export fails, None."""
     import importlib.util
 
-    if ground.cell != "gru" or not ground._field_names or next(ground.parameters()).device.type != "cpu" \
+    if annotator.cell != "gru" or not exportable or next(annotator.parameters()).device.type != "cpu" \
             or importlib.util.find_spec("onnxruntime") is None:  # not installed: no export tried
         return None
     try:
-        return OnnxDecoding(ground)
+        return make(annotator)
     except Exception:  # onnxruntime or onnx missing, or an exporter that cannot: eager torch
         return None
