@@ -156,8 +156,7 @@ class Reader:
         # the map a detected finding's boxes and heatmap come from (`LocalizeParams.source`; a run
         # from before it: the finding map of a grounded run, else the CAM)
         self.box_source = "cam" if self.ground is None else (spec.localization.source or "attention")
-        self._onnx_decoding = None  # its ONNX Runtime graphs: made when first decoding (`_decoding`)
-        self._global_onnx_decoding = None  # the global annotator's step graph (`_global_decoding`)
+        self._graphs: dict = {}  # each annotator's ONNX Runtime graphs, made when it first decodes (`_use_graphs`)
         self.rnn = Annotator(arch.vocab_size, arch.num_labels, arch.image_dim, arch.rnn_hidden,
                              arch.rnn_embed, arch.rnn)
         self.rnn.load_state_dict(unprefixed("rnn", tensors))
@@ -497,7 +496,9 @@ class Reader:
         h, w = maps.shape[2:]
         lab = torch.tensor(labels, dtype=torch.long, device=maps.device)
         n = self.spec.architecture.max_tokens + 1
-        self._decoding()
+        from .models.grounded_onnx import onnx_decoding
+
+        self._use_graphs(self.ground, onnx_decoding)
         images, item_rows = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         if len(images) < len(maps):  # only the images with a finding (a copy: avoided when all have)
             maps = maps[torch.from_numpy(images)]
@@ -507,23 +508,13 @@ class Reader:
                 "words": [m.reshape(-1, h, w) for m in wmaps], "finding": finding.reshape(-1, h, w),
                 "confidence": self._word_confidence(seqs, fields)}
 
-    def _decoding(self) -> None:
-        """The grounded annotator's ONNX Runtime graphs as `onnx_decoding` says, exported when
-        first needed (None where ONNX Runtime is missing, off the CPU, or for an LSTM)."""
-        if self.onnx_decoding and self._onnx_decoding is None:
-            from .models.grounded_onnx import onnx_decoding
-
-            self._onnx_decoding = onnx_decoding(self.ground) or False  # False: tried, not available
-        self.ground.decoding = (self._onnx_decoding or None) if self.onnx_decoding else None
-
-    def _global_decoding(self) -> None:
-        """The global annotator's ONNX Runtime step as `onnx_decoding` says, exported when first
-        needed (None where ONNX Runtime is missing, off the CPU, or for an LSTM)."""
-        if self.onnx_decoding and self._global_onnx_decoding is None:
-            from .models.annotator_onnx import global_onnx_decoding
-
-            self._global_onnx_decoding = global_onnx_decoding(self.rnn) or False  # False: tried
-        self.rnn.decoding = (self._global_onnx_decoding or None) if self.onnx_decoding else None
+    def _use_graphs(self, annotator, make) -> None:
+        """`annotator.decoding`: its ONNX Runtime graphs as `onnx_decoding` says, made by `make`
+        (`grounded_onnx.onnx_decoding`, `annotator_onnx.global_onnx_decoding`) when first needed;
+        None where ONNX Runtime is missing, off the CPU, or for an LSTM."""
+        if self.onnx_decoding and annotator not in self._graphs:
+            self._graphs[annotator] = make(annotator) or False  # False: tried, not available
+        annotator.decoding = (self._graphs[annotator] or None) if self.onnx_decoding else None
 
     def _word_confidence(self, seqs: list[list[int]], fields: dict[str, torch.Tensor]) -> list[dict[str, float]]:
         """Per item, the probability the grounded annotator gave the side, site and grade word it
@@ -556,7 +547,9 @@ class Reader:
             return self._ground(list(range(len(labels))), [int(t) for t in labels], maps.to(self.device))["tokens"]
         emb, lab = embeddings.to(self.device), labels.to(self.device)
         n = self.spec.architecture.max_tokens + 1
-        self._global_decoding()
+        from .models.annotator_onnx import global_onnx_decoding
+
+        self._use_graphs(self.rnn, global_onnx_decoding)
         ids = self.rnn.greedy(emb, lab, n) if beams <= 1 else self.rnn.beam(emb, lab, beams, n)
         return [decode(s, self.words)[:self.spec.architecture.max_tokens] for s in ids]
 

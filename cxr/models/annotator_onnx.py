@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .annotator import END, PAD, START, gru_update, weights_version
-from .grounded_onnx import export_session, graphs_or_none
+from .annotator import END, PAD, START, gru_update
+from .grounded_onnx import ExportedFrom, export_session, graphs_or_none
 
 
 class _Step(nn.Module):
@@ -37,22 +37,18 @@ class _Step(nn.Module):
         return torch.log_softmax(self.rnn.out(h), -1), h
 
 
-class GlobalOnnxDecoding:
-    """The step graph of one Annotator's weights; `current(rnn)` says whether it still matches them."""
+class GlobalOnnxDecoding(ExportedFrom):
+    """The step graph of one Annotator's weights."""
 
     def __init__(self, rnn):
-        self.rnn, self.params = rnn, list(rnn.parameters())
-        self.key = weights_version(*self.params)
+        super().__init__(rnn)
+        self.rnn = rnn
         n, hidden = 2, rnn.hidden
         self.session = export_session(
             _Step(rnn), (torch.zeros(n, 3 * hidden), torch.zeros(n, hidden)), ["gates", "h"],
             ["logp", "state"], {"gates": {0: "n"}, "h": {0: "n"}, "logp": {0: "n"}, "state": {0: "n"}})
         with torch.no_grad():
             self.gates = rnn._input_gates().float().numpy().copy()  # every word's input gates
-
-    def current(self, rnn) -> bool:
-        """Whether the graph was exported from `rnn`'s weights as they are now."""
-        return rnn is self.rnn and weights_version(*self.params) == self.key
 
     def greedy(self, embedding: torch.Tensor, labels: torch.Tensor, max_len: int) -> list[list[int]]:
         """`Annotator.greedy` with the graph: the same first state, bars and greedy choice."""

@@ -77,13 +77,25 @@ def export_session(module: nn.Module, example: tuple, inputs: list[str], outputs
     return ort_session(buf.getvalue(), 1)  # one thread: the words' core (the Reader's design)
 
 
-class OnnxDecoding:
+class ExportedFrom:
+    """Graphs exported from one module's weights: `current(module)` says whether they still match
+    them (an optimiser step or `load_state_dict` changes a parameter in place, which the key sees)."""
+
+    def __init__(self, module):
+        self.module, self.params = module, list(module.parameters())
+        self.key = weights_version(*self.params)
+
+    def current(self, module) -> bool:
+        return module is self.module and weights_version(*self.params) == self.key
+
+
+class OnnxDecoding(ExportedFrom):
     """The graphs of one GroundedAnnotator's weights: `step` exported at once, `first` when first
-    needed for a map size. `current(ground)` says whether they still match its weights."""
+    needed for a map size."""
 
     def __init__(self, ground):
-        self.ground, self.params = ground, list(ground.parameters())
-        self.key = self._key()
+        super().__init__(ground)
+        self.ground = ground
         n, r, k = 2, 4, sum(len(ground.field_words[f]) for f in ground._field_names)
         self.step_session = export_session(
             _Step(ground), (torch.full((n,), 1, dtype=torch.long), torch.zeros(n, ground.hidden),
@@ -95,14 +107,6 @@ class OnnxDecoding:
              "q": {0: "n"}, "head": {0: "n"}, "logp": {0: "n"}, "state": {0: "n"}, "alpha": {0: "n", 1: "r"}})
         self._first: dict[tuple, object] = {}
         self.barred_after = ground.barred_after.numpy()
-
-    def _key(self) -> tuple:
-        return weights_version(*self.params)
-
-    def current(self, ground) -> bool:
-        """Whether the graphs were exported from `ground`'s weights as they are now (an optimiser
-        step or `load_state_dict` changes a parameter in place, which the key sees)."""
-        return ground is self.ground and self._key() == self.key
 
     def first(self, maps: torch.Tensor, labels: np.ndarray, rows: np.ndarray, where: bool) -> list[np.ndarray]:
         """(values, keys) of each image, and per item its finding map, field heads' log-probabilities
