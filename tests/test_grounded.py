@@ -505,3 +505,47 @@ def test_severity_temperature_leaves_out_grades_read_from_a_measurement(monkeypa
     given.clear()
     G.word_temperatures(None, None, None, pairs, np.arange(300), {}, ["Opacity", "Nodule", "Mass"])
     assert given == [("severity", [0, 1, 2]), ("side", [0, 1, 2])]  # nothing graded by a measurement
+
+
+def test_mirrored_films_teach_the_swapped_side(tmp_path, one_torch_thread):
+    """`--mirror`: a mirrored film's side words are swapped with it. Every training blob lies on
+    the image's left (the patient's right, "right"); with half the films mirrored, the joint phase
+    also sees blobs on the image's right, said "left", and so tells the two apart. Were the words
+    not swapped with the film it would say "right" of both; were the film not mirrored with its
+    words, it would say either of the one blob it saw."""
+    from cxr.training.config import TrainConfig
+    from cxr.training.grounding import side_swaps, swap_sides, train_joint
+    from cxr.training.loops import Context
+
+    rows = torch.tensor([True, False])
+    tokens = torch.tensor([[9, 7, 10, 0], [9, 10, 0, 0]])
+    assert swap_sides(tokens, rows, side_swaps(INDEX, []).words).tolist() == [[10, 7, 9, 0], [9, 10, 0, 0]]
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    n, size = 96, 48
+    x, _, _ = _blobs(n, size, rng)
+    x = torch.minimum(x, x.flip(-1))  # blobs gone from either half, then put back on the image's left
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        x[i, 0] += torch.from_numpy(0.6 * np.exp(-((xx - 0.28 * size) ** 2 + (yy - 0.5 * size) ** 2)
+                                                 / (2 * (size / 16) ** 2))).float()
+    images = (x[:, 0].clamp(0, 1).numpy() * 65535).astype(np.uint16)
+    cfg = TrainConfig(data="phantom:unused", backbone="tiny", batch_size=32, mirror=0.5, rotation=0.0,
+                      intensity=0.0, progress=False, device="cpu")
+    ctx = Context(cfg, tmp_path, torch.device("cpu"), images)
+    cnn = create_cnn("tiny", 1, drop=0.0)
+    model = GroundedAnnotator(len(WORDS), 1, cnn.num_features, field_word_ids(WORDS), hidden=32,
+                              embed_dim=16, attn_dim=32, dropout=0.0, vocab=WORDS)
+    pairs = [(i, 0, ["opacity", "lung", "right"]) for i in range(n)]
+    train_joint(ctx, "ground", cnn, model, np.ones((n, 1), np.float32), np.arange(n), pairs, INDEX,
+                epochs=12, lr=3e-3, mirror=side_swaps(INDEX, []))
+    cnn.eval()
+    model.eval()
+    from cxr.preprocess import MEAN, STD, normalise
+
+    films = normalise(torch.from_numpy(images[:24].astype(np.float32) / 65535.0)[:, None], MEAN, STD)
+    for test, side in ((films, "right"), (films.flip(-1), "left")):
+        with torch.no_grad():
+            seqs, _, _, _ = model.generate(cnn.forward_features(test), torch.zeros(24, dtype=torch.long))
+        said = [decode(s, WORDS) for s in seqs]
+        assert np.mean([side in s for s in said]) >= 0.9, (side, said[:4])
