@@ -82,10 +82,6 @@ HELP = {
     "side_mil": "weight of the side-word loss in the CNN phases: a training-only head's map per finding, "
                 "pooled (LSE) over each image half, learns from the side words alone which half holds it "
                 "(\"left\": the image's right half on a PA film), teaching the CNN where findings lie; 0: off",
-    "mirror": "share of the joint phase's films mirrored left-right, with \"left\" and \"right\" swapped in "
-              "their words and report text, so that a side is learnt from where a finding lies on either "
-              "side of the film (their disease labels, which may carry a side after the cascade, are left "
-              "out of the CNN's loss); 0: off",
 }
 SKIP = {"progress"}
 

@@ -62,7 +62,6 @@ class TrainConfig:
     attn_dim: int = 128              # the grounded annotator's region/attention width
     report_text: bool = True         # train with report cross-attention (Bhalodia et al. 2021)
     side_mil: float = 0.1            # CNN phases: weight of the side-word loss per image half (0: off)
-    mirror: float = 0.0              # joint phase: share of films mirrored left-right, their side words swapped
     boxes: str = "chestxray8"        # chestxray8 (a box per region above 180/255 and above 60/255) | threshold
     localize_threshold: float = 0.5  # the heatmap threshold of --boxes threshold
     max_boxes: int = 2               # per finding and threshold
@@ -94,8 +93,6 @@ class TrainConfig:
             raise CxrError(f"unknown box source {self.box_source!r}; choose {', '.join(('auto', *BOX_SOURCES))}")
         if self.box_source in ("attention", "word") and self.annotator != "grounded":
             raise CxrError(f"--box-source {self.box_source} needs the grounded annotator (--annotator grounded)")
-        if not 0.0 <= self.mirror <= 1.0:
-            raise CxrError(f"--mirror {self.mirror} is a share of the films: give a number from 0 to 1")
         if self.labels not in ("diseases", "shin2016"):
             raise CxrError(f"unknown labels {self.labels!r}; choose diseases or shin2016")
         if self.labels_from not in ("labels", "report"):

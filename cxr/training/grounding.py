@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -76,41 +75,6 @@ def text_tokens(texts: list[list[str]], vocab: list[str], max_len: int = 40) -> 
 
 
 # ---------------------------------------------------------------------------- training
-# what a mirrored film's words exchange: the sides, and the left lung's lingula with the right
-# lung's middle lobe, its counterpart
-MIRRORED_WORDS = (("left", "right"), ("lingula", "middle lobe"))
-
-
-@dataclass(frozen=True)
-class SideSwap:
-    """The id pairs of `MIRRORED_WORDS` among the annotator's words and among the report text's
-    tokens (pairs a vocabulary lacks are left out): what a mirrored film's words exchange."""
-
-    words: tuple[tuple[int, int], ...]
-    text: tuple[tuple[int, int], ...]
-
-
-def side_swaps(word_index: dict[str, int], text_vocab: list[str]) -> SideSwap:
-    def pairs(index):
-        return tuple((index[a], index[b]) for a, b in MIRRORED_WORDS if a in index and b in index)
-    return SideSwap(pairs(word_index), pairs({w: i for i, w in enumerate(text_vocab)}))
-
-
-def swap_sides(tokens: torch.Tensor, rows: torch.Tensor, pairs: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """`tokens` (N, L) with the ids of each pair exchanged in the rows where `rows` is true: a
-    finding on the left of a mirrored film lies on its right."""
-    if not pairs or not bool(rows.any()):
-        return tokens
-    picked = tokens[rows]
-    swapped = picked.clone()
-    for a, b in pairs:
-        swapped[picked == a] = b
-        swapped[picked == b] = a
-    tokens = tokens.clone()
-    tokens[rows] = swapped
-    return tokens
-
-
 def grounded_sequences(pairs, rows: set[int], word_index: dict[str, int], texts=None):
     """Pairs whose image is in `rows` -> (image idx, label idx, tokens, report text or None)."""
     chosen = [k for k, p in enumerate(pairs) if p[0] in rows]
@@ -247,17 +211,13 @@ def word_temperatures(ctx: Context, cnn, model: GroundedAnnotator, pairs, val_id
 def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels: np.ndarray,
                 train_idx: np.ndarray, pairs, word_index: dict[str, int], epochs: int, lr: float,
                 texts: torch.Tensor | None = None, text_weight: float = 1.0, cnn_weight: float = 1.0,
-                cnn_lr_scale: float = 1.0, mask: np.ndarray | None = None,
-                mirror: SideSwap | None = None):
+                cnn_lr_scale: float = 1.0, mask: np.ndarray | None = None):
     """CNN and grounded annotator trained together: the CNN's multi-label loss on `labels` plus
     the annotator's word/field (and report-text) losses on the same images' findings. The field
     losses are what teach the CNN's feature map *where* a finding is (from the words "left",
     "base", never from a box). The CNN learns at `cnn_lr_scale` x `lr`: at the annotator's full
     rate its detection drifted (demo: study-level AUC .862 -> .755). Whole images (no crop: the coordinates must mean the same thing
-    at training and use), light augmentation. With `mirror`, a `cfg.mirror` share of the films is
-    mirrored left-right with "left" and "right" swapped in their words and text, so each side word
-    is seen on both sides of the film; their disease labels stay out of the CNN's loss, since a
-    refined label of the cascade may carry a side."""
+    at training and use), light augmentation."""
     from ..dataset import augment
 
     cfg, dev = ctx.cfg, ctx.device
@@ -290,29 +250,18 @@ def train_joint(ctx: Context, phase: str, cnn, model: GroundedAnnotator, labels:
             b = np.sort(rows[s:s + cfg.batch_size])
             x = torch.from_numpy(np.asarray(ctx.images[b], dtype=np.float32) / 65535.0)[:, None].to(dev)
             x = normalise(augment(x, cfg.rotation, 0.0, cfg.intensity, generator=gen), MEAN, STD)
-            flip = torch.rand(len(b), generator=gen) < cfg.mirror if mirror is not None else None
-            if flip is not None and flip.any():
-                x[flip.to(dev)] = x[flip.to(dev)].flip(-1)
             y = torch.from_numpy(labels[b]).to(dev)
             with ctx.autocast():
                 maps = cnn.forward_features(x)
                 logits = cnn.member_logits(maps) if cnn.members > 1 else cnn.forward_head(maps)
             m = None if mask is None else torch.from_numpy(mask[b]).to(dev)
-            if flip is not None and flip.any():
-                m = (torch.ones_like(y) if m is None else m.clone())
-                m[flip.to(dev)] = 0
             loss = cnn_weight * per_member(logits, lambda lg: masked_bce(lg.float(), y, m))
             ks = [k for i in b for k in by_image[int(i)]]
             where = {int(i): j for j, i in enumerate(b)}
             sel = torch.tensor([where[int(pairs[k][0])] for k in ks], device=dev)
-            words = tokens[ks]
-            text = texts[ks] if texts is not None else None
-            if flip is not None:
-                flipped = flip[sel.cpu()]
-                words = swap_sides(words, flipped, mirror.words)
-                text = swap_sides(text, flipped, mirror.text) if text is not None else None
-            g_loss, g_parts = model.loss(maps.float()[sel], pair_label[ks].to(dev), words.to(dev),
-                                         text.to(dev) if text is not None else None, text_weight)
+            text = texts[ks].to(dev) if texts is not None else None
+            g_loss, g_parts = model.loss(maps.float()[sel], pair_label[ks].to(dev), tokens[ks].to(dev),
+                                         text, text_weight)
             loss = loss + g_loss
             for k, v in g_parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * len(b)

@@ -405,7 +405,7 @@ def _train_grounding(ctx: Context, phase: str, cnn, labels: np.ndarray, prep: Pr
     if cfg.annotator != "grounded":
         return None
     from ..models.grounded import GroundedAnnotator, field_word_ids
-    from .grounding import finding_text, side_swaps, text_tokens, text_vocabulary, train_joint
+    from .grounding import finding_text, text_tokens, text_vocabulary, train_joint
 
     texts = None
     text_vocab: list[str] = []
@@ -419,8 +419,7 @@ def _train_grounding(ctx: Context, phase: str, cnn, labels: np.ndarray, prep: Pr
                               cfg.attn_dim, text_vocab_size=len(text_vocab), vocab=prep.words)
     train_joint(ctx, phase, cnn, model, labels, train_idx, prep.pairs, prep.word_index,
                 cfg.ground_epochs, cfg.ground_lr, texts,
-                cnn_lr_scale=cfg.ground_cnn_lr, mask=mask,
-                mirror=side_swaps(prep.word_index, text_vocab) if cfg.mirror > 0 else None)
+                cnn_lr_scale=cfg.ground_cnn_lr, mask=mask)
     return model
 
 
